@@ -1,0 +1,243 @@
+//! The in-process backend: zero setup, for examples, tests and single-process applications.
+
+mod table;
+
+use std::future::{ready, Future};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use self::table::{Grant, LockTable, TryTake};
+use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
+
+/// A lock service that lives in this process. Always compiled; no server needed.
+///
+/// It keeps the same contract as the distributed backends: TTLs, unguessable tokens, fencing
+/// tokens that strictly increase per key (one counter for the whole table), `LockLost` for a
+/// stale guard. On top of that:
+///
+/// * **Waiting without polling.** `acquire` queues the caller; a release hands the lock
+///   straight to the longest-waiting caller (first in, first out), who wakes at once. An
+///   expired holder is replaced by the first waiter when its TTL runs out.
+/// * **Synchronous release on drop.** Dropping a guard frees the lock before `drop` returns,
+///   with or without a runtime.
+/// * **Bounded memory.** A key's entry is removed when its lock is released. Entries of locks
+///   that expired without release are swept on the next operation on their shard after they
+///   expire, so the table holds at most the locks alive now plus those that expired since the
+///   shard was last touched.
+///
+/// Clones share one table, so a clone locks the same keys.
+///
+/// ```
+/// use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), LockError> {
+/// let lock = InMemoryDistributedLock::new(LockConfig::new());
+/// let first = lock.try_acquire("report:daily").await?;
+/// assert!(matches!(lock.try_acquire("report:daily").await, Err(LockError::AlreadyLocked)));
+/// drop(first);
+/// let second = lock.try_acquire("report:daily").await?;
+/// assert!(second.fencing_token() > 0);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct InMemoryDistributedLock {
+    config: LockConfig,
+    table: Arc<LockTable>,
+}
+
+impl InMemoryDistributedLock {
+    /// A new, empty lock table with this configuration.
+    ///
+    /// The configuration is checked by every acquire; call [`LockConfig::validate`] to check it
+    /// at start-up.
+    pub fn new(config: LockConfig) -> Self {
+        InMemoryDistributedLock {
+            config,
+            table: Arc::new(LockTable::new()),
+        }
+    }
+
+    /// The configuration this lock was built with.
+    pub fn config(&self) -> &LockConfig {
+        &self.config
+    }
+
+    /// How many keys the table keeps state for: the locks held now plus expired locks not yet
+    /// swept. Released keys never count.
+    pub fn tracked_keys(&self) -> usize {
+        self.table.len()
+    }
+
+    fn guard(&self, key: Arc<str>, grant: Grant) -> LockGuard {
+        let handle = MemoryHandle {
+            table: Arc::clone(&self.table),
+            key: Arc::clone(&key),
+            token: grant.token,
+        };
+        LockGuard::from_boxed(
+            key,
+            grant.token,
+            grant.fencing_token,
+            grant.lease,
+            Box::new(handle),
+        )
+    }
+
+    fn try_acquire_now(&self, key: &str) -> Result<LockGuard, LockError> {
+        validate_key(key)?;
+        self.config.validate()?;
+        match self.table.try_take(key, self.config.get_ttl(), None) {
+            TryTake::Granted(key, grant) => Ok(self.guard(key, grant)),
+            TryTake::Held { .. } => Err(LockError::AlreadyLocked),
+        }
+    }
+
+    async fn acquire_waiting(&self, key: &str) -> Result<LockGuard, LockError> {
+        validate_key(key)?;
+        self.config.validate()?;
+        let ttl = self.config.get_ttl();
+        let deadline = Instant::now() + self.config.wait_budget();
+        let (sender, receiver) = oneshot::channel();
+        let (key, waiter_id, mut holder_expires_at) =
+            match self.table.try_take(key, ttl, Some(sender)) {
+                TryTake::Granted(key, grant) => return Ok(self.guard(key, grant)),
+                TryTake::Held {
+                    key,
+                    queued_as,
+                    expires_at,
+                } => match queued_as {
+                    Some(id) => (key, id, expires_at),
+                    None => return Err(LockError::Timeout),
+                },
+            };
+        let mut waiter = QueuedWaiter {
+            table: Arc::clone(&self.table),
+            key,
+            id: waiter_id,
+            receiver: Some(receiver),
+        };
+        tracing::trace!(key = %waiter.key, "waiting for the lock");
+        loop {
+            let wake_at = holder_expires_at.min(deadline);
+            let receiver = waiter
+                .receiver
+                .as_mut()
+                .expect("receiver is kept until granted");
+            tokio::select! {
+                biased;
+                granted = receiver => {
+                    waiter.receiver = None;
+                    match granted {
+                        Ok(grant) => return Ok(self.guard(Arc::clone(&waiter.key), grant)),
+                        Err(_) => unreachable!("a queued waiter's sender is only dropped after sending"),
+                    }
+                }
+                () = tokio::time::sleep_until(wake_at) => {}
+            }
+            match waiter.recheck(Instant::now() >= deadline) {
+                Recheck::Granted(grant) => {
+                    return Ok(self.guard(Arc::clone(&waiter.key), grant));
+                }
+                Recheck::StillHeld { expires_at } => holder_expires_at = expires_at,
+                Recheck::GaveUp => return Err(LockError::Timeout),
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for InMemoryDistributedLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryDistributedLock")
+            .field("config", &self.config)
+            .field("tracked_keys", &self.tracked_keys())
+            .finish()
+    }
+}
+
+impl DistributedLock for InMemoryDistributedLock {
+    fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        ready(self.try_acquire_now(key))
+    }
+
+    fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.acquire_waiting(key)
+    }
+
+    fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
+        ready(validate_key(key).map(|()| self.table.is_held(key)))
+    }
+}
+
+/// A caller queued for a key. Dropping it (a cancelled `acquire`) leaves the queue, and if the
+/// lock was handed over in the meantime, passes it on at once.
+struct QueuedWaiter {
+    table: Arc<LockTable>,
+    key: Arc<str>,
+    id: u64,
+    /// `None` once the grant was taken.
+    receiver: Option<oneshot::Receiver<Grant>>,
+}
+
+enum Recheck {
+    Granted(Grant),
+    StillHeld { expires_at: Instant },
+    GaveUp,
+}
+
+impl QueuedWaiter {
+    /// Called when the holder's TTL or the waiting budget ran out.
+    fn recheck(&mut self, budget_spent: bool) -> Recheck {
+        let receiver = self
+            .receiver
+            .as_mut()
+            .expect("receiver is kept until granted");
+        let outcome = self
+            .table
+            .recheck_waiter(&self.key, || receiver.try_recv().ok());
+        match outcome {
+            Ok(grant) => {
+                self.receiver = None;
+                Recheck::Granted(grant)
+            }
+            Err(_) if budget_spent => Recheck::GaveUp, // Drop leaves the queue.
+            Err(expires_at) => Recheck::StillHeld { expires_at },
+        }
+    }
+}
+
+impl Drop for QueuedWaiter {
+    fn drop(&mut self) {
+        if let Some(receiver) = self.receiver.take() {
+            self.table.abandon_wait(&self.key, self.id, receiver);
+        }
+    }
+}
+
+/// Releases and extends one in-memory lock.
+struct MemoryHandle {
+    table: Arc<LockTable>,
+    key: Arc<str>,
+    token: Uuid,
+}
+
+impl LockHandle for MemoryHandle {
+    fn release(&self) -> BoxFuture<'_, Result<(), LockError>> {
+        Box::pin(ready(self.table.release(&self.key, self.token)))
+    }
+
+    fn extend(&self, ttl: Duration) -> BoxFuture<'_, Result<(), LockError>> {
+        Box::pin(ready(self.table.extend(&self.key, self.token, ttl)))
+    }
+
+    fn release_on_drop(self: Box<Self>) {
+        // Synchronous: the lock is free before the guard's drop returns.
+        let _ = self.table.release(&self.key, self.token);
+    }
+}

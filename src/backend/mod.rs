@@ -1,0 +1,70 @@
+//! The [`DistributedLock`] trait and its backends.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::{LockError, LockGuard};
+
+pub(crate) mod memory;
+
+/// A lock service: takes, tests and gives back named locks.
+///
+/// Implemented by [`InMemoryDistributedLock`](crate::InMemoryDistributedLock) and the
+/// PostgreSQL and Redis backends (features `postgres` and `redis`), and by `Arc<T>` of any of
+/// them. Every future is `Send`, so the trait works from spawned tasks and in Tower services.
+///
+/// ```
+/// use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockError};
+///
+/// async fn settle(lock: &impl DistributedLock, order: u64) -> Result<(), LockError> {
+///     let guard = lock.acquire(&format!("order:{order}")).await?;
+///     // ... work on the order, passing guard.fencing_token() to storage ...
+///     lock.release(guard).await
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let lock = InMemoryDistributedLock::new(LockConfig::new());
+/// settle(&lock, 7).await.unwrap();
+/// # }
+/// ```
+///
+/// # Implementing a backend
+///
+/// A backend of your own returns guards built with [`LockGuard::new`] from the key, a random
+/// token, a fencing token, a [`Lease`](crate::Lease) and a [`LockHandle`](crate::LockHandle)
+/// that releases and extends exactly that lock.
+pub trait DistributedLock: Send + Sync + 'static {
+    /// Takes the lock if it is free; [`LockError::AlreadyLocked`] if someone holds it.
+    fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
+
+    /// Takes the lock, waiting up to the configured budget
+    /// (`retry_interval * max_retries`) for it to come free; then [`LockError::Timeout`].
+    fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
+
+    /// Gives the lock back; [`LockError::LockLost`] if it had expired or was taken over.
+    fn release(&self, guard: LockGuard) -> impl Future<Output = Result<(), LockError>> + Send {
+        guard.release()
+    }
+
+    /// Whether someone holds the lock right now.
+    fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send;
+}
+
+impl<T: DistributedLock> DistributedLock for Arc<T> {
+    fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        (**self).try_acquire(key)
+    }
+
+    fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        (**self).acquire(key)
+    }
+
+    fn release(&self, guard: LockGuard) -> impl Future<Output = Result<(), LockError>> + Send {
+        (**self).release(guard)
+    }
+
+    fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
+        (**self).is_locked(key)
+    }
+}

@@ -1,0 +1,305 @@
+//! [`LockGuard`], the RAII handle of a held lock, and the [`LockHandle`] contract backends
+//! implement behind it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::config::validate_ttl;
+use crate::{Lease, LockError};
+
+/// What a backend does for one lock it granted. A [`LockGuard`] owns one and calls it.
+///
+/// Implement this (together with [`DistributedLock`](crate::DistributedLock)) to plug in a
+/// backend of your own. Every method acts on the lock identified by the key and token the
+/// handle was created with, and must never touch the lock of another holder.
+///
+/// ```
+/// use std::time::Duration;
+/// use futures_util::future::BoxFuture;
+/// use k1s0_distributed_lock::{Lease, LockError, LockGuard, LockHandle};
+///
+/// struct NoopHandle;
+///
+/// impl LockHandle for NoopHandle {
+///     fn release(&self) -> BoxFuture<'_, Result<(), LockError>> {
+///         Box::pin(async { Ok(()) })
+///     }
+///     fn extend(&self, _ttl: Duration) -> BoxFuture<'_, Result<(), LockError>> {
+///         Box::pin(async { Ok(()) })
+///     }
+/// }
+///
+/// let ttl = Duration::from_secs(5);
+/// let guard = LockGuard::new(
+///     "job:1",
+///     uuid::Uuid::new_v4(),
+///     1,
+///     Lease::new(tokio::time::Instant::now(), ttl),
+///     NoopHandle,
+/// );
+/// assert_eq!(guard.key(), "job:1");
+/// ```
+pub trait LockHandle: Send + Sync + 'static {
+    /// Releases the lock if this holder still has it.
+    ///
+    /// Returns [`LockError::LockLost`] when the lock expired or belongs to someone else now,
+    /// without touching it. May be called again after a cancelled call: it must be idempotent.
+    fn release(&self) -> BoxFuture<'_, Result<(), LockError>>;
+
+    /// Renews the lock for `ttl` from now, or returns [`LockError::LockLost`] if it is gone.
+    fn extend(&self, ttl: Duration) -> BoxFuture<'_, Result<(), LockError>>;
+
+    /// Releases the lock of a guard dropped without [`LockGuard::release`] (or whose release was
+    /// cancelled). Must not block.
+    ///
+    /// The default runs [`release`](Self::release) as a task on the current tokio runtime;
+    /// outside a runtime it does nothing, and the lock runs out at its TTL. Backends that can
+    /// do better (release synchronously, or close a session) override it.
+    fn release_on_drop(self: Box<Self>) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(error) = self.release().await {
+                        tracing::debug!(%error, "background release of a dropped lock guard failed");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                "lock guard dropped outside a tokio runtime: the lock is freed when its TTL runs out"
+            ),
+        }
+    }
+}
+
+/// A held lock. Dropping it releases the lock.
+///
+/// Every backend returns this one type. A guard carries the key, a random
+/// [`token`](Self::token) that identifies this holder (UUID v4, so no other client can guess
+/// it) and a [`fencing_token`](Self::fencing_token) that strictly increases per key across
+/// successive holders: pass it to the resource you protect so that it can refuse writes from a
+/// holder whose lock has since expired.
+///
+/// * [`release`](Self::release) gives the lock back and says whether it was still held.
+/// * Dropping the guard inside a tokio runtime releases the lock promptly in the background
+///   (the in-memory backend releases synchronously); outside a runtime the backend's own
+///   fallback applies (its TTL, or the end of its session).
+/// * [`extend`](Self::extend) renews the lease; [`is_lost`](Self::is_lost) tells whether the
+///   lease ran out or the backend reported the lock gone.
+///
+/// ```
+/// use std::time::Duration;
+/// use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), k1s0_distributed_lock::LockError> {
+/// let lock = InMemoryDistributedLock::new(LockConfig::new().ttl(Duration::from_secs(5)));
+/// let guard = lock.acquire("invoice:2024-17").await?;
+/// println!("writing with fencing token {}", guard.fencing_token());
+/// guard.extend(Duration::from_secs(5)).await?;
+/// assert!(!guard.is_lost());
+/// guard.release().await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct LockGuard {
+    info: LockInfo,
+    lease: Arc<Lease>,
+    /// `None` once released.
+    handle: Option<Box<dyn LockHandle>>,
+}
+
+impl LockGuard {
+    /// Builds a guard for a lock a backend has just granted.
+    ///
+    /// `token` must be unguessable (use [`Uuid::new_v4`]); `fencing_token` must be greater than
+    /// every fencing token handed out for `key` before; `lease` is shared with the backend if it
+    /// wants to report the lock lost; `handle` releases and extends this very lock.
+    pub fn new(
+        key: impl Into<Arc<str>>,
+        token: Uuid,
+        fencing_token: u64,
+        lease: Arc<Lease>,
+        handle: impl LockHandle,
+    ) -> Self {
+        Self::from_boxed(key.into(), token, fencing_token, lease, Box::new(handle))
+    }
+
+    pub(crate) fn from_boxed(
+        key: Arc<str>,
+        token: Uuid,
+        fencing_token: u64,
+        lease: Arc<Lease>,
+        handle: Box<dyn LockHandle>,
+    ) -> Self {
+        LockGuard {
+            info: LockInfo {
+                key,
+                token,
+                fencing_token,
+            },
+            lease,
+            handle: Some(handle),
+        }
+    }
+
+    /// The locked key.
+    pub fn key(&self) -> &str {
+        &self.info.key
+    }
+
+    /// This holder's random token.
+    pub fn token(&self) -> Uuid {
+        self.info.token
+    }
+
+    /// The fencing token: strictly greater than that of every earlier holder of this key.
+    pub fn fencing_token(&self) -> u64 {
+        self.info.fencing_token
+    }
+
+    /// Key, token and fencing token, as a cheap value to hand around.
+    pub fn info(&self) -> &LockInfo {
+        &self.info
+    }
+
+    /// True once the lease ran out without extension, or the backend reported the lock gone.
+    pub fn is_lost(&self) -> bool {
+        self.lease.is_lost()
+    }
+
+    /// How long the lease has left, or `None` once it is lost.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.lease.remaining()
+    }
+
+    /// Renews the lease for `ttl` from now.
+    ///
+    /// Returns [`LockError::LockLost`] if the lease already ran out or the lock belongs to
+    /// someone else now, and [`LockError::InvalidConfig`] for a TTL that
+    /// [`LockConfig`](crate::LockConfig) would refuse; neither changes anything.
+    pub async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
+        validate_ttl(ttl)?;
+        let Some(handle) = self.handle.as_ref() else {
+            return Err(LockError::LockLost);
+        };
+        if self.lease.is_lost() {
+            return Err(LockError::LockLost);
+        }
+        let sent_at = Instant::now();
+        match handle.extend(ttl).await {
+            Ok(()) => {
+                self.lease.renew(sent_at, ttl);
+                Ok(())
+            }
+            Err(LockError::LockLost) => {
+                self.lease.mark_lost();
+                Err(LockError::LockLost)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Releases the lock.
+    ///
+    /// Returns [`LockError::LockLost`] if the lock had expired or belongs to someone else now
+    /// (the other holder's lock is left alone). If this future is dropped before it completes,
+    /// the release still happens in the background.
+    pub async fn release(mut self) -> Result<(), LockError> {
+        let Some(handle) = self.handle.take() else {
+            return Err(LockError::LockLost);
+        };
+        let pending = ReleaseOnDrop(Some(handle));
+        let result = match pending.0.as_deref() {
+            Some(handle) => handle.release().await,
+            None => unreachable!("the handle was just stored"),
+        };
+        if matches!(result, Err(LockError::BackendError(_))) {
+            // The lock may still be held: let the background path try once more.
+            drop(pending);
+        } else {
+            pending.disarm();
+        }
+        match &result {
+            Ok(()) => tracing::trace!(key = %self.info.key, "lock released"),
+            Err(LockError::LockLost) => {
+                self.lease.mark_lost();
+                tracing::debug!(key = %self.info.key, "released a lock that was already lost");
+            }
+            Err(error) => tracing::warn!(key = %self.info.key, %error, "lock release failed"),
+        }
+        result
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            tracing::trace!(key = %self.info.key, "lock guard dropped; releasing");
+            handle.release_on_drop();
+        }
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &self.info.key)
+            .field("token", &self.info.token)
+            .field("fencing_token", &self.info.fencing_token)
+            .field("lost", &self.is_lost())
+            .field("released", &self.handle.is_none())
+            .finish()
+    }
+}
+
+/// Hands the handle to `release_on_drop` if a release future is dropped mid-way.
+struct ReleaseOnDrop(Option<Box<dyn LockHandle>>);
+
+impl ReleaseOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            tracing::debug!("lock release cancelled; finishing it in the background");
+            handle.release_on_drop();
+        }
+    }
+}
+
+/// Which lock a piece of work runs under: key, token and fencing token.
+///
+/// [`LockLayer`](crate::LockLayer) puts one into the request extensions, so a handler can read
+/// the lock it runs under (for example with axum's `Extension<LockInfo>`) and pass the fencing
+/// token on to storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    key: Arc<str>,
+    token: Uuid,
+    fencing_token: u64,
+}
+
+impl LockInfo {
+    /// The locked key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The holder's random token.
+    pub fn token(&self) -> Uuid {
+        self.token
+    }
+
+    /// The fencing token of this hold.
+    pub fn fencing_token(&self) -> u64 {
+        self.fencing_token
+    }
+}

@@ -1,0 +1,50 @@
+//! Distributed locks with fencing tokens, and a Tower layer that takes one per request.
+//!
+//! * [`DistributedLock`] — `try_acquire`, `acquire` (bounded waiting), `release`, `is_locked`.
+//! * [`LockGuard`] — the held lock: released on drop, with a TTL ([`LockGuard::extend`],
+//!   [`LockGuard::is_lost`]) and a [`fencing token`](LockGuard::fencing_token) that strictly
+//!   increases per key.
+//! * Backends: [`InMemoryDistributedLock`] (always compiled, zero setup), PostgreSQL advisory
+//!   locks (feature `postgres`) and Redis (feature `redis`).
+//! * [`LockLayer`] — a Tower layer for axum and tonic that locks a key built from each request,
+//!   holds the lock until the response body is finished, and answers a conflict with 409 or 423
+//!   (gRPC `ABORTED` for gRPC requests).
+//!
+//! ```
+//! use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockError};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), LockError> {
+//! let lock = InMemoryDistributedLock::new(LockConfig::new());
+//! match lock.try_acquire("order:42").await {
+//!     Ok(guard) => {
+//!         // ... exclusive work, guard.fencing_token() passed to storage ...
+//!         guard.release().await?;
+//!     }
+//!     Err(LockError::AlreadyLocked) => println!("order 42 is being handled elsewhere"),
+//!     Err(other) => return Err(other),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod backend;
+mod config;
+mod error;
+mod guard;
+mod key;
+//LAYER
+mod lease;
+
+pub use backend::memory::InMemoryDistributedLock;
+pub use backend::DistributedLock;
+pub use config::{LockConfig, MAX_DURATION};
+pub use error::LockError;
+pub use guard::{LockGuard, LockHandle, LockInfo};
+pub use key::{validate_key, MAX_KEY_LEN};
+//LAYERUSE
+pub use lease::Lease;
+pub use uuid::Uuid;
