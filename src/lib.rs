@@ -36,7 +36,7 @@ mod config;
 mod error;
 mod guard;
 mod key;
-//LAYER
+pub mod layer;
 mod lease;
 
 pub use backend::memory::InMemoryDistributedLock;
@@ -45,6 +45,6 @@ pub use config::{LockConfig, MAX_DURATION};
 pub use error::LockError;
 pub use guard::{LockGuard, LockHandle, LockInfo};
 pub use key::{validate_key, MAX_KEY_LEN};
-//LAYERUSE
+pub use layer::{LockLayer, LockService, Rejection, RejectionKind};
 pub use lease::Lease;
 pub use uuid::Uuid;

@@ -1,0 +1,239 @@
+//! [`Rejection`]: why the layer refused a request, and the default answers (HTTP and gRPC).
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::settings::Settings;
+use crate::{LockError, LockGuard};
+
+/// Why [`LockLayer`](super::LockLayer) refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// Another request holds the key (or held it for the whole waiting budget in wait mode).
+    /// HTTP: the conflict status (409, or 423 if configured). gRPC: 10 `ABORTED`.
+    Locked,
+    /// The extractor built a key the backend refuses (empty or too long).
+    /// HTTP: 400. gRPC: 3 `INVALID_ARGUMENT`.
+    InvalidKey,
+    /// The lock's configuration is invalid (a server-side mistake).
+    /// HTTP: 500. gRPC: 13 `INTERNAL`.
+    Misconfigured,
+    /// The backend failed or could not be reached, and the layer fails closed.
+    /// HTTP: 503 with `Retry-After`. gRPC: 14 `UNAVAILABLE`.
+    BackendUnavailable,
+}
+
+/// A refused request: what went wrong, for which key, and how the default answer looks.
+///
+/// A custom responder ([`LockLayer::on_rejection`](super::LockLayer::on_rejection)) receives
+/// this and may fall back on [`default_response`](Self::default_response).
+pub struct Rejection {
+    kind: RejectionKind,
+    key: String,
+    error: LockError,
+    grpc: bool,
+    conflict_status: StatusCode,
+    retry_after: Duration,
+}
+
+impl Rejection {
+    pub(crate) fn new(
+        kind: RejectionKind,
+        key: String,
+        error: LockError,
+        grpc: bool,
+        settings: &Settings,
+    ) -> Self {
+        match kind {
+            RejectionKind::Locked => tracing::debug!(%key, "request refused: the key is locked"),
+            _ => {
+                tracing::warn!(%key, %error, ?kind, "request refused: the lock could not be taken")
+            }
+        }
+        Rejection {
+            kind,
+            key,
+            error,
+            grpc,
+            conflict_status: settings.conflict_status,
+            retry_after: settings.retry_after,
+        }
+    }
+
+    /// Why the request was refused.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// The key the request asked for.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The backend's error.
+    pub fn error(&self) -> &LockError {
+        &self.error
+    }
+
+    /// Whether the request was a gRPC call (`content-type: application/grpc…`).
+    pub fn is_grpc(&self) -> bool {
+        self.grpc
+    }
+
+    /// The layer's own answer: an HTTP status with a short text body, or for gRPC a
+    /// trailers-only response carrying `grpc-status` and `grpc-message`.
+    pub fn default_response(&self) -> Response<Bytes> {
+        let (status, grpc_code, message) = match self.kind {
+            RejectionKind::Locked => (
+                self.conflict_status,
+                GRPC_ABORTED,
+                "the resource is locked by another request",
+            ),
+            RejectionKind::InvalidKey => (
+                StatusCode::BAD_REQUEST,
+                GRPC_INVALID_ARGUMENT,
+                "the request does not name a lockable resource",
+            ),
+            RejectionKind::Misconfigured => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                GRPC_INTERNAL,
+                "the lock is misconfigured",
+            ),
+            RejectionKind::BackendUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                GRPC_UNAVAILABLE,
+                "the lock service is unavailable",
+            ),
+        };
+        if self.grpc {
+            return grpc_trailers_only(grpc_code, message);
+        }
+        let mut response = Response::new(Bytes::from_static(message.as_bytes()));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if self.kind == RejectionKind::BackendUnavailable {
+            headers.insert(header::RETRY_AFTER, retry_after_seconds(self.retry_after));
+        }
+        response
+    }
+}
+
+impl fmt::Debug for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejection")
+            .field("kind", &self.kind)
+            .field("key", &self.key)
+            .field("error", &self.error)
+            .field("grpc", &self.grpc)
+            .finish()
+    }
+}
+
+const GRPC_INVALID_ARGUMENT: u16 = 3;
+const GRPC_ABORTED: u16 = 10;
+const GRPC_INTERNAL: u16 = 13;
+const GRPC_UNAVAILABLE: u16 = 14;
+
+/// A gRPC error as a trailers-only response: HTTP 200, the status in the headers, no body.
+fn grpc_trailers_only(code: u16, message: &str) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    // Our messages are plain ASCII, so they need no percent-encoding.
+    headers.insert(
+        "grpc-message",
+        HeaderValue::from_str(message).expect("ASCII message"),
+    );
+    response
+}
+
+fn retry_after_seconds(delay: Duration) -> HeaderValue {
+    let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    HeaderValue::from(seconds.max(1))
+}
+
+/// What the layer does with the result of an acquisition.
+pub(crate) enum Outcome {
+    Locked(LockGuard),
+    /// Let the request through without a lock (fail-open on a backend failure).
+    Unlocked,
+    Refused(RejectionKind, LockError),
+}
+
+impl Outcome {
+    pub(crate) fn of(result: Result<LockGuard, LockError>, fail_open: bool) -> Self {
+        let error = match result {
+            Ok(guard) => return Outcome::Locked(guard),
+            Err(error) => error,
+        };
+        let kind = match error {
+            LockError::AlreadyLocked | LockError::Timeout => RejectionKind::Locked,
+            LockError::InvalidKey { .. } => RejectionKind::InvalidKey,
+            LockError::InvalidConfig { .. } => RejectionKind::Misconfigured,
+            _ if fail_open => {
+                tracing::warn!(%error, "lock backend failed; letting the request through unlocked (fail-open)");
+                return Outcome::Unlocked;
+            }
+            _ => RejectionKind::BackendUnavailable,
+        };
+        Outcome::Refused(kind, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), "1");
+        assert_eq!(retry_after_seconds(Duration::from_millis(1500)), "2");
+        assert_eq!(retry_after_seconds(Duration::from_secs(3)), "3");
+        assert_eq!(retry_after_seconds(Duration::ZERO), "1");
+    }
+
+    #[test]
+    fn errors_map_to_kinds_and_fail_open_only_covers_backend_failures() {
+        let backend = || LockError::backend_msg("down");
+        let cases = [
+            (LockError::AlreadyLocked, Some(RejectionKind::Locked)),
+            (LockError::Timeout, Some(RejectionKind::Locked)),
+            (
+                LockError::invalid_key("empty"),
+                Some(RejectionKind::InvalidKey),
+            ),
+            (
+                LockError::invalid_config("ttl"),
+                Some(RejectionKind::Misconfigured),
+            ),
+            (backend(), Some(RejectionKind::BackendUnavailable)),
+        ];
+        for (error, expected) in cases {
+            let closed = match Outcome::of(Err(error.clone()), false) {
+                Outcome::Refused(kind, _) => Some(kind),
+                _ => None,
+            };
+            assert_eq!(closed, expected, "{error:?}");
+        }
+        assert!(matches!(
+            Outcome::of(Err(backend()), true),
+            Outcome::Unlocked
+        ));
+        assert!(matches!(
+            Outcome::of(Err(LockError::AlreadyLocked), true),
+            Outcome::Refused(RejectionKind::Locked, _)
+        ));
+    }
+}
