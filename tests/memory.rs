@@ -1,0 +1,305 @@
+//! The in-memory backend: exclusion, TTL, fencing, FIFO hand-off, cancellation, bounded memory.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::poll;
+use k1s0_distributed_lock::{
+    DistributedLock, InMemoryDistributedLock, LockConfig, LockError, MAX_KEY_LEN,
+};
+use tokio::time::Instant;
+
+fn lock_with(config: LockConfig) -> InMemoryDistributedLock {
+    InMemoryDistributedLock::new(config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_tasks_keep_a_non_atomic_counter_exact() {
+    const TASKS: u64 = 32;
+    const ROUNDS: u64 = 200;
+    let lock = Arc::new(lock_with(
+        LockConfig::new()
+            .retry_interval(Duration::from_millis(100))
+            .max_retries(600),
+    ));
+    let counter = Arc::new(AtomicU64::new(0));
+    let inside = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let (lock, counter, inside) = (lock.clone(), counter.clone(), inside.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let guard = lock.acquire("counter").await.expect("acquire within budget");
+                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+                // A read-modify-write split by a yield: without exclusion, updates get lost.
+                let value = counter.load(Ordering::Relaxed);
+                tokio::task::yield_now().await;
+                counter.store(value + 1, Ordering::Relaxed);
+                inside.fetch_sub(1, Ordering::SeqCst);
+                lock.release(guard).await.expect("release of a live lock");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(counter.load(Ordering::Relaxed), TASKS * ROUNDS);
+    assert_eq!(lock.tracked_keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_expiry_lets_the_next_holder_in_and_the_stale_release_is_lock_lost() {
+    let ttl = Duration::from_millis(100);
+    let lock = lock_with(LockConfig::new().ttl(ttl).max_retries(50));
+    let start = Instant::now();
+    let stale = lock.try_acquire("job").await.unwrap();
+
+    // The waiter sleeps until the holder's TTL runs out (the paused clock jumps there).
+    let fresh = lock.acquire("job").await.unwrap();
+    assert!(Instant::now() >= start + ttl, "taken before the TTL ran out");
+    assert!(stale.is_lost());
+    assert!(fresh.fencing_token() > stale.fencing_token());
+
+    assert!(matches!(stale.extend(ttl).await, Err(LockError::LockLost)));
+    assert!(matches!(stale.release().await, Err(LockError::LockLost)));
+    assert!(lock.is_locked("job").await.unwrap(), "the stale release freed the new holder");
+    assert!(!fresh.is_lost());
+    fresh.release().await.unwrap();
+    assert!(!lock.is_locked("job").await.unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lock_is_taken_over_by_try_acquire() {
+    let lock = lock_with(LockConfig::new().ttl(Duration::from_millis(10)));
+    let old = lock.try_acquire("k").await.unwrap();
+    assert!(matches!(lock.try_acquire("k").await, Err(LockError::AlreadyLocked)));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    assert!(!lock.is_locked("k").await.unwrap());
+    let new = lock.try_acquire("k").await.unwrap();
+    assert!(old.is_lost());
+    assert!(matches!(old.release().await, Err(LockError::LockLost)));
+    assert!(lock.is_locked("k").await.unwrap());
+    drop(new);
+    assert!(!lock.is_locked("k").await.unwrap());
+}
+
+#[tokio::test]
+async fn fencing_tokens_strictly_increase_per_key() {
+    let lock = lock_with(LockConfig::new());
+    let mut last = 0;
+    for round in 0..500 {
+        // Other keys in between must not break the order of this one.
+        let other = lock.try_acquire(&format!("other:{round}")).await.unwrap();
+        let guard = lock.try_acquire("fenced").await.unwrap();
+        assert!(guard.fencing_token() > last, "{} after {last}", guard.fencing_token());
+        last = guard.fencing_token();
+        drop(other);
+        guard.release().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn tokens_are_random_v4_uuids() {
+    let lock = lock_with(LockConfig::new());
+    let a = lock.try_acquire("a").await.unwrap();
+    let b = lock.try_acquire("b").await.unwrap();
+    assert_eq!(a.token().get_version_num(), 4);
+    assert_ne!(a.token(), b.token());
+    assert_eq!(a.info().token(), a.token());
+    assert_eq!(a.info().key(), "a");
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_distinct_keys_leave_no_entries_behind() {
+    let lock = lock_with(LockConfig::new());
+    for i in 0..100_000 {
+        let guard = lock.try_acquire(&format!("key:{i}")).await.unwrap();
+        guard.release().await.unwrap();
+    }
+    assert_eq!(lock.tracked_keys(), 0);
+
+    let mut held = Vec::with_capacity(100_000);
+    for i in 0..100_000 {
+        held.push(lock.try_acquire(&format!("held:{i}")).await.unwrap());
+    }
+    assert_eq!(lock.tracked_keys(), 100_000);
+    drop(held);
+    assert_eq!(lock.tracked_keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_locks_that_nobody_released_are_swept() {
+    let lock = lock_with(LockConfig::new().ttl(Duration::from_millis(50)));
+    for i in 0..1_000 {
+        // A holder that vanished without releasing (as a crashed task would).
+        std::mem::forget(lock.try_acquire(&format!("crashed:{i}")).await.unwrap());
+    }
+    assert_eq!(lock.tracked_keys(), 1_000);
+    tokio::time::advance(Duration::from_millis(50)).await;
+    // Ordinary traffic on other keys touches every shard and sweeps the expired entries.
+    for i in 0..1_000 {
+        drop(lock.try_acquire(&format!("live:{i}")).await.unwrap());
+    }
+    assert_eq!(lock.tracked_keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_wakes_the_waiter_at_once_without_any_timer() {
+    let lock = lock_with(LockConfig::new().max_retries(100));
+    let holder = lock.try_acquire("k").await.unwrap();
+    let mut waiter = Box::pin(lock.acquire("k"));
+    assert!(poll!(waiter.as_mut()).is_pending());
+    let before = Instant::now();
+    holder.release().await.unwrap();
+    // Ready at the very next poll, with the paused clock not moved: a hand-off, not polling.
+    let Poll::Ready(Ok(next)) = poll!(waiter.as_mut()) else {
+        panic!("the waiter was not handed the lock on release");
+    };
+    assert_eq!(Instant::now(), before);
+    assert_eq!(next.key(), "k");
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_first_in_first_out() {
+    let lock = lock_with(LockConfig::new().max_retries(100));
+    let mut holder = lock.try_acquire("fifo").await.unwrap();
+    let mut waiters: Vec<_> = (0..5).map(|_| Box::pin(lock.acquire("fifo"))).collect();
+    for waiter in &mut waiters {
+        assert!(poll!(waiter.as_mut()).is_pending());
+    }
+    for (position, waiter) in waiters.iter_mut().enumerate() {
+        // Nobody behind the head of the queue gets it first, and try_acquire cannot jump in.
+        assert!(matches!(lock.try_acquire("fifo").await, Err(LockError::AlreadyLocked)));
+        holder.release().await.unwrap();
+        holder = match poll!(waiter.as_mut()) {
+            Poll::Ready(Ok(guard)) => guard,
+            other => panic!("waiter {position} was not next: {other:?}"),
+        };
+    }
+    drop(holder);
+    assert_eq!(lock.tracked_keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_waiter_leaves_the_queue() {
+    let lock = lock_with(LockConfig::new().max_retries(100));
+    let holder = lock.try_acquire("k").await.unwrap();
+    let mut waiter = Box::pin(lock.acquire("k"));
+    assert!(poll!(waiter.as_mut()).is_pending());
+    drop(waiter);
+    holder.release().await.unwrap();
+    assert!(!lock.is_locked("k").await.unwrap());
+    assert_eq!(lock.tracked_keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_cancelled_after_being_handed_the_lock_passes_it_on() {
+    let lock = lock_with(LockConfig::new().max_retries(100));
+    let holder = lock.try_acquire("k").await.unwrap();
+    let mut first = Box::pin(lock.acquire("k"));
+    let mut second = Box::pin(lock.acquire("k"));
+    assert!(poll!(first.as_mut()).is_pending());
+    assert!(poll!(second.as_mut()).is_pending());
+    holder.release().await.unwrap(); // hands the lock to `first`...
+    drop(first); // ...which is cancelled before it ever sees it.
+    let Poll::Ready(Ok(guard)) = poll!(second.as_mut()) else {
+        panic!("the lock handed to a cancelled waiter was not passed on");
+    };
+    drop(guard);
+    assert_eq!(lock.tracked_keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn acquire_gives_up_after_its_budget_and_leaves_nothing_behind() {
+    let config = LockConfig::new()
+        .ttl(Duration::from_secs(60))
+        .retry_interval(Duration::from_millis(100))
+        .max_retries(3);
+    let lock = lock_with(config);
+    let holder = lock.try_acquire("busy").await.unwrap();
+    let start = Instant::now();
+    assert!(matches!(lock.acquire("busy").await, Err(LockError::Timeout)));
+    assert_eq!(Instant::now() - start, config.wait_budget());
+    drop(holder);
+    assert_eq!(lock.tracked_keys(), 0);
+
+    // No budget at all: a single attempt.
+    let lock = lock_with(config.max_retries(0));
+    let _holder = lock.try_acquire("busy").await.unwrap();
+    assert!(matches!(lock.acquire("busy").await, Err(LockError::Timeout)));
+    assert_eq!(lock.tracked_keys(), 1);
+}
+
+#[tokio::test]
+async fn bad_keys_and_bad_configurations_are_refused_and_change_nothing() {
+    let lock = lock_with(LockConfig::new());
+    let long = "x".repeat(MAX_KEY_LEN + 1);
+    for key in ["", long.as_str()] {
+        assert!(matches!(lock.try_acquire(key).await, Err(LockError::InvalidKey { .. })));
+        assert!(matches!(lock.acquire(key).await, Err(LockError::InvalidKey { .. })));
+        assert!(matches!(lock.is_locked(key).await, Err(LockError::InvalidKey { .. })));
+    }
+    // The longest allowed key, and keys full of metacharacters, are ordinary keys.
+    let longest = "y".repeat(MAX_KEY_LEN);
+    for key in [longest.as_str(), "a b*{c}\n'\"\\\0é"] {
+        let guard = lock.try_acquire(key).await.unwrap();
+        assert!(lock.is_locked(key).await.unwrap());
+        drop(guard);
+    }
+
+    for config in [
+        LockConfig::new().ttl(Duration::ZERO),
+        LockConfig::new().retry_interval(Duration::ZERO),
+        LockConfig::new().ttl(Duration::MAX),
+    ] {
+        let lock = lock_with(config);
+        assert!(matches!(lock.try_acquire("k").await, Err(LockError::InvalidConfig { .. })));
+        assert!(matches!(lock.acquire("k").await, Err(LockError::InvalidConfig { .. })));
+        assert_eq!(lock.tracked_keys(), 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn extend_renews_the_lease_and_refuses_nonsense() {
+    let lock = lock_with(LockConfig::new().ttl(Duration::from_millis(100)));
+    let guard = lock.try_acquire("k").await.unwrap();
+    tokio::time::advance(Duration::from_millis(80)).await;
+    guard.extend(Duration::from_secs(1)).await.unwrap();
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert!(!guard.is_lost());
+    assert!(lock.is_locked("k").await.unwrap());
+    assert!(matches!(
+        guard.extend(Duration::ZERO).await,
+        Err(LockError::InvalidConfig { .. })
+    ));
+    assert!(guard.remaining().unwrap() > Duration::from_millis(400));
+
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(guard.is_lost());
+    assert!(matches!(guard.extend(Duration::from_secs(1)).await, Err(LockError::LockLost)));
+    assert!(!lock.is_locked("k").await.unwrap());
+}
+
+#[test]
+fn dropping_a_guard_outside_any_runtime_frees_the_lock_at_once() {
+    let lock = lock_with(LockConfig::new());
+    let guard = futures::executor::block_on(lock.try_acquire("no-runtime")).unwrap();
+    assert!(futures::executor::block_on(lock.is_locked("no-runtime")).unwrap());
+    drop(guard);
+    assert!(!futures::executor::block_on(lock.is_locked("no-runtime")).unwrap());
+    assert_eq!(lock.tracked_keys(), 0);
+}
+
+#[tokio::test]
+async fn clones_and_arcs_share_one_table() {
+    let lock = lock_with(LockConfig::new());
+    let clone = lock.clone();
+    let shared = Arc::new(lock.clone());
+    let guard = lock.try_acquire("shared").await.unwrap();
+    assert!(matches!(clone.try_acquire("shared").await, Err(LockError::AlreadyLocked)));
+    assert!(matches!(shared.try_acquire("shared").await, Err(LockError::AlreadyLocked)));
+    shared.release(guard).await.unwrap();
+    assert!(clone.try_acquire("shared").await.is_ok());
+}
