@@ -131,3 +131,6 @@ async fn start_redis_container() -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     Ok(format!("redis://{host}:{port}"))
 }
+
+pub mod failing;
+pub mod http;
