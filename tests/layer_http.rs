@@ -81,7 +81,10 @@ async fn same_key_gives_one_success_and_conflicts(layer_status: Option<StatusCod
             .unwrap();
         assert_eq!(status, expected_conflict);
     }
-    tokio::time::timeout(PATIENCE, entered_rx.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, entered_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(entered_rx.try_recv().is_err(), "a second handler ran");
     gate.open.add_permits(1);
     assert_eq!(done_rx.recv().await.unwrap(), StatusCode::OK);
@@ -111,7 +114,9 @@ async fn different_keys_all_run_at_once() {
             }),
         )
         .with_state(barrier)
-        .layer(LockLayer::new(memory_lock(), |req| format!("order:{}", req.uri.path())));
+        .layer(LockLayer::new(memory_lock(), |req| {
+            format!("order:{}", req.uri.path())
+        }));
     let address = serve(app).await;
     let client = client();
     let requests = (0..REQUESTS).map(|i| {
@@ -121,7 +126,10 @@ async fn different_keys_all_run_at_once() {
     let statuses = tokio::time::timeout(PATIENCE, futures::future::join_all(requests))
         .await
         .expect("requests for different keys did not run concurrently");
-    assert!(statuses.iter().all(|status| *status == StatusCode::OK), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|status| *status == StatusCode::OK),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,10 +173,17 @@ async fn the_handler_reads_the_lock_it_runs_under() {
             "/orders/{id}",
             post(move |Extension(info): Extension<LockInfo>| async move {
                 let held = observer.is_locked(info.key()).await.unwrap();
-                format!("{}|{}|{}|{held}", info.key(), info.token(), info.fencing_token())
+                format!(
+                    "{}|{}|{}|{held}",
+                    info.key(),
+                    info.token(),
+                    info.fencing_token()
+                )
             }),
         )
-        .layer(LockLayer::new(lock.clone(), |req| format!("order:{}", req.uri.path())));
+        .layer(LockLayer::new(lock.clone(), |req| {
+            format!("order:{}", req.uri.path())
+        }));
     let address = serve(app).await;
     let client = client();
     let mut last_fencing = 0;
@@ -177,11 +192,17 @@ async fn the_handler_reads_the_lock_it_runs_under() {
         assert_eq!(status, StatusCode::OK);
         let fields: Vec<&str> = body.split('|').collect();
         assert_eq!(fields[0], "order:/orders/9");
-        assert_eq!(uuid::Uuid::parse_str(fields[1]).unwrap().get_version_num(), 4);
+        assert_eq!(
+            uuid::Uuid::parse_str(fields[1]).unwrap().get_version_num(),
+            4
+        );
         let fencing: u64 = fields[2].parse().unwrap();
         assert!(fencing > last_fencing);
         last_fencing = fencing;
-        assert_eq!(fields[3], "true", "the lock was not held while the handler ran");
+        assert_eq!(
+            fields[3], "true",
+            "the lock was not held while the handler ran"
+        );
     }
     // An empty answer body releases at once; this one was read to the end.
     assert!(!lock.is_locked("order:/orders/9").await.unwrap());
@@ -223,7 +244,10 @@ async fn a_streaming_body_keeps_the_lock_until_its_end() {
     let response = send(&client, address, "POST", "/export").await;
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
-    chunks.send(Ok(Bytes::from_static(b"first,"))).await.unwrap();
+    chunks
+        .send(Ok(Bytes::from_static(b"first,")))
+        .await
+        .unwrap();
     let frame = body.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), "first,");
 
@@ -236,7 +260,10 @@ async fn a_streaming_body_keeps_the_lock_until_its_end() {
     drop(chunks);
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "last");
-    assert!(!lock.is_locked("/export").await.unwrap(), "the lock outlived the body");
+    assert!(
+        !lock.is_locked("/export").await.unwrap(),
+        "the lock outlived the body"
+    );
 }
 
 /// Sends a drop signal when the handler's future is dropped.
@@ -296,7 +323,11 @@ async fn wait_mode_serves_requests_one_after_another() {
         .route(
             "/counter",
             post(|State(shared): State<Shared>| async move {
-                assert_eq!(shared.inside.fetch_add(1, Ordering::SeqCst), 0, "two requests inside");
+                assert_eq!(
+                    shared.inside.fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "two requests inside"
+                );
                 let value = shared.counter.load(Ordering::Relaxed);
                 tokio::task::yield_now().await;
                 shared.counter.store(value + 1, Ordering::Relaxed);
@@ -313,7 +344,10 @@ async fn wait_mode_serves_requests_one_after_another() {
         async move { fetch(&client, address, "/counter").await.0 }
     });
     let statuses = futures::future::join_all(requests).await;
-    assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
     assert_eq!(shared.counter.load(Ordering::Relaxed), REQUESTS);
 }
 
@@ -341,7 +375,11 @@ async fn a_failing_backend_gives_503_with_retry_after_unless_fail_open() {
             .route(
                 "/pay",
                 post(|info: Option<Extension<LockInfo>>| async move {
-                    if info.is_some() { "locked" } else { "unlocked" }
+                    if info.is_some() {
+                        "locked"
+                    } else {
+                        "unlocked"
+                    }
                 }),
             )
             .layer(layer)
@@ -354,7 +392,7 @@ async fn a_failing_backend_gives_503_with_retry_after_unless_fail_open() {
     assert_eq!(headers["retry-after"], "1");
 
     let later = serve(app(
-        LockLayer::new(flaky.clone(), key::path()).retry_after(Duration::from_millis(2500)),
+        LockLayer::new(flaky.clone(), key::path()).retry_after(Duration::from_millis(2500))
     ))
     .await;
     assert_eq!(fetch(&client, later, "/pay").await.1["retry-after"], "3");
@@ -401,7 +439,9 @@ async fn a_custom_responder_shapes_the_refusal() {
             .body(format!("{{\"busy\":\"{}\"}}", rejection.key()))
             .unwrap()
     });
-    let app = Router::new().route("/pay", post(|| async { "ran" })).layer(layer);
+    let app = Router::new()
+        .route("/pay", post(|| async { "ran" }))
+        .layer(layer);
     let address = serve(app).await;
     let (status, _, body) = fetch(&client(), address, "/pay").await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
@@ -419,11 +459,16 @@ async fn raw_socket_sees_a_plain_conflict_answer() {
     let address = serve(app).await;
     let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
     socket
-        .write_all(b"POST /pay HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .write_all(
+            b"POST /pay HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
         .await
         .unwrap();
     let mut answer = String::new();
     socket.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 409 Conflict\r\n"), "{answer}");
-    assert!(answer.ends_with("the resource is locked by another request"), "{answer}");
+    assert!(
+        answer.ends_with("the resource is locked by another request"),
+        "{answer}"
+    );
 }

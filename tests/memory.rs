@@ -31,8 +31,15 @@ async fn thirty_two_tasks_keep_a_non_atomic_counter_exact() {
         let (lock, counter, inside) = (lock.clone(), counter.clone(), inside.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..ROUNDS {
-                let guard = lock.acquire("counter").await.expect("acquire within budget");
-                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+                let guard = lock
+                    .acquire("counter")
+                    .await
+                    .expect("acquire within budget");
+                assert_eq!(
+                    inside.fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "two holders at once"
+                );
                 // A read-modify-write split by a yield: without exclusion, updates get lost.
                 let value = counter.load(Ordering::Relaxed);
                 tokio::task::yield_now().await;
@@ -58,13 +65,19 @@ async fn ttl_expiry_lets_the_next_holder_in_and_the_stale_release_is_lock_lost()
 
     // The waiter sleeps until the holder's TTL runs out (the paused clock jumps there).
     let fresh = lock.acquire("job").await.unwrap();
-    assert!(Instant::now() >= start + ttl, "taken before the TTL ran out");
+    assert!(
+        Instant::now() >= start + ttl,
+        "taken before the TTL ran out"
+    );
     assert!(stale.is_lost());
     assert!(fresh.fencing_token() > stale.fencing_token());
 
     assert!(matches!(stale.extend(ttl).await, Err(LockError::LockLost)));
     assert!(matches!(stale.release().await, Err(LockError::LockLost)));
-    assert!(lock.is_locked("job").await.unwrap(), "the stale release freed the new holder");
+    assert!(
+        lock.is_locked("job").await.unwrap(),
+        "the stale release freed the new holder"
+    );
     assert!(!fresh.is_lost());
     fresh.release().await.unwrap();
     assert!(!lock.is_locked("job").await.unwrap());
@@ -74,7 +87,10 @@ async fn ttl_expiry_lets_the_next_holder_in_and_the_stale_release_is_lock_lost()
 async fn an_expired_lock_is_taken_over_by_try_acquire() {
     let lock = lock_with(LockConfig::new().ttl(Duration::from_millis(10)));
     let old = lock.try_acquire("k").await.unwrap();
-    assert!(matches!(lock.try_acquire("k").await, Err(LockError::AlreadyLocked)));
+    assert!(matches!(
+        lock.try_acquire("k").await,
+        Err(LockError::AlreadyLocked)
+    ));
     tokio::time::advance(Duration::from_millis(10)).await;
     assert!(!lock.is_locked("k").await.unwrap());
     let new = lock.try_acquire("k").await.unwrap();
@@ -93,7 +109,11 @@ async fn fencing_tokens_strictly_increase_per_key() {
         // Other keys in between must not break the order of this one.
         let other = lock.try_acquire(&format!("other:{round}")).await.unwrap();
         let guard = lock.try_acquire("fenced").await.unwrap();
-        assert!(guard.fencing_token() > last, "{} after {last}", guard.fencing_token());
+        assert!(
+            guard.fencing_token() > last,
+            "{} after {last}",
+            guard.fencing_token()
+        );
         last = guard.fencing_token();
         drop(other);
         guard.release().await.unwrap();
@@ -171,7 +191,10 @@ async fn waiters_are_served_first_in_first_out() {
     }
     for (position, waiter) in waiters.iter_mut().enumerate() {
         // Nobody behind the head of the queue gets it first, and try_acquire cannot jump in.
-        assert!(matches!(lock.try_acquire("fifo").await, Err(LockError::AlreadyLocked)));
+        assert!(matches!(
+            lock.try_acquire("fifo").await,
+            Err(LockError::AlreadyLocked)
+        ));
         holder.release().await.unwrap();
         holder = match poll!(waiter.as_mut()) {
             Poll::Ready(Ok(guard)) => guard,
@@ -220,7 +243,10 @@ async fn acquire_gives_up_after_its_budget_and_leaves_nothing_behind() {
     let lock = lock_with(config);
     let holder = lock.try_acquire("busy").await.unwrap();
     let start = Instant::now();
-    assert!(matches!(lock.acquire("busy").await, Err(LockError::Timeout)));
+    assert!(matches!(
+        lock.acquire("busy").await,
+        Err(LockError::Timeout)
+    ));
     assert_eq!(Instant::now() - start, config.wait_budget());
     drop(holder);
     assert_eq!(lock.tracked_keys(), 0);
@@ -228,7 +254,10 @@ async fn acquire_gives_up_after_its_budget_and_leaves_nothing_behind() {
     // No budget at all: a single attempt.
     let lock = lock_with(config.max_retries(0));
     let _holder = lock.try_acquire("busy").await.unwrap();
-    assert!(matches!(lock.acquire("busy").await, Err(LockError::Timeout)));
+    assert!(matches!(
+        lock.acquire("busy").await,
+        Err(LockError::Timeout)
+    ));
     assert_eq!(lock.tracked_keys(), 1);
 }
 
@@ -237,9 +266,18 @@ async fn bad_keys_and_bad_configurations_are_refused_and_change_nothing() {
     let lock = lock_with(LockConfig::new());
     let long = "x".repeat(MAX_KEY_LEN + 1);
     for key in ["", long.as_str()] {
-        assert!(matches!(lock.try_acquire(key).await, Err(LockError::InvalidKey { .. })));
-        assert!(matches!(lock.acquire(key).await, Err(LockError::InvalidKey { .. })));
-        assert!(matches!(lock.is_locked(key).await, Err(LockError::InvalidKey { .. })));
+        assert!(matches!(
+            lock.try_acquire(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.acquire(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.is_locked(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
     }
     // The longest allowed key, and keys full of metacharacters, are ordinary keys.
     let longest = "y".repeat(MAX_KEY_LEN);
@@ -255,8 +293,14 @@ async fn bad_keys_and_bad_configurations_are_refused_and_change_nothing() {
         LockConfig::new().ttl(Duration::MAX),
     ] {
         let lock = lock_with(config);
-        assert!(matches!(lock.try_acquire("k").await, Err(LockError::InvalidConfig { .. })));
-        assert!(matches!(lock.acquire("k").await, Err(LockError::InvalidConfig { .. })));
+        assert!(matches!(
+            lock.try_acquire("k").await,
+            Err(LockError::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            lock.acquire("k").await,
+            Err(LockError::InvalidConfig { .. })
+        ));
         assert_eq!(lock.tracked_keys(), 0);
     }
 }
@@ -278,7 +322,10 @@ async fn extend_renews_the_lease_and_refuses_nonsense() {
 
     tokio::time::advance(Duration::from_secs(1)).await;
     assert!(guard.is_lost());
-    assert!(matches!(guard.extend(Duration::from_secs(1)).await, Err(LockError::LockLost)));
+    assert!(matches!(
+        guard.extend(Duration::from_secs(1)).await,
+        Err(LockError::LockLost)
+    ));
     assert!(!lock.is_locked("k").await.unwrap());
 }
 
@@ -298,8 +345,14 @@ async fn clones_and_arcs_share_one_table() {
     let clone = lock.clone();
     let shared = Arc::new(lock.clone());
     let guard = lock.try_acquire("shared").await.unwrap();
-    assert!(matches!(clone.try_acquire("shared").await, Err(LockError::AlreadyLocked)));
-    assert!(matches!(shared.try_acquire("shared").await, Err(LockError::AlreadyLocked)));
+    assert!(matches!(
+        clone.try_acquire("shared").await,
+        Err(LockError::AlreadyLocked)
+    ));
+    assert!(matches!(
+        shared.try_acquire("shared").await,
+        Err(LockError::AlreadyLocked)
+    ));
     shared.release(guard).await.unwrap();
     assert!(clone.try_acquire("shared").await.is_ok());
 }

@@ -29,9 +29,12 @@ impl FlakyLock {
     }
 
     fn failure(&self) -> Option<LockError> {
-        self.down
-            .load(Ordering::SeqCst)
-            .then(|| LockError::backend(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "lock server unreachable")))
+        self.down.load(Ordering::SeqCst).then(|| {
+            LockError::backend(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "lock server unreachable",
+            ))
+        })
     }
 }
 

@@ -24,7 +24,12 @@ pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-pub async fn send(client: &HttpClient, address: SocketAddr, method: &str, path: &str) -> Response<Incoming> {
+pub async fn send(
+    client: &HttpClient,
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Response<Incoming> {
     let request = Request::builder()
         .method(method)
         .uri(format!("http://{address}{path}"))
@@ -34,9 +39,17 @@ pub async fn send(client: &HttpClient, address: SocketAddr, method: &str, path: 
 }
 
 /// Sends a request and reads the whole answer.
-pub async fn fetch(client: &HttpClient, address: SocketAddr, path: &str) -> (StatusCode, http::HeaderMap, String) {
+pub async fn fetch(
+    client: &HttpClient,
+    address: SocketAddr,
+    path: &str,
+) -> (StatusCode, http::HeaderMap, String) {
     let response = send(client, address, "POST", path).await;
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("a complete body").to_bytes();
-    (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }

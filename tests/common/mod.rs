@@ -133,4 +133,5 @@ async fn start_redis_container() -> Result<String, String> {
 }
 
 pub mod failing;
+pub mod grpc;
 pub mod http;

@@ -1,0 +1,99 @@
+//! LockLayer around a real tonic server, called by a real tonic client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::failing::FlakyLock;
+use common::grpc::{health_client, serve_health};
+use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockLayer};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+
+const KEY: &str = "grpc:health";
+
+fn whole_service_key(_req: &http::request::Parts) -> String {
+    KEY.to_owned()
+}
+
+fn request() -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_call_on_a_locked_key_gets_aborted_until_the_stream_holding_it_ends() {
+    let lock = InMemoryDistributedLock::new(LockConfig::new());
+    let address = serve_health(LockLayer::new(lock.clone(), whole_service_key)).await;
+    let mut client = health_client(address).await;
+
+    // A server-streaming call holds the lock for as long as its response stream is open.
+    let mut watch = client.watch(request()).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    assert!(lock.is_locked(KEY).await.unwrap());
+
+    let refused = client.check(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted);
+    assert_eq!(
+        refused.message(),
+        "the resource is locked by another request"
+    );
+
+    // Cancelling the stream (RST_STREAM) drops the response body on the server, which frees
+    // the lock. The server learns of it asynchronously, so wait for it, within a bound.
+    drop(watch);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while lock.is_locked(KEY).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cancelled stream kept the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let answer = client.check(request()).await.unwrap().into_inner();
+    assert_eq!(answer.status(), ServingStatus::Serving);
+}
+
+#[tokio::test]
+async fn a_unary_call_releases_its_lock_when_it_completes() {
+    let lock = InMemoryDistributedLock::new(LockConfig::new());
+    let address = serve_health(LockLayer::new(lock.clone(), whole_service_key)).await;
+    let mut client = health_client(address).await;
+    for _ in 0..5 {
+        let answer = client.check(request()).await.unwrap().into_inner();
+        assert_eq!(answer.status(), ServingStatus::Serving);
+    }
+    // The unary body ends with its trailers, which the client has read by now.
+    assert!(!lock.is_locked(KEY).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_failing_backend_gives_unavailable_unless_fail_open() {
+    let flaky = FlakyLock::down();
+    let closed = serve_health(LockLayer::new(flaky.clone(), whole_service_key)).await;
+    let refused = health_client(closed)
+        .await
+        .check(request())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    let open = serve_health(LockLayer::new(flaky.clone(), whole_service_key).fail_open()).await;
+    let answer = health_client(open).await.check(request()).await.unwrap();
+    assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+}
+
+#[tokio::test]
+async fn a_refused_key_gives_invalid_argument() {
+    let lock = InMemoryDistributedLock::new(LockConfig::new());
+    let address = serve_health(LockLayer::new(lock, |_req| String::new())).await;
+    let refused = health_client(address)
+        .await
+        .check(request())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+}
