@@ -48,3 +48,8 @@ pub use key::{validate_key, MAX_KEY_LEN};
 pub use layer::{LockLayer, LockService, Rejection, RejectionKind};
 pub use lease::Lease;
 pub use uuid::Uuid;
+
+/// The README's code, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

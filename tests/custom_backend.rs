@@ -58,12 +58,12 @@ impl DistributedLock for RecordingLock {
         async move { Ok(guard) }
     }
 
-    fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.try_acquire(key)
+    async fn acquire(&self, key: &str) -> Result<LockGuard, LockError> {
+        self.try_acquire(key).await
     }
 
-    fn is_locked(&self, _key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
-        async { Ok(false) }
+    async fn is_locked(&self, _key: &str) -> Result<bool, LockError> {
+        Ok(false)
     }
 }
 

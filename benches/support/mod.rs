@@ -1,0 +1,36 @@
+//! Shared by the benchmarks: reading criterion's estimates back to print ratios.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The mean time per iteration, in nanoseconds, that criterion measured for `group/bench`
+/// in this run.
+pub fn mean_nanos(group: &str, bench: &str) -> Option<f64> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let path = target
+        .join("criterion")
+        .join(group)
+        .join(bench)
+        .join("new")
+        .join("estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    // {"mean":{"confidence_interval":{...},"point_estimate":123.4,...},...}
+    let mean = &text[text.find("\"mean\"")?..];
+    let start = mean.find("\"point_estimate\":")? + "\"point_estimate\":".len();
+    let end = start + mean[start..].find([',', '}'])?;
+    mean[start..end].trim().parse().ok()
+}
+
+/// Prints `measured / baseline` for two benchmarks of one group.
+pub fn print_ratio(group: &str, measured: &str, baseline: &str, what: &str) {
+    match (mean_nanos(group, measured), mean_nanos(group, baseline)) {
+        (Some(m), Some(b)) => println!(
+            "RATIO {group}: {measured} {m:.0} ns vs {baseline} {b:.0} ns per iteration = {:.3}x time, {:.1}% of {what} throughput",
+            m / b,
+            100.0 * b / m
+        ),
+        _ => println!("RATIO {group}: estimates not found (run without --test / filters)"),
+    }
+}
