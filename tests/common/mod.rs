@@ -135,3 +135,4 @@ async fn start_redis_container() -> Result<String, String> {
 pub mod failing;
 pub mod grpc;
 pub mod http;
+pub mod proxy;
