@@ -136,3 +136,5 @@ pub mod failing;
 pub mod grpc;
 pub mod http;
 pub mod proxy;
+pub mod cancel;
+pub mod suites;
