@@ -11,7 +11,9 @@ use common::suites::cancellation_suite;
 use futures::StreamExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
-use k1s0_distributed_lock::{layer::key, DistributedLock, InMemoryDistributedLock, LockConfig, LockLayer};
+use k1s0_distributed_lock::{
+    layer::key, DistributedLock, InMemoryDistributedLock, LockConfig, LockLayer,
+};
 use tower::{service_fn, Layer, ServiceExt};
 
 /// Waiting budget (200 ms) well inside the TTL (30 s).
@@ -73,23 +75,34 @@ async fn the_layer_future_and_body_cancelled_at_every_await_point_leave_no_lock(
             }
             None => points += 1,
         }
-        assert!(!lock.is_locked("/job").await.unwrap(), "response future dropped at {n}");
+        assert!(
+            !lock.is_locked("/job").await.unwrap(),
+            "response future dropped at {n}"
+        );
     }
-    assert!(points >= 3, "the inner service's await points were not reached");
+    assert!(
+        points >= 3,
+        "the inner service's await points were not reached"
+    );
 
     // The body, dropped at each await point while it is being read.
     for n in 1.. {
         let response = service.clone().oneshot(request()).await.unwrap();
         assert!(lock.is_locked("/job").await.unwrap());
         let read = drop_at_suspension(response.into_body().collect(), n).await;
-        assert!(!lock.is_locked("/job").await.unwrap(), "body dropped at {n}");
+        assert!(
+            !lock.is_locked("/job").await.unwrap(),
+            "body dropped at {n}"
+        );
         if read.is_some() {
             break;
         }
     }
 
     // The waiting response future (wait mode), dropped while queued behind a holder.
-    let waiting = LockLayer::new(lock.clone(), key::path()).wait().layer(slow_service());
+    let waiting = LockLayer::new(lock.clone(), key::path())
+        .wait()
+        .layer(slow_service());
     let holder = lock.try_acquire("/job").await.unwrap();
     for n in 1.. {
         match drop_at_suspension(waiting.clone().oneshot(request()), n).await {
@@ -102,5 +115,9 @@ async fn the_layer_future_and_body_cancelled_at_every_await_point_leave_no_lock(
         }
     }
     drop(holder);
-    assert_eq!(lock.tracked_keys(), 0, "a cancelled waiting request kept its place");
+    assert_eq!(
+        lock.tracked_keys(),
+        0,
+        "a cancelled waiting request kept its place"
+    );
 }

@@ -43,7 +43,8 @@ async fn forwards_stalls_cuts_and_refuses() {
     proxy.stall();
     socket.write_all(b"stuck").await.unwrap();
     let mut answer = [0u8; 5];
-    let stalled = tokio::time::timeout(Duration::from_millis(200), socket.read_exact(&mut answer)).await;
+    let stalled =
+        tokio::time::timeout(Duration::from_millis(200), socket.read_exact(&mut answer)).await;
     assert!(stalled.is_err(), "a stalled proxy forwarded data");
     proxy.heal().await;
     socket.read_exact(&mut answer).await.unwrap();
@@ -52,7 +53,10 @@ async fn forwards_stalls_cuts_and_refuses() {
     proxy.cut_all();
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the cut connection stayed open");
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the cut connection stayed open"
+    );
 
     proxy.refuse_new();
     // The aborted accept task closes its socket asynchronously; connects racing with that may

@@ -132,9 +132,11 @@ async fn start_redis_container() -> Result<String, String> {
     Ok(format!("redis://{host}:{port}"))
 }
 
+pub mod cancel;
 pub mod failing;
 pub mod grpc;
+pub mod hostile;
 pub mod http;
+pub mod load;
 pub mod proxy;
-pub mod cancel;
 pub mod suites;

@@ -97,7 +97,9 @@ impl FaultProxy {
         let upstream = self.upstream;
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
                 let faults = faults.subscribe();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
@@ -132,7 +134,11 @@ async fn rebind(address: SocketAddr) -> TcpListener {
     panic!("could not listen on {address} again");
 }
 
-async fn forward_connection(client: TcpStream, server: TcpStream, mut faults: watch::Receiver<Faults>) {
+async fn forward_connection(
+    client: TcpStream,
+    server: TcpStream,
+    mut faults: watch::Receiver<Faults>,
+) {
     let generation = faults.borrow().generation;
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();

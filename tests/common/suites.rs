@@ -78,7 +78,9 @@ pub async fn cancellation_suite<L: DistributedLock>(lock: &L, prefix: &str) -> u
             let key = format!("{prefix}{operation}:{n}");
             let guard = lock.try_acquire(&key).await.expect("free key");
             let finished = match operation {
-                "release" => drop_at_suspension(guard.release(), n).await.map(|r| r.map(|_| None)),
+                "release" => drop_at_suspension(guard.release(), n)
+                    .await
+                    .map(|r| r.map(|_| None)),
                 _ => drop_at_suspension(guard.extend(Duration::from_secs(30)), n)
                     .await
                     .map(|r| r.map(|_| Some(guard))),
@@ -100,7 +102,10 @@ pub async fn cancellation_suite<L: DistributedLock>(lock: &L, prefix: &str) -> u
         }
     }
     // Still works afterwards.
-    let guard = lock.try_acquire(&format!("{prefix}after")).await.expect("lock still usable");
+    let guard = lock
+        .try_acquire(&format!("{prefix}after"))
+        .await
+        .expect("lock still usable");
     lock.release(guard).await.expect("release");
     points
 }
@@ -115,14 +120,23 @@ pub async fn hostile_key_check<L: DistributedLock>(lock: &L, prefix: &str, key: 
             assert!(valid, "accepted an invalid key {full:?}");
             assert_eq!(guard.key(), full);
             assert!(lock.is_locked(&full).await.unwrap());
-            assert!(!lock.is_locked(&neighbour).await.unwrap(), "{full:?} locked its neighbour");
-            assert!(matches!(lock.try_acquire(&full).await, Err(LockError::AlreadyLocked)));
+            assert!(
+                !lock.is_locked(&neighbour).await.unwrap(),
+                "{full:?} locked its neighbour"
+            );
+            assert!(matches!(
+                lock.try_acquire(&full).await,
+                Err(LockError::AlreadyLocked)
+            ));
             lock.release(guard).await.unwrap();
             assert!(!lock.is_locked(&full).await.unwrap());
         }
         Err(LockError::InvalidKey { .. }) => {
             assert!(!valid, "refused a valid key {full:?}");
-            assert!(matches!(lock.is_locked(&full).await, Err(LockError::InvalidKey { .. })));
+            assert!(matches!(
+                lock.is_locked(&full).await,
+                Err(LockError::InvalidKey { .. })
+            ));
         }
         Err(other) => panic!("{full:?}: unexpected {other:?}"),
     }

@@ -1,0 +1,59 @@
+//! Property tests: any key and any configuration either works on exactly that key or gives a
+//! clear error, and nothing else changes (in-memory backend; the backend suites reuse these).
+
+mod common;
+
+use std::time::Duration;
+
+use common::hostile::{hostile_config, hostile_key};
+use common::suites::hostile_key_check;
+use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockError};
+use proptest::prelude::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn any_key_locks_exactly_itself_or_is_refused(key in hostile_key()) {
+        let lock = InMemoryDistributedLock::new(LockConfig::new());
+        runtime().block_on(async {
+            hostile_key_check(&lock, "", &key).await;
+            hostile_key_check(&lock, "p:", &key).await;
+        });
+        prop_assert_eq!(lock.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn any_configuration_works_or_is_refused_before_anything_changes(config in hostile_config()) {
+        let lock = InMemoryDistributedLock::new(config);
+        let valid = config.validate().is_ok();
+        runtime().block_on(async {
+            match lock.try_acquire("k").await {
+                Ok(guard) => {
+                    assert!(valid, "{config:?} was refused by validate() but accepted by try_acquire");
+                    // A valid TTL always expires: it is bounded.
+                    assert!(guard.remaining().unwrap_or_default() <= config.get_ttl());
+                    // Zero retries or a budget: acquire on a held key ends (Timeout), never hangs.
+                    if config.wait_budget() <= Duration::from_millis(50) {
+                        assert!(matches!(lock.acquire("k").await, Err(LockError::Timeout) | Ok(_)));
+                    }
+                    drop(guard);
+                }
+                Err(LockError::InvalidConfig { reason }) => {
+                    assert!(!valid, "{config:?} passed validate() but try_acquire refused it");
+                    assert!(!reason.is_empty());
+                    assert!(matches!(lock.acquire("k").await, Err(LockError::InvalidConfig { .. })));
+                }
+                Err(other) => panic!("{config:?}: unexpected {other:?}"),
+            }
+        });
+        prop_assert_eq!(lock.tracked_keys(), 0);
+    }
+}
