@@ -1,4 +1,4 @@
-//! LockLayer on a real axum server over real sockets.
+//! LockLayer on a real axum server over real sockets, against every backend.
 
 mod common;
 
@@ -11,8 +11,10 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Extension, Router};
 use bytes::Bytes;
+use common::backends::Backend;
 use common::failing::FlakyLock;
 use common::http::{client, fetch, send, serve};
+use common::suites::becomes_free;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use k1s0_distributed_lock::{
@@ -25,13 +27,29 @@ use tokio_stream::wrappers::ReceiverStream;
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-fn memory_lock() -> InMemoryDistributedLock {
-    InMemoryDistributedLock::new(
-        LockConfig::new()
-            .retry_interval(Duration::from_millis(100))
-            .max_retries(100),
-    )
+fn config() -> LockConfig {
+    LockConfig::new()
+        .retry_interval(Duration::from_millis(100))
+        .max_retries(100)
 }
+
+/// A key extractor that locks `{prefix}{path}`, so that tests sharing a server never collide.
+fn prefixed_path(prefix: &str) -> impl Fn(&http::request::Parts) -> String + Send + Sync + 'static {
+    let prefix = prefix.to_owned();
+    move |req| format!("{prefix}{}", req.uri.path())
+}
+
+backend_tests!(
+    same_key_gives_exactly_one_200_and_409_for_the_rest,
+    the_conflict_status_can_be_423_locked,
+    different_keys_all_run_at_once,
+    the_handler_reads_the_lock_it_runs_under,
+    an_empty_body_releases_the_lock_before_the_response_arrives,
+    a_streaming_body_keeps_the_lock_until_its_end,
+    a_client_that_goes_away_frees_the_lock,
+    wait_mode_serves_requests_one_after_another,
+    wait_mode_answers_the_conflict_status_after_its_budget,
+);
 
 /// A handler that reports it has started, then waits for the test to open the gate.
 #[derive(Clone)]
@@ -46,14 +64,18 @@ async fn gated(State(gate): State<Gate>) -> &'static str {
     "done"
 }
 
-async fn same_key_gives_one_success_and_conflicts(layer_status: Option<StatusCode>) {
+async fn same_key_gives_one_success_and_conflicts(
+    backend: Backend,
+    layer_status: Option<StatusCode>,
+) {
     const REQUESTS: usize = 16;
     let (entered, mut entered_rx) = mpsc::unbounded_channel();
     let gate = Gate {
         entered,
         open: Arc::new(Semaphore::new(0)),
     };
-    let mut layer = LockLayer::new(memory_lock(), |req| format!("order:{}", req.uri.path()));
+    let prefix = common::unique_prefix("one-of-many");
+    let mut layer = LockLayer::new(backend.lock(config()).await, prefixed_path(&prefix));
     if let Some(status) = layer_status {
         layer = layer.conflict_status(status);
     }
@@ -90,18 +112,15 @@ async fn same_key_gives_one_success_and_conflicts(layer_status: Option<StatusCod
     assert_eq!(done_rx.recv().await.unwrap(), StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_key_gives_exactly_one_200_and_409_for_the_rest() {
-    same_key_gives_one_success_and_conflicts(None).await;
+async fn same_key_gives_exactly_one_200_and_409_for_the_rest(backend: Backend) {
+    same_key_gives_one_success_and_conflicts(backend, None).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_conflict_status_can_be_423_locked() {
-    same_key_gives_one_success_and_conflicts(Some(StatusCode::LOCKED)).await;
+async fn the_conflict_status_can_be_423_locked(backend: Backend) {
+    same_key_gives_one_success_and_conflicts(backend, Some(StatusCode::LOCKED)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn different_keys_all_run_at_once() {
+async fn different_keys_all_run_at_once(backend: Backend) {
     const REQUESTS: usize = 16;
     let barrier = Arc::new(Barrier::new(REQUESTS));
     let app = Router::new()
@@ -114,9 +133,10 @@ async fn different_keys_all_run_at_once() {
             }),
         )
         .with_state(barrier)
-        .layer(LockLayer::new(memory_lock(), |req| {
-            format!("order:{}", req.uri.path())
-        }));
+        .layer(LockLayer::new(
+            backend.lock(config()).await,
+            prefixed_path(&common::unique_prefix("distinct")),
+        ));
     let address = serve(app).await;
     let client = client();
     let requests = (0..REQUESTS).map(|i| {
@@ -147,7 +167,7 @@ async fn none_lets_requests_through_unlocked() {
             ),
         )
         .with_state(barrier)
-        .layer(LockLayer::new(memory_lock(), |req| {
+        .layer(LockLayer::new(InMemoryDistributedLock::new(config()), |req| {
             (req.uri.path() != "/health").then(|| "everything".to_owned())
         }));
     let address = serve(app).await;
@@ -164,9 +184,10 @@ async fn none_lets_requests_through_unlocked() {
     }
 }
 
-#[tokio::test]
-async fn the_handler_reads_the_lock_it_runs_under() {
-    let lock = memory_lock();
+async fn the_handler_reads_the_lock_it_runs_under(backend: Backend) {
+    let prefix = common::unique_prefix("info");
+    let key = format!("{prefix}/orders/9");
+    let lock = backend.lock(config()).await;
     let observer = lock.clone();
     let app = Router::new()
         .route(
@@ -181,9 +202,7 @@ async fn the_handler_reads_the_lock_it_runs_under() {
                 )
             }),
         )
-        .layer(LockLayer::new(lock.clone(), |req| {
-            format!("order:{}", req.uri.path())
-        }));
+        .layer(LockLayer::new(lock.clone(), prefixed_path(&prefix)));
     let address = serve(app).await;
     let client = client();
     let mut last_fencing = 0;
@@ -191,7 +210,7 @@ async fn the_handler_reads_the_lock_it_runs_under() {
         let (status, _, body) = fetch(&client, address, "/orders/9").await;
         assert_eq!(status, StatusCode::OK);
         let fields: Vec<&str> = body.split('|').collect();
-        assert_eq!(fields[0], "order:/orders/9");
+        assert_eq!(fields[0], key);
         assert_eq!(
             uuid::Uuid::parse_str(fields[1]).unwrap().get_version_num(),
             4
@@ -204,28 +223,35 @@ async fn the_handler_reads_the_lock_it_runs_under() {
             "the lock was not held while the handler ran"
         );
     }
-    // An empty answer body releases at once; this one was read to the end.
-    assert!(!lock.is_locked("order:/orders/9").await.unwrap());
+    // The answer was read to its end: the lock went with the body.
+    assert!(becomes_free(&lock, &key, Duration::from_secs(1)).await);
 }
 
-#[tokio::test]
-async fn an_empty_body_releases_the_lock_before_the_response_arrives() {
-    let lock = memory_lock();
+async fn an_empty_body_releases_the_lock_before_the_response_arrives(backend: Backend) {
+    let prefix = common::unique_prefix("empty");
+    let key = format!("{prefix}/empty");
+    let lock = backend.lock(config()).await;
     let app = Router::new()
         .route("/empty", post(|| async { StatusCode::NO_CONTENT }))
-        .layer(LockLayer::new(lock.clone(), key::path()));
+        .layer(LockLayer::new(lock.clone(), prefixed_path(&prefix)));
     let address = serve(app).await;
     let response = send(&client(), address, "POST", "/empty").await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     // The body is not even read: the lock went with the (empty) body's creation.
-    assert!(!lock.is_locked("/empty").await.unwrap());
+    if backend.releases_synchronously() {
+        assert!(!lock.is_locked(&key).await.unwrap());
+    }
+    let body = response.into_body();
+    assert!(becomes_free(&lock, &key, Duration::from_secs(1)).await);
+    drop(body);
 }
 
 type ChunkReceiver = Arc<Mutex<Option<mpsc::Receiver<Result<Bytes, std::io::Error>>>>>;
 
-#[tokio::test]
-async fn a_streaming_body_keeps_the_lock_until_its_end() {
-    let lock = memory_lock();
+async fn a_streaming_body_keeps_the_lock_until_its_end(backend: Backend) {
+    let prefix = common::unique_prefix("stream");
+    let key = format!("{prefix}/export");
+    let lock = backend.lock(config()).await;
     let (chunks, chunk_rx) = mpsc::channel(4);
     let chunk_rx: ChunkReceiver = Arc::new(Mutex::new(Some(chunk_rx)));
     let app = Router::new()
@@ -237,7 +263,7 @@ async fn a_streaming_body_keeps_the_lock_until_its_end() {
             }),
         )
         .with_state(chunk_rx)
-        .layer(LockLayer::new(lock.clone(), key::path()));
+        .layer(LockLayer::new(lock.clone(), prefixed_path(&prefix)));
     let address = serve(app).await;
     let client = client();
 
@@ -252,7 +278,7 @@ async fn a_streaming_body_keeps_the_lock_until_its_end() {
     assert_eq!(frame.into_data().unwrap(), "first,");
 
     // Mid-stream: the handler returned long ago, but the lock is still held.
-    assert!(lock.is_locked("/export").await.unwrap());
+    assert!(lock.is_locked(&key).await.unwrap());
     let (status, _, _) = fetch(&client, address, "/export").await;
     assert_eq!(status, StatusCode::CONFLICT);
 
@@ -275,11 +301,10 @@ impl Drop for DropSignal {
     }
 }
 
-#[tokio::test]
-async fn a_client_that_goes_away_frees_the_lock() {
-    // current_thread runtime: the server drops the whole response future (handler, then
-    // guard) in one go before this test task runs again.
-    let lock = memory_lock();
+async fn a_client_that_goes_away_frees_the_lock(backend: Backend) {
+    let prefix = common::unique_prefix("gone");
+    let key = format!("{prefix}/slow");
+    let lock = backend.lock(config()).await;
     let (entered_tx, mut entered_rx) = mpsc::unbounded_channel::<oneshot::Receiver<()>>();
     let app = Router::new()
         .route(
@@ -292,7 +317,7 @@ async fn a_client_that_goes_away_frees_the_lock() {
                 "never"
             }),
         )
-        .layer(LockLayer::new(lock.clone(), key::path()));
+        .layer(LockLayer::new(lock.clone(), prefixed_path(&prefix)));
     let address = serve(app).await;
 
     let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -301,17 +326,17 @@ async fn a_client_that_goes_away_frees_the_lock() {
         .await
         .unwrap();
     let handler_dropped = entered_rx.recv().await.unwrap();
-    assert!(lock.is_locked("/slow").await.unwrap());
+    assert!(lock.is_locked(&key).await.unwrap());
     drop(socket);
     tokio::time::timeout(PATIENCE, handler_dropped)
         .await
         .expect("the server kept the abandoned request running")
         .unwrap();
-    assert!(!lock.is_locked("/slow").await.unwrap());
+    // The guard is dropped right after the handler, on the server's thread.
+    assert!(becomes_free(&lock, &key, Duration::from_secs(1)).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wait_mode_serves_requests_one_after_another() {
+async fn wait_mode_serves_requests_one_after_another(backend: Backend) {
     const REQUESTS: u64 = 16;
     #[derive(Clone, Default)]
     struct Shared {
@@ -336,7 +361,13 @@ async fn wait_mode_serves_requests_one_after_another() {
             }),
         )
         .with_state(shared.clone())
-        .layer(LockLayer::new(memory_lock(), key::path()).wait());
+        .layer(
+            LockLayer::new(
+                backend.lock(config()).await,
+                prefixed_path(&common::unique_prefix("wait")),
+            )
+            .wait(),
+        );
     let address = serve(app).await;
     let client = client();
     let requests = (0..REQUESTS).map(|_| {
@@ -351,17 +382,16 @@ async fn wait_mode_serves_requests_one_after_another() {
     assert_eq!(shared.counter.load(Ordering::Relaxed), REQUESTS);
 }
 
-#[tokio::test]
-async fn wait_mode_answers_the_conflict_status_after_its_budget() {
-    let lock = InMemoryDistributedLock::new(
-        LockConfig::new()
-            .retry_interval(Duration::from_millis(10))
-            .max_retries(3),
-    );
-    let _holder = lock.try_acquire("/busy").await.unwrap();
+async fn wait_mode_answers_the_conflict_status_after_its_budget(backend: Backend) {
+    let prefix = common::unique_prefix("budget");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(10))
+        .max_retries(3);
+    let lock = backend.lock(config).await;
+    let _holder = lock.try_acquire(&format!("{prefix}/busy")).await.unwrap();
     let app = Router::new()
         .route("/busy", post(|| async { "ran" }))
-        .layer(LockLayer::new(lock, key::path()).wait());
+        .layer(LockLayer::new(lock, prefixed_path(&prefix)).wait());
     let address = serve(app).await;
     let (status, _, _) = fetch(&client(), address, "/busy").await;
     assert_eq!(status, StatusCode::CONFLICT);
@@ -421,7 +451,10 @@ async fn a_key_the_backend_refuses_gives_400_and_the_handler_never_runs() {
                 "ran"
             }),
         )
-        .layer(LockLayer::new(memory_lock(), |_req| String::new()).fail_open());
+        .layer(
+            LockLayer::new(InMemoryDistributedLock::new(config()), |_req| String::new())
+                .fail_open(),
+        );
     let address = serve(app).await;
     let (status, _, _) = fetch(&client(), address, "/pay").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -430,7 +463,7 @@ async fn a_key_the_backend_refuses_gives_400_and_the_handler_never_runs() {
 
 #[tokio::test]
 async fn a_custom_responder_shapes_the_refusal() {
-    let lock = memory_lock();
+    let lock = InMemoryDistributedLock::new(config());
     let _holder = lock.try_acquire("/pay").await.unwrap();
     let layer = LockLayer::new(lock, key::path()).on_rejection(|rejection| {
         assert_eq!(rejection.kind(), RejectionKind::Locked);
@@ -451,7 +484,7 @@ async fn a_custom_responder_shapes_the_refusal() {
 #[tokio::test]
 async fn raw_socket_sees_a_plain_conflict_answer() {
     // What a client without any HTTP library sees: a complete 409 with a short text body.
-    let lock = memory_lock();
+    let lock = InMemoryDistributedLock::new(config());
     let _holder = lock.try_acquire("/pay").await.unwrap();
     let app = Router::new()
         .route("/pay", post(|| async { "ran" }))

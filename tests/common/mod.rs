@@ -132,6 +132,7 @@ async fn start_redis_container() -> Result<String, String> {
     Ok(format!("redis://{host}:{port}"))
 }
 
+pub mod backends;
 pub mod cancel;
 pub mod failing;
 pub mod grpc;

@@ -1,0 +1,70 @@
+//! Every backend this build has, behind one type, so that a scenario runs against each.
+//!
+//! `backend_tests!(scenario_a, scenario_b)` makes, for each scenario
+//! `async fn scenario_a(backend: Backend)`, one test per compiled backend. Backends that need a
+//! server find it through the shared helper (`DATABASE_URL` / `REDIS_URL`, local defaults,
+//! testcontainers) and fail loudly if there is none.
+
+use k1s0_distributed_lock::{
+    DistributedLock, InMemoryDistributedLock, LockConfig, LockError, LockGuard,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+}
+
+impl Backend {
+    /// A fresh lock object of this backend with `config`.
+    pub async fn lock(self, config: LockConfig) -> AnyLock {
+        match self {
+            Backend::Memory => AnyLock::Memory(InMemoryDistributedLock::new(config)),
+        }
+    }
+
+    /// Whether releases on this backend are synchronous, so a test may check right after a drop
+    /// without waiting for a background task.
+    pub fn releases_synchronously(self) -> bool {
+        matches!(self, Backend::Memory)
+    }
+}
+
+#[derive(Clone)]
+pub enum AnyLock {
+    Memory(InMemoryDistributedLock),
+}
+
+impl DistributedLock for AnyLock {
+    async fn try_acquire(&self, key: &str) -> Result<LockGuard, LockError> {
+        match self {
+            AnyLock::Memory(lock) => lock.try_acquire(key).await,
+        }
+    }
+
+    async fn acquire(&self, key: &str) -> Result<LockGuard, LockError> {
+        match self {
+            AnyLock::Memory(lock) => lock.acquire(key).await,
+        }
+    }
+
+    async fn is_locked(&self, key: &str) -> Result<bool, LockError> {
+        match self {
+            AnyLock::Memory(lock) => lock.is_locked(key).await,
+        }
+    }
+}
+
+/// One test per compiled backend for each scenario `async fn name(backend: Backend)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn in_memory() {
+                    super::$scenario($crate::common::backends::Backend::Memory).await;
+                }
+            }
+        )*
+    };
+}
