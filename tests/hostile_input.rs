@@ -5,16 +5,36 @@ mod common;
 
 use std::time::Duration;
 
+use common::backends::Backend;
 use common::hostile::{hostile_config, hostile_key};
 use common::suites::hostile_key_check;
 use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockError};
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
+}
+
+backend_tests!(any_key_locks_exactly_itself_on_every_backend);
+
+/// The key property against a real backend: fewer cases, as each is a few round trips.
+async fn any_key_locks_exactly_itself_on_every_backend(backend: Backend) {
+    let lock = backend.lock(LockConfig::new()).await;
+    let prefix = common::unique_prefix(&format!("hostile-{backend:?}"));
+    let runtime = tokio::runtime::Handle::current();
+    let mut runner = TestRunner::new(ProptestConfig::with_cases(128));
+    tokio::task::block_in_place(|| {
+        runner
+            .run(&hostile_key(), |key| {
+                runtime.block_on(hostile_key_check(&lock, &prefix, &key));
+                Ok(())
+            })
+            .unwrap();
+    });
 }
 
 proptest! {

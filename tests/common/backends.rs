@@ -34,6 +34,15 @@ pub enum AnyLock {
     Memory(InMemoryDistributedLock),
 }
 
+impl AnyLock {
+    /// The in-memory table's entry count; `None` for the server backends.
+    pub fn tracked_keys(&self) -> Option<usize> {
+        match self {
+            AnyLock::Memory(lock) => Some(lock.tracked_keys()),
+        }
+    }
+}
+
 impl DistributedLock for AnyLock {
     async fn try_acquire(&self, key: &str) -> Result<LockGuard, LockError> {
         match self {
