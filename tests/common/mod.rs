@@ -134,6 +134,7 @@ async fn start_redis_container() -> Result<String, String> {
 
 pub mod backends;
 pub mod cancel;
+pub mod counter;
 pub mod failing;
 pub mod grpc;
 pub mod hostile;
