@@ -207,12 +207,22 @@ impl LockGuard {
     /// Releases the lock.
     ///
     /// Returns [`LockError::LockLost`] if the lock had expired or belongs to someone else now
-    /// (the other holder's lock is left alone). If this future is dropped before it completes,
-    /// the release still happens in the background.
+    /// (the other holder's lock is left alone); a guard already known to be lost
+    /// ([`is_lost`](Self::is_lost)) answers so at once, even with the backend unreachable, and
+    /// cleans up in the background. If this future is dropped before it completes, the release
+    /// still happens in the background.
     pub async fn release(mut self) -> Result<(), LockError> {
         let Some(handle) = self.handle.take() else {
             return Err(LockError::LockLost);
         };
+        if self.lease.is_lost() {
+            // The lease ran out or the backend said the lock is gone: the answer is LockLost
+            // whatever the backend says now (it may be unreachable). Still clean up, token
+            // checked, so an expired-but-untaken lock does not linger until its TTL.
+            tracing::debug!(key = %self.info.key, "released a lock that was already lost");
+            handle.release_on_drop();
+            return Err(LockError::LockLost);
+        }
         let pending = ReleaseOnDrop(Some(handle));
         let result = match pending.0.as_deref() {
             Some(handle) => handle.release().await,

@@ -125,3 +125,19 @@ async fn a_failed_extend_marks_the_guard_lost() {
     ));
     assert!(guard.is_lost());
 }
+
+#[tokio::test]
+async fn a_lost_guard_answers_lock_lost_at_once_and_cleans_up_in_the_background() {
+    let gate = Arc::new(Notify::new());
+    let (lock, mut released) = recording(Some(gate.clone()));
+    let guard = lock.try_acquire("job").await.unwrap();
+    let token = guard.token();
+    assert!(guard.extend(Duration::from_secs(1)).await.is_err());
+    assert!(guard.is_lost());
+    // The backend's release hangs at the gate (as an unreachable server would): the answer
+    // must not wait for it.
+    let answer = tokio::time::timeout(Duration::from_secs(5), guard.release()).await;
+    assert!(matches!(answer, Ok(Err(LockError::LockLost))), "{answer:?}");
+    gate.notify_one();
+    assert_eq!(released.recv().await, Some(token), "no background clean-up");
+}
