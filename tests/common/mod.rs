@@ -136,6 +136,7 @@ pub mod backends;
 pub mod cancel;
 pub mod counter;
 pub mod failing;
+pub mod faults;
 pub mod grpc;
 pub mod hostile;
 pub mod http;
