@@ -40,6 +40,9 @@ pub mod layer;
 mod lease;
 
 pub use backend::memory::InMemoryDistributedLock;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use backend::redis::{AutoExtend, RedisDistributedLock, RedisDistributedLockBuilder};
 pub use backend::DistributedLock;
 pub use config::{LockConfig, MAX_DURATION};
 pub use error::LockError;
@@ -48,6 +51,11 @@ pub use key::{validate_key, MAX_KEY_LEN};
 pub use layer::{LockLayer, LockService, Rejection, RejectionKind};
 pub use lease::Lease;
 pub use uuid::Uuid;
+/// The bb8-redis crate this backend is built on (with its `bb8` and `redis`), so that pools and
+/// clients you build have matching versions.
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use bb8_redis;
 
 /// The README's code, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -1,0 +1,160 @@
+//! [`RedisDistributedLockBuilder`]: the settings of a Redis lock beyond [`LockConfig`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8::Pool;
+use bb8_redis::RedisConnectionManager;
+
+use super::connection::Connections;
+use super::keys::{validate_prefix, DEFAULT_PREFIX};
+use super::wake::WakeHub;
+use super::{AutoExtend, RedisDistributedLock, Shared};
+use crate::{LockConfig, LockError, MAX_DURATION};
+
+/// The default timeout of every Redis command.
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default time a key's fencing counter outlives its last acquire.
+const DEFAULT_FENCE_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Builds a [`RedisDistributedLock`] with settings beyond [`LockConfig`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use k1s0_distributed_lock::{bb8_redis, LockConfig, RedisDistributedLock};
+///
+/// # async fn build() -> Result<RedisDistributedLock, Box<dyn std::error::Error>> {
+/// let url = "redis://127.0.0.1:6379";
+/// let pool = bb8_redis::bb8::Pool::builder()
+///     .build(bb8_redis::RedisConnectionManager::new(url)?)
+///     .await?;
+/// let lock = RedisDistributedLock::builder(pool)
+///     .config(LockConfig::new().ttl(Duration::from_secs(15)))
+///     .key_prefix("billing:lock:")
+///     .command_timeout(Duration::from_millis(500))
+///     .wake_on_release(bb8_redis::redis::Client::open(url)?)
+///     .build()?;
+/// # Ok(lock)
+/// # }
+/// ```
+#[must_use]
+pub struct RedisDistributedLockBuilder {
+    pool: Pool<RedisConnectionManager>,
+    config: LockConfig,
+    key_prefix: String,
+    command_timeout: Duration,
+    fence_retention: Duration,
+    auto_extend: Option<AutoExtend>,
+    wake_client: Option<redis::Client>,
+}
+
+impl RedisDistributedLockBuilder {
+    pub(crate) fn new(pool: Pool<RedisConnectionManager>) -> Self {
+        RedisDistributedLockBuilder {
+            pool,
+            config: LockConfig::new(),
+            key_prefix: DEFAULT_PREFIX.to_owned(),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            fence_retention: DEFAULT_FENCE_RETENTION,
+            auto_extend: None,
+            wake_client: None,
+        }
+    }
+
+    /// TTL and waiting budget (default [`LockConfig::new`]).
+    pub fn config(mut self, config: LockConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The prefix of every Redis key and channel (default `lock:`). It may not contain `{` or
+    /// `}`: the keys carry their own hash tag.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// The timeout of every Redis command, including taking a connection from the pool
+    /// (default 1 s). A command that runs out of time fails with [`LockError::BackendError`].
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// How long a key's fencing counter is kept after its last acquire (default 24 h). See
+    /// docs/redis.md: after that the next fencing token is taken from the server clock
+    /// instead, which is still larger as long as the clock does not step back by more than
+    /// this.
+    pub fn fence_retention(mut self, retention: Duration) -> Self {
+        self.fence_retention = retention;
+        self
+    }
+
+    /// Renews held locks automatically (off by default).
+    pub fn auto_extend(mut self, settings: AutoExtend) -> Self {
+        self.auto_extend = Some(settings);
+        self
+    }
+
+    /// Wakes waiters as soon as the lock is released, over a pub/sub connection made with
+    /// `client` (which should point at the same server as the pool). Without it, waiters poll.
+    pub fn wake_on_release(mut self, client: redis::Client) -> Self {
+        self.wake_client = Some(client);
+        self
+    }
+
+    /// Checks the settings and builds the lock. The [`LockConfig`] is checked too.
+    ///
+    /// Returns [`LockError::InvalidConfig`] for a prefix with braces or longer than 256 bytes,
+    /// a zero or overlong command timeout or fence retention, bad [`AutoExtend`] settings, or
+    /// an invalid [`LockConfig`].
+    pub fn build(self) -> Result<RedisDistributedLock, LockError> {
+        self.config.validate()?;
+        self.build_with_any_config()
+    }
+
+    /// Builds without checking the [`LockConfig`]: every acquire checks it anyway, and
+    /// [`RedisDistributedLock::new`] must accept any configuration.
+    pub(crate) fn build_with_any_config(self) -> Result<RedisDistributedLock, LockError> {
+        validate_prefix(&self.key_prefix)?;
+        for (name, value) in [
+            ("command_timeout", self.command_timeout),
+            ("fence_retention", self.fence_retention),
+        ] {
+            if value < Duration::from_millis(1) || value > MAX_DURATION {
+                return Err(LockError::InvalidConfig {
+                    reason: format!("{name} {value:?} must lie between 1 ms and {MAX_DURATION:?}"),
+                });
+            }
+        }
+        if let Some(settings) = &self.auto_extend {
+            settings.validate()?;
+        }
+        let wake = self
+            .wake_client
+            .map(|client| WakeHub::new(client, self.command_timeout));
+        Ok(RedisDistributedLock {
+            shared: Arc::new(Shared {
+                connections: Connections::new(self.pool, self.command_timeout),
+                prefix: self.key_prefix,
+                config: self.config,
+                fence_retention: self.fence_retention,
+                auto_extend: self.auto_extend,
+                wake,
+            }),
+        })
+    }
+}
+
+impl std::fmt::Debug for RedisDistributedLockBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisDistributedLockBuilder")
+            .field("config", &self.config)
+            .field("key_prefix", &self.key_prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("fence_retention", &self.fence_retention)
+            .field("auto_extend", &self.auto_extend)
+            .field("wake_on_release", &self.wake_client.is_some())
+            .finish()
+    }
+}

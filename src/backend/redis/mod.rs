@@ -1,0 +1,393 @@
+//! The Redis backend: `SET NX PX` through atomic Lua scripts, fencing tokens, a fair queue of
+//! waiters, wake-on-release over pub/sub and opt-in auto-extension.
+//!
+//! The wire protocol (key layout, values, scripts, channel) is documented in docs/redis.md.
+
+mod builder;
+mod connection;
+mod handle;
+mod keys;
+mod scripts;
+mod wake;
+mod watchdog;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8::Pool;
+use bb8_redis::RedisConnectionManager;
+use redis::aio::MultiplexedConnection;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+pub use self::builder::RedisDistributedLockBuilder;
+use self::connection::{redis_error, Connections};
+use self::handle::{millis, token_text, LockRef, RedisHandle};
+use self::keys::LockKeys;
+use self::scripts::{run_script, Arg, ACQUIRE, IS_LOCKED};
+use self::wake::{Registration, WakeHub};
+pub use self::watchdog::AutoExtend;
+use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard};
+
+/// A distributed lock on Redis (feature `redis`).
+///
+/// * **Protocol.** A lock is the Redis key `<prefix>{<key>}` holding the holder's random token
+///   with a `PX` expiry; taking, releasing and extending it are Lua scripts that compare the
+///   token, so a stale holder never touches a newer holder's lock. Every key of one lock
+///   shares one hash tag, so it works on Redis Cluster too. See docs/redis.md.
+/// * **Fencing tokens** strictly increase per key, taken in the same script as the `SET NX`.
+/// * **Fair waiting.** `acquire` queues the caller in Redis (first in, first out); a release
+///   hands the lock to the head of the queue and, with
+///   [`wake_on_release`](RedisDistributedLockBuilder::wake_on_release), wakes it over pub/sub
+///   at once. Without it (or when a message is lost) waiters poll every `retry_interval` (at
+///   most 500 ms) with jitter. Queue entries of waiters that vanish time out.
+/// * **Every command has a timeout** ([`command_timeout`](RedisDistributedLockBuilder::command_timeout),
+///   default 1 s): Redis being down gives [`LockError::BackendError`], never a hang.
+/// * **Auto-extension** is opt-in: [`AutoExtend`].
+///
+/// Clones share the connection and the pub/sub subscriber.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use k1s0_distributed_lock::{bb8_redis, AutoExtend, DistributedLock, LockConfig, RedisDistributedLock};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let manager = bb8_redis::RedisConnectionManager::new("redis://127.0.0.1:6379")?;
+/// let pool = bb8_redis::bb8::Pool::builder().build(manager).await?;
+///
+/// // The simple form: waiters poll.
+/// let lock = RedisDistributedLock::new(pool.clone(), LockConfig::new());
+///
+/// // With wake-on-release and a watchdog.
+/// let lock = RedisDistributedLock::builder(pool)
+///     .config(LockConfig::new().ttl(Duration::from_secs(10)))
+///     .wake_on_release(bb8_redis::redis::Client::open("redis://127.0.0.1:6379")?)
+///     .auto_extend(AutoExtend::new(Duration::from_secs(300)))
+///     .build()?;
+///
+/// let guard = lock.acquire("invoice:17").await?;
+/// // ... work, passing guard.fencing_token() to storage ...
+/// guard.release().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisDistributedLock {
+    shared: Arc<Shared>,
+}
+
+/// What the lock object, its guards and their watchdogs share.
+pub(crate) struct Shared {
+    connections: Connections,
+    prefix: String,
+    config: LockConfig,
+    fence_retention: Duration,
+    auto_extend: Option<AutoExtend>,
+    wake: Option<WakeHub>,
+}
+
+/// The longest a waiter sleeps between two looks at the lock when no message wakes it.
+const MAX_POLL: Duration = Duration::from_millis(500);
+const MIN_POLL: Duration = Duration::from_millis(2);
+/// How much longer than its polling period a waiter's queue entry lives.
+const QUEUE_ENTRY_SLACK: Duration = Duration::from_millis(200);
+
+impl RedisDistributedLock {
+    /// A lock on this pool with the defaults: prefix `lock:`, command timeout 1 s, no
+    /// auto-extension, and waiters that poll (no pub/sub connection).
+    ///
+    /// The configuration is checked by every acquire; call [`LockConfig::validate`] to check it
+    /// at start-up. Use [`builder`](Self::builder) for the other settings.
+    pub fn new(pool: Pool<RedisConnectionManager>, config: LockConfig) -> Self {
+        Self::builder(pool)
+            .config(config)
+            .build_with_any_config()
+            .expect("the default settings are valid")
+    }
+
+    /// Starts building a lock on this pool with further settings.
+    pub fn builder(pool: Pool<RedisConnectionManager>) -> RedisDistributedLockBuilder {
+        RedisDistributedLockBuilder::new(pool)
+    }
+
+    /// The lock configuration.
+    pub fn config(&self) -> &LockConfig {
+        &self.shared.config
+    }
+
+    /// The prefix of every Redis key this lock uses.
+    pub fn key_prefix(&self) -> &str {
+        &self.shared.prefix
+    }
+
+    /// The Redis key that holds the lock of `key` (`<prefix>{<escaped key>}`), for inspection
+    /// and for clients in other languages. See docs/redis.md for the escaping.
+    pub fn redis_key(&self, key: &str) -> String {
+        LockKeys::new(&self.shared.prefix, key).lock
+    }
+
+    async fn take(&self, key: &str, wait_call: bool) -> Result<LockGuard, LockError> {
+        validate_key(key)?;
+        let config = &self.shared.config;
+        config.validate()?;
+        let ttl = config.get_ttl();
+        let budget = config.wait_budget();
+        let wait = wait_call && !budget.is_zero();
+        let started = Instant::now();
+        let poll = config.get_retry_interval().clamp(MIN_POLL, MAX_POLL);
+        let entry_ttl = if wait {
+            millis(poll * 3 + QUEUE_ENTRY_SLACK)
+        } else {
+            0
+        };
+        let mut pending = PendingAcquire {
+            shared: &self.shared,
+            key,
+            keys: LockKeys::new(&self.shared.prefix, key),
+            token: Uuid::new_v4(),
+            connection: None,
+            armed: false,
+        };
+        let mut registration: Option<Registration> = None;
+        let mut jitter = Jitter::new(pending.token);
+        loop {
+            let sent_at = Instant::now();
+            let outcome = pending.attempt(ttl, entry_ttl).await?;
+            if outcome > 0 {
+                return Ok(self.guard(pending.disarm(), sent_at, outcome as u64));
+            }
+            if !wait {
+                pending.armed = false; // A try without queueing wrote nothing.
+                                       // Waiting was asked for with an empty budget: that is a timeout.
+                return Err(if wait_call {
+                    LockError::Timeout
+                } else {
+                    LockError::AlreadyLocked
+                });
+            }
+            if registration.is_none() {
+                if let Some(hub) = &self.shared.wake {
+                    // Subscribe, then look again at once: a release between the first attempt
+                    // and the subscription would otherwise go unnoticed.
+                    let mut buffer = [0u8; 36];
+                    let token = token_text(&pending.token, &mut buffer).to_owned();
+                    registration = Some(hub.register(&pending.keys.channel, token).await);
+                    continue;
+                }
+            }
+            let now = Instant::now();
+            let deadline = started + budget;
+            if now >= deadline {
+                pending.give_up().await;
+                return Err(LockError::Timeout);
+            }
+            let mut wake_at = now + jitter.between(poll / 2, poll);
+            if outcome < 0 {
+                wake_at = wake_at.min(now + Duration::from_millis(outcome.unsigned_abs()));
+            }
+            let wake_at = wake_at.min(deadline);
+            match &registration {
+                Some(registration) => {
+                    tokio::select! {
+                        () = registration.notified() => {}
+                        () = tokio::time::sleep_until(wake_at) => registration.ensure_subscribed().await,
+                    }
+                }
+                None => tokio::time::sleep_until(wake_at).await,
+            }
+        }
+    }
+
+    fn guard(
+        &self,
+        (key, keys, token): (Arc<str>, LockKeys, Uuid),
+        sent_at: Instant,
+        fence: u64,
+    ) -> LockGuard {
+        let ttl = self.shared.config.get_ttl();
+        let lease = Lease::new(sent_at, ttl);
+        let lock = Arc::new(LockRef {
+            shared: Arc::clone(&self.shared),
+            key: Arc::clone(&key),
+            keys,
+            token,
+        });
+        let watchdog = self.shared.auto_extend.map(|settings| {
+            watchdog::start(
+                Arc::clone(&lock),
+                Arc::clone(&lease),
+                ttl,
+                sent_at,
+                settings,
+            )
+        });
+        LockGuard::from_boxed(
+            key,
+            token,
+            fence,
+            lease,
+            Box::new(RedisHandle { lock, watchdog }),
+        )
+    }
+
+    async fn locked(&self, key: &str) -> Result<bool, LockError> {
+        validate_key(key)?;
+        let keys = LockKeys::new(&self.shared.prefix, key);
+        let held = self
+            .shared
+            .connections
+            .script(
+                &IS_LOCKED,
+                &[keys.lock.as_str(), keys.waiters.as_str()],
+                &[],
+            )
+            .await?;
+        Ok(held == 1)
+    }
+}
+
+impl std::fmt::Debug for RedisDistributedLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisDistributedLock")
+            .field("config", &self.shared.config)
+            .field("prefix", &self.shared.prefix)
+            .field("command_timeout", &self.shared.connections.timeout())
+            .field("fence_retention", &self.shared.fence_retention)
+            .field("auto_extend", &self.shared.auto_extend)
+            .field("wake_on_release", &self.shared.wake.is_some())
+            .finish()
+    }
+}
+
+impl DistributedLock for RedisDistributedLock {
+    fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.take(key, false)
+    }
+
+    fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.take(key, true)
+    }
+
+    fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
+        self.locked(key)
+    }
+}
+
+/// An acquire in progress. If it is dropped after a command may have reached Redis (the
+/// acquire was cancelled or failed), it leaves the queue and frees the lock in case the
+/// interrupted command took it, in the background and on the same connection, so that Redis
+/// runs the clean-up after the interrupted command.
+struct PendingAcquire<'a> {
+    shared: &'a Arc<Shared>,
+    key: &'a str,
+    keys: LockKeys,
+    token: Uuid,
+    connection: Option<MultiplexedConnection>,
+    armed: bool,
+}
+
+impl PendingAcquire<'_> {
+    /// Runs the acquire script once: the fencing token (> 0) when taken, else `-pttl` of the
+    /// holder or 0.
+    async fn attempt(&mut self, ttl: Duration, entry_ttl_ms: u64) -> Result<i64, LockError> {
+        let mut buffer = [0u8; 36];
+        let token = token_text(&self.token, &mut buffer);
+        let keys = [
+            self.keys.lock.as_str(),
+            self.keys.fence.as_str(),
+            self.keys.queue.as_str(),
+            self.keys.waiters.as_str(),
+        ];
+        let args = [
+            Arg::Text(token),
+            Arg::Number(millis(ttl)),
+            Arg::Number(entry_ttl_ms),
+            Arg::Number(millis(self.shared.fence_retention)),
+        ];
+        let connections = &self.shared.connections;
+        let (connection_slot, armed) = (&mut self.connection, &mut self.armed);
+        connections
+            .with_timeout("acquire", async {
+                let mut connection = connections.connection().await?;
+                *connection_slot = Some(connection.clone());
+                *armed = true;
+                run_script(&mut connection, &ACQUIRE, &keys, &args)
+                    .await
+                    .map_err(redis_error)
+            })
+            .await
+    }
+
+    /// The acquire succeeded: hand over the key names.
+    fn disarm(mut self) -> (Arc<str>, LockKeys, Uuid) {
+        self.armed = false;
+        let keys = std::mem::take(&mut self.keys);
+        (Arc::from(self.key), keys, self.token)
+    }
+
+    /// The waiting budget ran out: leave the queue now (best effort; the entry times out
+    /// anyway).
+    async fn give_up(mut self) {
+        self.armed = false;
+        let lock = self.lock_ref();
+        if let Err(error) = lock.abandon(self.connection.take()).await {
+            tracing::debug!(key = %self.key, %error, "could not leave the wait queue; the entry times out");
+        }
+    }
+
+    fn lock_ref(&mut self) -> LockRef {
+        LockRef {
+            shared: Arc::clone(self.shared),
+            key: Arc::from(self.key),
+            keys: std::mem::take(&mut self.keys),
+            token: self.token,
+        }
+    }
+}
+
+impl Drop for PendingAcquire<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let lock = self.lock_ref();
+        let connection = self.connection.take();
+        tracing::debug!(key = %lock.key, "acquire interrupted; cleaning up in the background");
+        runtime.spawn(async move {
+            match lock.abandon(connection).await {
+                Ok(true) => {
+                    tracing::debug!(key = %lock.key, "freed a lock taken by an interrupted acquire")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::debug!(key = %lock.key, %error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
+                }
+            }
+        });
+    }
+}
+
+/// A small SplitMix64 generator for polling jitter, seeded from the waiter's random token.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(token: Uuid) -> Self {
+        let bits = token.as_u128();
+        Jitter((bits as u64) ^ ((bits >> 64) as u64))
+    }
+
+    fn between(&mut self, low: Duration, high: Duration) -> Duration {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+        low + (high.saturating_sub(low)).mul_f64(unit)
+    }
+}

@@ -1,0 +1,241 @@
+//! The Lua scripts of the protocol, and running them by `EVALSHA` with a reload on `NOSCRIPT`.
+//!
+//! docs/redis.md describes the same scripts for clients in other languages; keep both in step.
+
+use std::sync::LazyLock;
+
+use redis::aio::MultiplexedConnection;
+use redis::{Cmd, ErrorKind, RedisError, RedisWrite, ServerErrorKind, ToRedisArgs};
+
+/// Helpers every queue-aware script starts with.
+macro_rules! queue_helpers {
+    () => {
+        r#"
+redis.replicate_commands()
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Pops waiters whose queue entry ran out off the head of the queue; returns the first live
+-- waiter's token, or nil when nobody waits.
+local function live_head(queue, waiters)
+  local head = redis.call('LINDEX', queue, 0)
+  if not head then return nil end
+  local now = now_ms()
+  while head do
+    local deadline = redis.call('ZSCORE', waiters, head)
+    if deadline and tonumber(deadline) > now then return head end
+    redis.call('LPOP', queue)
+    redis.call('ZREM', waiters, head)
+    head = redis.call('LINDEX', queue, 0)
+  end
+  return nil
+end
+"#
+    };
+}
+
+/// KEYS: lock, fence, queue, waiters.
+/// ARGV: token, ttl ms, queue entry ttl ms (0: do not queue), fence retention ms.
+/// Returns the fencing token (> 0) when taken; otherwise `-pttl` of the holder, or 0 when the
+/// lock is free but promised to the waiter at the head of the queue.
+const ACQUIRE_SOURCE: &str = concat!(
+    queue_helpers!(),
+    r#"
+local token = ARGV[1]
+local head = live_head(KEYS[3], KEYS[4])
+if (not head or head == token) and redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[2]) then
+  if head then
+    redis.call('LPOP', KEYS[3])
+    redis.call('ZREM', KEYS[4], token)
+  end
+  local t = redis.call('TIME')
+  local fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = redis.call('GET', KEYS[2])
+  if last and tonumber(last) >= fence then fence = tonumber(last) + 1 end
+  redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4])
+  return fence
+end
+local entry_ttl = tonumber(ARGV[3])
+if entry_ttl > 0 then
+  local deadline = now_ms() + entry_ttl
+  if not redis.call('ZSCORE', KEYS[4], token) then
+    redis.call('RPUSH', KEYS[3], token)
+  end
+  redis.call('ZADD', KEYS[4], deadline, token)
+  local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', KEYS[3], last[2])
+  redis.call('PEXPIREAT', KEYS[4], last[2])
+end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl > 0 then return -pttl end
+return 0
+"#
+);
+
+/// KEYS: lock, queue, waiters. ARGV: token, channel.
+/// Returns 1 when the token held the lock (now deleted), 0 otherwise (nothing changed).
+const RELEASE_SOURCE: &str = concat!(
+    queue_helpers!(),
+    r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+local head = live_head(KEYS[2], KEYS[3])
+if head then redis.call('PUBLISH', ARGV[2], head) end
+return 1
+"#
+);
+
+/// KEYS: lock. ARGV: token, ttl ms. Returns 1 when renewed, 0 when the token does not hold it.
+const EXTEND_SOURCE: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// KEYS: lock, queue, waiters. ARGV: token, channel.
+/// A waiter gives up: leaves the queue, releases the lock if an interrupted acquire took it,
+/// and wakes the next waiter when the lock is free. Returns 1 if it released the lock.
+const ABANDON_SOURCE: &str = concat!(
+    queue_helpers!(),
+    r#"
+local held = redis.call('GET', KEYS[1]) == ARGV[1]
+if held then redis.call('DEL', KEYS[1]) end
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
+  redis.call('LREM', KEYS[2], 1, ARGV[1])
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local head = live_head(KEYS[2], KEYS[3])
+  if head then redis.call('PUBLISH', ARGV[2], head) end
+end
+if held then return 1 end
+return 0
+"#
+);
+
+/// KEYS: lock, waiters. Returns 1 when the lock is held, or free but promised to a live waiter.
+const IS_LOCKED_SOURCE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf') > 0 then return 1 end
+return 0
+"#;
+
+/// One Lua script and its SHA1 digest.
+pub(crate) struct LuaScript {
+    pub(crate) name: &'static str,
+    pub(crate) source: &'static str,
+    pub(crate) sha1: String,
+}
+
+impl LuaScript {
+    fn new(name: &'static str, source: &'static str) -> Self {
+        LuaScript {
+            name,
+            source,
+            sha1: redis::Script::new(source).get_hash().to_owned(),
+        }
+    }
+}
+
+pub(crate) static ACQUIRE: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("acquire", ACQUIRE_SOURCE));
+pub(crate) static RELEASE: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("release", RELEASE_SOURCE));
+pub(crate) static EXTEND: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("extend", EXTEND_SOURCE));
+pub(crate) static ABANDON: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("abandon", ABANDON_SOURCE));
+pub(crate) static IS_LOCKED: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("is_locked", IS_LOCKED_SOURCE));
+
+/// A script argument: text or a number, written without an intermediate `String`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    Text(&'a str),
+    Number(u64),
+}
+
+impl ToRedisArgs for Arg<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + RedisWrite,
+    {
+        match *self {
+            Arg::Text(text) => out.write_arg(text.as_bytes()),
+            Arg::Number(number) => {
+                let mut digits = [0u8; 20];
+                out.write_arg(format_u64(number, &mut digits));
+            }
+        }
+    }
+}
+
+fn format_u64(mut number: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (number % 10) as u8;
+        number /= 10;
+        if number == 0 {
+            return &digits[at..];
+        }
+    }
+}
+
+fn evalsha(script: &LuaScript, keys: &[&str], args: &[Arg<'_>]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(&script.sha1).arg(keys.len()).arg(keys).arg(args);
+    cmd
+}
+
+fn is_noscript(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// Runs `script` by `EVALSHA`; if the server does not know it (`NOSCRIPT`: restarted, flushed,
+/// or another node), loads it with `SCRIPT LOAD` and runs it again.
+pub(crate) async fn run_script(
+    connection: &mut MultiplexedConnection,
+    script: &LuaScript,
+    keys: &[&str],
+    args: &[Arg<'_>],
+) -> Result<i64, RedisError> {
+    match evalsha(script, keys, args).query_async(connection).await {
+        Err(error) if is_noscript(&error) => {
+            tracing::debug!(
+                script = script.name,
+                "script not cached by the server; loading it"
+            );
+            let _: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(script.source)
+                .query_async(connection)
+                .await?;
+            evalsha(script, keys, args).query_async(connection).await
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        let mut digits = [0u8; 20];
+        for n in [0, 7, 10, 1_234_567, u64::MAX] {
+            assert_eq!(format_u64(n, &mut digits), n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn scripts_have_distinct_digests() {
+        let all = [&*ACQUIRE, &*RELEASE, &*EXTEND, &*ABANDON, &*IS_LOCKED];
+        let digests: std::collections::HashSet<_> = all.iter().map(|s| &s.sha1).collect();
+        assert_eq!(digests.len(), all.len());
+        assert!(all.iter().all(|s| s.sha1.len() == 40));
+    }
+}
