@@ -1,0 +1,432 @@
+//! The Redis backend's single-holder behaviour against the real server: protocol, fencing,
+//! expiry, stale guards, bad input, cancellation and drop.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::time::Duration;
+
+use k1s0_distributed_lock::bb8_redis::bb8::Pool;
+use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
+use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
+use k1s0_distributed_lock::{
+    DistributedLock, LockConfig, LockError, RedisDistributedLock, MAX_KEY_LEN,
+};
+
+async fn pool() -> Pool<RedisConnectionManager> {
+    let manager = RedisConnectionManager::new(common::redis_url().await).unwrap();
+    Pool::builder().max_size(4).build(manager).await.unwrap()
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(common::redis_url().await)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn lock_with(prefix: &str, config: LockConfig) -> RedisDistributedLock {
+    RedisDistributedLock::builder(pool().await)
+        .config(config)
+        .key_prefix(prefix)
+        .wake_on_release(redis::Client::open(common::redis_url().await).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// Every Redis key under `prefix`, sorted.
+async fn keys_under(prefix: &str) -> Vec<String> {
+    let mut conn = raw().await;
+    let pattern = format!("{}*", glob_escape(prefix));
+    let mut keys: Vec<String> = conn.keys(pattern).await.unwrap();
+    keys.sort();
+    keys
+}
+
+fn glob_escape(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Waits (bounded) until `condition` holds; panics with `what` otherwise.
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn try_acquire_excludes_and_release_frees() {
+    let prefix = common::unique_prefix("redis_basic");
+    let lock = lock_with(&prefix, LockConfig::new()).await;
+    let guard = lock.try_acquire("order:1").await.unwrap();
+    assert!(lock.is_locked("order:1").await.unwrap());
+    assert!(matches!(
+        lock.try_acquire("order:1").await,
+        Err(LockError::AlreadyLocked)
+    ));
+    // The value is the guard's token, with a PX expiry within the TTL.
+    let mut conn = raw().await;
+    let key = lock.redis_key("order:1");
+    assert_eq!(key, format!("{prefix}{{order:1}}"));
+    let value: String = conn.get(&key).await.unwrap();
+    assert_eq!(value, guard.token().hyphenated().to_string());
+    let pttl: i64 = conn.pttl(&key).await.unwrap();
+    assert!(pttl > 0 && pttl <= 30_000, "{pttl}");
+
+    lock.release(guard).await.unwrap();
+    assert!(!lock.is_locked("order:1").await.unwrap());
+    let again = lock.try_acquire("order:1").await.unwrap();
+    again.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn fencing_tokens_strictly_increase_even_after_the_counter_is_gone() {
+    let prefix = common::unique_prefix("redis_fence");
+    let first = lock_with(&prefix, LockConfig::new()).await;
+    let second = lock_with(&prefix, LockConfig::new()).await;
+    let mut last = 0;
+    for round in 0..40 {
+        let lock = if round % 2 == 0 { &first } else { &second };
+        let guard = lock.try_acquire("ledger").await.unwrap();
+        assert!(
+            guard.fencing_token() > last,
+            "{} <= {last}",
+            guard.fencing_token()
+        );
+        last = guard.fencing_token();
+        guard.release().await.unwrap();
+    }
+    // The counter expires after the retention; simulate that: the next token still grows.
+    let mut conn = raw().await;
+    let fence_key = format!("{}:fence", first.redis_key("ledger"));
+    let deleted: i64 = conn.del(&fence_key).await.unwrap();
+    assert_eq!(deleted, 1);
+    let guard = second.try_acquire("ledger").await.unwrap();
+    assert!(guard.fencing_token() > last);
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_guard_cannot_release_or_extend_the_new_holders_lock() {
+    let prefix = common::unique_prefix("redis_stale");
+    let config = LockConfig::new().ttl(Duration::from_millis(150));
+    let lock = lock_with(&prefix, config).await;
+    let stale = lock.try_acquire("job").await.unwrap();
+    let key = lock.redis_key("job");
+    let mut conn = raw().await;
+    eventually("the first lock expires", || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { !conn.exists::<_, bool>(&key).await.unwrap() }
+    })
+    .await;
+    assert!(stale.is_lost());
+
+    let newer = lock_with(&prefix, LockConfig::new()).await;
+    let holder = newer.try_acquire("job").await.unwrap();
+    assert!(holder.fencing_token() > stale.fencing_token());
+    assert!(matches!(
+        stale.extend(Duration::from_secs(5)).await,
+        Err(LockError::LockLost)
+    ));
+    assert!(matches!(stale.release().await, Err(LockError::LockLost)));
+    // The newer holder's lock is untouched.
+    let value: String = conn.get(&key).await.unwrap();
+    assert_eq!(value, holder.token().hyphenated().to_string());
+    assert!(!holder.is_lost());
+    holder.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn extend_renews_and_a_vanished_lock_is_reported_lost() {
+    let prefix = common::unique_prefix("redis_extend");
+    let lock = lock_with(&prefix, LockConfig::new().ttl(Duration::from_millis(400))).await;
+    let guard = lock.try_acquire("extend-me").await.unwrap();
+    guard.extend(Duration::from_secs(20)).await.unwrap();
+    let mut conn = raw().await;
+    let key = lock.redis_key("extend-me");
+    let pttl: i64 = conn.pttl(&key).await.unwrap();
+    assert!(pttl > 10_000, "extend did not reach Redis: {pttl}");
+    assert!(guard.remaining().unwrap() > Duration::from_secs(10));
+
+    // Someone deletes the key (an operator, a failover): the next extend finds it gone.
+    let _: i64 = conn.del(&key).await.unwrap();
+    assert!(!guard.is_lost());
+    assert!(matches!(
+        guard.extend(Duration::from_secs(1)).await,
+        Err(LockError::LockLost)
+    ));
+    assert!(guard.is_lost());
+}
+
+#[tokio::test]
+async fn awkward_keys_each_lock_exactly_themselves_and_touch_nothing_else() {
+    let prefix = common::unique_prefix("redis_keys");
+    let lock = lock_with(&prefix, LockConfig::new()).await;
+    let awkward = [
+        "with space",
+        "star*",
+        "*",
+        "{",
+        "}",
+        "{tag}",
+        "a}b{c",
+        "%7B",
+        "%",
+        "line\nbreak",
+        "tab\tand\r",
+        "日本語のキー",
+        "emoji 🔒",
+        "nul\0byte",
+        "'; DEL everything; --",
+        "]]-- lua",
+    ];
+    // Bystander keys that a broken escaping or glob would hit.
+    let mut conn = raw().await;
+    let bystanders = [
+        format!("{prefix}bystander"),
+        format!("{prefix}{{"),
+        format!("{prefix}{{*"),
+        format!("{prefix}{{*}}x"),
+        format!("{prefix}*"),
+    ];
+    for (i, name) in bystanders.iter().enumerate() {
+        let _: () = conn.set(name, i).await.unwrap();
+    }
+
+    let mut guards = Vec::new();
+    for key in awkward {
+        let guard = lock.try_acquire(key).await.unwrap();
+        assert_eq!(guard.key(), key);
+        guards.push(guard);
+        // Every key taken so far is held; every other one is still free.
+        for other in awkward {
+            let held = lock.is_locked(other).await.unwrap();
+            let expected = guards.iter().any(|g| g.key() == other);
+            assert_eq!(held, expected, "{key:?} affected {other:?}");
+        }
+    }
+    // One Redis key per lock, plus one fence counter; all keys of a lock share a hash tag.
+    let keys = keys_under(&prefix).await;
+    assert_eq!(keys.len(), bystanders.len() + 2 * awkward.len(), "{keys:?}");
+    for key in awkward {
+        let lock_key = lock.redis_key(key);
+        assert!(keys.contains(&lock_key));
+        assert!(keys.contains(&format!("{lock_key}:fence")));
+        assert_eq!(hash_tag(&lock_key), hash_tag(&format!("{lock_key}:fence")));
+    }
+    let tags: std::collections::HashSet<_> = awkward
+        .iter()
+        .map(|k| hash_tag(&lock.redis_key(k)).to_owned())
+        .collect();
+    assert_eq!(tags.len(), awkward.len());
+
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    for (i, name) in bystanders.iter().enumerate() {
+        let value: usize = conn.get(name).await.unwrap();
+        assert_eq!(value, i, "{name:?} was changed");
+    }
+    for key in awkward {
+        assert!(!lock.is_locked(key).await.unwrap());
+    }
+}
+
+/// Redis Cluster's hash tag of a key.
+fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+#[tokio::test]
+async fn bad_keys_and_configurations_are_refused_and_write_nothing() {
+    let prefix = common::unique_prefix("redis_bad");
+    let lock = lock_with(&prefix, LockConfig::new()).await;
+    let long = "k".repeat(MAX_KEY_LEN + 1);
+    for key in ["", long.as_str()] {
+        assert!(matches!(
+            lock.try_acquire(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.acquire(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.is_locked(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+    }
+    // `new` accepts any configuration; every acquire refuses a bad one.
+    let zero_ttl = RedisDistributedLock::builder(pool().await)
+        .key_prefix(prefix.clone())
+        .config(LockConfig::new().ttl(Duration::ZERO));
+    assert!(matches!(
+        zero_ttl.build(),
+        Err(LockError::InvalidConfig { .. })
+    ));
+    let lenient = lock_with(&prefix, LockConfig::new()).await;
+    drop(lenient);
+    let zero = RedisDistributedLock::new(pool().await, LockConfig::new().ttl(Duration::ZERO));
+    assert!(matches!(
+        zero.try_acquire("k").await,
+        Err(LockError::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        zero.acquire("k").await,
+        Err(LockError::InvalidConfig { .. })
+    ));
+
+    for builder in [
+        RedisDistributedLock::builder(pool().await).key_prefix("a{b"),
+        RedisDistributedLock::builder(pool().await).key_prefix("a}b"),
+        RedisDistributedLock::builder(pool().await).command_timeout(Duration::ZERO),
+        RedisDistributedLock::builder(pool().await).fence_retention(Duration::ZERO),
+        RedisDistributedLock::builder(pool().await).auto_extend(
+            k1s0_distributed_lock::AutoExtend::new(Duration::from_secs(1)).renew_fraction(1.5),
+        ),
+        RedisDistributedLock::builder(pool().await)
+            .auto_extend(k1s0_distributed_lock::AutoExtend::new(Duration::ZERO)),
+    ] {
+        assert!(matches!(
+            builder.build(),
+            Err(LockError::InvalidConfig { .. })
+        ));
+    }
+    assert!(keys_under(&prefix).await.is_empty());
+    // The default prefix namespace was not written either.
+    let mut conn = raw().await;
+    assert!(!conn.exists::<_, bool>("lock:{k}").await.unwrap());
+}
+
+#[tokio::test]
+async fn dropping_a_guard_releases_it_promptly() {
+    let prefix = common::unique_prefix("redis_drop");
+    let lock = lock_with(&prefix, LockConfig::new()).await;
+    let guard = lock.try_acquire("dropped").await.unwrap();
+    drop(guard);
+    // A waiter is woken by the background release (the TTL is 30 s, the budget 1 s).
+    let next = lock.acquire("dropped").await.unwrap();
+    next.release().await.unwrap();
+    assert!(keys_under(&prefix)
+        .await
+        .iter()
+        .all(|k| k.ends_with(":fence")));
+}
+
+#[tokio::test]
+async fn a_zero_budget_acquire_of_a_held_key_times_out_at_once() {
+    let prefix = common::unique_prefix("redis_zero_budget");
+    let config = LockConfig::new().max_retries(0);
+    let lock = lock_with(&prefix, config).await;
+    let guard = lock.acquire("k").await.unwrap();
+    assert!(matches!(lock.acquire("k").await, Err(LockError::Timeout)));
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn acquire_times_out_after_its_budget_and_leaves_the_queue() {
+    let prefix = common::unique_prefix("redis_timeout");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(20))
+        .max_retries(5);
+    let lock = lock_with(&prefix, config).await;
+    let guard = lock.try_acquire("busy").await.unwrap();
+    assert!(matches!(
+        lock.acquire("busy").await,
+        Err(LockError::Timeout)
+    ));
+    let mut conn = raw().await;
+    let queue = format!("{}:waiters", lock.redis_key("busy"));
+    let waiting: i64 = conn.zcard(&queue).await.unwrap();
+    assert_eq!(waiting, 0, "a timed-out waiter stayed queued");
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancelled_acquires_leave_no_lock_and_no_queue_entry() {
+    let prefix = common::unique_prefix("redis_cancel");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(50))
+        .max_retries(100);
+    let lock = lock_with(&prefix, config).await;
+    let key = "contended";
+    let redis_key = lock.redis_key(key);
+    let conn = raw().await;
+
+    // A waiter queued behind a holder is cancelled: it must leave the queue.
+    let holder = lock.try_acquire(key).await.unwrap();
+    let waiter = tokio::spawn({
+        let lock = lock.clone();
+        async move { lock.acquire(key).await }
+    });
+    let waiters = format!("{redis_key}:waiters");
+    eventually("the waiter is queued", || {
+        let mut conn = conn.clone();
+        let waiters = waiters.clone();
+        async move { conn.zcard::<_, i64>(&waiters).await.unwrap() == 1 }
+    })
+    .await;
+    waiter.abort();
+    assert!(waiter.await.unwrap_err().is_cancelled());
+    eventually("the cancelled waiter left the queue", || {
+        let mut conn = conn.clone();
+        let waiters = waiters.clone();
+        async move { conn.zcard::<_, i64>(&waiters).await.unwrap() == 0 }
+    })
+    .await;
+    holder.release().await.unwrap();
+    // Nobody is promised the lock, so a plain try gets it at once.
+    lock.try_acquire(key)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    // Cancel acquires and tries at every point in their life: nothing may stay behind.
+    for round in 0..120u64 {
+        let cut = Duration::from_micros((round * 53) % 1_500);
+        if round % 2 == 0 {
+            let _ = tokio::time::timeout(cut, lock.try_acquire(key)).await;
+        } else {
+            let _ = tokio::time::timeout(cut, lock.acquire(key)).await;
+        }
+    }
+    eventually("every interrupted acquire was cleaned up", || {
+        let mut conn = conn.clone();
+        let redis_key = redis_key.clone();
+        let waiters = waiters.clone();
+        async move {
+            !conn.exists::<_, bool>(&redis_key).await.unwrap()
+                && conn.zcard::<_, i64>(&waiters).await.unwrap() == 0
+        }
+    })
+    .await;
+    let guard = lock.try_acquire(key).await.unwrap();
+    guard.release().await.unwrap();
+}
