@@ -1,0 +1,172 @@
+//! Auto-extension (the watchdog) of Redis locks against the real server.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::time::Duration;
+
+use k1s0_distributed_lock::bb8_redis::bb8::Pool;
+use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
+use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
+use k1s0_distributed_lock::{
+    AutoExtend, DistributedLock, LockConfig, LockError, RedisDistributedLock,
+};
+
+const TTL: Duration = Duration::from_millis(200);
+
+async fn lock(prefix: &str, auto_extend: Option<AutoExtend>) -> RedisDistributedLock {
+    let url = common::redis_url().await;
+    let pool = Pool::builder()
+        .build(RedisConnectionManager::new(url.as_str()).unwrap())
+        .await
+        .unwrap();
+    let mut builder = RedisDistributedLock::builder(pool)
+        .config(
+            LockConfig::new()
+                .ttl(TTL)
+                .retry_interval(Duration::from_millis(50))
+                .max_retries(100),
+        )
+        .key_prefix(prefix)
+        .wake_on_release(redis::Client::open(url.as_str()).unwrap());
+    if let Some(settings) = auto_extend {
+        builder = builder.auto_extend(settings);
+    }
+    builder.build().unwrap()
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(common::redis_url().await)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn exists(key: &str) -> bool {
+    raw().await.exists(key).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_watchdog_keeps_a_lock_past_several_ttls_and_stops_after_drop() {
+    let prefix = common::unique_prefix("redis_watchdog");
+    let holder_lock = lock(&prefix, Some(AutoExtend::new(Duration::from_secs(30)))).await;
+    let other = lock(&prefix, None).await;
+    let guard = holder_lock.try_acquire("long-job").await.unwrap();
+    let token = guard.token().hyphenated().to_string();
+    let key = holder_lock.redis_key("long-job");
+
+    // Hold for six TTLs; the lock must stay ours the whole time.
+    for _ in 0..12 {
+        tokio::time::sleep(TTL / 2).await;
+        assert!(!guard.is_lost());
+        assert!(matches!(
+            other.try_acquire("long-job").await,
+            Err(LockError::AlreadyLocked)
+        ));
+    }
+    drop(guard);
+    let next = other.acquire("long-job").await.unwrap();
+    next.release().await.unwrap();
+
+    // Were the watchdog still running, it would keep renewing a lock stored under the old
+    // token: put one back and watch it expire.
+    let mut conn = raw().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&token)
+        .arg("PX")
+        .arg(TTL.as_millis() as u64)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually("the old token's lock expires without renewal", || async {
+        !exists(&key).await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_watchdog_stops_on_release_too() {
+    let prefix = common::unique_prefix("redis_watchdog_release");
+    let lock = lock(&prefix, Some(AutoExtend::new(Duration::from_secs(30)))).await;
+    let guard = lock.try_acquire("job").await.unwrap();
+    let token = guard.token().hyphenated().to_string();
+    let key = lock.redis_key("job");
+    guard.release().await.unwrap();
+    let mut conn = raw().await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&token)
+        .arg("PX")
+        .arg(TTL.as_millis() as u64)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually("the old token's lock expires without renewal", || async {
+        !exists(&key).await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_renewal_that_finds_the_lock_gone_marks_the_guard_lost() {
+    let prefix = common::unique_prefix("redis_watchdog_lost");
+    let lock = lock(&prefix, Some(AutoExtend::new(Duration::from_secs(30)))).await;
+    let guard = lock.try_acquire("job").await.unwrap();
+    let key = lock.redis_key("job");
+    let mut conn = raw().await;
+    let deleted: i64 = conn.del(&key).await.unwrap();
+    assert_eq!(deleted, 1);
+    assert!(!guard.is_lost());
+    // Someone else takes it; the watchdog must notice and must not extend their lock.
+    let other = lock.try_acquire("job").await.unwrap();
+    eventually("the watchdog marks the guard lost", || async {
+        guard.is_lost()
+    })
+    .await;
+    assert!(!other.is_lost());
+    assert!(matches!(guard.release().await, Err(LockError::LockLost)));
+    other.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_watchdog_gives_up_at_max_hold() {
+    let prefix = common::unique_prefix("redis_watchdog_max");
+    let max_hold = Duration::from_millis(600);
+    let lock = lock(
+        &prefix,
+        Some(AutoExtend::new(max_hold).renew_fraction(0.25)),
+    )
+    .await;
+    let guard = lock.try_acquire("stuck").await.unwrap();
+    let key = lock.redis_key("stuck");
+    // Past two TTLs the watchdog has kept it.
+    tokio::time::sleep(TTL * 2).await;
+    assert!(exists(&key).await, "the watchdog did not renew");
+    assert!(!guard.is_lost());
+    // Then it stops renewing: the lock runs out although the guard lives.
+    eventually("the lock runs out after max_hold", || async {
+        !exists(&key).await
+    })
+    .await;
+    eventually("the guard's lease runs out", || async { guard.is_lost() }).await;
+    let next = lock.try_acquire("stuck").await.unwrap();
+    next.release().await.unwrap();
+    drop(guard);
+}
