@@ -1,7 +1,6 @@
-//! The command connection: one multiplexed connection borrowed from the pool and reused, and a
-//! timeout around every command.
+//! The command connection: one multiplexed connection borrowed from the pool and reused, with
+//! the lock's command timeout on every command.
 
-use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,8 +17,14 @@ use crate::LockError;
 /// bb8-redis pools `MultiplexedConnection`s, which are cheap handles that pipeline concurrent
 /// requests over one socket. Checking one out of the pool per command would cost a `PING` per
 /// command (bb8 tests connections on checkout by default), so the first command clones a
-/// connection out of the pool and every later command reuses the clone. A command that fails
-/// or times out drops the clone; the next command takes a fresh one from the pool.
+/// connection out of the pool and later commands reuse the clone. A command that fails for a
+/// connection reason (I/O, closed connection, timeout) drops the clone; the next command takes
+/// a fresh one from the pool.
+///
+/// Timeouts: taking a connection from the pool is bounded by the command timeout, and the
+/// clone's response timeout is set to it, so every command (each `EVALSHA`, and the
+/// `SCRIPT LOAD` after a `NOSCRIPT`) fails with [`LockError::BackendError`] when Redis does not
+/// answer in time.
 pub(crate) struct Connections {
     pool: Pool<RedisConnectionManager>,
     current: Mutex<Option<MultiplexedConnection>>,
@@ -39,77 +44,49 @@ impl Connections {
         self.timeout
     }
 
-    fn cached(&self) -> Option<MultiplexedConnection> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
         self.current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 
-    fn store(&self, connection: Option<MultiplexedConnection>) {
-        *self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
-    }
-
-    /// The shared connection, taken from the pool if there is none yet. Not timed: call it
-    /// inside [`with_timeout`](Self::with_timeout).
+    /// The shared connection, taken from the pool (within the command timeout) if there is
+    /// none yet.
     pub(crate) async fn connection(&self) -> Result<MultiplexedConnection, LockError> {
-        if let Some(connection) = self.cached() {
-            return Ok(connection);
+        if let Some(connection) = self.slot().as_ref() {
+            return Ok(connection.clone());
         }
-        let pooled = self.pool.get().await.map_err(LockError::backend)?;
-        let connection = MultiplexedConnection::clone(&pooled);
+        let pooled = match tokio::time::timeout(self.timeout, self.pool.get()).await {
+            Ok(Ok(pooled)) => pooled,
+            Ok(Err(error)) => return Err(LockError::backend(error)),
+            Err(_) => {
+                tracing::warn!(timeout = ?self.timeout, "no redis connection within the command timeout");
+                return Err(LockError::backend_msg(format!(
+                    "no redis connection within the command timeout of {:?}",
+                    self.timeout
+                )));
+            }
+        };
+        let mut connection = MultiplexedConnection::clone(&pooled);
         drop(pooled);
-        self.store(Some(connection.clone()));
+        connection.set_response_timeout(self.timeout);
+        *self.slot() = Some(connection.clone());
         Ok(connection)
     }
 
-    /// Runs `operation` with this lock's command timeout; a timeout or connection failure makes
-    /// the next command start over with a fresh connection.
-    pub(crate) async fn with_timeout<T>(
-        &self,
-        what: &'static str,
-        operation: impl Future<Output = Result<T, LockError>>,
-    ) -> Result<T, LockError> {
-        match tokio::time::timeout(self.timeout, operation).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => {
-                if matches!(error, LockError::BackendError(_)) {
-                    self.store(None);
-                }
-                Err(error)
-            }
-            Err(_) => {
-                self.store(None);
-                tracing::warn!(what, timeout = ?self.timeout, "redis did not answer in time");
-                Err(LockError::backend_msg(format!(
-                    "redis did not answer the {what} command within {:?}",
-                    self.timeout
-                )))
-            }
-        }
-    }
-
-    /// Runs one script on the shared connection, with the timeout.
+    /// Runs one script on the shared connection.
     pub(crate) async fn script(
         &self,
         script: &LuaScript,
         keys: &[&str],
         args: &[Arg<'_>],
     ) -> Result<i64, LockError> {
-        self.with_timeout(script.name, async {
-            let mut connection = self.connection().await?;
-            run_script(&mut connection, script, keys, args)
-                .await
-                .map_err(redis_error)
-        })
-        .await
+        let mut connection = self.connection().await?;
+        self.script_on(&mut connection, script, keys, args).await
     }
 
-    /// Runs one script on a given connection, with the timeout (for commands that must follow
-    /// an earlier one on the same connection).
+    /// Runs one script on a given connection (one from [`connection`](Self::connection)), for
+    /// commands that must reach Redis after an earlier one on the same connection.
     pub(crate) async fn script_on(
         &self,
         connection: &mut MultiplexedConnection,
@@ -117,15 +94,20 @@ impl Connections {
         keys: &[&str],
         args: &[Arg<'_>],
     ) -> Result<i64, LockError> {
-        self.with_timeout(script.name, async {
-            run_script(connection, script, keys, args)
-                .await
-                .map_err(redis_error)
-        })
-        .await
+        run_script(connection, script, keys, args)
+            .await
+            .map_err(|error| self.failed(script.name, error))
     }
-}
 
-pub(crate) fn redis_error(error: RedisError) -> LockError {
-    LockError::backend(error)
+    fn failed(&self, what: &'static str, error: RedisError) -> LockError {
+        if error.is_timeout()
+            || error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_unrecoverable_error()
+        {
+            tracing::debug!(what, %error, "redis connection failed; the next command reconnects");
+            *self.slot() = None;
+        }
+        LockError::backend(error)
+    }
 }

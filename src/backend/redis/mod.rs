@@ -22,10 +22,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub use self::builder::RedisDistributedLockBuilder;
-use self::connection::{redis_error, Connections};
+use self::connection::Connections;
 use self::handle::{millis, token_text, LockRef, RedisHandle};
 use self::keys::LockKeys;
-use self::scripts::{run_script, Arg, ACQUIRE, IS_LOCKED};
+use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
 use self::wake::{Registration, WakeHub};
 pub use self::watchdog::AutoExtend;
 use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard};
@@ -307,16 +307,11 @@ impl PendingAcquire<'_> {
             Arg::Number(millis(self.shared.fence_retention)),
         ];
         let connections = &self.shared.connections;
-        let (connection_slot, armed) = (&mut self.connection, &mut self.armed);
+        let connection = connections.connection().await?;
+        self.armed = true;
+        let connection = self.connection.insert(connection);
         connections
-            .with_timeout("acquire", async {
-                let mut connection = connections.connection().await?;
-                *connection_slot = Some(connection.clone());
-                *armed = true;
-                run_script(&mut connection, &ACQUIRE, &keys, &args)
-                    .await
-                    .map_err(redis_error)
-            })
+            .script_on(connection, &ACQUIRE, &keys, &args)
             .await
     }
 

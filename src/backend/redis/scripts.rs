@@ -11,7 +11,6 @@ use redis::{Cmd, ErrorKind, RedisError, RedisWrite, ServerErrorKind, ToRedisArgs
 macro_rules! queue_helpers {
     () => {
         r#"
-redis.replicate_commands()
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -49,11 +48,14 @@ if (not head or head == token) and redis.call('SET', KEYS[1], token, 'NX', 'PX',
     redis.call('LPOP', KEYS[3])
     redis.call('ZREM', KEYS[4], token)
   end
-  local t = redis.call('TIME')
-  local fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = redis.call('GET', KEYS[2])
-  if last and tonumber(last) >= fence then fence = tonumber(last) + 1 end
-  redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4])
+  local fence = redis.call('INCR', KEYS[2])
+  if fence == 1 then
+    -- No counter (first lock of this key, or it expired): restart from the server clock.
+    local t = redis.call('TIME')
+    fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    redis.call('SET', KEYS[2], string.format('%d', fence))
+  end
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
   return fence
 end
 local entry_ttl = tonumber(ARGV[3])
