@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 
 /// The pub/sub side of one [`RedisDistributedLock`](super::RedisDistributedLock).
 pub(crate) struct WakeHub {
@@ -33,6 +34,8 @@ struct HubState {
     /// Counts pub/sub connections, so that the end of an old one does not unconfirm the
     /// subscriptions of the current one.
     generation: u64,
+    /// The task reading the current connection's messages; it owns the connection.
+    reader: Option<AbortHandle>,
 }
 
 #[derive(Default)]
@@ -178,12 +181,14 @@ impl HubInner {
         }
         // (Re)connect and subscribe every channel that has waiters.
         let (mut new_sink, stream) = self.client.get_async_pubsub().await?.split();
-        let generation = {
+        {
             let mut state = self.state();
             state.generation += 1;
-            state.generation
-        };
-        tokio::spawn(dispatch(Arc::downgrade(self), stream, generation));
+            let reader = tokio::spawn(dispatch(Arc::downgrade(self), stream, state.generation));
+            if let Some(previous) = state.reader.replace(reader.abort_handle()) {
+                previous.abort();
+            }
+        }
         let channels: Vec<String> = self.state().channels.keys().cloned().collect();
         if !channels.is_empty() {
             new_sink.subscribe(&channels).await?;
@@ -235,6 +240,15 @@ impl HubInner {
             .and_then(|token| state.channels.get(channel)?.waiters.get(token));
         if let Some(notify) = waiter {
             notify.notify_one();
+        }
+    }
+}
+
+impl Drop for HubInner {
+    fn drop(&mut self) {
+        // The reader holds the connection open; the lock object is gone, so close it.
+        if let Some(reader) = self.state().reader.take() {
+            reader.abort();
         }
     }
 }
