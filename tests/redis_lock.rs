@@ -430,3 +430,73 @@ async fn cancelled_acquires_leave_no_lock_and_no_queue_entry() {
     let guard = lock.try_acquire(key).await.unwrap();
     guard.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_crashed_waiter_holds_up_the_queue_only_until_its_entry_times_out() {
+    let prefix = common::unique_prefix("redis_crashed_waiter");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(20))
+        .max_retries(250);
+    let lock = lock_with(&prefix, config).await;
+    let redis_key = lock.redis_key("k");
+    let (queue, waiters) = (format!("{redis_key}:queue"), format!("{redis_key}:waiters"));
+    // A waiter queued itself and then its process died: its entry stays until its deadline.
+    let mut conn = raw().await;
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let deadline_ms = seconds * 1000 + micros / 1000 + 300;
+    let ghost = "00000000-0000-4000-8000-000000000000";
+    let _: () = conn.rpush(&queue, ghost).await.unwrap();
+    let _: () = conn.zadd(&waiters, ghost, deadline_ms).await.unwrap();
+
+    // The free lock is promised to the ghost for now…
+    assert!(lock.is_locked("k").await.unwrap());
+    assert!(matches!(
+        lock.try_acquire("k").await,
+        Err(LockError::AlreadyLocked)
+    ));
+    // …but a waiter gets it once the ghost's entry runs out.
+    let guard = lock.acquire("k").await.unwrap();
+    let left: i64 = conn.llen(&queue).await.unwrap();
+    assert_eq!(left, 0, "the ghost entry was not dropped");
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn waiters_subscribe_to_the_release_channel_only_while_they_wait() {
+    let prefix = common::unique_prefix("redis_subscription");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(100))
+        .max_retries(50);
+    let lock = lock_with(&prefix, config).await;
+    let channel = format!("{}:released", lock.redis_key("k"));
+    let conn = raw().await;
+    let subscribers = |conn: &redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let channel = channel.clone();
+        async move {
+            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            counts[0].1
+        }
+    };
+    let holder = lock.try_acquire("k").await.unwrap();
+    let waiter = tokio::spawn({
+        let lock = lock.clone();
+        async move { lock.acquire("k").await }
+    });
+    eventually("the waiter subscribes", || async {
+        subscribers(&conn).await == 1
+    })
+    .await;
+    holder.release().await.unwrap();
+    let guard = waiter.await.unwrap().unwrap();
+    eventually("the channel is unsubscribed", || async {
+        subscribers(&conn).await == 0
+    })
+    .await;
+    guard.release().await.unwrap();
+}
