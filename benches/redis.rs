@@ -113,30 +113,40 @@ fn cycle(c: &mut Criterion) {
     });
     group.finish();
 
-    // Interleaved blocks, so that drift of the machine hits both variants alike.
-    let (ratio, floor_ns, ours_ns) = runtime.block_on(async {
-        let mut floor_samples = Vec::new();
-        let mut our_samples = Vec::new();
-        for _ in 0..15 {
+    // Interleaved short blocks, paired: a load spike on the machine hits both variants of a
+    // round alike, and the median of the per-round ratios ignores the rounds it distorted.
+    let (ratios, floor_ns, ours_ns) = runtime.block_on(async {
+        const ROUNDS: usize = 40;
+        const CYCLES: u32 = 300;
+        let (mut floor_samples, mut our_samples, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
             let start = Instant::now();
-            for _ in 0..1_000 {
+            for _ in 0..CYCLES {
                 floor.cycle().await;
             }
-            floor_samples.push(start.elapsed().as_nanos() as f64 / 1_000.0);
+            let floor_ns = start.elapsed().as_nanos() as f64 / f64::from(CYCLES);
             let start = Instant::now();
-            for _ in 0..1_000 {
+            for _ in 0..CYCLES {
                 our_cycle(&lock).await;
             }
-            our_samples.push(start.elapsed().as_nanos() as f64 / 1_000.0);
+            let ours_ns = start.elapsed().as_nanos() as f64 / f64::from(CYCLES);
+            floor_samples.push(floor_ns);
+            our_samples.push(ours_ns);
+            ratios.push(ours_ns / floor_ns);
         }
-        let floor_ns = median(&mut floor_samples);
-        let ours_ns = median(&mut our_samples);
-        (ours_ns / floor_ns, floor_ns, ours_ns)
+        (ratios, median(&mut floor_samples), median(&mut our_samples))
     });
+    let mut ratios = ratios;
+    ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let quartile = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
     println!(
-        "redis_cycle interleaved medians: raw floor {:.1} µs, try_acquire+release {:.1} µs, ratio {ratio:.3}x",
+        "redis_cycle interleaved: raw floor {:.1} µs, try_acquire+release {:.1} µs (medians); \
+         ratio median {:.3}x (quartiles {:.3}x .. {:.3}x)",
         floor_ns / 1_000.0,
-        ours_ns / 1_000.0
+        ours_ns / 1_000.0,
+        quartile(0.5),
+        quartile(0.25),
+        quartile(0.75)
     );
 }
 

@@ -41,7 +41,10 @@ use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGua
 ///   hands the lock to the head of the queue and, with
 ///   [`wake_on_release`](RedisDistributedLockBuilder::wake_on_release), wakes it over pub/sub
 ///   at once. Without it (or when a message is lost) waiters poll every `retry_interval` (at
-///   most 500 ms) with jitter. Queue entries of waiters that vanish time out.
+///   most 500 ms) with jitter. Queue entries of waiters that vanish time out. While waiters
+///   are queued, a lock that was just released is promised to the first of them:
+///   `try_acquire` (which never queues) gets [`LockError::AlreadyLocked`] and `is_locked`
+///   says `true` until that waiter has taken it.
 /// * **Every command has a timeout** ([`command_timeout`](RedisDistributedLockBuilder::command_timeout),
 ///   default 1 s): Redis being down gives [`LockError::BackendError`], never a hang.
 /// * **Auto-extension** is opt-in: [`AutoExtend`].
@@ -159,8 +162,9 @@ impl RedisDistributedLock {
                 return Ok(self.guard(pending.disarm(), sent_at, outcome as u64));
             }
             if !wait {
-                pending.armed = false; // A try without queueing wrote nothing.
-                                       // Waiting was asked for with an empty budget: that is a timeout.
+                // A try without queueing wrote nothing. An acquire with an empty waiting
+                // budget that found the lock taken timed out.
+                pending.armed = false;
                 return Err(if wait_call {
                     LockError::Timeout
                 } else {
