@@ -99,7 +99,11 @@ const QUEUE_ENTRY_SLACK: Duration = Duration::from_millis(200);
 
 impl RedisDistributedLock {
     /// A lock on this pool with the defaults: prefix `lock:`, command timeout 1 s, no
-    /// auto-extension, and waiters that poll (no pub/sub connection).
+    /// auto-extension, and waiters that poll (no pub/sub connection): the queue keeps them
+    /// fair, but a released lock reaches the next waiter only at its next poll, within one
+    /// `retry_interval` (at most 500 ms). Use [`builder`](Self::builder) with
+    /// [`wake_on_release`](RedisDistributedLockBuilder::wake_on_release) for hand-offs in
+    /// about a tenth of a millisecond.
     ///
     /// The configuration is checked by every acquire; call [`LockConfig::validate`] to check it
     /// at start-up. Use [`builder`](Self::builder) for the other settings.
@@ -388,5 +392,20 @@ impl Jitter {
         z ^= z >> 31;
         let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
         low + (high.saturating_sub(low)).mul_f64(unit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_its_bounds_and_varies() {
+        let mut jitter = Jitter::new(Uuid::new_v4());
+        let (low, high) = (Duration::from_millis(50), Duration::from_millis(100));
+        let draws: Vec<_> = (0..1_000).map(|_| jitter.between(low, high)).collect();
+        assert!(draws.iter().all(|d| *d >= low && *d <= high));
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 900);
     }
 }
