@@ -332,12 +332,19 @@ impl PendingAcquire<'_> {
 
     /// The waiting budget ran out: leave the queue now (best effort; the entry times out
     /// anyway).
+    /// Stays armed until the clean-up is done, so that if this is cancelled too, the clean-up
+    /// is sent again in the background (it is idempotent).
     async fn give_up(mut self) {
-        self.armed = false;
-        let lock = self.lock_ref();
-        if let Err(error) = lock.abandon(self.connection.take()).await {
+        let lock = LockRef {
+            shared: Arc::clone(self.shared),
+            key: Arc::from(self.key),
+            keys: self.keys.clone(),
+            token: self.token,
+        };
+        if let Err(error) = lock.abandon(self.connection.clone()).await {
             tracing::debug!(key = %self.key, %error, "could not leave the wait queue; the entry times out");
         }
+        self.armed = false;
     }
 
     fn lock_ref(&mut self) -> LockRef {
