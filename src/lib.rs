@@ -44,6 +44,11 @@ pub use backend::memory::InMemoryDistributedLock;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use backend::redis::{AutoExtend, RedisDistributedLock, RedisDistributedLockBuilder};
 pub use backend::DistributedLock;
+/// The bb8-redis crate this backend is built on (with its `bb8` and `redis`), so that pools and
+/// clients you build have matching versions.
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use bb8_redis;
 pub use config::{LockConfig, MAX_DURATION};
 pub use error::LockError;
 pub use guard::{LockGuard, LockHandle, LockInfo};
@@ -51,11 +56,6 @@ pub use key::{validate_key, MAX_KEY_LEN};
 pub use layer::{LockLayer, LockService, Rejection, RejectionKind};
 pub use lease::Lease;
 pub use uuid::Uuid;
-/// The bb8-redis crate this backend is built on (with its `bb8` and `redis`), so that pools and
-/// clients you build have matching versions.
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use bb8_redis;
 
 /// The README's code, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -7,22 +7,15 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::counter::redis::RedisCounter;
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
-use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
+use k1s0_distributed_lock::bb8_redis::redis;
 use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, RedisDistributedLock};
 
 async fn pool() -> Pool<RedisConnectionManager> {
     let manager = RedisConnectionManager::new(common::redis_url().await).unwrap();
     Pool::builder().max_size(8).build(manager).await.unwrap()
-}
-
-async fn raw() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(common::redis_url().await)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
 }
 
 fn waiting_config() -> LockConfig {
@@ -42,25 +35,23 @@ async fn waking_lock(prefix: &str) -> RedisDistributedLock {
 }
 
 /// 32 tasks (on four lock objects, as four clients would) increment a counter kept in Redis
-/// by GET, yield, SET: any overlap of two critical sections loses an increment.
+/// by GET, yield, SET (the shared non-atomic counter): any overlap of two critical sections
+/// loses an increment.
 async fn counter_stays_exact(locks: Vec<RedisDistributedLock>, prefix: &str) {
     const TASKS: usize = 32;
     const ROUNDS: usize = 8;
-    let counter = format!("{prefix}counter");
+    let counter = RedisCounter::new(&common::redis_url().await, &format!("{prefix}counter")).await;
     let mut tasks = Vec::new();
     for task in 0..TASKS {
         let lock = locks[task % locks.len()].clone();
         let counter = counter.clone();
-        let mut conn = raw().await;
         tasks.push(tokio::spawn(async move {
             let mut last_fence = 0;
             for _ in 0..ROUNDS {
                 let guard = lock.acquire("counter").await.unwrap();
                 assert!(guard.fencing_token() > last_fence);
                 last_fence = guard.fencing_token();
-                let value: Option<u64> = conn.get(&counter).await.unwrap();
-                tokio::task::yield_now().await;
-                let _: () = conn.set(&counter, value.unwrap_or(0) + 1).await.unwrap();
+                counter.increment().await;
                 guard.release().await.unwrap();
             }
         }));
@@ -68,9 +59,7 @@ async fn counter_stays_exact(locks: Vec<RedisDistributedLock>, prefix: &str) {
     for task in tasks {
         task.await.unwrap();
     }
-    let mut conn = raw().await;
-    let total: u64 = conn.get(&counter).await.unwrap();
-    assert_eq!(total, (TASKS * ROUNDS) as u64);
+    assert_eq!(counter.read().await, (TASKS * ROUNDS) as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::counter::redis::RedisCounter;
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
 use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
@@ -76,13 +77,17 @@ async fn parent() {
         assert!(output.status.success(), "child {index} failed");
         for line in String::from_utf8(output.stdout).unwrap().lines() {
             let mut fields = line.split_whitespace();
-            let value: u64 = fields.next().unwrap().parse().unwrap();
+            let value: i64 = fields.next().unwrap().parse().unwrap();
             let fence: u64 = fields.next().unwrap().parse().unwrap();
             sections.push((value, fence, index));
         }
     }
-    let total: u64 = conn.get(format!("{prefix}counter")).await.unwrap();
-    assert_eq!(total, 2 * ROUNDS, "the counter lost increments");
+    let counter = RedisCounter::new(&url, &format!("{prefix}counter")).await;
+    assert_eq!(
+        counter.read().await,
+        2 * ROUNDS as i64,
+        "the counter lost increments"
+    );
     assert_eq!(sections.len() as u64, 2 * ROUNDS);
     sections.sort();
     for (expected, (value, _, _)) in (1..).zip(&sections) {
@@ -136,14 +141,13 @@ async fn child(prefix: String) {
         .unwrap();
     assert!(go.is_some(), "the parent never said go");
 
-    let counter = format!("{prefix}counter");
+    let counter = RedisCounter::new(&url, &format!("{prefix}counter")).await;
     let mut lines = String::new();
     for _ in 0..ROUNDS {
         let guard = lock.acquire("shared-resource").await.unwrap();
-        let value: Option<u64> = conn.get(&counter).await.unwrap();
-        let next = value.unwrap_or(0) + 1;
+        let next = counter.read().await + 1;
         tokio::task::yield_now().await;
-        let _: () = conn.set(&counter, next).await.unwrap();
+        counter.write(next).await;
         lines.push_str(&format!("{next} {}\n", guard.fencing_token()));
         guard.release().await.unwrap();
     }
