@@ -12,6 +12,8 @@ use k1s0_distributed_lock::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Memory,
+    #[cfg(feature = "redis")]
+    Redis,
 }
 
 impl Backend {
@@ -19,6 +21,23 @@ impl Backend {
     pub async fn lock(self, config: LockConfig) -> AnyLock {
         match self {
             Backend::Memory => AnyLock::Memory(InMemoryDistributedLock::new(config)),
+            #[cfg(feature = "redis")]
+            Backend::Redis => {
+                use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
+                let url = super::redis_url().await;
+                let pool = bb8::Pool::builder()
+                    .build(RedisConnectionManager::new(url.as_str()).unwrap())
+                    .await
+                    .unwrap();
+                let builder = k1s0_distributed_lock::RedisDistributedLock::builder(pool.clone())
+                    .config(config)
+                    .key_prefix(super::unique_prefix("backend"))
+                    .wake_on_release(redis::Client::open(url.as_str()).unwrap());
+                AnyLock::Redis(match config.validate() {
+                    Ok(()) => builder.build().unwrap(),
+                    Err(_) => k1s0_distributed_lock::RedisDistributedLock::new(pool, config),
+                })
+            }
         }
     }
 
@@ -32,6 +51,8 @@ impl Backend {
 #[derive(Clone)]
 pub enum AnyLock {
     Memory(InMemoryDistributedLock),
+    #[cfg(feature = "redis")]
+    Redis(k1s0_distributed_lock::RedisDistributedLock),
 }
 
 impl AnyLock {
@@ -39,6 +60,8 @@ impl AnyLock {
     pub fn tracked_keys(&self) -> Option<usize> {
         match self {
             AnyLock::Memory(lock) => Some(lock.tracked_keys()),
+            #[cfg(feature = "redis")]
+            AnyLock::Redis(_) => None,
         }
     }
 }
@@ -47,18 +70,24 @@ impl DistributedLock for AnyLock {
     async fn try_acquire(&self, key: &str) -> Result<LockGuard, LockError> {
         match self {
             AnyLock::Memory(lock) => lock.try_acquire(key).await,
+            #[cfg(feature = "redis")]
+            AnyLock::Redis(lock) => lock.try_acquire(key).await,
         }
     }
 
     async fn acquire(&self, key: &str) -> Result<LockGuard, LockError> {
         match self {
             AnyLock::Memory(lock) => lock.acquire(key).await,
+            #[cfg(feature = "redis")]
+            AnyLock::Redis(lock) => lock.acquire(key).await,
         }
     }
 
     async fn is_locked(&self, key: &str) -> Result<bool, LockError> {
         match self {
             AnyLock::Memory(lock) => lock.is_locked(key).await,
+            #[cfg(feature = "redis")]
+            AnyLock::Redis(lock) => lock.is_locked(key).await,
         }
     }
 }
@@ -72,6 +101,11 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn in_memory() {
                     super::$scenario($crate::common::backends::Backend::Memory).await;
+                }
+                #[cfg(feature = "redis")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$scenario($crate::common::backends::Backend::Redis).await;
                 }
             }
         )*
