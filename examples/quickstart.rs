@@ -8,6 +8,13 @@
 //! Each order is locked while it is being paid: of several simultaneous payments of the same
 //! order exactly one runs (200) and the others are refused (409 Conflict), while payments of
 //! different orders run side by side.
+//!
+//! The same demo runs on a server backend when built with its feature and pointed at a server:
+//!
+//! ```text
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo run --features postgres --example quickstart
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --features redis --example quickstart
+//! ```
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -43,9 +50,34 @@ fn app<B: DistributedLock>(lock: B) -> Router {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let lock = InMemoryDistributedLock::new(LockConfig::new().ttl(Duration::from_secs(30)));
+    let config = LockConfig::new().ttl(Duration::from_secs(30));
+    #[cfg(feature = "postgres")]
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        let pool = sqlx::PgPool::connect(&url).await?;
+        println!("backend: PostgreSQL at {url}");
+        return demo(k1s0_distributed_lock::PostgresDistributedLock::new(
+            pool, config,
+        ))
+        .await;
+    }
+    #[cfg(feature = "redis")]
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
+        let pool = bb8::Pool::builder()
+            .build(RedisConnectionManager::new(url.as_str())?)
+            .await?;
+        let lock = k1s0_distributed_lock::RedisDistributedLock::builder(pool)
+            .config(config)
+            .wake_on_release(redis::Client::open(url.as_str())?)
+            .build()?;
+        println!("backend: Redis at {url}");
+        return demo(lock).await;
+    }
     println!("backend: in-memory");
+    demo(InMemoryDistributedLock::new(config)).await
+}
 
+async fn demo<B: DistributedLock>(lock: B) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app(lock)).await });
