@@ -17,6 +17,40 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Every backend that needs a server, in this build.
+    pub fn servers() -> Vec<Backend> {
+        vec![
+            #[cfg(feature = "redis")]
+            Backend::Redis,
+        ]
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            #[cfg(feature = "redis")]
+            Backend::Redis => "redis",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Backend> {
+        [Backend::Memory]
+            .into_iter()
+            .chain(Backend::servers())
+            .find(|backend| backend.name() == name)
+    }
+
+    /// A counter kept on this backend's server, updated by a non-atomic read-modify-write.
+    pub async fn counter(self, name: &str) -> Counter {
+        match self {
+            Backend::Memory => panic!("the in-memory backend keeps no counters"),
+            #[cfg(feature = "redis")]
+            Backend::Redis => Counter::Redis(
+                super::counter::redis::RedisCounter::new(&super::redis_url().await, name).await,
+            ),
+        }
+    }
+
     /// A fresh lock object of this backend with `config`.
     pub async fn lock(self, config: LockConfig) -> AnyLock {
         match self {
@@ -31,7 +65,7 @@ impl Backend {
                     .unwrap();
                 let builder = k1s0_distributed_lock::RedisDistributedLock::builder(pool.clone())
                     .config(config)
-                    .key_prefix(super::unique_prefix("backend"))
+                    .key_prefix("k1s0test:")
                     .wake_on_release(redis::Client::open(url.as_str()).unwrap());
                 AnyLock::Redis(match config.validate() {
                     Ok(()) => builder.build().unwrap(),
@@ -45,6 +79,28 @@ impl Backend {
     /// without waiting for a background task.
     pub fn releases_synchronously(self) -> bool {
         matches!(self, Backend::Memory)
+    }
+}
+
+#[derive(Clone)]
+pub enum Counter {
+    #[cfg(feature = "redis")]
+    Redis(super::counter::redis::RedisCounter),
+}
+
+impl Counter {
+    pub async fn read(&self) -> i64 {
+        match self {
+            #[cfg(feature = "redis")]
+            Counter::Redis(counter) => counter.read().await,
+        }
+    }
+
+    pub async fn increment(&self) {
+        match self {
+            #[cfg(feature = "redis")]
+            Counter::Redis(counter) => counter.increment().await,
+        }
     }
 }
 
