@@ -51,28 +51,69 @@ impl Backend {
         }
     }
 
-    /// A fresh lock object of this backend with `config`.
+    /// A fresh lock object of this backend with `config`, on the test server.
     pub async fn lock(self, config: LockConfig) -> AnyLock {
+        self.lock_at(None, config, None).await
+    }
+
+    /// A fresh lock object talking to the server at `url` (the test server if `None`), with a
+    /// command timeout of its own if given.
+    pub async fn lock_at(
+        self,
+        url: Option<String>,
+        config: LockConfig,
+        command_timeout: Option<std::time::Duration>,
+    ) -> AnyLock {
         match self {
             Backend::Memory => AnyLock::Memory(InMemoryDistributedLock::new(config)),
             #[cfg(feature = "redis")]
             Backend::Redis => {
                 use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
-                let url = super::redis_url().await;
+                let url = match url {
+                    Some(url) => url,
+                    None => super::redis_url().await,
+                };
                 let pool = bb8::Pool::builder()
                     .build(RedisConnectionManager::new(url.as_str()).unwrap())
                     .await
                     .unwrap();
-                let builder = k1s0_distributed_lock::RedisDistributedLock::builder(pool.clone())
-                    .config(config)
-                    .key_prefix("k1s0test:")
-                    .wake_on_release(redis::Client::open(url.as_str()).unwrap());
+                let mut builder =
+                    k1s0_distributed_lock::RedisDistributedLock::builder(pool.clone())
+                        .config(config)
+                        .key_prefix("k1s0test:")
+                        .wake_on_release(redis::Client::open(url.as_str()).unwrap());
+                if let Some(timeout) = command_timeout {
+                    builder = builder.command_timeout(timeout);
+                }
                 AnyLock::Redis(match config.validate() {
                     Ok(()) => builder.build().unwrap(),
+                    // build() refuses a bad configuration; new() takes it and reports it at
+                    // the first acquire, which is what the bad-configuration tests look at.
                     Err(_) => k1s0_distributed_lock::RedisDistributedLock::new(pool, config),
                 })
             }
         }
+    }
+
+    /// The test server's URL with its address replaced by `address` (a proxy's).
+    pub async fn url_via(self, address: std::net::SocketAddr) -> String {
+        match self {
+            Backend::Memory => panic!("the in-memory backend has no server"),
+            #[cfg(feature = "redis")]
+            Backend::Redis => format!("redis://{address}"),
+        }
+    }
+
+    /// The test server's address, for a proxy to forward to.
+    pub async fn server_address(self) -> std::net::SocketAddr {
+        let url: String = match self {
+            Backend::Memory => panic!("the in-memory backend has no server"),
+            #[cfg(feature = "redis")]
+            Backend::Redis => super::redis_url().await,
+        };
+        let host_port = host_and_port(&url);
+        let mut addresses = tokio::net::lookup_host(host_port).await.unwrap();
+        addresses.next().unwrap()
     }
 
     /// Whether releases on this backend are synchronous, so a test may check right after a drop
@@ -80,6 +121,13 @@ impl Backend {
     pub fn releases_synchronously(self) -> bool {
         matches!(self, Backend::Memory)
     }
+}
+
+/// `host:port` of a `scheme://[user@]host:port[/path]` URL.
+fn host_and_port(url: &str) -> String {
+    let authority = url.split("://").nth(1).expect("a URL with a scheme");
+    let after_user = authority.rsplit('@').next().unwrap();
+    after_user.split('/').next().unwrap().to_owned()
 }
 
 #[derive(Clone)]
@@ -158,6 +206,22 @@ macro_rules! backend_tests {
                 async fn in_memory() {
                     super::$scenario($crate::common::backends::Backend::Memory).await;
                 }
+                #[cfg(feature = "redis")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$scenario($crate::common::backends::Backend::Redis).await;
+                }
+            }
+        )*
+    };
+}
+
+/// One test per compiled server backend (not the in-memory one) for each scenario.
+#[macro_export]
+macro_rules! server_backend_tests {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
                 #[cfg(feature = "redis")]
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis() {

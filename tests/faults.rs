@@ -1,0 +1,65 @@
+//! Faults injected for real through a TCP proxy, per server backend: a holder cut off from the
+//! server, a stalled server, and recovery of the same lock object.
+
+mod common;
+
+use std::time::Duration;
+
+use common::backends::Backend;
+use common::faults::{holder_cut_off, stalled_server};
+use common::proxy::FaultProxy;
+use k1s0_distributed_lock::LockConfig;
+
+/// The command timeout the faulty locks run with: every call must end within about this.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// TTL of the locks in these tests: the longest a cut-off holder can keep a key from others
+/// on Redis (on PostgreSQL the session ends with the connection, far sooner).
+const TTL: Duration = Duration::from_secs(2);
+
+fn config() -> LockConfig {
+    LockConfig::new()
+        .ttl(TTL)
+        .retry_interval(Duration::from_millis(50))
+        .max_retries(10)
+}
+
+async fn through_proxy(
+    backend: Backend,
+) -> (std::sync::Arc<FaultProxy>, common::backends::AnyLock) {
+    let proxy = FaultProxy::start(backend.server_address().await).await;
+    let url = backend.url_via(proxy.address()).await;
+    let lock = backend
+        .lock_at(Some(url), config(), Some(COMMAND_TIMEOUT))
+        .await;
+    (proxy, lock)
+}
+
+server_backend_tests!(
+    a_holder_cut_off_loses_its_lock_to_the_next_client,
+    a_stalled_server_gives_errors_within_the_budget_and_recovers
+);
+
+async fn a_holder_cut_off_loses_its_lock_to_the_next_client(backend: Backend) {
+    let (proxy, via_proxy) = through_proxy(backend).await;
+    // The other client may wait for the whole TTL.
+    let direct = backend
+        .lock(
+            config()
+                .retry_interval(Duration::from_millis(100))
+                .max_retries(100),
+        )
+        .await;
+    let key = format!("{}cut", common::unique_prefix("fault"));
+    let measured = holder_cut_off(&via_proxy, &direct, &proxy, &key, TTL).await;
+    println!("{}: {measured:?}", backend.name());
+}
+
+async fn a_stalled_server_gives_errors_within_the_budget_and_recovers(backend: Backend) {
+    let (proxy, via_proxy) = through_proxy(backend).await;
+    let key = format!("{}stall", common::unique_prefix("fault"));
+    // try_acquire: one command timeout; acquire: its budget (500 ms) plus one command timeout.
+    let limit = config().wait_budget() + COMMAND_TIMEOUT * 2;
+    let measured = stalled_server(&via_proxy, &proxy, &key, limit).await;
+    println!("{}: {measured:?}", backend.name());
+}
