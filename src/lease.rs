@@ -1,7 +1,7 @@
 //! The lease of one held lock: when it runs out and whether it is known to be lost.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -19,29 +19,42 @@ use tokio::time::Instant;
 /// [`LockGuard::new`](crate::LockGuard::new).
 #[derive(Debug)]
 pub struct Lease {
-    origin: Instant,
-    /// Deadline in nanoseconds after `origin`.
-    deadline_nanos: AtomicU64,
+    term: Mutex<Term>,
     lost: AtomicBool,
+}
+
+/// The latest grant or renewal: when it was sent and the deadline it set.
+#[derive(Debug, Clone, Copy)]
+struct Term {
+    sent_at: Instant,
+    deadline: Instant,
 }
 
 impl Lease {
     /// A lease that runs out `ttl` after `sent_at`, the moment the acquire request was sent.
     pub fn new(sent_at: Instant, ttl: Duration) -> Arc<Self> {
-        let lease = Lease {
-            origin: sent_at,
-            deadline_nanos: AtomicU64::new(0),
+        Arc::new(Lease {
+            term: Mutex::new(Term {
+                sent_at,
+                deadline: deadline_after(sent_at, ttl),
+            }),
             lost: AtomicBool::new(false),
-        };
-        lease.store_deadline(sent_at, ttl);
-        Arc::new(lease)
+        })
     }
 
-    /// Moves the deadline to `ttl` after `sent_at` (the moment the renewal was sent), unless the
-    /// lease is already lost. Never moves the deadline backwards.
+    /// Sets the deadline to `ttl` after `sent_at` (the moment the renewal was sent), as the
+    /// backend does: a shorter TTL moves it earlier. A renewal sent before the latest one
+    /// applied is stale and changes nothing; a lost lease stays lost.
     pub fn renew(&self, sent_at: Instant, ttl: Duration) {
-        if !self.lost.load(Ordering::Acquire) {
-            self.store_deadline(sent_at, ttl);
+        if self.lost.load(Ordering::Acquire) {
+            return;
+        }
+        let mut term = self.term.lock().unwrap_or_else(PoisonError::into_inner);
+        if sent_at >= term.sent_at {
+            *term = Term {
+                sent_at,
+                deadline: deadline_after(sent_at, ttl),
+            };
         }
     }
 
@@ -57,7 +70,10 @@ impl Lease {
 
     /// The moment the lease runs out unless renewed.
     pub fn deadline(&self) -> Instant {
-        self.origin + Duration::from_nanos(self.deadline_nanos.load(Ordering::Acquire))
+        self.term
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .deadline
     }
 
     /// How long the lease has left, or `None` once it is lost.
@@ -69,15 +85,13 @@ impl Lease {
             .checked_duration_since(Instant::now())
             .filter(|left| !left.is_zero())
     }
+}
 
-    fn store_deadline(&self, sent_at: Instant, ttl: Duration) {
-        let nanos = sent_at
-            .saturating_duration_since(self.origin)
-            .saturating_add(ttl)
-            .as_nanos()
-            .min(u128::from(u64::MAX)) as u64;
-        self.deadline_nanos.fetch_max(nanos, Ordering::AcqRel);
-    }
+/// `sent_at + ttl`, saturating far in the future instead of overflowing.
+fn deadline_after(sent_at: Instant, ttl: Duration) -> Instant {
+    sent_at
+        .checked_add(ttl)
+        .unwrap_or_else(|| sent_at + crate::MAX_DURATION)
 }
 
 #[cfg(test)]
@@ -85,7 +99,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn runs_out_at_the_deadline_and_renews_forward_only() {
+    async fn runs_out_at_the_deadline_of_the_latest_renewal() {
         let start = Instant::now();
         let lease = Lease::new(start, Duration::from_millis(100));
         assert!(!lease.is_lost());
@@ -93,11 +107,14 @@ mod tests {
 
         tokio::time::advance(Duration::from_millis(60)).await;
         lease.renew(Instant::now(), Duration::from_millis(100));
-        // An older renewal arriving late must not shorten the lease.
-        lease.renew(start, Duration::from_millis(10));
+        // A renewal sent earlier but applied late is stale.
+        lease.renew(start, Duration::from_millis(10_000));
         assert_eq!(lease.deadline(), start + Duration::from_millis(160));
 
-        tokio::time::advance(Duration::from_millis(100)).await;
+        // A shorter TTL moves the deadline earlier, as it does on the backend.
+        lease.renew(Instant::now(), Duration::from_millis(10));
+        assert_eq!(lease.deadline(), start + Duration::from_millis(70));
+        tokio::time::advance(Duration::from_millis(10)).await;
         assert!(lease.is_lost());
         assert_eq!(lease.remaining(), None);
     }
