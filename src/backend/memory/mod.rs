@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use self::table::{Grant, LockTable, TryTake};
+use self::table::{Grant, LockTable, TryTake, WaiterState};
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
 
 /// A lock service that lives in this process. Always compiled; no server needed.
@@ -26,9 +26,9 @@ use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, Loc
 /// * **Synchronous release on drop.** Dropping a guard frees the lock before `drop` returns,
 ///   with or without a runtime.
 /// * **Bounded memory.** A key's entry is removed when its lock is released. Entries of locks
-///   that expired without release are swept on the next operation on their shard after they
+///   that expired without release are swept by the next acquire on their shard after they
 ///   expire, so the table holds at most the locks alive now plus those that expired since the
-///   shard was last touched.
+///   shard last saw an acquire.
 ///
 /// Clones share one table, so a clone locks the same keys.
 ///
@@ -104,49 +104,33 @@ impl InMemoryDistributedLock {
         self.config.validate()?;
         let ttl = self.config.get_ttl();
         let deadline = Instant::now() + self.config.wait_budget();
-        let (sender, receiver) = oneshot::channel();
-        let (key, waiter_id, mut holder_expires_at) =
-            match self.table.try_take(key, ttl, Some(sender)) {
+        // Each round takes a place in the queue; a waiter only needs a second round if it was
+        // descheduled for so long that the lock handed to it expired before it looked.
+        loop {
+            let (sender, receiver) = oneshot::channel();
+            let (key, id, holder_expires_at) = match self.table.try_take(key, ttl, Some(sender)) {
                 TryTake::Granted(key, grant) => return Ok(self.guard(key, grant)),
                 TryTake::Held {
                     key,
-                    queued_as,
+                    queued_as: Some(id),
                     expires_at,
-                } => match queued_as {
-                    Some(id) => (key, id, expires_at),
-                    None => return Err(LockError::Timeout),
-                },
+                } => (key, id, expires_at),
+                TryTake::Held {
+                    queued_as: None, ..
+                } => return Err(LockError::Timeout),
             };
-        let mut waiter = QueuedWaiter {
-            table: Arc::clone(&self.table),
-            key,
-            id: waiter_id,
-            receiver: Some(receiver),
-        };
-        tracing::trace!(key = %waiter.key, "waiting for the lock");
-        loop {
-            let wake_at = holder_expires_at.min(deadline);
-            let receiver = waiter
-                .receiver
-                .as_mut()
-                .expect("receiver is kept until granted");
-            tokio::select! {
-                biased;
-                granted = receiver => {
-                    waiter.receiver = None;
-                    match granted {
-                        Ok(grant) => return Ok(self.guard(Arc::clone(&waiter.key), grant)),
-                        Err(_) => unreachable!("a queued waiter's sender is only dropped after sending"),
-                    }
-                }
-                () = tokio::time::sleep_until(wake_at) => {}
-            }
-            match waiter.recheck(Instant::now() >= deadline) {
-                Recheck::Granted(grant) => {
-                    return Ok(self.guard(Arc::clone(&waiter.key), grant));
-                }
-                Recheck::StillHeld { expires_at } => holder_expires_at = expires_at,
-                Recheck::GaveUp => return Err(LockError::Timeout),
+            let mut waiter = QueuedWaiter {
+                table: Arc::clone(&self.table),
+                key,
+                id,
+                receiver: Some(receiver),
+            };
+            tracing::trace!(key = %waiter.key, "waiting for the lock");
+            match waiter.wait(holder_expires_at, deadline).await {
+                Waited::Granted(grant) => return Ok(self.guard(Arc::clone(&waiter.key), grant)),
+                Waited::GaveUp => return Err(LockError::Timeout),
+                Waited::LostPlace if Instant::now() >= deadline => return Err(LockError::Timeout),
+                Waited::LostPlace => continue,
             }
         }
     }
@@ -185,30 +169,58 @@ struct QueuedWaiter {
     receiver: Option<oneshot::Receiver<Grant>>,
 }
 
-enum Recheck {
+enum Waited {
     Granted(Grant),
-    StillHeld { expires_at: Instant },
+    /// The waiting budget ran out (dropping the waiter leaves the queue).
     GaveUp,
+    /// Neither queued nor holding a live lock any more: queue again.
+    LostPlace,
 }
 
 impl QueuedWaiter {
-    /// Called when the holder's TTL or the waiting budget ran out.
-    fn recheck(&mut self, budget_spent: bool) -> Recheck {
-        let receiver = self
-            .receiver
-            .as_mut()
-            .expect("receiver is kept until granted");
-        let outcome = self
-            .table
-            .recheck_waiter(&self.key, || receiver.try_recv().ok());
-        match outcome {
-            Ok(grant) => {
-                self.receiver = None;
-                Recheck::Granted(grant)
+    /// Waits for the lock to be handed over, waking when the holder's TTL or the budget runs
+    /// out to take an expired lock over or give up.
+    async fn wait(&mut self, mut holder_expires_at: Instant, deadline: Instant) -> Waited {
+        loop {
+            let receiver = self.receiver.as_mut().expect("kept until granted");
+            tokio::select! {
+                biased;
+                granted = receiver => {
+                    self.receiver = None;
+                    return match granted {
+                        Ok(grant) => self.accept(grant),
+                        Err(_) => Waited::LostPlace,
+                    };
+                }
+                () = tokio::time::sleep_until(holder_expires_at.min(deadline)) => {}
             }
-            Err(_) if budget_spent => Recheck::GaveUp, // Drop leaves the queue.
-            Err(expires_at) => Recheck::StillHeld { expires_at },
+            let receiver = self.receiver.as_mut().expect("kept until granted");
+            match self
+                .table
+                .recheck_waiter(&self.key, self.id, || receiver.try_recv().ok())
+            {
+                WaiterState::Granted(grant) => {
+                    self.receiver = None;
+                    return self.accept(grant);
+                }
+                WaiterState::NotQueued => return Waited::LostPlace,
+                WaiterState::Queued { .. } if Instant::now() >= deadline => return Waited::GaveUp,
+                WaiterState::Queued {
+                    holder_expires_at: at,
+                } => holder_expires_at = at,
+            }
         }
+    }
+
+    /// Takes a grant, unless it expired before this waiter got to look at it (a task
+    /// descheduled for longer than the TTL): that lock is given back and the caller queues again.
+    fn accept(&self, grant: Grant) -> Waited {
+        if grant.lease.is_lost() {
+            tracing::debug!(key = %self.key, "a lock handed over expired before the waiter woke; queueing again");
+            let _ = self.table.release(&self.key, grant.token);
+            return Waited::LostPlace;
+        }
+        Waited::Granted(grant)
     }
 }
 

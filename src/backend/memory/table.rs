@@ -33,6 +33,13 @@ pub(super) enum TryTake {
     },
 }
 
+/// Where a waiter stands after its timer fired.
+pub(super) enum WaiterState {
+    Granted(Grant),
+    Queued { holder_expires_at: Instant },
+    NotQueued,
+}
+
 pub(super) struct LockTable {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
@@ -131,28 +138,35 @@ impl LockTable {
         TryTake::Granted(shared_key, grant)
     }
 
-    /// For a waiter whose timer fired: promotes the first waiter if the holder expired, then
-    /// returns this waiter's grant (checked with `take_grant` under the shard lock) or the
-    /// holder's current expiry.
+    /// For a waiter whose timer fired: hands an expired lock to the head of the queue, then
+    /// tells the waiter where it stands. `take_grant` is checked under the shard lock, so a
+    /// grant cannot slip past.
     pub(super) fn recheck_waiter(
         &self,
         key: &str,
+        id: u64,
         take_grant: impl FnOnce() -> Option<Grant>,
-    ) -> Result<Grant, Instant> {
+    ) -> WaiterState {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        let entry = shard
-            .entries
-            .get_mut(key)
-            .expect("a key with a queued waiter stays held");
+        let Some(entry) = shard.entries.get_mut(key) else {
+            return take_grant().map_or(WaiterState::NotQueued, WaiterState::Granted);
+        };
         if entry.holder.expires_at <= now {
             entry.holder.lease.mark_lost();
-            let handed = self.hand_off(entry, now);
-            debug_assert!(handed, "the rechecking waiter is queued and alive");
+            self.hand_off(entry, now);
         }
-        let expires_at = entry.holder.expires_at;
-        shard.note_expiry(expires_at);
-        take_grant().ok_or(expires_at)
+        let queued = entry.waiters.iter().any(|waiter| waiter.id == id);
+        let holder_expires_at = entry.holder.expires_at;
+        shard.note_expiry(holder_expires_at);
+        if let Some(grant) = take_grant() {
+            return WaiterState::Granted(grant);
+        }
+        if queued {
+            WaiterState::Queued { holder_expires_at }
+        } else {
+            WaiterState::NotQueued
+        }
     }
 
     /// Removes a waiter that gave up; if it had been handed the lock meanwhile, passes it on.
