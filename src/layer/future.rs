@@ -42,10 +42,16 @@ pin_project! {
     {
         Acquiring {
             acquire: Acquire,
-            ready_service: Option<S>,
+            service: Option<InnerService<S>>,
             request: Option<Request<ReqBody>>,
             settings: Arc<Settings>,
             grpc: bool,
+        },
+        // Wait mode: the lock is held; the inner service is being readied again.
+        Readying {
+            service: S,
+            request: Option<Request<ReqBody>>,
+            guard: Option<LockGuard>,
         },
         // Field order matters: the inner future is dropped before the guard, so a cancelled
         // handler stops before its lock is released.
@@ -56,6 +62,13 @@ pin_project! {
         },
         Done,
     }
+}
+
+/// The inner service a [`ResponseFuture`] will call: already readied by `poll_ready`, or to be
+/// readied once the lock is held.
+pub(crate) enum InnerService<S> {
+    Ready(S),
+    NeedsReady(S),
 }
 
 impl<S, ReqBody> ResponseFuture<S, ReqBody>
@@ -73,7 +86,7 @@ where
 
     pub(crate) fn acquiring(
         acquire: Acquire,
-        ready_service: S,
+        service: InnerService<S>,
         request: Request<ReqBody>,
         settings: Arc<Settings>,
         grpc: bool,
@@ -81,7 +94,7 @@ where
         ResponseFuture {
             state: State::Acquiring {
                 acquire,
-                ready_service: Some(ready_service),
+                service: Some(service),
                 request: Some(request),
                 settings,
                 grpc,
@@ -103,13 +116,13 @@ where
             match state.as_mut().project() {
                 StateProj::Acquiring {
                     acquire,
-                    ready_service,
+                    service,
                     request,
                     settings,
                     grpc,
                 } => {
                     let (key, result) = ready!(acquire.as_mut().poll(cx));
-                    let mut service = ready_service.take().expect("polled after completion");
+                    let service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
                     let guard = match Outcome::of(result, settings.fail_open) {
                         Outcome::Locked(guard) => {
@@ -124,6 +137,29 @@ where
                             return Poll::Ready(Ok(response.map(ResponseBody::rejection)));
                         }
                     };
+                    match service {
+                        InnerService::Ready(mut service) => {
+                            let future = service.call(request);
+                            state.set(State::Calling { future, guard });
+                        }
+                        InnerService::NeedsReady(service) => state.set(State::Readying {
+                            service,
+                            request: Some(request),
+                            guard,
+                        }),
+                    }
+                }
+                StateProj::Readying {
+                    service,
+                    request,
+                    guard,
+                } => {
+                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                        state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    }
+                    let request = request.take().expect("polled after completion");
+                    let guard = guard.take();
                     let future = service.call(request);
                     state.set(State::Calling { future, guard });
                 }
@@ -149,6 +185,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Acquiring { .. } => "acquiring",
+            State::Readying { .. } => "readying the inner service with the lock held",
             State::Calling { guard: Some(_), .. } => "calling with the lock held",
             State::Calling { guard: None, .. } => "calling unlocked",
             State::Done => "done",

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use http::{HeaderMap, Request, Response};
 use tower_service::Service;
 
-use super::future::{Acquire, ResponseFuture};
+use super::future::{Acquire, InnerService, ResponseFuture};
 use super::settings::Settings;
 use super::ResponseBody;
 use crate::DistributedLock;
@@ -17,7 +17,8 @@ use crate::DistributedLock;
 ///
 /// Readiness is the inner service's. On `call` it builds the key; with a key, it moves the
 /// ready inner service into the [`ResponseFuture`] (leaving a clone behind, as Tower requires),
-/// takes the lock there and only then calls it. It never returns an error of its own: conflicts
+/// takes the lock there and only then calls it. In wait mode the reservation is given back while
+/// the request waits for its lock, and the service is readied again once the lock is held. It never returns an error of its own: conflicts
 /// and backend failures become responses.
 pub struct LockService<S, B> {
     inner: S,
@@ -74,8 +75,19 @@ where
         let grpc = is_grpc(request.headers());
         let fresh = self.inner.clone();
         let ready = mem::replace(&mut self.inner, fresh);
-        let acquire = acquire(Arc::clone(&self.lock), key, self.settings.wait);
-        ResponseFuture::acquiring(acquire, ready, request, Arc::clone(&self.settings), grpc)
+        let wait = self.settings.wait;
+        let acquire = acquire(Arc::clone(&self.lock), key, wait);
+        let service = if wait {
+            // A wait may last the whole budget: give the capacity reserved by poll_ready back
+            // (a concurrency permit, a buffer slot) and reserve again once the lock is held, so
+            // requests queued on a hot key do not starve requests for other keys.
+            let unreserved = ready.clone();
+            drop(ready);
+            InnerService::NeedsReady(unreserved)
+        } else {
+            InnerService::Ready(ready)
+        };
+        ResponseFuture::acquiring(acquire, service, request, Arc::clone(&self.settings), grpc)
     }
 }
 
