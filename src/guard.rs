@@ -106,6 +106,7 @@ pub trait LockHandle: Send + Sync + 'static {
 /// # Ok(())
 /// # }
 /// ```
+#[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
     info: LockInfo,
     lease: Arc<Lease>,

@@ -110,3 +110,40 @@ fn the_layered_service_is_clone_send_and_sync() {
     assert_traits(&layer);
     assert_traits(&layer.layer(inner));
 }
+
+#[tokio::test]
+async fn a_request_waiting_for_its_lock_does_not_hold_the_inner_services_capacity() {
+    // Found by review: in wait mode a request queued on a hot key kept the permit of the
+    // concurrency limit behind the layer, so requests for other keys could not run.
+    let lock = InMemoryDistributedLock::new(LockConfig::new().max_retries(1000));
+    let holder = lock.try_acquire("/hot").await.unwrap();
+    let mut service = ServiceBuilder::new()
+        .layer(LockLayer::new(lock.clone(), key::path()).wait())
+        .layer(ConcurrencyLimitLayer::new(1))
+        .service(service_fn(|_req: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }));
+
+    let mut waiting = Box::pin(service.ready().await.unwrap().call(request("/hot")));
+    assert!(poll!(waiting.as_mut()).is_pending());
+    // The only permit is free for another key while /hot waits.
+    let other = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        service.ready().await.unwrap().call(request("/cold")),
+    )
+    .await
+    .expect("the waiting request kept the inner service's only permit")
+    .unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    drop(other);
+
+    drop(holder);
+    let hot = waiting.await.unwrap();
+    assert_eq!(hot.status(), StatusCode::OK);
+    assert!(
+        lock.is_locked("/hot").await.unwrap(),
+        "the body holds the lock"
+    );
+    drop(hot);
+    assert!(!lock.is_locked("/hot").await.unwrap());
+}

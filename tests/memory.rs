@@ -207,13 +207,23 @@ async fn waiters_are_served_first_in_first_out() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_waiter_leaves_the_queue() {
-    let lock = lock_with(LockConfig::new().max_retries(100));
+    let lock = lock_with(
+        LockConfig::new()
+            .ttl(Duration::from_millis(100))
+            .max_retries(100),
+    );
     let holder = lock.try_acquire("k").await.unwrap();
     let mut waiter = Box::pin(lock.acquire("k"));
     assert!(poll!(waiter.as_mut()).is_pending());
     drop(waiter);
-    holder.release().await.unwrap();
-    assert!(!lock.is_locked("k").await.unwrap());
+    // Once the holder's TTL has run out, nothing may keep the key: a queue entry left behind
+    // would still count as a claim on it.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert!(
+        !lock.is_locked("k").await.unwrap(),
+        "the cancelled waiter is still queued"
+    );
+    assert!(matches!(holder.release().await, Err(LockError::LockLost)));
     assert_eq!(lock.tracked_keys(), 0);
 }
 
@@ -329,6 +339,19 @@ async fn extend_renews_the_lease_and_refuses_nonsense() {
     assert!(!lock.is_locked("k").await.unwrap());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_shorter_extend_shortens_the_lease_on_both_sides() {
+    let lock = lock_with(LockConfig::new().ttl(Duration::from_secs(30)));
+    let guard = lock.try_acquire("k").await.unwrap();
+    guard.extend(Duration::from_millis(50)).await.unwrap();
+    tokio::time::advance(Duration::from_millis(50)).await;
+    // The backend let the lock go at the new, earlier deadline: the guard must know.
+    assert!(!lock.is_locked("k").await.unwrap());
+    assert!(guard.is_lost());
+    let next = lock.try_acquire("k").await.unwrap();
+    assert!(!next.is_lost());
+}
+
 #[test]
 fn dropping_a_guard_outside_any_runtime_frees_the_lock_at_once() {
     let lock = lock_with(LockConfig::new());
@@ -355,4 +378,44 @@ async fn clones_and_arcs_share_one_table() {
     ));
     shared.release(guard).await.unwrap();
     assert!(clone.try_acquire("shared").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_descheduled_past_the_ttl_neither_panic_nor_get_expired_locks() {
+    // Holders block their worker thread for half a TTL, so waiters on the same threads are
+    // routinely late to look at a lock handed to them, and entries expire and get swept around
+    // them. Found by review: this used to panic inside acquire.
+    let lock = Arc::new(lock_with(
+        LockConfig::new()
+            .ttl(Duration::from_millis(1))
+            .retry_interval(Duration::from_millis(1))
+            .max_retries(50),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let tasks: Vec<_> = (0..64)
+        .map(|task| {
+            let lock = lock.clone();
+            tokio::spawn(async move {
+                let (mut granted, mut timed_out) = (0u32, 0u32);
+                while Instant::now() < deadline {
+                    match lock.acquire(&format!("k{}", task % 4)).await {
+                        Ok(guard) => {
+                            granted += 1;
+                            std::thread::sleep(Duration::from_micros(500));
+                            drop(guard);
+                        }
+                        Err(LockError::Timeout) => timed_out += 1,
+                        Err(other) => panic!("unexpected {other:?}"),
+                    }
+                }
+                (granted, timed_out)
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for task in tasks {
+        granted += task.await.expect("a waiter panicked").0;
+    }
+    assert!(granted > 0);
+    assert_eq!(lock.tracked_keys(), 0);
 }

@@ -45,6 +45,9 @@ pub trait DistributedLock: Send + Sync + 'static {
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
 
     /// Gives the lock back; [`LockError::LockLost`] if it had expired or was taken over.
+    ///
+    /// The guard knows which backend granted it, so this is the same as
+    /// [`LockGuard::release`]: a guard from another lock object is released on its own backend.
     fn release(&self, guard: LockGuard) -> impl Future<Output = Result<(), LockError>> + Send {
         guard.release()
     }
