@@ -63,3 +63,83 @@ async fn a_stalled_server_gives_errors_within_the_budget_and_recovers(backend: B
     let measured = stalled_server(&via_proxy, &proxy, &key, limit).await;
     println!("{}: {measured:?}", backend.name());
 }
+
+/// Found by review: with the pub/sub connection unresponsive, a waiter used to block on its
+/// subscription for a whole command timeout, let its queue entry lapse, and lose its turn.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
+    use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
+    use k1s0_distributed_lock::{DistributedLock, RedisDistributedLock};
+
+    let url = common::redis_url().await;
+    let proxy = FaultProxy::start(Backend::Redis.server_address().await).await;
+    proxy.stall();
+    let pool = bb8::Pool::builder()
+        .build(RedisConnectionManager::new(url.as_str()).unwrap())
+        .await
+        .unwrap();
+    let lock = RedisDistributedLock::builder(pool)
+        .config(
+            LockConfig::new()
+                .ttl(Duration::from_secs(10))
+                .retry_interval(Duration::from_millis(100))
+                .max_retries(50),
+        )
+        .key_prefix("k1s0test:")
+        .command_timeout(Duration::from_secs(2))
+        .wake_on_release(redis::Client::open(format!("redis://{}", proxy.address())).unwrap())
+        .build()
+        .unwrap();
+    let key = format!("{}turns", common::unique_prefix("pubsub-stall"));
+    let queue = format!("{}:queue", lock.redis_key(&key));
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut queue_length = move || {
+        let queue = queue.clone();
+        let mut connection = connection.clone();
+        async move {
+            redis::cmd("LLEN")
+                .arg(&queue)
+                .query_async::<usize>(&mut connection)
+                .await
+                .unwrap()
+        }
+    };
+
+    let holder = lock.try_acquire(&key).await.unwrap();
+    let first = tokio::spawn({
+        let (lock, key) = (lock.clone(), key.clone());
+        async move { lock.acquire(&key).await.unwrap() }
+    });
+    assert!(
+        common::faults::eventually(Duration::from_secs(5), || {
+            let f = queue_length();
+            async move { f.await == 1 }
+        })
+        .await
+    );
+    let second = tokio::spawn({
+        let (lock, key) = (lock.clone(), key.clone());
+        async move { lock.acquire(&key).await.unwrap() }
+    });
+    assert!(
+        common::faults::eventually(Duration::from_secs(5), || {
+            let f = queue_length();
+            async move { f.await == 2 }
+        })
+        .await
+    );
+    lock.release(holder).await.unwrap();
+    let first = first.await.unwrap();
+    let first_fence = first.fencing_token();
+    drop(first);
+    let second = second.await.unwrap();
+    assert!(
+        first_fence < second.fencing_token(),
+        "the second waiter took the first one's turn"
+    );
+}

@@ -181,7 +181,7 @@ impl RedisDistributedLock {
                     // and the subscription would otherwise go unnoticed.
                     let mut buffer = [0u8; 36];
                     let token = token_text(&pending.token, &mut buffer).to_owned();
-                    registration = Some(hub.register(&pending.keys.channel, token).await);
+                    registration = Some(hub.register(&pending.keys.channel, token, poll).await);
                     continue;
                 }
             }
@@ -200,7 +200,7 @@ impl RedisDistributedLock {
                 Some(registration) => {
                     tokio::select! {
                         () = registration.notified() => {}
-                        () = tokio::time::sleep_until(wake_at) => registration.ensure_subscribed().await,
+                        () = tokio::time::sleep_until(wake_at) => registration.ensure_subscribed(poll).await,
                     }
                 }
                 None => tokio::time::sleep_until(wake_at).await,

@@ -66,9 +66,15 @@ impl WakeHub {
         }
     }
 
-    /// Registers a waiter and makes sure the channel is subscribed. A failure to subscribe is
-    /// logged and leaves the waiter to polling.
-    pub(crate) async fn register(&self, channel: &str, token: String) -> Registration {
+    /// Registers a waiter and makes sure the channel is subscribed, trying for at most `limit`
+    /// (and the command timeout). A failure to subscribe is logged and leaves the waiter to
+    /// polling.
+    pub(crate) async fn register(
+        &self,
+        channel: &str,
+        token: String,
+        limit: Duration,
+    ) -> Registration {
         let notify = Arc::new(Notify::new());
         self.inner
             .state()
@@ -83,7 +89,7 @@ impl WakeHub {
             token,
             notify,
         };
-        registration.ensure_subscribed().await;
+        registration.ensure_subscribed(limit).await;
         registration
     }
 }
@@ -95,13 +101,16 @@ impl Registration {
     }
 
     /// Subscribes the channel if the current connection has not confirmed it yet (a lost
-    /// connection unconfirms every channel). Cheap when it is subscribed.
-    pub(crate) async fn ensure_subscribed(&self) {
+    /// connection unconfirms every channel). Cheap when it is subscribed. Tries for at most
+    /// `limit` (the waiter's poll interval, so that a slow pub/sub connection never keeps the
+    /// waiter from refreshing its place in the queue) and the command timeout.
+    pub(crate) async fn ensure_subscribed(&self, limit: Duration) {
         if self.hub.is_subscribed(&self.channel) {
             return;
         }
         let hub = &self.hub;
-        match tokio::time::timeout(hub.timeout, hub.subscribe(&self.channel)).await {
+        let limit = limit.min(hub.timeout);
+        match tokio::time::timeout(limit, hub.subscribe(&self.channel)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 tracing::debug!(%error, channel = %self.channel, "could not subscribe to the release channel; polling");
