@@ -93,7 +93,7 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         .unwrap();
     let key = format!("{}turns", common::unique_prefix("pubsub-stall"));
     let queue = format!("{}:queue", lock.redis_key(&key));
-    let mut connection = redis::Client::open(url.as_str())
+    let connection = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
