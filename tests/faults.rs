@@ -98,7 +98,7 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let mut queue_length = move || {
+    let queue_length = move || {
         let queue = queue.clone();
         let mut connection = connection.clone();
         async move {
