@@ -40,6 +40,9 @@ mod key;
 mod lease;
 
 pub use backend::memory::InMemoryDistributedLock;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use backend::postgres::{PostgresDistributedLock, PostgresDistributedLockBuilder};
 pub use backend::DistributedLock;
 pub use config::{LockConfig, MAX_DURATION};
 pub use error::LockError;

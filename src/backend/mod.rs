@@ -6,6 +6,8 @@ use std::sync::Arc;
 use crate::{LockError, LockGuard};
 
 pub(crate) mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 
 /// A lock service: takes, tests and gives back named locks.
 ///

@@ -1,0 +1,996 @@
+//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, driven
+//! by one task that runs every statement for the locks it holds.
+//!
+//! Callers talk to the task over a channel ([`SessionHandle`]). Because the task, not the
+//! caller, runs each statement to completion, a caller that gives up (a dropped `acquire`
+//! future) can never leave a statement half-done: the task sees the caller is gone when it tries
+//! to answer and undoes a lock it just took. Commands run in arrival order, and every key always
+//! uses the same session, so an undo always runs before the next local attempt on that key.
+//!
+//! The task also enforces leases (a lock whose lease ran out is unlocked and its lease marked
+//! lost), pings an idle connection so the server's `idle_session_timeout` only fires when this
+//! process is cut off, and treats any doubt about the connection (an I/O error, a timeout, a
+//! fatal server error) by closing it, which frees every lock it held, and marking those leases
+//! lost. A connection is never given back to the pool: it is closed when the session has held
+//! nothing for a while or when the lock service and all its guards are gone.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::pending;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::claims::KeyClaim;
+use super::key_hash::{flag_key, pg_locks_halves};
+use super::sql::{Statements, NOTIFY_CHANNEL};
+use crate::{Lease, LockError};
+
+/// Timing of a session; see [`PostgresDistributedLockBuilder`](super::PostgresDistributedLockBuilder).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SessionSettings {
+    /// Bound on taking a connection from the pool and on every statement.
+    pub(super) command_timeout: Duration,
+    /// How long the server keeps a session whose client went silent (idle_session_timeout,
+    /// TCP keepalive and tcp_user_timeout are derived from it).
+    pub(super) network_timeout: Duration,
+    /// Close the connection after holding nothing for this long.
+    pub(super) idle_close: Duration,
+}
+
+impl SessionSettings {
+    /// Pings come this often when nothing else reaches the server, well inside the server's
+    /// `idle_session_timeout`.
+    fn ping_interval(&self) -> Duration {
+        self.network_timeout / 4
+    }
+
+    /// The `(name, value)` server settings of a lock session.
+    fn server_settings(&self) -> (Vec<String>, Vec<String>) {
+        let network_ms = self.network_timeout.as_millis().max(1);
+        let network_s = self.network_timeout.as_secs().max(2);
+        let command_ms = self.command_timeout.as_millis().max(1);
+        let settings = [
+            ("application_name", "k1s0-distributed-lock".to_owned()),
+            ("idle_session_timeout", format!("{network_ms}ms")),
+            ("tcp_keepalives_idle", (network_s / 2).to_string()),
+            (
+                "tcp_keepalives_interval",
+                (network_s / 8).max(1).to_string(),
+            ),
+            ("tcp_keepalives_count", "4".to_owned()),
+            ("tcp_user_timeout", network_ms.to_string()),
+            ("statement_timeout", format!("{command_ms}ms")),
+            ("lock_timeout", format!("{command_ms}ms")),
+        ];
+        settings
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .unzip()
+    }
+}
+
+/// A lock taken by [`SessionHandle::try_lock`].
+pub(super) struct Granted {
+    pub(super) fencing_token: u64,
+    pub(super) lease: Arc<Lease>,
+    pub(super) lock: HeldLockRef,
+}
+
+/// What a lock attempt found.
+pub(super) enum TryOutcome {
+    Granted(Granted),
+    /// Another session holds the key. The caller keeps its claim, to try again.
+    Busy(KeyClaim),
+}
+
+/// The caller's side of a session.
+#[derive(Clone)]
+pub(super) struct SessionHandle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl SessionHandle {
+    /// Starts the session task. It opens its connection on first use.
+    pub(super) fn spawn(pool: PgPool, sql: Arc<Statements>, settings: SessionSettings) -> Self {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let session = Session {
+            pool,
+            sql,
+            settings,
+            sender: commands.downgrade(),
+            commands: receiver,
+            connection: None,
+            held: HashMap::new(),
+            expiries: BTreeSet::new(),
+            flags: HashMap::new(),
+            next_flag_id: 0,
+            last_used: Instant::now(),
+            idle_since: Instant::now(),
+        };
+        tokio::spawn(session.run());
+        SessionHandle { commands }
+    }
+
+    /// Tries to take the claimed key on this session, with a lease of `ttl` from `sent_at`.
+    /// With `flag`, a successful attempt also drops that waiter flag.
+    pub(super) async fn try_lock(
+        &self,
+        claim: KeyClaim,
+        flag: Option<&WaitFlag>,
+        ttl: Duration,
+        sent_at: Instant,
+    ) -> Result<TryOutcome, LockError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::TryLock {
+            claim,
+            flag: flag.map(|flag| flag.id),
+            ttl,
+            sent_at,
+            reply,
+        })?;
+        answer.await.unwrap_or_else(|_| Err(session_stopped()))
+    }
+
+    /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
+    pub(super) async fn set_flag(&self, key: i64) -> Result<WaitFlag, LockError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SetFlag { key, reply })?;
+        answer.await.unwrap_or_else(|_| Err(session_stopped()))
+    }
+
+    /// Whether any session (of any process) holds the key.
+    pub(super) async fn is_locked(&self, key: i64) -> Result<bool, LockError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::IsLocked { key, reply })?;
+        answer.await.unwrap_or_else(|_| Err(session_stopped()))
+    }
+
+    fn send(&self, command: Command) -> Result<(), LockError> {
+        self.commands.send(command).map_err(|_| session_stopped())
+    }
+}
+
+fn session_stopped() -> LockError {
+    LockError::backend_msg("the PostgreSQL lock session stopped")
+}
+
+/// The guard's link to its lock on the session. Dropping it releases the lock (in the
+/// background, without needing a runtime: it only queues a command).
+pub(super) struct HeldLockRef {
+    commands: mpsc::UnboundedSender<Command>,
+    key: i64,
+    id: Uuid,
+    /// True once a release or loss was confirmed, so the drop has nothing left to do.
+    settled: AtomicBool,
+}
+
+impl HeldLockRef {
+    /// This hold's id, also the guard's token.
+    pub(super) fn id(&self) -> Uuid {
+        self.id
+    }
+
+    pub(super) async fn release(&self) -> Result<(), LockError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Release {
+            key: self.key,
+            id: self.id,
+            reply: Some(reply),
+        };
+        if self.commands.send(command).is_err() {
+            // The session is gone, and its connection with it: so is the lock.
+            self.settled.store(true, Ordering::Release);
+            return Err(LockError::LockLost);
+        }
+        let result = answer.await.unwrap_or(Err(LockError::LockLost));
+        if !matches!(result, Err(LockError::BackendError(_))) {
+            self.settled.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    pub(super) async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Extend {
+            key: self.key,
+            id: self.id,
+            ttl,
+            sent_at: Instant::now(),
+            reply,
+        };
+        if self.commands.send(command).is_err() {
+            return Err(LockError::LockLost);
+        }
+        answer.await.unwrap_or(Err(LockError::LockLost))
+    }
+}
+
+impl Drop for HeldLockRef {
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::Acquire) {
+            let _ = self.commands.send(Command::Release {
+                key: self.key,
+                id: self.id,
+                reply: None,
+            });
+        }
+    }
+}
+
+/// "A task of this process waits for this key": a shared advisory lock in the two-integer key
+/// space, which a release elsewhere tests to decide whether to `pg_notify`. Dropping it clears
+/// the flag.
+pub(super) struct WaitFlag {
+    commands: mpsc::UnboundedSender<Command>,
+    key: i64,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for WaitFlag {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.commands.send(Command::ClearFlag {
+                key: self.key,
+                id: self.id,
+            });
+        }
+    }
+}
+
+enum Command {
+    TryLock {
+        claim: KeyClaim,
+        flag: Option<u64>,
+        ttl: Duration,
+        sent_at: Instant,
+        reply: oneshot::Sender<Result<TryOutcome, LockError>>,
+    },
+    SetFlag {
+        key: i64,
+        reply: oneshot::Sender<Result<WaitFlag, LockError>>,
+    },
+    ClearFlag {
+        key: i64,
+        id: u64,
+    },
+    Release {
+        key: i64,
+        id: Uuid,
+        reply: Option<oneshot::Sender<Result<(), LockError>>>,
+    },
+    Extend {
+        key: i64,
+        id: Uuid,
+        ttl: Duration,
+        sent_at: Instant,
+        reply: oneshot::Sender<Result<(), LockError>>,
+    },
+    IsLocked {
+        key: i64,
+        reply: oneshot::Sender<Result<bool, LockError>>,
+    },
+}
+
+/// A lock this session holds for a guard.
+struct Held {
+    id: Uuid,
+    /// Keeps other tasks of this process off the key until the server lock is gone.
+    claim: KeyClaim,
+    lease: Arc<Lease>,
+    /// The entry in `expiries`.
+    expires_at: Instant,
+}
+
+/// Why a statement failed.
+enum Failure {
+    /// The statement failed but the session is sound (autocommit: nothing of it remains
+    /// except, possibly, a session-level advisory lock taken before the error).
+    Statement(sqlx::Error),
+    /// The connection is broken or in doubt; it has been closed and every lock on it is gone.
+    SessionLost(LockError),
+}
+
+impl Failure {
+    fn into_error(self) -> LockError {
+        match self {
+            Failure::Statement(error) => LockError::backend(error),
+            Failure::SessionLost(error) => error,
+        }
+    }
+}
+
+/// What woke the session task.
+enum Event {
+    Command(Command),
+    Stopped,
+    LeaseDue,
+    Tick,
+}
+
+struct Session {
+    pool: PgPool,
+    sql: Arc<Statements>,
+    settings: SessionSettings,
+    /// To build guard links and flags; weak so that the task stops once every handle is gone.
+    sender: mpsc::WeakUnboundedSender<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    connection: Option<SessionConnection>,
+    held: HashMap<i64, Held>,
+    /// Lease deadlines of `held`, earliest first.
+    expiries: BTreeSet<(Instant, i64)>,
+    /// Waiter flags set on the server, by key: the ids of the local waiters that asked.
+    flags: HashMap<i64, HashSet<u64>>,
+    next_flag_id: u64,
+    /// Last statement sent, for pings.
+    last_used: Instant,
+    /// Since when the session holds nothing, for closing an unused connection.
+    idle_since: Instant,
+}
+
+impl Session {
+    async fn run(mut self) {
+        loop {
+            let lease_due = self.expiries.first().map(|(at, _)| *at);
+            let tick_at = self.next_tick();
+            let event = tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(command) => Event::Command(command),
+                    None => Event::Stopped,
+                },
+                () = sleep_until(lease_due) => Event::LeaseDue,
+                () = sleep_until(tick_at) => Event::Tick,
+            };
+            match event {
+                Event::Command(command) => self.handle(command).await,
+                Event::LeaseDue => self.expire_due().await,
+                Event::Tick => self.tick().await,
+                Event::Stopped => break,
+            }
+        }
+        debug_assert!(self.held.is_empty(), "every guard link releases on drop");
+        self.close_gracefully().await;
+    }
+
+    fn next_tick(&self) -> Option<Instant> {
+        self.connection.as_ref()?;
+        let ping_at = self.last_used + self.settings.ping_interval();
+        if self.held.is_empty() && self.flags.is_empty() {
+            Some(ping_at.min(self.idle_since + self.settings.idle_close))
+        } else {
+            Some(ping_at)
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::TryLock {
+                claim,
+                flag,
+                ttl,
+                sent_at,
+                reply,
+            } => self.try_lock(claim, flag, ttl, sent_at, reply).await,
+            Command::SetFlag { key, reply } => self.set_flag(key, reply).await,
+            Command::ClearFlag { key, id } => self.clear_flag(key, id).await,
+            Command::Release { key, id, reply } => {
+                let result = self.release(key, id).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Command::Extend {
+                key,
+                id,
+                ttl,
+                sent_at,
+                reply,
+            } => {
+                let result = self.extend(key, id, ttl, sent_at).await;
+                let _ = reply.send(result);
+            }
+            Command::IsLocked { key, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                let result = self.is_locked(key).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn try_lock(
+        &mut self,
+        claim: KeyClaim,
+        flag: Option<u64>,
+        ttl: Duration,
+        sent_at: Instant,
+        reply: oneshot::Sender<Result<TryOutcome, LockError>>,
+    ) {
+        if reply.is_closed() {
+            // The caller gave up before its turn; dropping the claim lets the next one in.
+            return;
+        }
+        let key = claim.key();
+        // Drop the server flag in the same statement only if this waiter is its last user.
+        let unflag = flag.filter(|id| {
+            self.flags
+                .get(&key)
+                .is_some_and(|ids| ids.len() == 1 && ids.contains(id))
+        });
+        let token = match self.run_try_lock(key, unflag.is_some()).await {
+            Ok(token) => token,
+            Err(failure) => {
+                if let Failure::Statement(_) = &failure {
+                    // A session lock taken before the error would survive it.
+                    self.force_unlock(key).await;
+                }
+                let _ = reply.send(Err(failure.into_error()));
+                return;
+            }
+        };
+        let Some(token) = token else {
+            let _ = reply.send(Ok(TryOutcome::Busy(claim)));
+            return;
+        };
+        if let Some(id) = flag {
+            self.forget_flag(key, id, unflag.is_some());
+        }
+        let Some(commands) = self.sender.upgrade() else {
+            // Nobody can release it any more: do it now.
+            self.held_insert(key, claim, Lease::new(sent_at, ttl));
+            let _ = self.unlock_held(key).await;
+            return;
+        };
+        let lease = Lease::new(sent_at, ttl);
+        let id = self.held_insert(key, claim, Arc::clone(&lease));
+        let granted = Granted {
+            fencing_token: u64::try_from(token).unwrap_or(0),
+            lease,
+            lock: HeldLockRef {
+                commands,
+                key,
+                id,
+                settled: AtomicBool::new(false),
+            },
+        };
+        if let Err(Ok(TryOutcome::Granted(unwanted))) = reply.send(Ok(TryOutcome::Granted(granted)))
+        {
+            // The acquire was cancelled while the statement ran: undo it before anything else.
+            unwanted.lock.settled.store(true, Ordering::Release);
+            tracing::debug!(key, "acquire cancelled as the lock was granted; unlocking");
+            let _ = self.unlock_held(key).await;
+        }
+    }
+
+    fn held_insert(&mut self, key: i64, claim: KeyClaim, lease: Arc<Lease>) -> Uuid {
+        let id = Uuid::new_v4();
+        let expires_at = lease.deadline();
+        self.expiries.insert((expires_at, key));
+        let previous = self.held.insert(
+            key,
+            Held {
+                id,
+                claim,
+                lease,
+                expires_at,
+            },
+        );
+        debug_assert!(previous.is_none(), "a claim is exclusive per key");
+        id
+    }
+
+    async fn release(&mut self, key: i64, id: Uuid) -> Result<(), LockError> {
+        let Some(held) = self.held.get(&key).filter(|held| held.id == id) else {
+            return Err(LockError::LockLost);
+        };
+        let expired = held.lease.is_lost();
+        let result = self.unlock_held(key).await;
+        if expired {
+            Err(LockError::LockLost)
+        } else {
+            result
+        }
+    }
+
+    async fn extend(
+        &mut self,
+        key: i64,
+        id: Uuid,
+        ttl: Duration,
+        sent_at: Instant,
+    ) -> Result<(), LockError> {
+        let Some(held) = self.held.get(&key).filter(|held| held.id == id) else {
+            return Err(LockError::LockLost);
+        };
+        if held.lease.is_lost() {
+            let _ = self.unlock_held(key).await;
+            return Err(LockError::LockLost);
+        }
+        // A live connection still holds every lock it took: proving it alive proves the lock.
+        let sql = Arc::clone(&self.sql);
+        match self
+            .statement(move |conn| {
+                Box::pin(async move { sqlx::query(sql.ping).execute(conn).await })
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(Failure::Statement(error)) => return Err(LockError::backend(error)),
+            Err(Failure::SessionLost(_)) => return Err(LockError::LockLost),
+        }
+        let Some(held) = self.held.get_mut(&key).filter(|held| held.id == id) else {
+            return Err(LockError::LockLost);
+        };
+        held.lease.renew(sent_at, ttl);
+        let expires_at = held.lease.deadline();
+        if expires_at != held.expires_at {
+            self.expiries.remove(&(held.expires_at, key));
+            held.expires_at = expires_at;
+            self.expiries.insert((expires_at, key));
+        }
+        Ok(())
+    }
+
+    async fn is_locked(&mut self, key: i64) -> Result<bool, LockError> {
+        let (high, low) = pg_locks_halves(key);
+        let sql = Arc::clone(&self.sql);
+        self.statement(move |conn| {
+            Box::pin(async move {
+                sqlx::query_scalar::<_, bool>(sql.is_locked)
+                    .bind(high)
+                    .bind(low)
+                    .fetch_one(conn)
+                    .await
+            })
+        })
+        .await
+        .map_err(Failure::into_error)
+    }
+
+    async fn set_flag(&mut self, key: i64, reply: oneshot::Sender<Result<WaitFlag, LockError>>) {
+        if reply.is_closed() {
+            return;
+        }
+        let Some(commands) = self.sender.upgrade() else {
+            return;
+        };
+        if !self.flags.contains_key(&key) {
+            let (high, low) = flag_key(key);
+            let sql = Arc::clone(&self.sql);
+            let result = self
+                .statement(move |conn| {
+                    Box::pin(async move {
+                        sqlx::query(sql.set_flag)
+                            .bind(high)
+                            .bind(low)
+                            .execute(conn)
+                            .await
+                    })
+                })
+                .await;
+            if let Err(failure) = result {
+                let _ = reply.send(Err(failure.into_error()));
+                return;
+            }
+        }
+        let id = self.next_flag_id;
+        self.next_flag_id += 1;
+        self.flags.entry(key).or_default().insert(id);
+        let flag = WaitFlag {
+            commands,
+            key,
+            id,
+            armed: true,
+        };
+        if let Err(Ok(mut unwanted)) = reply.send(Ok(flag)) {
+            unwanted.armed = false;
+            self.clear_flag(key, id).await;
+        }
+    }
+
+    async fn clear_flag(&mut self, key: i64, id: u64) {
+        let Some(ids) = self.flags.get_mut(&key) else {
+            return;
+        };
+        if !ids.remove(&id) || !ids.is_empty() {
+            return;
+        }
+        self.flags.remove(&key);
+        let (high, low) = flag_key(key);
+        let sql = Arc::clone(&self.sql);
+        let result = self
+            .statement(move |conn| {
+                Box::pin(async move {
+                    sqlx::query(sql.clear_flag)
+                        .bind(high)
+                        .bind(low)
+                        .execute(conn)
+                        .await
+                })
+            })
+            .await;
+        if let Err(Failure::Statement(error)) = result {
+            // A stale flag only costs other processes a needless notification; closing the
+            // session to drop it would cost every lock on it.
+            tracing::warn!(%error, key, "could not clear a lock waiter flag");
+        }
+    }
+
+    /// Removes a flag id after a successful `try_lock`; `cleared` says whether the statement
+    /// dropped the server flag too.
+    fn forget_flag(&mut self, key: i64, id: u64, cleared: bool) {
+        if let Some(ids) = self.flags.get_mut(&key) {
+            ids.remove(&id);
+            if cleared {
+                debug_assert!(ids.is_empty());
+                self.flags.remove(&key);
+            }
+        }
+    }
+
+    /// Unlocks a held key (notifying other processes' waiters), removes it from the session
+    /// and passes its claim on. On any failure the session is closed, which frees the lock too.
+    async fn unlock_held(&mut self, key: i64) -> Result<(), LockError> {
+        let (flag_high, flag_low) = flag_key(key);
+        let sql = Arc::clone(&self.sql);
+        let payload = key.to_string();
+        let result = self
+            .statement(move |conn| {
+                Box::pin(async move {
+                    sqlx::query_as::<_, (bool, bool)>(&sql.unlock)
+                        .bind(key)
+                        .bind(flag_high)
+                        .bind(flag_low)
+                        .bind(NOTIFY_CHANNEL)
+                        .bind(&payload)
+                        .fetch_one(conn)
+                        .await
+                })
+            })
+            .await;
+        match result {
+            Ok((true, notified)) => {
+                if notified {
+                    tracing::trace!(key, "released a lock that another process awaits");
+                }
+                self.held_remove(key);
+                Ok(())
+            }
+            Ok((false, _)) => {
+                tracing::warn!(
+                    key,
+                    "the server did not hold a lock this session had granted"
+                );
+                if let Some(held) = self.held_remove(key) {
+                    held.lease.mark_lost();
+                }
+                Err(LockError::LockLost)
+            }
+            Err(Failure::Statement(error)) => {
+                tracing::warn!(%error, key, "unlock failed; closing the session to free the lock");
+                self.lose_session(LockError::backend(error));
+                Err(LockError::LockLost)
+            }
+            // `statement` closed the session and marked every lease lost.
+            Err(Failure::SessionLost(_)) => Err(LockError::LockLost),
+        }
+    }
+
+    fn held_remove(&mut self, key: i64) -> Option<Held> {
+        let held = self.held.remove(&key)?;
+        self.expiries.remove(&(held.expires_at, key));
+        if self.held.is_empty() {
+            self.idle_since = Instant::now();
+        }
+        Some(held)
+    }
+
+    /// After a failed lock statement: makes sure the key is not left locked on this session.
+    async fn force_unlock(&mut self, key: i64) {
+        let result = self
+            .statement(move |conn| {
+                Box::pin(async move {
+                    sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(key)
+                        .execute(conn)
+                        .await
+                })
+            })
+            .await;
+        if let Err(Failure::Statement(error)) = result {
+            tracing::warn!(%error, key, "cleanup unlock failed; closing the session");
+            self.lose_session(LockError::backend(error));
+        }
+    }
+
+    async fn expire_due(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, key)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop_first();
+            let Some(held) = self.held.get_mut(&key) else {
+                continue;
+            };
+            let deadline = held.lease.deadline();
+            if deadline > now {
+                // Renewed by the guard since it was scheduled.
+                held.expires_at = deadline;
+                self.expiries.insert((deadline, key));
+                continue;
+            }
+            held.lease.mark_lost();
+            tracing::debug!(key, "lease ran out; unlocking");
+            let _ = self.unlock_held(key).await;
+        }
+    }
+
+    /// Pings an idle connection, or closes one unused for `idle_close`.
+    async fn tick(&mut self) {
+        if self.connection.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        if self.held.is_empty()
+            && self.flags.is_empty()
+            && now >= self.idle_since + self.settings.idle_close
+        {
+            tracing::debug!("closing an unused lock session");
+            self.close_gracefully().await;
+            return;
+        }
+        let sql = Arc::clone(&self.sql);
+        if let Err(Failure::Statement(error)) = self
+            .statement(move |conn| {
+                Box::pin(async move { sqlx::query(sql.ping).execute(conn).await })
+            })
+            .await
+        {
+            tracing::warn!(%error, "lock session ping failed");
+        }
+    }
+
+    async fn run_try_lock(&mut self, key: i64, unflag: bool) -> Result<Option<i64>, Failure> {
+        let mut created_sequence = false;
+        loop {
+            let sql = Arc::clone(&self.sql);
+            let result = if unflag {
+                let (high, low) = flag_key(key);
+                self.statement(move |conn| {
+                    Box::pin(async move {
+                        sqlx::query_as::<_, (Option<i64>, Option<bool>)>(&sql.try_lock_unflag)
+                            .bind(key)
+                            .bind(high)
+                            .bind(low)
+                            .fetch_one(conn)
+                            .await
+                    })
+                })
+                .await
+                .map(|(token, _)| token)
+            } else {
+                self.statement(move |conn| {
+                    Box::pin(async move {
+                        sqlx::query_scalar::<_, Option<i64>>(&sql.try_lock)
+                            .bind(key)
+                            .fetch_one(conn)
+                            .await
+                    })
+                })
+                .await
+            };
+            match result {
+                Err(Failure::Statement(error))
+                    if !created_sequence && is_undefined_table(&error) =>
+                {
+                    self.create_sequence().await?;
+                    created_sequence = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Creates the fencing sequence; a concurrent creation by another session is fine.
+    async fn create_sequence(&mut self) -> Result<(), Failure> {
+        let sql = Arc::clone(&self.sql);
+        let result = self
+            .statement(move |conn| {
+                Box::pin(async move { sqlx::query(&sql.create_sequence).execute(conn).await })
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!("created the fencing token sequence");
+                Ok(())
+            }
+            Err(Failure::Statement(error)) if is_concurrent_creation(&error) => Ok(()),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Runs one statement on the session's connection (opening it if needed) under the
+    /// command timeout. Any doubt about the connection closes it: see [`Failure`].
+    async fn statement<T>(
+        &mut self,
+        run: impl for<'c> FnOnce(
+            &'c mut PgConnection,
+        ) -> futures_util::future::BoxFuture<'c, Result<T, sqlx::Error>>,
+    ) -> Result<T, Failure> {
+        let timeout = self.settings.command_timeout;
+        if self.connection.is_none() {
+            let connection = self.connect().await.map_err(Failure::SessionLost)?;
+            self.connection = Some(connection);
+        }
+        let connection = self
+            .connection
+            .as_mut()
+            .and_then(SessionConnection::get_mut)
+            .expect("connected above");
+        self.last_used = Instant::now();
+        let outcome = tokio::time::timeout(timeout, run(connection)).await;
+        match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
+            Ok(Err(error)) => {
+                let error = LockError::backend(error);
+                self.lose_session(error.clone());
+                Err(Failure::SessionLost(error))
+            }
+            Err(_) => {
+                let error = LockError::backend_msg(format!(
+                    "a PostgreSQL lock statement took longer than {timeout:?}"
+                ));
+                self.lose_session(error.clone());
+                Err(Failure::SessionLost(error))
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<SessionConnection, LockError> {
+        let timeout = self.settings.command_timeout;
+        let (names, values) = self.settings.server_settings();
+        let open = async {
+            let mut connection = self.pool.acquire().await?;
+            // Whatever happens from here on, this connection is never returned to the pool.
+            connection.close_on_drop();
+            let mut connection = SessionConnection(Some(connection));
+            sqlx::query(
+                "SELECT count(set_config(s.name, s.value, false)) \
+                 FROM unnest($1::text[], $2::text[]) AS s(name, value) \
+                 WHERE s.name IN (SELECT name FROM pg_settings)",
+            )
+            .bind(&names)
+            .bind(&values)
+            .execute(connection.get_mut().expect("just stored"))
+            .await?;
+            Ok::<_, sqlx::Error>(connection)
+        };
+        match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(connection)) => {
+                tracing::debug!("opened a PostgreSQL lock session");
+                self.last_used = Instant::now();
+                self.idle_since = Instant::now();
+                Ok(connection)
+            }
+            Ok(Err(error)) => Err(LockError::backend(error)),
+            Err(_) => Err(LockError::backend_msg(format!(
+                "opening a PostgreSQL lock session took longer than {timeout:?}"
+            ))),
+        }
+    }
+
+    /// The connection broke or is in doubt: close it at once (the server then drops every
+    /// lock and flag it held), mark every lease lost and let the waiting tasks of this process
+    /// in.
+    fn lose_session(&mut self, cause: LockError) {
+        if let Some(connection) = self.connection.take() {
+            connection.close_hard();
+        }
+        if !self.held.is_empty() {
+            tracing::warn!(
+                locks = self.held.len(),
+                %cause,
+                "PostgreSQL lock session lost; its locks are gone"
+            );
+        }
+        for (_, held) in self.held.drain() {
+            held.lease.mark_lost();
+            drop(held.claim);
+        }
+        self.expiries.clear();
+        self.flags.clear();
+        self.idle_since = Instant::now();
+    }
+
+    async fn close_gracefully(&mut self) {
+        if !self.held.is_empty() || !self.flags.is_empty() {
+            self.lose_session(LockError::backend_msg("lock session closed"));
+            return;
+        }
+        if let Some(mut connection) = self.connection.take() {
+            if let Some(inner) = connection.0.take() {
+                let _ = tokio::time::timeout(self.settings.command_timeout, inner.close()).await;
+            }
+        }
+    }
+}
+
+/// A pool connection that is closed, never returned, however it is dropped.
+struct SessionConnection(Option<PoolConnection<Postgres>>);
+
+impl SessionConnection {
+    fn get_mut(&mut self) -> Option<&mut PgConnection> {
+        self.0.as_deref_mut()
+    }
+
+    /// Closes the socket now, without a goodbye to the server: its end of the session (and the
+    /// locks) goes as soon as it sees the connection closed.
+    fn close_hard(mut self) {
+        if let Some(connection) = self.0.take() {
+            drop(connection.detach());
+        }
+    }
+}
+
+impl Drop for SessionConnection {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                drop(connection.detach());
+            } else {
+                // Without a runtime the pool cannot be told; the socket still closes.
+                drop(connection.leak());
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => pending().await,
+    }
+}
+
+/// Errors after which the session is known to be intact: the statement failed on its own.
+fn is_statement_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            // syntax/undefined objects, data, integrity, object state, transaction rollback,
+            // insufficient privilege, and a statement_timeout cancel.
+            ["42", "22", "23", "55", "40"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "57014"
+        }),
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. } => true,
+        _ => false,
+    }
+}
+
+fn is_undefined_table(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("42P01"))
+}
+
+fn is_concurrent_creation(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Database(database)
+            if matches!(database.code().as_deref(), Some("23505") | Some("42P07"))
+    )
+}
