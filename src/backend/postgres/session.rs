@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves};
-use super::sql::{Statements, NOTIFY_CHANNEL};
+use super::sql::Statements;
 use crate::{Lease, LockError};
 
 /// Timing of a session; see [`PostgresDistributedLockBuilder`](super::PostgresDistributedLockBuilder).
@@ -577,6 +577,11 @@ impl Session {
                 })
                 .await;
             if let Err(failure) = result {
+                if let Failure::Statement(_) = &failure {
+                    // A lock_timeout can fire just as the lock is granted (55P03 with the lock
+                    // held): make sure no flag is left that nobody tracks.
+                    self.server_clear_flag(key).await;
+                }
                 let _ = reply.send(Err(failure.into_error()));
                 return;
             }
@@ -604,6 +609,11 @@ impl Session {
             return;
         }
         self.flags.remove(&key);
+        self.server_clear_flag(key).await;
+    }
+
+    /// Drops this session's waiter flag on `key` on the server (a no-op if it holds none).
+    async fn server_clear_flag(&mut self, key: i64) {
         let (high, low) = flag_key(key);
         let sql = Arc::clone(&self.sql);
         let result = self
@@ -641,7 +651,6 @@ impl Session {
     async fn unlock_held(&mut self, key: i64) -> Result<(), LockError> {
         let (flag_high, flag_low) = flag_key(key);
         let sql = Arc::clone(&self.sql);
-        let payload = key.to_string();
         let result = self
             .statement(move |conn| {
                 Box::pin(async move {
@@ -649,8 +658,6 @@ impl Session {
                         .bind(key)
                         .bind(flag_high)
                         .bind(flag_low)
-                        .bind(NOTIFY_CHANNEL)
-                        .bind(&payload)
                         .fetch_one(conn)
                         .await
                 })

@@ -51,7 +51,8 @@ pub(super) struct Statements {
     /// Like `try_lock`, and on success also drops this session's waiter flag
     /// (`$2`, `$3` = [`flag_key`](super::key_hash::flag_key)) in the same statement.
     pub(super) try_lock_unflag: String,
-    /// `$1` key, `$2`/`$3` flag halves, `$4` channel, `$5` payload → (released, notified).
+    /// `$1` key, `$2`/`$3` flag halves → (released, notified). Notifies [`NOTIFY_CHANNEL`]
+    /// with the key in decimal.
     /// Notifies only when some session holds the key's waiter flag.
     pub(super) unlock: String,
     /// `$1`/`$2` flag halves.
@@ -79,11 +80,12 @@ impl Statements {
                  FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END AS token \
                  OFFSET 0) AS t"
             ),
-            unlock: "SELECT u.released, \
-                     CASE WHEN u.released AND NOT pg_try_advisory_xact_lock($2, $3) \
-                     THEN pg_notify($4, $5)::text = '' ELSE false END \
-                     FROM (SELECT pg_advisory_unlock($1) AS released OFFSET 0) AS u"
-                .to_owned(),
+            unlock: format!(
+                "SELECT u.released, \
+                 CASE WHEN u.released AND NOT pg_try_advisory_xact_lock($2, $3) \
+                 THEN pg_notify('{NOTIFY_CHANNEL}', $1::text)::text = '' ELSE false END \
+                 FROM (SELECT pg_advisory_unlock($1) AS released OFFSET 0) AS u"
+            ),
             set_flag: "SELECT pg_advisory_lock_shared($1, $2)",
             clear_flag: "SELECT pg_advisory_unlock_shared($1, $2)",
             is_locked: "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
