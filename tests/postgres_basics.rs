@@ -210,3 +210,48 @@ async fn a_server_that_is_down_gives_backend_error_quickly() {
         started.elapsed()
     );
 }
+
+/// Several lock services start at once on a sequence that does not exist yet: its creation
+/// races, nobody fails, and tokens still increase per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fencing_sequence_is_created_once_under_concurrent_first_use() {
+    let prefix = common::unique_prefix("pg_sequence");
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let mut locks = Vec::new();
+    for _ in 0..6 {
+        locks.push(
+            PostgresDistributedLock::builder(pg_support::pool(2).await, LockConfig::new())
+                .fencing_sequence(sequence.clone())
+                .build()
+                .unwrap(),
+        );
+    }
+    let key = format!("{prefix}shared");
+    let first_keys: Vec<String> = (0..locks.len()).map(|i| format!("{prefix}{i}")).collect();
+    let firsts = futures::future::join_all(
+        locks
+            .iter()
+            .zip(&first_keys)
+            .map(|(lock, key)| lock.try_acquire(key)),
+    )
+    .await;
+    for guard in firsts {
+        guard
+            .expect("first use creates or finds the sequence")
+            .release()
+            .await
+            .unwrap();
+    }
+    let mut last = 0;
+    for lock in locks.iter().chain(locks.iter()) {
+        let guard = lock.acquire(&key).await.unwrap();
+        assert!(guard.fencing_token() > last);
+        last = guard.fencing_token();
+        guard.release().await.unwrap();
+    }
+    let mut admin = pg_support::admin().await;
+    sqlx::query(&format!("DROP SEQUENCE \"{sequence}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}

@@ -178,3 +178,58 @@ async fn release_after_the_session_died_is_lock_lost() {
     assert!(matches!(guard.release().await, Err(LockError::LockLost)));
     assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
 }
+
+/// A holder that goes silent (its whole runtime frozen, as when cut off from the network) does
+/// not keep the lock: the server's `idle_session_timeout`, set from `network_timeout`, ends its
+/// session, and when the holder wakes its guard reports the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_holder_loses_the_lock_after_the_network_timeout() {
+    let prefix = common::unique_prefix("pg_silent");
+    let key = format!("{prefix}k");
+    let network_timeout = Duration::from_secs(2);
+    let url = common::postgres_url().await;
+    let (acquired_tx, acquired_rx) = tokio::sync::oneshot::channel();
+    let holder_key = key.clone();
+    let holder = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&url)
+                .await
+                .unwrap();
+            let lock = PostgresDistributedLock::builder(
+                pool,
+                LockConfig::new().ttl(Duration::from_secs(60)),
+            )
+            .network_timeout(network_timeout)
+            .build()
+            .unwrap();
+            let guard = lock.acquire(&holder_key).await.unwrap();
+            acquired_tx.send(Instant::now()).unwrap();
+            // Freeze: no task of this runtime runs, so no ping reaches the server.
+            std::thread::sleep(network_timeout * 2);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !guard.is_lost() {
+                assert!(Instant::now() < deadline, "the woken holder never noticed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(matches!(guard.release().await, Err(LockError::LockLost)));
+        });
+    });
+    let acquired_at = acquired_rx.await.unwrap();
+    let mut admin = pg_support::admin().await;
+    assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 1);
+    let deadline = acquired_at + network_timeout + Duration::from_millis(1500);
+    while pg_support::advisory_locks(&mut admin, &key).await > 0 {
+        assert!(Instant::now() < deadline, "the silent holder kept the lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(acquired_at.elapsed() >= network_timeout - Duration::from_millis(100));
+    tokio::task::spawn_blocking(move || holder.join().unwrap())
+        .await
+        .unwrap();
+}
