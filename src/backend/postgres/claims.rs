@@ -34,6 +34,9 @@ pub(super) struct KeyClaim {
     key: i64,
     /// False once the claim was handed on (a moved-out claim must not pass on twice).
     live: bool,
+    /// Set when the lock was just released to waiters of other processes: the task that gets
+    /// the claim next lets them go first (see `PostgresDistributedLock::acquire`).
+    yield_to_others: bool,
 }
 
 impl ClaimTable {
@@ -74,17 +77,19 @@ impl ClaimTable {
             table: Arc::clone(self),
             key,
             live: true,
+            yield_to_others: false,
         }
     }
 
     /// Gives a dropped claim to the first queued task still listening, or frees the key.
-    fn pass_on(self: &Arc<Self>, key: i64) {
+    fn pass_on(self: &Arc<Self>, key: i64, yield_to_others: bool) {
         let mut shard = self.shard(key);
         let Some(queue) = shard.get_mut(&key) else {
             debug_assert!(false, "a live claim always has its table entry");
             return;
         };
         let mut claim = self.new_claim(key);
+        claim.yield_to_others = yield_to_others;
         while let Some(next) = queue.pop_front() {
             match next.send(claim) {
                 Ok(()) => return,
@@ -110,6 +115,17 @@ impl KeyClaim {
     pub(super) fn key(&self) -> i64 {
         self.key
     }
+
+    /// Records that the lock was released while tasks of other processes waited for it.
+    pub(super) fn set_yield_to_others(&mut self) {
+        self.yield_to_others = true;
+    }
+
+    /// Whether the previous holder released while other processes waited: the new claimant
+    /// should give them a head start instead of retaking the lock at once.
+    pub(super) fn yield_to_others(&self) -> bool {
+        self.yield_to_others
+    }
 }
 
 impl Drop for KeyClaim {
@@ -119,7 +135,7 @@ impl Drop for KeyClaim {
             // A claim dropped inside `pass_on` (a queued task dropped its receiver with the
             // claim in it) is not possible under the shard lock: `send` hands back refused
             // claims instead of dropping them.
-            Arc::clone(&self.table).pass_on(self.key);
+            Arc::clone(&self.table).pass_on(self.key, self.yield_to_others);
         }
     }
 }

@@ -38,6 +38,13 @@ const MAX_SESSIONS: usize = 64;
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_NETWORK_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// How long a task of this process that is next in line waits before retaking a lock that was
+/// just released to waiters of other processes: they were notified and retry about one round
+/// trip later; if one of them takes the lock, this task is notified when it is released.
+/// Measured in round trips of the waiter's own session, within these bounds.
+const YIELD_ROUND_TRIPS: u32 = 3;
+const MIN_YIELD_HEAD_START: Duration = Duration::from_micros(200);
+const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 
 /// Distributed locks on PostgreSQL advisory locks (feature `postgres`).
 ///
@@ -328,9 +335,16 @@ impl PostgresDistributedLock {
             },
         };
         let session = self.session_for(advisory);
-        let mut claim = match session.try_lock(claim, None, ttl, Instant::now()).await? {
-            TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
-            TryOutcome::Busy(claim) => claim,
+        // The previous holder released while other processes waited: they were notified, so
+        // let them go first instead of retaking the lock at once (fairness across processes).
+        let yield_first = claim.yield_to_others();
+        let mut claim = if yield_first {
+            claim
+        } else {
+            match session.try_lock(claim, None, ttl, Instant::now()).await? {
+                TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
+                TryOutcome::Busy(claim) => claim,
+            }
         };
         if Instant::now() >= deadline {
             return Err(LockError::Timeout);
@@ -345,7 +359,21 @@ impl PostgresDistributedLock {
                 false
             }
         };
+        let flag_sent_at = Instant::now();
         let flag = session.set_flag(advisory).await?;
+        if yield_first {
+            // Long enough for a notified waiter elsewhere to retry (about a round trip after
+            // the notification), short enough to cost little if none does.
+            let round_trip = flag_sent_at.elapsed();
+            let head_start = (round_trip * YIELD_ROUND_TRIPS)
+                .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
+                .min(config.get_retry_interval());
+            let retry_at = (Instant::now() + head_start).min(deadline);
+            tokio::select! {
+                () = woken.woken() => {}
+                () = tokio::time::sleep_until(retry_at) => {}
+            }
+        }
         loop {
             match session
                 .try_lock(claim, Some(&flag), ttl, Instant::now())

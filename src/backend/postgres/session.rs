@@ -665,10 +665,12 @@ impl Session {
             .await;
         match result {
             Ok((true, notified)) => {
-                if notified {
-                    tracing::trace!(key, "released a lock that another process awaits");
+                if let Some(mut held) = self.held_remove(key) {
+                    if notified {
+                        tracing::trace!(key, "released a lock that another process awaits");
+                        held.claim.set_yield_to_others();
+                    }
                 }
-                self.held_remove(key);
                 Ok(())
             }
             Ok((false, _)) => {
