@@ -5,6 +5,9 @@
 //!   `pg_advisory_unlock($1)` on one connection with sqlx (prepared, like the backend's).
 //! * `postgres_cycle/backend` — `try_acquire` + `release` of [`PostgresDistributedLock`] on the
 //!   same kind of key, measured in the same process. Target: at most 1.25x the floor.
+//! * `postgres_cycle/backend_nondurable_tokens` — the same with
+//!   `durable_fencing_tokens(false)`: no WAL flush wait when the fencing sequence logs ahead
+//!   (every 32nd acquire), which is what makes the mean of `backend` exceed its median.
 //! * Then, printed: the same ratio from alternating single cycles (medians, robust to other
 //!   load on the machine), and the contended hand-off latency
 //!   (release called → next holder's `acquire` returns), p50 and p99, with 8 tasks on one key
@@ -115,9 +118,30 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
             .unwrap()
         })
     });
+    let fast_lock = Arc::new(rt.block_on(async {
+        let lock = PostgresDistributedLock::builder(pool().await, LockConfig::new())
+            .durable_fencing_tokens(false)
+            .build()
+            .unwrap();
+        backend_cycle(&lock, &backend_key).await;
+        lock
+    }));
+    group.bench_function("backend_nondurable_tokens", |b| {
+        b.iter_custom(|iters| {
+            let (lock, key) = (Arc::clone(&fast_lock), Arc::clone(&backend_key));
+            rt.block_on(rt.spawn(async move {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    backend_cycle(&lock, &key).await;
+                }
+                started.elapsed()
+            }))
+            .unwrap()
+        })
+    });
     group.finish();
 
-    drop((raw, lock));
+    drop((raw, lock, fast_lock));
     alternating_ratio(rt);
 }
 

@@ -176,6 +176,29 @@ async fn conflicts_within_and_across_instances_and_fencing_tokens_increase() {
     }
 }
 
+/// With `durable_fencing_tokens(false)` tokens still increase across holders and instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nondurable_fencing_tokens_still_increase() {
+    let prefix = common::unique_prefix("pg_nondurable");
+    let key = format!("{prefix}k");
+    let mut locks = Vec::new();
+    for durable in [false, true, false] {
+        locks.push(
+            PostgresDistributedLock::builder(pg_support::pool(2).await, LockConfig::new())
+                .durable_fencing_tokens(durable)
+                .build()
+                .unwrap(),
+        );
+    }
+    let mut last = 0;
+    for round in 0..60 {
+        let guard = locks[round % locks.len()].acquire(&key).await.unwrap();
+        assert!(guard.fencing_token() > last, "round {round}");
+        last = guard.fencing_token();
+        guard.release().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_is_down_gives_backend_error_quickly() {
     // A loopback port that nothing listens on.

@@ -41,6 +41,8 @@ pub(super) struct SessionSettings {
     pub(super) network_timeout: Duration,
     /// Close the connection after holding nothing for this long.
     pub(super) idle_close: Duration,
+    /// Wait for the WAL flush when drawing a fencing token makes the sequence log ahead.
+    pub(super) durable_fencing: bool,
 }
 
 impl SessionSettings {
@@ -68,8 +70,10 @@ impl SessionSettings {
             ("statement_timeout", format!("{command_ms}ms")),
             ("lock_timeout", format!("{command_ms}ms")),
         ];
+        let fencing = (!self.durable_fencing).then(|| ("synchronous_commit", "off".to_owned()));
         settings
             .into_iter()
+            .chain(fencing)
             .map(|(name, value)| (name.to_owned(), value))
             .unzip()
     }

@@ -80,10 +80,14 @@ impl Statements {
                  FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END AS token \
                  OFFSET 0) AS t"
             ),
+            // Only a notifying release writes a commit record (NOTIFY needs a transaction id);
+            // nothing in it needs to be durable, so it does not wait for the WAL flush.
             unlock: format!(
                 "SELECT u.released, \
                  CASE WHEN u.released AND NOT pg_try_advisory_xact_lock($2, $3) \
-                 THEN pg_notify('{NOTIFY_CHANNEL}', $1::text)::text = '' ELSE false END \
+                 THEN (set_config('synchronous_commit', 'off', true) \
+                 || pg_notify('{NOTIFY_CHANNEL}', $1::text)::text) IS NOT NULL \
+                 ELSE false END \
                  FROM (SELECT pg_advisory_unlock($1) AS released OFFSET 0) AS u"
             ),
             set_flag: "SELECT pg_advisory_lock_shared($1, $2)",
