@@ -15,7 +15,7 @@
 //! nothing for a while or when the lock service and all its guards are gone.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::future::pending;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use std::time::Duration;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
 use super::claims::KeyClaim;
@@ -116,6 +116,7 @@ impl SessionHandle {
             next_flag_id: 0,
             last_used: Instant::now(),
             idle_since: Instant::now(),
+            timers: Timers::new(),
         };
         tokio::spawn(session.run());
         SessionHandle { commands }
@@ -336,26 +337,75 @@ struct Session {
     last_used: Instant,
     /// Since when the session holds nothing, for closing an unused connection.
     idle_since: Instant,
+    /// The three timers of the session, kept (not re-created per command) because arming a
+    /// timer per statement costs more than the statement on a virtual machine; each is moved
+    /// only when it must fire earlier, and a timer that fires early is simply re-armed.
+    timers: Timers,
 }
+
+struct Timers {
+    /// Fires at (or before) the earliest lease deadline.
+    lease: Pin<Box<Sleep>>,
+    /// Fires at (or before) the next ping or idle close.
+    tick: Pin<Box<Sleep>>,
+    /// Fires at (or before) the deadline of the statement in flight.
+    statement: Pin<Box<Sleep>>,
+}
+
+impl Timers {
+    fn new() -> Self {
+        let far = Instant::now() + FAR_FUTURE;
+        Timers {
+            lease: Box::pin(tokio::time::sleep_until(far)),
+            tick: Box::pin(tokio::time::sleep_until(far)),
+            statement: Box::pin(tokio::time::sleep_until(far)),
+        }
+    }
+}
+
+/// A deadline that never comes in practice, for an idle timer.
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 impl Session {
     async fn run(mut self) {
         loop {
-            let lease_due = self.expiries.first().map(|(at, _)| *at);
+            // Move a timer only if it must fire earlier; one that fires early is re-armed.
+            if let Some(&(at, _)) = self.expiries.first() {
+                if at < self.timers.lease.deadline() {
+                    self.timers.lease.as_mut().reset(at);
+                }
+            }
             let tick_at = self.next_tick();
+            if let Some(at) = tick_at {
+                if at < self.timers.tick.deadline() {
+                    self.timers.tick.as_mut().reset(at);
+                }
+            }
+            let leases_pending = !self.expiries.is_empty();
             let event = tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
                     Some(command) => Event::Command(command),
                     None => Event::Stopped,
                 },
-                () = sleep_until(lease_due) => Event::LeaseDue,
-                () = sleep_until(tick_at) => Event::Tick,
+                () = self.timers.lease.as_mut(), if leases_pending => Event::LeaseDue,
+                () = self.timers.tick.as_mut(), if tick_at.is_some() => Event::Tick,
             };
             match event {
                 Event::Command(command) => self.handle(command).await,
-                Event::LeaseDue => self.expire_due().await,
-                Event::Tick => self.tick().await,
+                Event::LeaseDue => {
+                    self.timers
+                        .lease
+                        .as_mut()
+                        .reset(Instant::now() + FAR_FUTURE);
+                    self.expire_due().await;
+                }
+                Event::Tick => {
+                    self.timers.tick.as_mut().reset(Instant::now() + FAR_FUTURE);
+                    if self.next_tick().is_some_and(|at| at <= Instant::now()) {
+                        self.tick().await;
+                    }
+                }
                 Event::Stopped => break,
             }
         }
@@ -849,8 +899,30 @@ impl Session {
             .as_mut()
             .and_then(SessionConnection::get_mut)
             .expect("connected above");
-        self.last_used = Instant::now();
-        let outcome = tokio::time::timeout(timeout, run(connection)).await;
+        let started = Instant::now();
+        self.last_used = started;
+        let deadline = started + timeout;
+        let armed = self.timers.statement.deadline();
+        if armed > deadline || armed + timeout / 2 < deadline {
+            self.timers.statement.as_mut().reset(deadline);
+        }
+        let outcome = {
+            let statement = run(connection);
+            tokio::pin!(statement);
+            loop {
+                tokio::select! {
+                    biased;
+                    result = &mut statement => break Ok(result),
+                    () = self.timers.statement.as_mut() => {
+                        if Instant::now() >= deadline {
+                            break Err(());
+                        }
+                        // Armed for an earlier statement: wait out this one's own deadline.
+                        self.timers.statement.as_mut().reset(deadline);
+                    }
+                }
+            }
+        };
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
@@ -965,13 +1037,6 @@ impl Drop for SessionConnection {
                 drop(connection.leak());
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => pending().await,
     }
 }
 
