@@ -5,7 +5,9 @@
 //! * `key_hash` — key → 64-bit advisory key (SHA-256 prefix).
 //! * `claims` — in-process exclusion per advisory key, FIFO.
 //! * `session` — the task that owns one connection and every statement on it (locks, unlocks,
-//!   lease expiry, pings, closing a doubtful connection).
+//!   lease expiry, pings, closing a doubtful connection); `session::handle` is the callers'
+//!   side (command channel, guard and waiter links), `session::connection` the connection
+//!   itself (server settings, close-never-return, error classes).
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
 //! * `sql` — statement text and the fencing sequence name.
 

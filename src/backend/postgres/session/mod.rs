@@ -14,274 +14,30 @@
 //! lost. A connection is never given back to the pool: it is closed when the session has held
 //! nothing for a while or when the lock service and all its guards are gone.
 
+mod connection;
+mod handle;
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
+pub(super) use self::connection::SessionSettings;
+use self::connection::{
+    is_concurrent_creation, is_statement_error, is_undefined_table, SessionConnection,
+};
+use self::handle::Command;
+pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves};
 use super::sql::Statements;
 use crate::{Lease, LockError};
-
-/// Timing of a session; see [`PostgresDistributedLockBuilder`](super::PostgresDistributedLockBuilder).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct SessionSettings {
-    /// Bound on taking a connection from the pool and on every statement.
-    pub(super) command_timeout: Duration,
-    /// How long the server keeps a session whose client went silent (idle_session_timeout,
-    /// TCP keepalive and tcp_user_timeout are derived from it).
-    pub(super) network_timeout: Duration,
-    /// Close the connection after holding nothing for this long.
-    pub(super) idle_close: Duration,
-    /// Wait for the WAL flush when drawing a fencing token makes the sequence log ahead.
-    pub(super) durable_fencing: bool,
-}
-
-impl SessionSettings {
-    /// Pings come this often when nothing else reaches the server, well inside the server's
-    /// `idle_session_timeout`.
-    fn ping_interval(&self) -> Duration {
-        self.network_timeout / 4
-    }
-
-    /// The `(name, value)` server settings of a lock session.
-    fn server_settings(&self) -> (Vec<String>, Vec<String>) {
-        let network_ms = self.network_timeout.as_millis().max(1);
-        let network_s = self.network_timeout.as_secs().max(2);
-        let command_ms = self.command_timeout.as_millis().max(1);
-        let settings = [
-            ("application_name", "k1s0-distributed-lock".to_owned()),
-            ("idle_session_timeout", format!("{network_ms}ms")),
-            ("tcp_keepalives_idle", (network_s / 2).to_string()),
-            (
-                "tcp_keepalives_interval",
-                (network_s / 8).max(1).to_string(),
-            ),
-            ("tcp_keepalives_count", "4".to_owned()),
-            ("tcp_user_timeout", network_ms.to_string()),
-            ("statement_timeout", format!("{command_ms}ms")),
-            ("lock_timeout", format!("{command_ms}ms")),
-        ];
-        let fencing = (!self.durable_fencing).then(|| ("synchronous_commit", "off".to_owned()));
-        settings
-            .into_iter()
-            .chain(fencing)
-            .map(|(name, value)| (name.to_owned(), value))
-            .unzip()
-    }
-}
-
-/// A lock taken by [`SessionHandle::try_lock`].
-pub(super) struct Granted {
-    pub(super) fencing_token: u64,
-    pub(super) lease: Arc<Lease>,
-    pub(super) lock: HeldLockRef,
-}
-
-/// What a lock attempt found.
-pub(super) enum TryOutcome {
-    Granted(Granted),
-    /// Another session holds the key. The caller keeps its claim, to try again.
-    Busy(KeyClaim),
-}
-
-/// The caller's side of a session.
-#[derive(Clone)]
-pub(super) struct SessionHandle {
-    commands: mpsc::UnboundedSender<Command>,
-}
-
-impl SessionHandle {
-    /// Starts the session task. It opens its connection on first use.
-    pub(super) fn spawn(pool: PgPool, sql: Arc<Statements>, settings: SessionSettings) -> Self {
-        let (commands, receiver) = mpsc::unbounded_channel();
-        let session = Session {
-            pool,
-            sql,
-            settings,
-            sender: commands.downgrade(),
-            commands: receiver,
-            connection: None,
-            held: HashMap::new(),
-            expiries: BTreeSet::new(),
-            flags: HashMap::new(),
-            next_flag_id: 0,
-            last_used: Instant::now(),
-            idle_since: Instant::now(),
-            timers: Timers::new(),
-        };
-        tokio::spawn(session.run());
-        SessionHandle { commands }
-    }
-
-    /// Tries to take the claimed key on this session, with a lease of `ttl` from `sent_at`.
-    /// With `flag`, a successful attempt also drops that waiter flag.
-    pub(super) async fn try_lock(
-        &self,
-        claim: KeyClaim,
-        flag: Option<&WaitFlag>,
-        ttl: Duration,
-        sent_at: Instant,
-    ) -> Result<TryOutcome, LockError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::TryLock {
-            claim,
-            flag: flag.map(|flag| flag.id),
-            ttl,
-            sent_at,
-            reply,
-        })?;
-        answer.await.unwrap_or_else(|_| Err(session_stopped()))
-    }
-
-    /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
-    pub(super) async fn set_flag(&self, key: i64) -> Result<WaitFlag, LockError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::SetFlag { key, reply })?;
-        answer.await.unwrap_or_else(|_| Err(session_stopped()))
-    }
-
-    /// Whether any session (of any process) holds the key.
-    pub(super) async fn is_locked(&self, key: i64) -> Result<bool, LockError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::IsLocked { key, reply })?;
-        answer.await.unwrap_or_else(|_| Err(session_stopped()))
-    }
-
-    fn send(&self, command: Command) -> Result<(), LockError> {
-        self.commands.send(command).map_err(|_| session_stopped())
-    }
-}
-
-fn session_stopped() -> LockError {
-    LockError::backend_msg("the PostgreSQL lock session stopped")
-}
-
-/// The guard's link to its lock on the session. Dropping it releases the lock (in the
-/// background, without needing a runtime: it only queues a command).
-pub(super) struct HeldLockRef {
-    commands: mpsc::UnboundedSender<Command>,
-    key: i64,
-    id: Uuid,
-    /// True once a release or loss was confirmed, so the drop has nothing left to do.
-    settled: AtomicBool,
-}
-
-impl HeldLockRef {
-    /// This hold's id, also the guard's token.
-    pub(super) fn id(&self) -> Uuid {
-        self.id
-    }
-
-    pub(super) async fn release(&self) -> Result<(), LockError> {
-        let (reply, answer) = oneshot::channel();
-        let command = Command::Release {
-            key: self.key,
-            id: self.id,
-            reply: Some(reply),
-        };
-        if self.commands.send(command).is_err() {
-            // The session is gone, and its connection with it: so is the lock.
-            self.settled.store(true, Ordering::Release);
-            return Err(LockError::LockLost);
-        }
-        let result = answer.await.unwrap_or(Err(LockError::LockLost));
-        if !matches!(result, Err(LockError::BackendError(_))) {
-            self.settled.store(true, Ordering::Release);
-        }
-        result
-    }
-
-    pub(super) async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
-        let (reply, answer) = oneshot::channel();
-        let command = Command::Extend {
-            key: self.key,
-            id: self.id,
-            ttl,
-            sent_at: Instant::now(),
-            reply,
-        };
-        if self.commands.send(command).is_err() {
-            return Err(LockError::LockLost);
-        }
-        answer.await.unwrap_or(Err(LockError::LockLost))
-    }
-}
-
-impl Drop for HeldLockRef {
-    fn drop(&mut self) {
-        if !self.settled.load(Ordering::Acquire) {
-            let _ = self.commands.send(Command::Release {
-                key: self.key,
-                id: self.id,
-                reply: None,
-            });
-        }
-    }
-}
-
-/// "A task of this process waits for this key": a shared advisory lock in the two-integer key
-/// space, which a release elsewhere tests to decide whether to `pg_notify`. Dropping it clears
-/// the flag.
-pub(super) struct WaitFlag {
-    commands: mpsc::UnboundedSender<Command>,
-    key: i64,
-    id: u64,
-    armed: bool,
-}
-
-impl Drop for WaitFlag {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = self.commands.send(Command::ClearFlag {
-                key: self.key,
-                id: self.id,
-            });
-        }
-    }
-}
-
-enum Command {
-    TryLock {
-        claim: KeyClaim,
-        flag: Option<u64>,
-        ttl: Duration,
-        sent_at: Instant,
-        reply: oneshot::Sender<Result<TryOutcome, LockError>>,
-    },
-    SetFlag {
-        key: i64,
-        reply: oneshot::Sender<Result<WaitFlag, LockError>>,
-    },
-    ClearFlag {
-        key: i64,
-        id: u64,
-    },
-    Release {
-        key: i64,
-        id: Uuid,
-        reply: Option<oneshot::Sender<Result<(), LockError>>>,
-    },
-    Extend {
-        key: i64,
-        id: Uuid,
-        ttl: Duration,
-        sent_at: Instant,
-        reply: oneshot::Sender<Result<(), LockError>>,
-    },
-    IsLocked {
-        key: i64,
-        reply: oneshot::Sender<Result<bool, LockError>>,
-    },
-}
 
 /// A lock this session holds for a guard.
 struct Held {
@@ -367,6 +123,30 @@ impl Timers {
 const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 impl Session {
+    fn new(
+        pool: PgPool,
+        sql: Arc<Statements>,
+        settings: SessionSettings,
+        sender: mpsc::WeakUnboundedSender<Command>,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Self {
+        Session {
+            pool,
+            sql,
+            settings,
+            sender,
+            commands,
+            connection: None,
+            held: HashMap::new(),
+            expiries: BTreeSet::new(),
+            flags: HashMap::new(),
+            next_flag_id: 0,
+            last_used: Instant::now(),
+            idle_since: Instant::now(),
+            timers: Timers::new(),
+        }
+    }
+
     async fn run(mut self) {
         loop {
             // Move a timer only if it must fire earlier; one that fires early is re-armed.
@@ -1008,67 +788,4 @@ impl Session {
             }
         }
     }
-}
-
-/// A pool connection that is closed, never returned, however it is dropped.
-struct SessionConnection(Option<PoolConnection<Postgres>>);
-
-impl SessionConnection {
-    fn get_mut(&mut self) -> Option<&mut PgConnection> {
-        self.0.as_deref_mut()
-    }
-
-    /// Closes the socket now, without a goodbye to the server: its end of the session (and the
-    /// locks) goes as soon as it sees the connection closed.
-    fn close_hard(mut self) {
-        if let Some(connection) = self.0.take() {
-            drop(connection.detach());
-        }
-    }
-}
-
-impl Drop for SessionConnection {
-    fn drop(&mut self) {
-        if let Some(connection) = self.0.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                drop(connection.detach());
-            } else {
-                // Without a runtime the pool cannot be told; the socket still closes.
-                drop(connection.leak());
-            }
-        }
-    }
-}
-
-/// Errors after which the session is known to be intact: the statement failed on its own.
-fn is_statement_error(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
-            // syntax/undefined objects, data, integrity, object state, transaction rollback,
-            // insufficient privilege, and a statement_timeout cancel.
-            ["42", "22", "23", "55", "40"]
-                .iter()
-                .any(|class| code.starts_with(class))
-                || code == "57014"
-        }),
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::Decode(_)
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::RowNotFound
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::ColumnIndexOutOfBounds { .. } => true,
-        _ => false,
-    }
-}
-
-fn is_undefined_table(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("42P01"))
-}
-
-fn is_concurrent_creation(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
-        sqlx::Error::Database(database)
-            if matches!(database.code().as_deref(), Some("23505") | Some("42P07"))
-    )
 }
