@@ -8,6 +8,8 @@ use crate::{LockError, LockGuard};
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 
 /// A lock service: takes, tests and gives back named locks.
 ///

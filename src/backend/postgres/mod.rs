@@ -1,0 +1,492 @@
+//! The PostgreSQL backend: session-level advisory locks multiplexed over a few long-lived
+//! connections, with leases, fencing tokens from a sequence, and LISTEN/NOTIFY wake-ups.
+//!
+//! Modules, one job each:
+//! * `key_hash` — key → 64-bit advisory key (SHA-256 prefix).
+//! * `claims` — in-process exclusion per advisory key, FIFO.
+//! * `session` — the task that owns one connection and every statement on it (locks, unlocks,
+//!   lease expiry, pings, closing a doubtful connection); `session::handle` is the callers'
+//!   side (command channel, guard and waiter links), `session::connection` the connection
+//!   itself (server settings, close-never-return, error classes).
+//! * `notify` — the LISTEN connection that wakes waiters when another process releases.
+//! * `sql` — statement text and the fencing sequence name.
+
+mod claims;
+mod key_hash;
+mod notify;
+mod session;
+mod sql;
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use self::claims::{Claim, ClaimTable};
+use self::key_hash::advisory_key;
+use self::notify::{Listener, WakeHub};
+use self::session::{Granted, HeldLockRef, SessionHandle, SessionSettings, TryOutcome};
+use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
+use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
+
+/// Default number of lock sessions (connections holding advisory locks).
+const DEFAULT_SESSIONS: usize = 2;
+/// Most lock sessions one lock service may open.
+const MAX_SESSIONS: usize = 64;
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_NETWORK_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// How long a task of this process that is next in line waits before retaking a lock that was
+/// just released to waiters of other processes: they were notified and retry about one round
+/// trip later; if one of them takes the lock, this task is notified when it is released.
+/// Measured in round trips of the waiter's own session, within these bounds.
+const YIELD_ROUND_TRIPS: u32 = 3;
+const MIN_YIELD_HEAD_START: Duration = Duration::from_micros(200);
+const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
+
+/// Distributed locks on PostgreSQL advisory locks (feature `postgres`).
+///
+/// ```no_run
+/// use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+/// let lock = PostgresDistributedLock::new(pool, LockConfig::new());
+/// let guard = lock.acquire("invoice:2024-17").await?;
+/// println!("fencing token {}", guard.fencing_token());
+/// guard.release().await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # How it works
+///
+/// * **Keys.** A key maps to the advisory key `i64::from_be_bytes(sha256(key)[..8])`; only
+///   that number reaches the server (docs/postgres.md has test vectors and the SQL to compute
+///   it elsewhere).
+/// * **Connections.** Locks are multiplexed over a few *lock sessions* (2 by default,
+///   [`PostgresDistributedLockBuilder::sessions`]), each a connection taken from the pool on
+///   first use, plus one `LISTEN` connection once some `acquire` had to wait for another
+///   process. A key always uses the same session; tasks of this process are kept apart on a
+///   key by an in-process FIFO, because advisory locks are re-entrant within a session. A lock
+///   session's connection is **never returned to the pool**: it is closed once it has held
+///   nothing for a minute, when it fails, or when this lock service and its guards are gone.
+/// * **Cancellation.** Every statement runs in the session's own task, so a dropped `acquire`
+///   future cannot leave a statement half done; a lock granted to a caller that is gone is
+///   unlocked before the session runs anything else. Nothing ever waits inside the server
+///   (`pg_advisory_lock` is never used), so no queued request can be granted later to nobody.
+/// * **Waiting.** Waiters in this process are woken directly by the release, first in first
+///   out. A waiter whose key is held by another process flags the key (a shared advisory lock
+///   in the two-integer key space); a release that finds the flag sends `pg_notify` in the same
+///   statement, and the waiter retries at once. Retries every `retry_interval` (with jitter)
+///   cover lost notifications. After `retry_interval * max_retries`: [`LockError::Timeout`].
+/// * **Leases.** A lock not extended within its TTL is unlocked by the session and its guard
+///   reports [`is_lost`](LockGuard::is_lost). A session that fails (terminated backend, broken
+///   network, timed-out statement) is closed and all its guards report lost. A process cut off
+///   from the server loses its locks after about the
+///   [`network_timeout`](PostgresDistributedLockBuilder::network_timeout) (10 s by default).
+/// * **Fencing tokens** come from one sequence (`k1s0_lock_fencing_seq`, created on first use,
+///   `CACHE 1`), drawn in the same statement that takes the lock.
+#[derive(Clone)]
+pub struct PostgresDistributedLock {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    config: LockConfig,
+    settings: SessionSettings,
+    sql: Arc<Statements>,
+    claims: Arc<ClaimTable>,
+    sessions: Box<[OnceLock<SessionHandle>]>,
+    hub: Arc<WakeHub>,
+    listener: OnceCell<Listener>,
+}
+
+/// Options of a [`PostgresDistributedLock`] beyond [`new`](PostgresDistributedLock::new).
+///
+/// ```
+/// use std::time::Duration;
+/// use k1s0_distributed_lock::{LockConfig, PostgresDistributedLock};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), k1s0_distributed_lock::LockError> {
+/// let pool = sqlx::PgPool::connect_lazy("postgres://postgres@127.0.0.1:5432/test").unwrap();
+/// let lock = PostgresDistributedLock::builder(pool, LockConfig::new())
+///     .sessions(4)
+///     .command_timeout(Duration::from_secs(2))
+///     .network_timeout(Duration::from_secs(20))
+///     .fencing_sequence("locks.fencing")
+///     .build()?;
+/// # drop(lock);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresDistributedLockBuilder {
+    pool: PgPool,
+    config: LockConfig,
+    sessions: usize,
+    command_timeout: Duration,
+    network_timeout: Duration,
+    idle_close: Duration,
+    sequence: String,
+    durable_fencing: bool,
+}
+
+impl PostgresDistributedLockBuilder {
+    /// How many lock sessions (pool connections that hold advisory locks) to use, 1 to 64
+    /// (default 2). Each runs one statement at a time, so more sessions allow more lock
+    /// operations in flight; any number of locks fits on one session.
+    pub fn sessions(mut self, sessions: usize) -> Self {
+        self.sessions = sessions;
+        self
+    }
+
+    /// Bound on taking a connection from the pool and on every statement (default 5 s).
+    /// A statement that overruns it closes its session (its locks are then lost) and the
+    /// operation fails with [`LockError::BackendError`].
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// How long the server keeps the session (and the locks) of a client it no longer hears
+    /// from (default 10 s, at least 2 s). Sets the lock sessions' `idle_session_timeout`,
+    /// `tcp_user_timeout` and TCP keepalives from it; the sessions ping every quarter of it.
+    pub fn network_timeout(mut self, timeout: Duration) -> Self {
+        self.network_timeout = timeout;
+        self
+    }
+
+    /// Close a lock session's connection after it has held no lock for this long (default
+    /// 60 s). The next lock on it takes a connection from the pool again.
+    pub fn idle_session_close(mut self, idle: Duration) -> Self {
+        self.idle_close = idle;
+        self
+    }
+
+    /// The sequence that fencing tokens come from: `name` or `schema.name` (ASCII letters,
+    /// digits, `_`). Default `k1s0_lock_fencing_seq`, in the first schema of the
+    /// `search_path`. Created with `CACHE 1` on first use if missing; a sequence created
+    /// beforehand must also have `CACHE 1`, or tokens would not increase across sessions.
+    /// Every process locking the same keys must use the same sequence.
+    pub fn fencing_sequence(mut self, name: impl Into<String>) -> Self {
+        self.sequence = name.into();
+        self
+    }
+
+    /// Whether a fencing token survives a crash of the PostgreSQL server (default `true`).
+    ///
+    /// A sequence writes ahead to the WAL once every 32 values; the statement that draws that
+    /// value then waits for the WAL flush (an `fdatasync`, from tens of microseconds to
+    /// milliseconds on a busy disk). With `false`, the lock sessions run with
+    /// `synchronous_commit = off` and never wait: faster, but if the server crashes within
+    /// about 0.6 s of such a write, the sequence restarts below tokens already handed out, so
+    /// a holder after the crash may get a token that an earlier holder had. Choose `false`
+    /// only if the protected resource does not rely on tokens across a database crash.
+    pub fn durable_fencing_tokens(mut self, durable: bool) -> Self {
+        self.durable_fencing = durable;
+        self
+    }
+
+    /// Checks the options and builds the lock service. Connections are opened on first use.
+    pub fn build(self) -> Result<PostgresDistributedLock, LockError> {
+        if !(1..=MAX_SESSIONS).contains(&self.sessions) {
+            return Err(LockError::invalid_config(format!(
+                "sessions must be between 1 and {MAX_SESSIONS}, not {}",
+                self.sessions
+            )));
+        }
+        if self.command_timeout < Duration::from_millis(1)
+            || self.command_timeout > crate::MAX_DURATION
+        {
+            return Err(LockError::invalid_config(format!(
+                "command_timeout {:?} must be between 1 ms and {:?}",
+                self.command_timeout,
+                crate::MAX_DURATION
+            )));
+        }
+        if self.network_timeout < Duration::from_secs(2)
+            || self.network_timeout > Duration::from_secs(24 * 60 * 60)
+        {
+            return Err(LockError::invalid_config(format!(
+                "network_timeout {:?} must be between 2 s and 24 h",
+                self.network_timeout
+            )));
+        }
+        if self.idle_close.is_zero() || self.idle_close > crate::MAX_DURATION {
+            return Err(LockError::invalid_config(format!(
+                "idle_session_close {:?} must be positive and at most {:?}",
+                self.idle_close,
+                crate::MAX_DURATION
+            )));
+        }
+        let sequence = SequenceName::parse(&self.sequence)?;
+        Ok(PostgresDistributedLock {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                config: self.config,
+                settings: SessionSettings {
+                    command_timeout: self.command_timeout,
+                    network_timeout: self.network_timeout,
+                    idle_close: self.idle_close,
+                    durable_fencing: self.durable_fencing,
+                },
+                sql: Arc::new(Statements::new(&sequence)),
+                claims: Arc::new(ClaimTable::default()),
+                sessions: (0..self.sessions).map(|_| OnceLock::new()).collect(),
+                hub: Arc::new(WakeHub::default()),
+                listener: OnceCell::new(),
+            }),
+        })
+    }
+}
+
+impl PostgresDistributedLock {
+    /// A lock service on `pool` with the default options (2 lock sessions, 5 s command
+    /// timeout, 10 s network timeout, sequence `k1s0_lock_fencing_seq`). Nothing is opened
+    /// until the first lock operation, so this may run outside a runtime.
+    pub fn new(pool: PgPool, config: LockConfig) -> Self {
+        Self::builder(pool, config)
+            .build()
+            .expect("the default options are valid")
+    }
+
+    /// Starts building a lock service with non-default options.
+    pub fn builder(pool: PgPool, config: LockConfig) -> PostgresDistributedLockBuilder {
+        PostgresDistributedLockBuilder {
+            pool,
+            config,
+            sessions: DEFAULT_SESSIONS,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            network_timeout: DEFAULT_NETWORK_TIMEOUT,
+            idle_close: DEFAULT_IDLE_CLOSE,
+            sequence: DEFAULT_SEQUENCE.to_owned(),
+            durable_fencing: true,
+        }
+    }
+
+    /// The configuration this lock service was built with.
+    pub fn config(&self) -> &LockConfig {
+        &self.inner.config
+    }
+
+    /// The 64-bit advisory lock key that `key` maps to: the first 8 bytes of SHA-256 of its
+    /// UTF-8 bytes, big-endian. Look it up in `pg_locks` (`classid` = high 32 bits, `objid` =
+    /// low 32 bits, `objsubid` = 1), or take it from another client with
+    /// `pg_advisory_lock(bigint)`.
+    ///
+    /// ```
+    /// use k1s0_distributed_lock::PostgresDistributedLock;
+    ///
+    /// assert_eq!(PostgresDistributedLock::advisory_key("order:42"), -2708853543617250617);
+    /// ```
+    pub fn advisory_key(key: &str) -> i64 {
+        advisory_key(key)
+    }
+
+    fn session_for(&self, key: i64) -> &SessionHandle {
+        let index = (key as u64 % self.inner.sessions.len() as u64) as usize;
+        self.inner.sessions[index].get_or_init(|| {
+            SessionHandle::spawn(
+                self.inner.pool.clone(),
+                Arc::clone(&self.inner.sql),
+                self.inner.settings,
+            )
+        })
+    }
+
+    fn guard(&self, key: &str, granted: Granted) -> LockGuard {
+        let Granted {
+            fencing_token,
+            lease,
+            lock,
+        } = granted;
+        LockGuard::from_boxed(
+            Arc::from(key),
+            lock.id(),
+            fencing_token,
+            lease,
+            Box::new(PostgresLockHandle { lock }),
+        )
+    }
+
+    async fn try_acquire_once(&self, key: &str) -> Result<LockGuard, LockError> {
+        validate_key(key)?;
+        self.inner.config.validate()?;
+        let advisory = advisory_key(key);
+        let Some(claim) = self.inner.claims.try_claim(advisory) else {
+            return Err(LockError::AlreadyLocked);
+        };
+        let session = self.session_for(advisory);
+        match session
+            .try_lock(claim, None, self.inner.config.get_ttl(), Instant::now())
+            .await?
+        {
+            TryOutcome::Granted(granted) => Ok(self.guard(key, granted)),
+            TryOutcome::Busy(_claim) => Err(LockError::AlreadyLocked),
+        }
+    }
+
+    async fn acquire_waiting(&self, key: &str) -> Result<LockGuard, LockError> {
+        validate_key(key)?;
+        let config = self.inner.config;
+        config.validate()?;
+        let ttl = config.get_ttl();
+        let deadline = Instant::now() + config.wait_budget();
+        let advisory = advisory_key(key);
+
+        // First in line among the tasks of this process.
+        let claim = match self.inner.claims.claim_or_queue(advisory) {
+            Claim::Claimed(claim) => claim,
+            Claim::Queued(turn) => match tokio::time::timeout_at(deadline, turn).await {
+                Ok(Ok(claim)) => claim,
+                Ok(Err(_)) => {
+                    return Err(LockError::backend_msg("the lock claim queue was dropped"))
+                }
+                Err(_) => return Err(LockError::Timeout),
+            },
+        };
+        let session = self.session_for(advisory);
+        // The previous holder released while other processes waited: they were notified, so
+        // let them go first instead of retaking the lock at once (fairness across processes).
+        let yield_first = claim.yield_to_others();
+        let mut claim = if yield_first {
+            claim
+        } else {
+            match session.try_lock(claim, None, ttl, Instant::now()).await? {
+                TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
+                TryOutcome::Busy(claim) => claim,
+            }
+        };
+        if Instant::now() >= deadline {
+            return Err(LockError::Timeout);
+        }
+
+        // Another process holds it: listen, flag the key, retry on notification or timer.
+        let woken = self.inner.hub.subscribe(advisory);
+        let listening = match self.listener().await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for lock releases; waiting by polling");
+                false
+            }
+        };
+        let flag_sent_at = Instant::now();
+        let flag = session.set_flag(advisory).await?;
+        if yield_first {
+            // Long enough for a notified waiter elsewhere to retry (about a round trip after
+            // the notification), short enough to cost little if none does.
+            let round_trip = flag_sent_at.elapsed();
+            let head_start = (round_trip * YIELD_ROUND_TRIPS)
+                .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
+                .min(config.get_retry_interval());
+            let retry_at = (Instant::now() + head_start).min(deadline);
+            tokio::select! {
+                () = woken.woken() => {}
+                () = tokio::time::sleep_until(retry_at) => {}
+            }
+        }
+        loop {
+            match session
+                .try_lock(claim, Some(&flag), ttl, Instant::now())
+                .await?
+            {
+                TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
+                TryOutcome::Busy(returned) => claim = returned,
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(LockError::Timeout);
+            }
+            let retry_at = (now + self.poll_interval(listening)).min(deadline);
+            tokio::select! {
+                () = woken.woken() => {}
+                () = tokio::time::sleep_until(retry_at) => {}
+            }
+        }
+    }
+
+    /// The fallback retry period while waiting for another process: `retry_interval` with
+    /// ±50 % jitter (so waiters of several processes spread out), shorter without a listener.
+    fn poll_interval(&self, listening: bool) -> Duration {
+        let base = self.inner.config.get_retry_interval();
+        let base = if listening {
+            base
+        } else {
+            base.min(Duration::from_millis(50))
+        };
+        let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as u32; // 0..1000
+        (base / 2 + base * jitter / 1000).max(Duration::from_millis(1))
+    }
+
+    async fn listener(&self) -> Result<(), LockError> {
+        self.inner
+            .listener
+            .get_or_try_init(|| {
+                Listener::start(
+                    &self.inner.pool,
+                    Arc::clone(&self.inner.hub),
+                    self.inner.settings.command_timeout,
+                )
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn is_locked_now(&self, key: &str) -> Result<bool, LockError> {
+        validate_key(key)?;
+        let advisory = advisory_key(key);
+        self.session_for(advisory).is_locked(advisory).await
+    }
+}
+
+impl std::fmt::Debug for PostgresDistributedLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresDistributedLock")
+            .field("config", &self.inner.config)
+            .field("sessions", &self.inner.sessions.len())
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+impl DistributedLock for PostgresDistributedLock {
+    fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.try_acquire_once(key)
+    }
+
+    fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.acquire_waiting(key)
+    }
+
+    fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
+        self.is_locked_now(key)
+    }
+}
+
+/// Releases and extends one PostgreSQL lock through its session.
+struct PostgresLockHandle {
+    lock: HeldLockRef,
+}
+
+impl LockHandle for PostgresLockHandle {
+    fn release(&self) -> BoxFuture<'_, Result<(), LockError>> {
+        Box::pin(self.lock.release())
+    }
+
+    fn extend(&self, ttl: Duration) -> BoxFuture<'_, Result<(), LockError>> {
+        Box::pin(self.lock.extend(ttl))
+    }
+
+    fn release_on_drop(self: Box<Self>) {
+        // Dropping the link queues the unlock on the session at once; no runtime needed.
+        drop(self);
+    }
+}

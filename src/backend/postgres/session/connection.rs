@@ -1,0 +1,118 @@
+//! The connection of a lock session: its server settings, a pool connection that is closed
+//! rather than returned, and which errors leave the session intact.
+
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, Postgres};
+
+/// Timing of a session; see [`PostgresDistributedLockBuilder`](super::PostgresDistributedLockBuilder).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionSettings {
+    /// Bound on taking a connection from the pool and on every statement.
+    pub(crate) command_timeout: Duration,
+    /// How long the server keeps a session whose client went silent (idle_session_timeout,
+    /// TCP keepalive and tcp_user_timeout are derived from it).
+    pub(crate) network_timeout: Duration,
+    /// Close the connection after holding nothing for this long.
+    pub(crate) idle_close: Duration,
+    /// Wait for the WAL flush when drawing a fencing token makes the sequence log ahead.
+    pub(crate) durable_fencing: bool,
+}
+
+impl SessionSettings {
+    /// Pings come this often when nothing else reaches the server, well inside the server's
+    /// `idle_session_timeout`.
+    pub(super) fn ping_interval(&self) -> Duration {
+        self.network_timeout / 4
+    }
+
+    /// The `(name, value)` server settings of a lock session.
+    pub(super) fn server_settings(&self) -> (Vec<String>, Vec<String>) {
+        let network_ms = self.network_timeout.as_millis().max(1);
+        let network_s = self.network_timeout.as_secs().max(2);
+        let command_ms = self.command_timeout.as_millis().max(1);
+        let settings = [
+            ("application_name", "k1s0-distributed-lock".to_owned()),
+            ("idle_session_timeout", format!("{network_ms}ms")),
+            ("tcp_keepalives_idle", (network_s / 2).to_string()),
+            (
+                "tcp_keepalives_interval",
+                (network_s / 8).max(1).to_string(),
+            ),
+            ("tcp_keepalives_count", "4".to_owned()),
+            ("tcp_user_timeout", network_ms.to_string()),
+            ("statement_timeout", format!("{command_ms}ms")),
+            ("lock_timeout", format!("{command_ms}ms")),
+        ];
+        let fencing = (!self.durable_fencing).then(|| ("synchronous_commit", "off".to_owned()));
+        settings
+            .into_iter()
+            .chain(fencing)
+            .map(|(name, value)| (name.to_owned(), value))
+            .unzip()
+    }
+}
+
+/// A pool connection that is closed, never returned, however it is dropped.
+pub(super) struct SessionConnection(pub(super) Option<PoolConnection<Postgres>>);
+
+impl SessionConnection {
+    pub(super) fn get_mut(&mut self) -> Option<&mut PgConnection> {
+        self.0.as_deref_mut()
+    }
+
+    /// Closes the socket now, without a goodbye to the server: its end of the session (and the
+    /// locks) goes as soon as it sees the connection closed.
+    pub(super) fn close_hard(mut self) {
+        if let Some(connection) = self.0.take() {
+            drop(connection.detach());
+        }
+    }
+}
+
+impl Drop for SessionConnection {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                drop(connection.detach());
+            } else {
+                // Without a runtime the pool cannot be told; the socket still closes.
+                drop(connection.leak());
+            }
+        }
+    }
+}
+
+/// Errors after which the session is known to be intact: the statement failed on its own.
+pub(super) fn is_statement_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            // syntax/undefined objects, data, integrity, object state, transaction rollback,
+            // insufficient privilege, and a statement_timeout cancel.
+            ["42", "22", "23", "55", "40"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "57014"
+        }),
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::RowNotFound
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnIndexOutOfBounds { .. } => true,
+        _ => false,
+    }
+}
+
+pub(super) fn is_undefined_table(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("42P01"))
+}
+
+pub(super) fn is_concurrent_creation(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Database(database)
+            if matches!(database.code().as_deref(), Some("23505") | Some("42P07"))
+    )
+}

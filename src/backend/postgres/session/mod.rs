@@ -1,0 +1,791 @@
+//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, driven
+//! by one task that runs every statement for the locks it holds.
+//!
+//! Callers talk to the task over a channel ([`SessionHandle`]). Because the task, not the
+//! caller, runs each statement to completion, a caller that gives up (a dropped `acquire`
+//! future) can never leave a statement half-done: the task sees the caller is gone when it tries
+//! to answer and undoes a lock it just took. Commands run in arrival order, and every key always
+//! uses the same session, so an undo always runs before the next local attempt on that key.
+//!
+//! The task also enforces leases (a lock whose lease ran out is unlocked and its lease marked
+//! lost), pings an idle connection so the server's `idle_session_timeout` only fires when this
+//! process is cut off, and treats any doubt about the connection (an I/O error, a timeout, a
+//! fatal server error) by closing it, which frees every lock it held, and marking those leases
+//! lost. A connection is never given back to the pool: it is closed when the session has held
+//! nothing for a while or when the lock service and all its guards are gone.
+
+mod connection;
+mod handle;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, Sleep};
+use uuid::Uuid;
+
+pub(super) use self::connection::SessionSettings;
+use self::connection::{
+    is_concurrent_creation, is_statement_error, is_undefined_table, SessionConnection,
+};
+use self::handle::Command;
+pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
+use super::claims::KeyClaim;
+use super::key_hash::{flag_key, pg_locks_halves};
+use super::sql::Statements;
+use crate::{Lease, LockError};
+
+/// A lock this session holds for a guard.
+struct Held {
+    id: Uuid,
+    /// Keeps other tasks of this process off the key until the server lock is gone.
+    claim: KeyClaim,
+    lease: Arc<Lease>,
+    /// The entry in `expiries`.
+    expires_at: Instant,
+}
+
+/// Why a statement failed.
+enum Failure {
+    /// The statement failed but the session is sound (autocommit: nothing of it remains
+    /// except, possibly, a session-level advisory lock taken before the error).
+    Statement(sqlx::Error),
+    /// The connection is broken or in doubt; it has been closed and every lock on it is gone.
+    SessionLost(LockError),
+}
+
+impl Failure {
+    fn into_error(self) -> LockError {
+        match self {
+            Failure::Statement(error) => LockError::backend(error),
+            Failure::SessionLost(error) => error,
+        }
+    }
+}
+
+/// What woke the session task.
+enum Event {
+    Command(Command),
+    Stopped,
+    LeaseDue,
+    Tick,
+}
+
+struct Session {
+    pool: PgPool,
+    sql: Arc<Statements>,
+    settings: SessionSettings,
+    /// To build guard links and flags; weak so that the task stops once every handle is gone.
+    sender: mpsc::WeakUnboundedSender<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    connection: Option<SessionConnection>,
+    held: HashMap<i64, Held>,
+    /// Lease deadlines of `held`, earliest first.
+    expiries: BTreeSet<(Instant, i64)>,
+    /// Waiter flags set on the server, by key: the ids of the local waiters that asked.
+    flags: HashMap<i64, HashSet<u64>>,
+    next_flag_id: u64,
+    /// Last statement sent, for pings.
+    last_used: Instant,
+    /// Since when the session holds nothing, for closing an unused connection.
+    idle_since: Instant,
+    /// The three timers of the session, kept (not re-created per command) because arming a
+    /// timer per statement costs more than the statement on a virtual machine; each is moved
+    /// only when it must fire earlier, and a timer that fires early is simply re-armed.
+    timers: Timers,
+}
+
+struct Timers {
+    /// Fires at (or before) the earliest lease deadline.
+    lease: Pin<Box<Sleep>>,
+    /// Fires at (or before) the next ping or idle close.
+    tick: Pin<Box<Sleep>>,
+    /// Fires at (or before) the deadline of the statement in flight.
+    statement: Pin<Box<Sleep>>,
+}
+
+impl Timers {
+    fn new() -> Self {
+        let far = Instant::now() + FAR_FUTURE;
+        Timers {
+            lease: Box::pin(tokio::time::sleep_until(far)),
+            tick: Box::pin(tokio::time::sleep_until(far)),
+            statement: Box::pin(tokio::time::sleep_until(far)),
+        }
+    }
+}
+
+/// A deadline that never comes in practice, for an idle timer.
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+impl Session {
+    fn new(
+        pool: PgPool,
+        sql: Arc<Statements>,
+        settings: SessionSettings,
+        sender: mpsc::WeakUnboundedSender<Command>,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Self {
+        Session {
+            pool,
+            sql,
+            settings,
+            sender,
+            commands,
+            connection: None,
+            held: HashMap::new(),
+            expiries: BTreeSet::new(),
+            flags: HashMap::new(),
+            next_flag_id: 0,
+            last_used: Instant::now(),
+            idle_since: Instant::now(),
+            timers: Timers::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            // Move a timer only if it must fire earlier; one that fires early is re-armed.
+            if let Some(&(at, _)) = self.expiries.first() {
+                if at < self.timers.lease.deadline() {
+                    self.timers.lease.as_mut().reset(at);
+                }
+            }
+            let tick_at = self.next_tick();
+            if let Some(at) = tick_at {
+                if at < self.timers.tick.deadline() {
+                    self.timers.tick.as_mut().reset(at);
+                }
+            }
+            let leases_pending = !self.expiries.is_empty();
+            let event = tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(command) => Event::Command(command),
+                    None => Event::Stopped,
+                },
+                () = self.timers.lease.as_mut(), if leases_pending => Event::LeaseDue,
+                () = self.timers.tick.as_mut(), if tick_at.is_some() => Event::Tick,
+            };
+            match event {
+                Event::Command(command) => self.handle(command).await,
+                Event::LeaseDue => {
+                    self.timers
+                        .lease
+                        .as_mut()
+                        .reset(Instant::now() + FAR_FUTURE);
+                    self.expire_due().await;
+                }
+                Event::Tick => {
+                    self.timers.tick.as_mut().reset(Instant::now() + FAR_FUTURE);
+                    if self.next_tick().is_some_and(|at| at <= Instant::now()) {
+                        self.tick().await;
+                    }
+                }
+                Event::Stopped => break,
+            }
+        }
+        debug_assert!(self.held.is_empty(), "every guard link releases on drop");
+        self.close_gracefully().await;
+    }
+
+    fn next_tick(&self) -> Option<Instant> {
+        self.connection.as_ref()?;
+        let ping_at = self.last_used + self.settings.ping_interval();
+        if self.held.is_empty() && self.flags.is_empty() {
+            Some(ping_at.min(self.idle_since + self.settings.idle_close))
+        } else {
+            Some(ping_at)
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::TryLock {
+                claim,
+                flag,
+                ttl,
+                sent_at,
+                reply,
+            } => self.try_lock(claim, flag, ttl, sent_at, reply).await,
+            Command::SetFlag { key, reply } => self.set_flag(key, reply).await,
+            Command::ClearFlag { key, id } => self.clear_flag(key, id).await,
+            Command::Release { key, id, reply } => {
+                let result = self.release(key, id).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Command::Extend {
+                key,
+                id,
+                ttl,
+                sent_at,
+                reply,
+            } => {
+                let result = self.extend(key, id, ttl, sent_at).await;
+                let _ = reply.send(result);
+            }
+            Command::IsLocked { key, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                let result = self.is_locked(key).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn try_lock(
+        &mut self,
+        claim: KeyClaim,
+        flag: Option<u64>,
+        ttl: Duration,
+        sent_at: Instant,
+        reply: oneshot::Sender<Result<TryOutcome, LockError>>,
+    ) {
+        if reply.is_closed() {
+            // The caller gave up before its turn; dropping the claim lets the next one in.
+            return;
+        }
+        let key = claim.key();
+        // Drop the server flag in the same statement only if this waiter is its last user.
+        let unflag = flag.filter(|id| {
+            self.flags
+                .get(&key)
+                .is_some_and(|ids| ids.len() == 1 && ids.contains(id))
+        });
+        let token = match self.run_try_lock(key, unflag.is_some()).await {
+            Ok(token) => token,
+            Err(failure) => {
+                if let Failure::Statement(_) = &failure {
+                    // A session lock taken before the error would survive it.
+                    self.force_unlock(key).await;
+                }
+                let _ = reply.send(Err(failure.into_error()));
+                return;
+            }
+        };
+        let Some(token) = token else {
+            let _ = reply.send(Ok(TryOutcome::Busy(claim)));
+            return;
+        };
+        if let Some(id) = flag {
+            self.forget_flag(key, id, unflag.is_some());
+        }
+        let Some(commands) = self.sender.upgrade() else {
+            // Nobody can release it any more: do it now.
+            self.held_insert(key, claim, Lease::new(sent_at, ttl));
+            let _ = self.unlock_held(key).await;
+            return;
+        };
+        let lease = Lease::new(sent_at, ttl);
+        let id = self.held_insert(key, claim, Arc::clone(&lease));
+        let granted = Granted {
+            fencing_token: u64::try_from(token).unwrap_or(0),
+            lease,
+            lock: HeldLockRef {
+                commands,
+                key,
+                id,
+                settled: AtomicBool::new(false),
+            },
+        };
+        if let Err(Ok(TryOutcome::Granted(unwanted))) = reply.send(Ok(TryOutcome::Granted(granted)))
+        {
+            // The acquire was cancelled while the statement ran: undo it before anything else.
+            unwanted.lock.settled.store(true, Ordering::Release);
+            tracing::debug!(key, "acquire cancelled as the lock was granted; unlocking");
+            let _ = self.unlock_held(key).await;
+        }
+    }
+
+    fn held_insert(&mut self, key: i64, claim: KeyClaim, lease: Arc<Lease>) -> Uuid {
+        let id = Uuid::new_v4();
+        let expires_at = lease.deadline();
+        self.expiries.insert((expires_at, key));
+        let previous = self.held.insert(
+            key,
+            Held {
+                id,
+                claim,
+                lease,
+                expires_at,
+            },
+        );
+        debug_assert!(previous.is_none(), "a claim is exclusive per key");
+        id
+    }
+
+    async fn release(&mut self, key: i64, id: Uuid) -> Result<(), LockError> {
+        let Some(held) = self.held.get(&key).filter(|held| held.id == id) else {
+            return Err(LockError::LockLost);
+        };
+        let expired = held.lease.is_lost();
+        let result = self.unlock_held(key).await;
+        if expired {
+            Err(LockError::LockLost)
+        } else {
+            result
+        }
+    }
+
+    async fn extend(
+        &mut self,
+        key: i64,
+        id: Uuid,
+        ttl: Duration,
+        sent_at: Instant,
+    ) -> Result<(), LockError> {
+        let Some(held) = self.held.get(&key).filter(|held| held.id == id) else {
+            return Err(LockError::LockLost);
+        };
+        if held.lease.is_lost() {
+            let _ = self.unlock_held(key).await;
+            return Err(LockError::LockLost);
+        }
+        // A live connection still holds every lock it took: proving it alive proves the lock.
+        let sql = Arc::clone(&self.sql);
+        match self
+            .statement(move |conn| {
+                Box::pin(async move { sqlx::query(sql.ping).execute(conn).await })
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(Failure::Statement(error)) => return Err(LockError::backend(error)),
+            Err(Failure::SessionLost(_)) => return Err(LockError::LockLost),
+        }
+        let Some(held) = self.held.get_mut(&key).filter(|held| held.id == id) else {
+            return Err(LockError::LockLost);
+        };
+        held.lease.renew(sent_at, ttl);
+        let expires_at = held.lease.deadline();
+        if expires_at != held.expires_at {
+            self.expiries.remove(&(held.expires_at, key));
+            held.expires_at = expires_at;
+            self.expiries.insert((expires_at, key));
+        }
+        Ok(())
+    }
+
+    async fn is_locked(&mut self, key: i64) -> Result<bool, LockError> {
+        let (high, low) = pg_locks_halves(key);
+        let sql = Arc::clone(&self.sql);
+        self.statement(move |conn| {
+            Box::pin(async move {
+                sqlx::query_scalar::<_, bool>(sql.is_locked)
+                    .bind(high)
+                    .bind(low)
+                    .fetch_one(conn)
+                    .await
+            })
+        })
+        .await
+        .map_err(Failure::into_error)
+    }
+
+    async fn set_flag(&mut self, key: i64, reply: oneshot::Sender<Result<WaitFlag, LockError>>) {
+        if reply.is_closed() {
+            return;
+        }
+        let Some(commands) = self.sender.upgrade() else {
+            return;
+        };
+        if !self.flags.contains_key(&key) {
+            let (high, low) = flag_key(key);
+            let sql = Arc::clone(&self.sql);
+            let result = self
+                .statement(move |conn| {
+                    Box::pin(async move {
+                        sqlx::query(sql.set_flag)
+                            .bind(high)
+                            .bind(low)
+                            .execute(conn)
+                            .await
+                    })
+                })
+                .await;
+            if let Err(failure) = result {
+                if let Failure::Statement(_) = &failure {
+                    // A lock_timeout can fire just as the lock is granted (55P03 with the lock
+                    // held): make sure no flag is left that nobody tracks.
+                    self.server_clear_flag(key).await;
+                }
+                let _ = reply.send(Err(failure.into_error()));
+                return;
+            }
+        }
+        let id = self.next_flag_id;
+        self.next_flag_id += 1;
+        self.flags.entry(key).or_default().insert(id);
+        let flag = WaitFlag {
+            commands,
+            key,
+            id,
+            armed: true,
+        };
+        if let Err(Ok(mut unwanted)) = reply.send(Ok(flag)) {
+            unwanted.armed = false;
+            self.clear_flag(key, id).await;
+        }
+    }
+
+    async fn clear_flag(&mut self, key: i64, id: u64) {
+        let Some(ids) = self.flags.get_mut(&key) else {
+            return;
+        };
+        if !ids.remove(&id) || !ids.is_empty() {
+            return;
+        }
+        self.flags.remove(&key);
+        self.server_clear_flag(key).await;
+    }
+
+    /// Drops this session's waiter flag on `key` on the server (a no-op if it holds none).
+    async fn server_clear_flag(&mut self, key: i64) {
+        let (high, low) = flag_key(key);
+        let sql = Arc::clone(&self.sql);
+        let result = self
+            .statement(move |conn| {
+                Box::pin(async move {
+                    sqlx::query(sql.clear_flag)
+                        .bind(high)
+                        .bind(low)
+                        .execute(conn)
+                        .await
+                })
+            })
+            .await;
+        if let Err(Failure::Statement(error)) = result {
+            // A stale flag only costs other processes a needless notification; closing the
+            // session to drop it would cost every lock on it.
+            tracing::warn!(%error, key, "could not clear a lock waiter flag");
+        }
+    }
+
+    /// Removes a flag id after a successful `try_lock`; `cleared` says whether the statement
+    /// dropped the server flag too.
+    fn forget_flag(&mut self, key: i64, id: u64, cleared: bool) {
+        if let Some(ids) = self.flags.get_mut(&key) {
+            ids.remove(&id);
+            if cleared {
+                debug_assert!(ids.is_empty());
+                self.flags.remove(&key);
+            }
+        }
+    }
+
+    /// Unlocks a held key (notifying other processes' waiters), removes it from the session
+    /// and passes its claim on. On any failure the session is closed, which frees the lock too.
+    async fn unlock_held(&mut self, key: i64) -> Result<(), LockError> {
+        let (flag_high, flag_low) = flag_key(key);
+        let sql = Arc::clone(&self.sql);
+        let result = self
+            .statement(move |conn| {
+                Box::pin(async move {
+                    sqlx::query_as::<_, (bool, bool)>(&sql.unlock)
+                        .bind(key)
+                        .bind(flag_high)
+                        .bind(flag_low)
+                        .fetch_one(conn)
+                        .await
+                })
+            })
+            .await;
+        match result {
+            Ok((true, notified)) => {
+                if let Some(mut held) = self.held_remove(key) {
+                    if notified {
+                        tracing::trace!(key, "released a lock that another process awaits");
+                        held.claim.set_yield_to_others();
+                    }
+                }
+                Ok(())
+            }
+            Ok((false, _)) => {
+                tracing::warn!(
+                    key,
+                    "the server did not hold a lock this session had granted"
+                );
+                if let Some(held) = self.held_remove(key) {
+                    held.lease.mark_lost();
+                }
+                Err(LockError::LockLost)
+            }
+            Err(Failure::Statement(error)) => {
+                tracing::warn!(%error, key, "unlock failed; closing the session to free the lock");
+                self.lose_session(LockError::backend(error));
+                Err(LockError::LockLost)
+            }
+            // `statement` closed the session and marked every lease lost.
+            Err(Failure::SessionLost(_)) => Err(LockError::LockLost),
+        }
+    }
+
+    fn held_remove(&mut self, key: i64) -> Option<Held> {
+        let held = self.held.remove(&key)?;
+        self.expiries.remove(&(held.expires_at, key));
+        if self.held.is_empty() {
+            self.idle_since = Instant::now();
+        }
+        Some(held)
+    }
+
+    /// After a failed lock statement: makes sure the key is not left locked on this session.
+    async fn force_unlock(&mut self, key: i64) {
+        let result = self
+            .statement(move |conn| {
+                Box::pin(async move {
+                    sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(key)
+                        .execute(conn)
+                        .await
+                })
+            })
+            .await;
+        if let Err(Failure::Statement(error)) = result {
+            tracing::warn!(%error, key, "cleanup unlock failed; closing the session");
+            self.lose_session(LockError::backend(error));
+        }
+    }
+
+    async fn expire_due(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, key)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop_first();
+            let Some(held) = self.held.get_mut(&key) else {
+                continue;
+            };
+            let deadline = held.lease.deadline();
+            if deadline > now {
+                // Renewed by the guard since it was scheduled.
+                held.expires_at = deadline;
+                self.expiries.insert((deadline, key));
+                continue;
+            }
+            held.lease.mark_lost();
+            tracing::debug!(key, "lease ran out; unlocking");
+            let _ = self.unlock_held(key).await;
+        }
+    }
+
+    /// Pings an idle connection, or closes one unused for `idle_close`.
+    async fn tick(&mut self) {
+        if self.connection.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        if self.held.is_empty()
+            && self.flags.is_empty()
+            && now >= self.idle_since + self.settings.idle_close
+        {
+            tracing::debug!("closing an unused lock session");
+            self.close_gracefully().await;
+            return;
+        }
+        let sql = Arc::clone(&self.sql);
+        if let Err(Failure::Statement(error)) = self
+            .statement(move |conn| {
+                Box::pin(async move { sqlx::query(sql.ping).execute(conn).await })
+            })
+            .await
+        {
+            tracing::warn!(%error, "lock session ping failed");
+        }
+    }
+
+    async fn run_try_lock(&mut self, key: i64, unflag: bool) -> Result<Option<i64>, Failure> {
+        let mut created_sequence = false;
+        loop {
+            let sql = Arc::clone(&self.sql);
+            let result = if unflag {
+                let (high, low) = flag_key(key);
+                self.statement(move |conn| {
+                    Box::pin(async move {
+                        sqlx::query_as::<_, (Option<i64>, Option<bool>)>(&sql.try_lock_unflag)
+                            .bind(key)
+                            .bind(high)
+                            .bind(low)
+                            .fetch_one(conn)
+                            .await
+                    })
+                })
+                .await
+                .map(|(token, _)| token)
+            } else {
+                self.statement(move |conn| {
+                    Box::pin(async move {
+                        sqlx::query_scalar::<_, Option<i64>>(&sql.try_lock)
+                            .bind(key)
+                            .fetch_one(conn)
+                            .await
+                    })
+                })
+                .await
+            };
+            match result {
+                Err(Failure::Statement(error))
+                    if !created_sequence && is_undefined_table(&error) =>
+                {
+                    self.create_sequence().await?;
+                    created_sequence = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Creates the fencing sequence; a concurrent creation by another session is fine.
+    async fn create_sequence(&mut self) -> Result<(), Failure> {
+        let sql = Arc::clone(&self.sql);
+        let result = self
+            .statement(move |conn| {
+                Box::pin(async move { sqlx::query(&sql.create_sequence).execute(conn).await })
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!("created the fencing token sequence");
+                Ok(())
+            }
+            Err(Failure::Statement(error)) if is_concurrent_creation(&error) => Ok(()),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Runs one statement on the session's connection (opening it if needed) under the
+    /// command timeout. Any doubt about the connection closes it: see [`Failure`].
+    async fn statement<T>(
+        &mut self,
+        run: impl for<'c> FnOnce(
+            &'c mut PgConnection,
+        ) -> futures_util::future::BoxFuture<'c, Result<T, sqlx::Error>>,
+    ) -> Result<T, Failure> {
+        let timeout = self.settings.command_timeout;
+        if self.connection.is_none() {
+            let connection = self.connect().await.map_err(Failure::SessionLost)?;
+            self.connection = Some(connection);
+        }
+        let connection = self
+            .connection
+            .as_mut()
+            .and_then(SessionConnection::get_mut)
+            .expect("connected above");
+        let started = Instant::now();
+        self.last_used = started;
+        let deadline = started + timeout;
+        let armed = self.timers.statement.deadline();
+        if armed > deadline || armed + timeout / 2 < deadline {
+            self.timers.statement.as_mut().reset(deadline);
+        }
+        let outcome = {
+            let statement = run(connection);
+            tokio::pin!(statement);
+            loop {
+                tokio::select! {
+                    biased;
+                    result = &mut statement => break Ok(result),
+                    () = self.timers.statement.as_mut() => {
+                        if Instant::now() >= deadline {
+                            break Err(());
+                        }
+                        // Armed for an earlier statement: wait out this one's own deadline.
+                        self.timers.statement.as_mut().reset(deadline);
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
+            Ok(Err(error)) => {
+                let error = LockError::backend(error);
+                self.lose_session(error.clone());
+                Err(Failure::SessionLost(error))
+            }
+            Err(_) => {
+                let error = LockError::backend_msg(format!(
+                    "a PostgreSQL lock statement took longer than {timeout:?}"
+                ));
+                self.lose_session(error.clone());
+                Err(Failure::SessionLost(error))
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<SessionConnection, LockError> {
+        let timeout = self.settings.command_timeout;
+        let (names, values) = self.settings.server_settings();
+        let open = async {
+            let mut connection = self.pool.acquire().await?;
+            // Whatever happens from here on, this connection is never returned to the pool.
+            connection.close_on_drop();
+            let mut connection = SessionConnection(Some(connection));
+            sqlx::query(
+                "SELECT count(set_config(s.name, s.value, false)) \
+                 FROM unnest($1::text[], $2::text[]) AS s(name, value) \
+                 WHERE s.name IN (SELECT name FROM pg_settings)",
+            )
+            .bind(&names)
+            .bind(&values)
+            .execute(connection.get_mut().expect("just stored"))
+            .await?;
+            Ok::<_, sqlx::Error>(connection)
+        };
+        match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(connection)) => {
+                tracing::debug!("opened a PostgreSQL lock session");
+                self.last_used = Instant::now();
+                self.idle_since = Instant::now();
+                Ok(connection)
+            }
+            Ok(Err(error)) => Err(LockError::backend(error)),
+            Err(_) => Err(LockError::backend_msg(format!(
+                "opening a PostgreSQL lock session took longer than {timeout:?}"
+            ))),
+        }
+    }
+
+    /// The connection broke or is in doubt: close it at once (the server then drops every
+    /// lock and flag it held), mark every lease lost and let the waiting tasks of this process
+    /// in.
+    fn lose_session(&mut self, cause: LockError) {
+        if let Some(connection) = self.connection.take() {
+            connection.close_hard();
+        }
+        if !self.held.is_empty() {
+            tracing::warn!(
+                locks = self.held.len(),
+                %cause,
+                "PostgreSQL lock session lost; its locks are gone"
+            );
+        }
+        for (_, held) in self.held.drain() {
+            held.lease.mark_lost();
+            drop(held.claim);
+        }
+        self.expiries.clear();
+        self.flags.clear();
+        self.idle_since = Instant::now();
+    }
+
+    async fn close_gracefully(&mut self) {
+        if !self.held.is_empty() || !self.flags.is_empty() {
+            self.lose_session(LockError::backend_msg("lock session closed"));
+            return;
+        }
+        if let Some(mut connection) = self.connection.take() {
+            if let Some(inner) = connection.0.take() {
+                let _ = tokio::time::timeout(self.settings.command_timeout, inner.close()).await;
+            }
+        }
+    }
+}

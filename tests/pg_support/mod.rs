@@ -1,0 +1,116 @@
+//! PostgreSQL helpers shared by the `postgres_*` tests: pools on the server that
+//! `common::postgres_url()` finds, and `pg_locks` inspection from an independent connection.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use k1s0_distributed_lock::{LockConfig, PostgresDistributedLock};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::common;
+
+/// A pool of at most `max` connections on the test server.
+pub async fn pool(max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&common::postgres_url().await)
+        .await
+        .expect("connect to the test PostgreSQL")
+}
+
+/// A lock service on its own pool (so it has its own sessions, like another process would).
+pub async fn lock(config: LockConfig) -> PostgresDistributedLock {
+    PostgresDistributedLock::new(pool(5).await, config)
+}
+
+/// A connection outside every lock service, to look at the server's lock table.
+pub async fn admin() -> PgConnection {
+    PgConnection::connect(&common::postgres_url().await)
+        .await
+        .expect("connect to the test PostgreSQL")
+}
+
+/// Granted advisory locks (bigint form) on `key` in this database, held by any session.
+pub async fn advisory_locks(admin: &mut PgConnection, key: &str) -> i64 {
+    count_locks(admin, key, 1).await
+}
+
+/// Waiter flags (the two-integer form of the same key) held by any session.
+pub async fn waiter_flags(admin: &mut PgConnection, key: &str) -> i64 {
+    count_locks(admin, key, 2).await
+}
+
+async fn count_locks(admin: &mut PgConnection, key: &str, objsubid: i16) -> i64 {
+    let advisory = PostgresDistributedLock::advisory_key(key) as u64;
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = $3 AND granted",
+    )
+    .bind((advisory >> 32) as i64)
+    .bind((advisory & 0xffff_ffff) as i64)
+    .bind(objsubid)
+    .fetch_one(admin)
+    .await
+    .expect("query pg_locks")
+}
+
+/// The backend pids holding `key`.
+pub async fn holders(admin: &mut PgConnection, key: &str) -> Vec<i32> {
+    let advisory = PostgresDistributedLock::advisory_key(key) as u64;
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 1 AND granted",
+    )
+    .bind((advisory >> 32) as i64)
+    .bind((advisory & 0xffff_ffff) as i64)
+    .fetch_all(admin)
+    .await
+    .expect("query pg_locks")
+}
+
+/// A row `name` = 0 in the shared counter table (created on first use, race-safe).
+pub async fn counter_row(admin: &mut PgConnection, name: &str) {
+    let mut tx = admin.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(4242, 4242)")
+        .execute(&mut *tx)
+        .await
+        .expect("serialize table creation");
+    sqlx::query("CREATE TABLE IF NOT EXISTS k1s0_test_counters (name text PRIMARY KEY, value bigint NOT NULL)")
+        .execute(&mut *tx)
+        .await
+        .expect("create counter table");
+    tx.commit().await.expect("commit");
+    sqlx::query("INSERT INTO k1s0_test_counters (name, value) VALUES ($1, 0)")
+        .bind(name)
+        .execute(admin)
+        .await
+        .expect("insert counter row");
+}
+
+/// One non-atomic increment: read, yield, write back. Only exclusion keeps the total exact.
+pub async fn increment(conn: &mut PgConnection, name: &str) {
+    let value: i64 = sqlx::query_scalar("SELECT value FROM k1s0_test_counters WHERE name = $1")
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await
+        .expect("read counter");
+    tokio::task::yield_now().await;
+    sqlx::query("UPDATE k1s0_test_counters SET value = $2 WHERE name = $1")
+        .bind(name)
+        .bind(value + 1)
+        .execute(&mut *conn)
+        .await
+        .expect("write counter");
+}
+
+pub async fn counter_value(admin: &mut PgConnection, name: &str) -> i64 {
+    sqlx::query_scalar("SELECT value FROM k1s0_test_counters WHERE name = $1")
+        .bind(name)
+        .fetch_one(admin)
+        .await
+        .expect("read counter")
+}

@@ -1,0 +1,280 @@
+//! PostgreSQL backend: key mapping, bad input, conflicts, fencing, a server that is down.
+#![cfg(feature = "postgres")]
+
+mod common;
+mod pg_support;
+
+use std::time::{Duration, Instant};
+
+use k1s0_distributed_lock::{
+    DistributedLock, LockConfig, LockError, PostgresDistributedLock, MAX_KEY_LEN,
+};
+use sqlx::postgres::PgPoolOptions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_mapping_matches_the_documented_vector_and_the_server_side_formula() {
+    // The vector in docs/postgres.md.
+    assert_eq!(
+        PostgresDistributedLock::advisory_key("order:42"),
+        -2_708_853_543_617_250_617
+    );
+    let mut admin = pg_support::admin().await;
+    for key in ["order:42", "ключ", "a'b\\c\0d", "\"; DROP TABLE x; --", "k"] {
+        let on_server: i64 = sqlx::query_scalar(
+            "SELECT ('x' || encode(substring(sha256($1::bytea) FROM 1 FOR 8), 'hex'))::bit(64)::bigint",
+        )
+        .bind(key.as_bytes())
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(
+            PostgresDistributedLock::advisory_key(key),
+            on_server,
+            "{key:?}"
+        );
+    }
+    // And the lock really sits on that advisory key.
+    let prefix = common::unique_prefix("pg_vector");
+    let key = format!("{prefix}k");
+    let lock = pg_support::lock(LockConfig::new()).await;
+    let guard = lock.try_acquire(&key).await.unwrap();
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(PostgresDistributedLock::advisory_key(&key))
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(!taken, "another session could take the mapped advisory key");
+    guard.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keys_and_bad_config_are_refused_without_locking() {
+    let lock = pg_support::lock(LockConfig::new()).await;
+    let long = "k".repeat(MAX_KEY_LEN + 1);
+    for key in ["", long.as_str()] {
+        assert!(matches!(
+            lock.try_acquire(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.acquire(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.is_locked(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+    }
+    let prefix = common::unique_prefix("pg_bad_config");
+    let key = format!("{prefix}k");
+    let zero_ttl = pg_support::lock(LockConfig::new().ttl(Duration::ZERO)).await;
+    assert!(matches!(
+        zero_ttl.try_acquire(&key).await,
+        Err(LockError::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        zero_ttl.acquire(&key).await,
+        Err(LockError::InvalidConfig { .. })
+    ));
+    let mut admin = pg_support::admin().await;
+    assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
+
+    let pool = pg_support::pool(2).await;
+    for builder in [
+        PostgresDistributedLock::builder(pool.clone(), LockConfig::new()).sessions(0),
+        PostgresDistributedLock::builder(pool.clone(), LockConfig::new()).sessions(65),
+        PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
+            .command_timeout(Duration::ZERO),
+        PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
+            .network_timeout(Duration::from_millis(500)),
+        PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
+            .fencing_sequence("x'; DROP TABLE y; --"),
+    ] {
+        assert!(matches!(
+            builder.build(),
+            Err(LockError::InvalidConfig { .. })
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_with_quotes_backslashes_and_nul_are_distinct_locks() {
+    let prefix = common::unique_prefix("pg_odd_keys");
+    let lock = pg_support::lock(LockConfig::new()).await;
+    let other = pg_support::lock(LockConfig::new()).await;
+    let keys: Vec<String> = ["a'b", "a\\b", "a\0b", "a\"b", "a\nb", "a;b--", "é🔒", "a b"]
+        .iter()
+        .map(|suffix| format!("{prefix}{suffix}"))
+        .collect();
+    let mut guards = Vec::new();
+    for key in &keys {
+        guards.push(
+            lock.try_acquire(key)
+                .await
+                .unwrap_or_else(|e| panic!("{key:?}: {e}")),
+        );
+    }
+    let mut admin = pg_support::admin().await;
+    for key in &keys {
+        assert!(other.is_locked(key).await.unwrap(), "{key:?}");
+        assert!(matches!(
+            other.try_acquire(key).await,
+            Err(LockError::AlreadyLocked)
+        ));
+        assert_eq!(
+            pg_support::advisory_locks(&mut admin, key).await,
+            1,
+            "{key:?}"
+        );
+    }
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    for key in &keys {
+        assert!(!other.is_locked(key).await.unwrap(), "{key:?}");
+        assert_eq!(
+            pg_support::advisory_locks(&mut admin, key).await,
+            0,
+            "{key:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_within_and_across_instances_and_fencing_tokens_increase() {
+    let prefix = common::unique_prefix("pg_conflict");
+    let key = format!("{prefix}k");
+    let lock = pg_support::lock(LockConfig::new()).await;
+    let other = pg_support::lock(LockConfig::new()).await;
+    let mut last_token = 0;
+    for round in 0..6 {
+        let (holder, contender) = if round % 2 == 0 {
+            (&lock, &other)
+        } else {
+            (&other, &lock)
+        };
+        let guard = holder.try_acquire(&key).await.unwrap();
+        assert!(guard.fencing_token() > last_token, "round {round}");
+        last_token = guard.fencing_token();
+        // Same instance (re-entrant session underneath) and another instance both refuse.
+        assert!(matches!(
+            holder.try_acquire(&key).await,
+            Err(LockError::AlreadyLocked)
+        ));
+        assert!(matches!(
+            contender.try_acquire(&key).await,
+            Err(LockError::AlreadyLocked)
+        ));
+        assert!(holder.is_locked(&key).await.unwrap());
+        assert!(contender.is_locked(&key).await.unwrap());
+        if round % 3 == 0 {
+            drop(guard);
+        } else {
+            holder.release(guard).await.unwrap();
+        }
+        assert!(!holder.is_locked(&key).await.unwrap());
+    }
+}
+
+/// With `durable_fencing_tokens(false)` tokens still increase across holders and instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nondurable_fencing_tokens_still_increase() {
+    let prefix = common::unique_prefix("pg_nondurable");
+    let key = format!("{prefix}k");
+    let mut locks = Vec::new();
+    for durable in [false, true, false] {
+        locks.push(
+            PostgresDistributedLock::builder(pg_support::pool(2).await, LockConfig::new())
+                .durable_fencing_tokens(durable)
+                .build()
+                .unwrap(),
+        );
+    }
+    let mut last = 0;
+    for round in 0..60 {
+        let guard = locks[round % locks.len()].acquire(&key).await.unwrap();
+        assert!(guard.fencing_token() > last, "round {round}");
+        last = guard.fencing_token();
+        guard.release().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_down_gives_backend_error_quickly() {
+    // A loopback port that nothing listens on.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/test"))
+        .unwrap();
+    let lock = PostgresDistributedLock::builder(pool, LockConfig::new())
+        .command_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    assert!(matches!(
+        lock.try_acquire("k").await,
+        Err(LockError::BackendError(_))
+    ));
+    assert!(matches!(
+        lock.acquire("k").await,
+        Err(LockError::BackendError(_))
+    ));
+    assert!(matches!(
+        lock.is_locked("k").await,
+        Err(LockError::BackendError(_))
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Several lock services start at once on a sequence that does not exist yet: its creation
+/// races, nobody fails, and tokens still increase per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fencing_sequence_is_created_once_under_concurrent_first_use() {
+    let prefix = common::unique_prefix("pg_sequence");
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let mut locks = Vec::new();
+    for _ in 0..6 {
+        locks.push(
+            PostgresDistributedLock::builder(pg_support::pool(2).await, LockConfig::new())
+                .fencing_sequence(sequence.clone())
+                .build()
+                .unwrap(),
+        );
+    }
+    let key = format!("{prefix}shared");
+    let first_keys: Vec<String> = (0..locks.len()).map(|i| format!("{prefix}{i}")).collect();
+    let firsts = futures::future::join_all(
+        locks
+            .iter()
+            .zip(&first_keys)
+            .map(|(lock, key)| lock.try_acquire(key)),
+    )
+    .await;
+    for guard in firsts {
+        guard
+            .expect("first use creates or finds the sequence")
+            .release()
+            .await
+            .unwrap();
+    }
+    let mut last = 0;
+    for lock in locks.iter().chain(locks.iter()) {
+        let guard = lock.acquire(&key).await.unwrap();
+        assert!(guard.fencing_token() > last);
+        last = guard.fencing_token();
+        guard.release().await.unwrap();
+    }
+    let mut admin = pg_support::admin().await;
+    sqlx::query(&format!("DROP SEQUENCE \"{sequence}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}

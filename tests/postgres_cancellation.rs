@@ -1,0 +1,185 @@
+//! PostgreSQL backend: an `acquire` dropped at any await point leaves no lock and no waiter
+//! behind, on the server (`pg_locks`) or in the process.
+#![cfg(feature = "postgres")]
+
+mod common;
+mod pg_support;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, LockGuard};
+
+/// Polls `inner` at most `polls` times (woken normally in between), then gives up on it.
+struct CancelAfterPolls<F> {
+    inner: Option<Pin<Box<F>>>,
+    polls: usize,
+}
+
+impl<F: Future> Future for CancelAfterPolls<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.polls == 0 {
+            self.inner = None; // dropped here: the cancellation
+            return Poll::Ready(None);
+        }
+        self.polls -= 1;
+        let inner = self.inner.as_mut().expect("polled after completion");
+        match inner.as_mut().poll(cx) {
+            Poll::Ready(output) => Poll::Ready(Some(output)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn cancel_after_polls<F: Future>(inner: F, polls: usize) -> CancelAfterPolls<F> {
+    CancelAfterPolls {
+        inner: Some(Box::pin(inner)),
+        polls,
+    }
+}
+
+/// Cancels the acquire of a free key after 0, 1, 2, ... polls and after growing delays. After
+/// each cancellation the key is free: not in `pg_locks`, and another instance can take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_acquire_of_a_free_key_leaves_nothing() {
+    let prefix = common::unique_prefix("pg_cancel_free");
+    let key = format!("{prefix}k");
+    let lock = pg_support::lock(LockConfig::new()).await;
+    let other = pg_support::lock(LockConfig::new()).await;
+    let mut admin = pg_support::admin().await;
+    let (mut cancelled, mut completed) = (0, 0);
+    let attempts: Vec<Result<usize, Duration>> = (0..8)
+        .map(Ok)
+        .chain((0..40).map(|step| Err(Duration::from_micros(step * 40))))
+        .collect();
+    for attempt in attempts {
+        let outcome: Option<Result<LockGuard, LockError>> = match attempt {
+            Ok(polls) => cancel_after_polls(lock.acquire(&key), polls).await,
+            Err(delay) => tokio::time::timeout(delay, lock.acquire(&key)).await.ok(),
+        };
+        match outcome {
+            Some(granted) => {
+                completed += 1;
+                granted.unwrap().release().await.unwrap();
+            }
+            None => cancelled += 1,
+        }
+        // Runs on the key's session after anything the cancelled acquire left queued.
+        assert!(!lock.is_locked(&key).await.unwrap(), "{attempt:?}");
+        assert_eq!(
+            pg_support::advisory_locks(&mut admin, &key).await,
+            0,
+            "{attempt:?}"
+        );
+        other
+            .try_acquire(&key)
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        lock.try_acquire(&key)
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    assert!(
+        cancelled > 0 && completed > 0,
+        "{cancelled} cancelled, {completed} completed"
+    );
+}
+
+/// The same while the key is held by another instance, so the acquire is waiting (flagged, with
+/// a listener). Afterwards no waiter flag is left, and when the holder releases nobody takes the
+/// key: a cancelled waiter is not granted anything later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_waiter_leaves_the_key_free_for_the_next_one() {
+    let prefix = common::unique_prefix("pg_cancel_waiting");
+    let key = format!("{prefix}k");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(20))
+        .max_retries(50);
+    let holder = pg_support::lock(config).await;
+    let waiter = pg_support::lock(config).await;
+    let mut admin = pg_support::admin().await;
+    let attempts: Vec<Result<usize, Duration>> = (0..10)
+        .map(Ok)
+        .chain((0..25).map(|step| Err(Duration::from_micros(step * 200))))
+        .collect();
+    for attempt in attempts {
+        let held = holder.try_acquire(&key).await.unwrap();
+        let outcome = match attempt {
+            Ok(polls) => cancel_after_polls(waiter.acquire(&key), polls).await,
+            Err(delay) => tokio::time::timeout(delay, waiter.acquire(&key)).await.ok(),
+        };
+        assert!(
+            outcome.is_none(),
+            "the key was held: {attempt:?} {outcome:?}"
+        );
+        // Sync with the waiter's session (flag cleared), then free the key.
+        assert!(waiter.is_locked(&key).await.unwrap());
+        assert_eq!(
+            pg_support::waiter_flags(&mut admin, &key).await,
+            0,
+            "{attempt:?}"
+        );
+        held.release().await.unwrap();
+        assert!(!waiter.is_locked(&key).await.unwrap(), "{attempt:?}");
+        assert_eq!(
+            pg_support::advisory_locks(&mut admin, &key).await,
+            0,
+            "{attempt:?}"
+        );
+        // The next waiter (a fresh acquire) gets it without delay.
+        let next = tokio::time::timeout(Duration::from_secs(2), waiter.acquire(&key))
+            .await
+            .expect("the key is free")
+            .unwrap();
+        next.release().await.unwrap();
+    }
+}
+
+/// Tasks of one instance queued behind a local holder, cancelled: the queue skips them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_local_waiters_are_skipped() {
+    let prefix = common::unique_prefix("pg_cancel_local");
+    let key = format!("{prefix}k");
+    let lock = pg_support::lock(
+        LockConfig::new()
+            .retry_interval(Duration::from_millis(100))
+            .max_retries(50),
+    )
+    .await;
+    let held = lock.acquire(&key).await.unwrap();
+    // Dropped before the first poll, right after the first poll (queued), and while queued.
+    assert!(cancel_after_polls(lock.acquire(&key), 0).await.is_none());
+    let mut queued = Box::pin(lock.acquire(&key));
+    assert!(futures::poll!(queued.as_mut()).is_pending());
+    drop(queued);
+    for delay_ms in [1, 5, 20] {
+        let cancelled = tokio::time::timeout(Duration::from_millis(delay_ms), lock.acquire(&key));
+        assert!(cancelled.await.is_err(), "the key is held locally");
+    }
+    let waiting = {
+        let (lock, key) = (lock.clone(), key.clone());
+        tokio::spawn(async move { lock.acquire(&key).await })
+    };
+    // Let the live waiter queue behind the cancelled ones before the release.
+    tokio::task::yield_now().await;
+    held.release().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the live waiter gets the lock")
+        .unwrap()
+        .unwrap();
+    next.release().await.unwrap();
+    let mut admin = pg_support::admin().await;
+    assert!(!lock.is_locked(&key).await.unwrap());
+    assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
+}

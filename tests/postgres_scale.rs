@@ -1,0 +1,77 @@
+//! PostgreSQL backend: 1,000 locks held at once on a pool of 10 connections, while other keys
+//! are still taken and given back.
+#![cfg(feature = "postgres")]
+
+mod common;
+mod pg_support;
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDistributedLock};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_locks_on_a_pool_of_ten() {
+    const HELD: usize = 1000;
+    let prefix = common::unique_prefix("pg_scale");
+    let pool = pg_support::pool(10).await;
+    let lock = PostgresDistributedLock::new(
+        pool.clone(),
+        LockConfig::new()
+            .retry_interval(Duration::from_millis(50))
+            .max_retries(4),
+    );
+    let keys: Vec<String> = (0..HELD).map(|i| format!("{prefix}held:{i}")).collect();
+    let guards: Vec<_> = join_all(keys.iter().map(|key| lock.try_acquire(key)))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("all 1,000 locks");
+    assert!(pool.size() <= 10);
+
+    let mut admin = pg_support::admin().await;
+    let advisory: Vec<i64> = keys
+        .iter()
+        .map(|k| PostgresDistributedLock::advisory_key(k))
+        .collect();
+    let (held, sessions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND objsubid = 1 AND granted AND ((classid::bigint << 32) | objid::bigint) = ANY($1)",
+    )
+    .bind(&advisory)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(held, HELD as i64);
+    assert!(sessions <= 2, "{sessions} connections hold the locks");
+
+    // Other keys still come and go, and a held one still times out properly.
+    let other = format!("{prefix}other");
+    for round in 0..100 {
+        let guard = lock.acquire(&format!("{other}:{round}")).await.unwrap();
+        guard.release().await.unwrap();
+    }
+    assert!(matches!(
+        lock.acquire(&keys[17]).await,
+        Err(LockError::Timeout)
+    ));
+    assert!(pool.size() <= 10);
+
+    drop(guards);
+    // Every session has run its queued unlocks once it answers `is_locked`.
+    for key in &keys[..2] {
+        let _ = lock.is_locked(key).await.unwrap();
+    }
+    for key in keys.iter().take(10) {
+        assert!(!lock.is_locked(key).await.unwrap());
+    }
+    let still_held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+         AND ((classid::bigint << 32) | objid::bigint) = ANY($1)",
+    )
+    .bind(&advisory)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(still_held, 0);
+}
