@@ -40,12 +40,12 @@ pub mod layer;
 mod lease;
 
 pub use backend::memory::InMemoryDistributedLock;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use backend::redis::{AutoExtend, RedisDistributedLock, RedisDistributedLockBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use backend::postgres::{PostgresDistributedLock, PostgresDistributedLockBuilder};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use backend::redis::{AutoExtend, RedisDistributedLock, RedisDistributedLockBuilder};
 pub use backend::DistributedLock;
 /// The bb8-redis crate this backend is built on (with its `bb8` and `redis`), so that pools and
 /// clients you build have matching versions.

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use crate::{LockError, LockGuard};
 
 pub(crate) mod memory;
-#[cfg(feature = "redis")]
-pub(crate) mod redis;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 /// A lock service: takes, tests and gives back named locks.
 ///

@@ -12,6 +12,8 @@ use k1s0_distributed_lock::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Memory,
+    #[cfg(feature = "postgres")]
+    Postgres,
     #[cfg(feature = "redis")]
     Redis,
 }
@@ -20,6 +22,8 @@ impl Backend {
     /// Every backend that needs a server, in this build.
     pub fn servers() -> Vec<Backend> {
         vec![
+            #[cfg(feature = "postgres")]
+            Backend::Postgres,
             #[cfg(feature = "redis")]
             Backend::Redis,
         ]
@@ -28,6 +32,8 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Memory => "memory",
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => "postgres",
             #[cfg(feature = "redis")]
             Backend::Redis => "redis",
         }
@@ -44,6 +50,11 @@ impl Backend {
     pub async fn counter(self, name: &str) -> Counter {
         match self {
             Backend::Memory => panic!("the in-memory backend keeps no counters"),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => Counter::Postgres(
+                super::counter::postgres::PostgresCounter::new(postgres_pool(None).await, name)
+                    .await,
+            ),
             #[cfg(feature = "redis")]
             Backend::Redis => Counter::Redis(
                 super::counter::redis::RedisCounter::new(&super::redis_url().await, name).await,
@@ -66,6 +77,20 @@ impl Backend {
     ) -> AnyLock {
         match self {
             Backend::Memory => AnyLock::Memory(InMemoryDistributedLock::new(config)),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => {
+                use k1s0_distributed_lock::PostgresDistributedLock;
+                let pool = postgres_pool(url).await;
+                let mut builder = PostgresDistributedLock::builder(pool.clone(), config);
+                if let Some(timeout) = command_timeout {
+                    builder = builder.command_timeout(timeout);
+                }
+                AnyLock::Postgres(match config.validate() {
+                    Ok(()) => builder.build().unwrap(),
+                    // As for Redis: new() takes a bad configuration and reports it at acquire.
+                    Err(_) => PostgresDistributedLock::new(pool, config),
+                })
+            }
             #[cfg(feature = "redis")]
             Backend::Redis => {
                 use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
@@ -99,6 +124,12 @@ impl Backend {
     pub async fn url_via(self, address: std::net::SocketAddr) -> String {
         match self {
             Backend::Memory => panic!("the in-memory backend has no server"),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => {
+                let url = super::postgres_url().await;
+                let host_port = host_and_port(&url);
+                url.replacen(&host_port, &address.to_string(), 1)
+            }
             #[cfg(feature = "redis")]
             Backend::Redis => format!("redis://{address}"),
         }
@@ -108,6 +139,8 @@ impl Backend {
     pub async fn server_address(self) -> std::net::SocketAddr {
         let url: String = match self {
             Backend::Memory => panic!("the in-memory backend has no server"),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => super::postgres_url().await,
             #[cfg(feature = "redis")]
             Backend::Redis => super::redis_url().await,
         };
@@ -130,8 +163,25 @@ fn host_and_port(url: &str) -> String {
     after_user.split('/').next().unwrap().to_owned()
 }
 
+/// A small pool on the test server, or on `url`.
+#[cfg(feature = "postgres")]
+pub async fn postgres_pool(url: Option<String>) -> sqlx::PgPool {
+    let url = match url {
+        Some(url) => url,
+        None => super::postgres_url().await,
+    };
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(&url)
+        .await
+        .expect("connect to the test PostgreSQL")
+}
+
 #[derive(Clone)]
 pub enum Counter {
+    #[cfg(feature = "postgres")]
+    Postgres(super::counter::postgres::PostgresCounter),
     #[cfg(feature = "redis")]
     Redis(super::counter::redis::RedisCounter),
 }
@@ -139,6 +189,8 @@ pub enum Counter {
 impl Counter {
     pub async fn read(&self) -> i64 {
         match self {
+            #[cfg(feature = "postgres")]
+            Counter::Postgres(counter) => counter.read().await,
             #[cfg(feature = "redis")]
             Counter::Redis(counter) => counter.read().await,
         }
@@ -146,6 +198,8 @@ impl Counter {
 
     pub async fn increment(&self) {
         match self {
+            #[cfg(feature = "postgres")]
+            Counter::Postgres(counter) => counter.increment().await,
             #[cfg(feature = "redis")]
             Counter::Redis(counter) => counter.increment().await,
         }
@@ -155,6 +209,8 @@ impl Counter {
 #[derive(Clone)]
 pub enum AnyLock {
     Memory(InMemoryDistributedLock),
+    #[cfg(feature = "postgres")]
+    Postgres(k1s0_distributed_lock::PostgresDistributedLock),
     #[cfg(feature = "redis")]
     Redis(k1s0_distributed_lock::RedisDistributedLock),
 }
@@ -164,6 +220,8 @@ impl AnyLock {
     pub fn tracked_keys(&self) -> Option<usize> {
         match self {
             AnyLock::Memory(lock) => Some(lock.tracked_keys()),
+            #[cfg(feature = "postgres")]
+            AnyLock::Postgres(_) => None,
             #[cfg(feature = "redis")]
             AnyLock::Redis(_) => None,
         }
@@ -174,6 +232,8 @@ impl DistributedLock for AnyLock {
     async fn try_acquire(&self, key: &str) -> Result<LockGuard, LockError> {
         match self {
             AnyLock::Memory(lock) => lock.try_acquire(key).await,
+            #[cfg(feature = "postgres")]
+            AnyLock::Postgres(lock) => lock.try_acquire(key).await,
             #[cfg(feature = "redis")]
             AnyLock::Redis(lock) => lock.try_acquire(key).await,
         }
@@ -182,6 +242,8 @@ impl DistributedLock for AnyLock {
     async fn acquire(&self, key: &str) -> Result<LockGuard, LockError> {
         match self {
             AnyLock::Memory(lock) => lock.acquire(key).await,
+            #[cfg(feature = "postgres")]
+            AnyLock::Postgres(lock) => lock.acquire(key).await,
             #[cfg(feature = "redis")]
             AnyLock::Redis(lock) => lock.acquire(key).await,
         }
@@ -190,6 +252,8 @@ impl DistributedLock for AnyLock {
     async fn is_locked(&self, key: &str) -> Result<bool, LockError> {
         match self {
             AnyLock::Memory(lock) => lock.is_locked(key).await,
+            #[cfg(feature = "postgres")]
+            AnyLock::Postgres(lock) => lock.is_locked(key).await,
             #[cfg(feature = "redis")]
             AnyLock::Redis(lock) => lock.is_locked(key).await,
         }
@@ -205,6 +269,11 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn in_memory() {
                     super::$scenario($crate::common::backends::Backend::Memory).await;
+                }
+                #[cfg(feature = "postgres")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario($crate::common::backends::Backend::Postgres).await;
                 }
                 #[cfg(feature = "redis")]
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,6 +291,11 @@ macro_rules! server_backend_tests {
     ($($scenario:ident),* $(,)?) => {
         $(
             mod $scenario {
+                #[cfg(feature = "postgres")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario($crate::common::backends::Backend::Postgres).await;
+                }
                 #[cfg(feature = "redis")]
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis() {
