@@ -42,10 +42,11 @@ server_backend_tests!(
 
 async fn a_holder_cut_off_loses_its_lock_to_the_next_client(backend: Backend) {
     let (proxy, via_proxy) = through_proxy(backend).await;
-    // The other client may wait for the whole TTL.
+    // The other client may wait for the whole TTL, and its own lock must outlive the checks.
     let direct = backend
         .lock(
             config()
+                .ttl(Duration::from_secs(30))
                 .retry_interval(Duration::from_millis(100))
                 .max_retries(100),
         )
