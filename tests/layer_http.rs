@@ -223,8 +223,9 @@ async fn the_handler_reads_the_lock_it_runs_under(backend: Backend) {
             "the lock was not held while the handler ran"
         );
     }
-    // The answer was read to its end: the lock went with the body.
-    assert!(becomes_free(&lock, &key, Duration::from_secs(1)).await);
+    // The answer was read to its end, and the layer released before passing the end on: three
+    // back-to-back requests all got the lock, and it is free now, on every backend.
+    assert!(!lock.is_locked(&key).await.unwrap());
 }
 
 async fn an_empty_body_releases_the_lock_before_the_response_arrives(backend: Backend) {
@@ -237,13 +238,9 @@ async fn an_empty_body_releases_the_lock_before_the_response_arrives(backend: Ba
     let address = serve(app).await;
     let response = send(&client(), address, "POST", "/empty").await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    // The body is not even read: the lock went with the (empty) body's creation.
-    if backend.releases_synchronously() {
-        assert!(!lock.is_locked(&key).await.unwrap());
-    }
-    let body = response.into_body();
-    assert!(becomes_free(&lock, &key, Duration::from_secs(1)).await);
-    drop(body);
+    // The body is not even read: the layer released before it answered.
+    assert!(!lock.is_locked(&key).await.unwrap());
+    drop(response);
 }
 
 type ChunkReceiver = Arc<Mutex<Option<mpsc::Receiver<Result<Bytes, std::io::Error>>>>>;
@@ -287,7 +284,7 @@ async fn a_streaming_body_keeps_the_lock_until_its_end(backend: Backend) {
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "last");
     assert!(
-        !lock.is_locked("/export").await.unwrap(),
+        !lock.is_locked(&key).await.unwrap(),
         "the lock outlived the body"
     );
 }

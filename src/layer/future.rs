@@ -11,6 +11,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::body::release;
 use super::rejection::{Outcome, Rejection};
 use super::settings::Settings;
 use super::ResponseBody;
@@ -59,6 +60,11 @@ pin_project! {
             #[pin]
             future: S::Future,
             guard: Option<LockGuard>,
+        },
+        // The response has an empty body: release, then answer.
+        Releasing {
+            release: BoxFuture<'static, ()>,
+            response: Option<S::Response>,
         },
         Done,
     }
@@ -164,13 +170,35 @@ where
                     state.set(State::Calling { future, guard });
                 }
                 StateProj::Calling { future, guard } => {
-                    let response = ready!(future.poll(cx));
-                    let guard = guard.take();
+                    let response = match ready!(future.poll(cx)) {
+                        Ok(response) => response,
+                        Err(error) => {
+                            state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                    };
+                    match guard.take() {
+                        // Nothing left to hold the lock for: release before answering, so the
+                        // client can take the lock again as soon as it has the answer.
+                        Some(guard) if response.body().is_end_stream() => {
+                            state.set(State::Releasing {
+                                release: release(guard),
+                                response: Some(response),
+                            });
+                        }
+                        guard => {
+                            state.set(State::Done);
+                            return Poll::Ready(Ok(
+                                response.map(|body| ResponseBody::new(body, guard))
+                            ));
+                        }
+                    }
+                }
+                StateProj::Releasing { release, response } => {
+                    ready!(release.as_mut().poll(cx));
+                    let response = response.take().expect("polled after completion");
                     state.set(State::Done);
-                    return Poll::Ready(
-                        response
-                            .map(|response| response.map(|body| ResponseBody::new(body, guard))),
-                    );
+                    return Poll::Ready(Ok(response.map(|body| ResponseBody::new(body, None))));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -188,6 +216,7 @@ where
             State::Readying { .. } => "readying the inner service with the lock held",
             State::Calling { guard: Some(_), .. } => "calling with the lock held",
             State::Calling { guard: None, .. } => "calling unlocked",
+            State::Releasing { .. } => "releasing the lock of an empty response",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")

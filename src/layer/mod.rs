@@ -2,8 +2,10 @@
 //!
 //! The layer builds a key from each request with a closure, takes the lock before calling the
 //! inner service, and holds it until the response is finished: through the handler, and
-//! through the whole response body (released at its last frame, at end of stream, on a body
-//! error, or when the body is dropped). A request whose lock is taken gets the conflict status
+//! through the whole response body. At the end of the body the lock is released before the end
+//! is passed on (an empty response is answered once its lock is released), so a client that
+//! has the whole answer can lock again at once; on a body error or when the body is dropped,
+//! the guard is dropped and releases in the background. A request whose lock is taken gets the conflict status
 //! (409 by default, 423 if configured) or, for gRPC requests, a trailers-only `ABORTED` status.
 //!
 //! The split follows tower-http: [`LockLayer`] (configuration), [`LockService`] (the

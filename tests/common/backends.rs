@@ -148,12 +148,6 @@ impl Backend {
         let mut addresses = tokio::net::lookup_host(host_port).await.unwrap();
         addresses.next().unwrap()
     }
-
-    /// Whether releases on this backend are synchronous, so a test may check right after a drop
-    /// without waiting for a background task.
-    pub fn releases_synchronously(self) -> bool {
-        matches!(self, Backend::Memory)
-    }
 }
 
 /// `host:port` of a `scheme://[user@]host:port[/path]` URL.
