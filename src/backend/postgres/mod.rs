@@ -338,8 +338,25 @@ impl PostgresDistributedLock {
         validate_key(key)?;
         let config = self.inner.config;
         config.validate()?;
-        let ttl = config.get_ttl();
         let deadline = Instant::now() + config.wait_budget();
+        match self.wait_for_lock(key, deadline).await {
+            // The session died under a waiter that held nothing (terminated, or its connection
+            // broke): nothing was lost, so wait on with a fresh session, once. A server that is
+            // really gone fails that second attempt at its first statement.
+            Err(WaitError::SessionLostWhileWaiting(error)) if Instant::now() < deadline => {
+                tracing::debug!(%error, key, "lock session lost while waiting; waiting on with a new one");
+                self.wait_for_lock(key, deadline)
+                    .await
+                    .map_err(WaitError::into_lock_error)
+            }
+            other => other.map_err(WaitError::into_lock_error),
+        }
+    }
+
+    /// One wait for `key` until `deadline`: in this process's queue, then on the server.
+    async fn wait_for_lock(&self, key: &str, deadline: Instant) -> Result<LockGuard, WaitError> {
+        let config = self.inner.config;
+        let ttl = config.get_ttl();
         let advisory = advisory_key(key);
 
         // First in line among the tasks of this process.
@@ -348,9 +365,9 @@ impl PostgresDistributedLock {
             Claim::Queued(turn) => match tokio::time::timeout_at(deadline, turn).await {
                 Ok(Ok(claim)) => claim,
                 Ok(Err(_)) => {
-                    return Err(LockError::backend_msg("the lock claim queue was dropped"))
+                    return Err(LockError::backend_msg("the lock claim queue was dropped").into())
                 }
-                Err(_) => return Err(LockError::Timeout),
+                Err(_) => return Err(LockError::Timeout.into()),
             },
         };
         let session = self.session_for(advisory);
@@ -366,7 +383,7 @@ impl PostgresDistributedLock {
             }
         };
         if Instant::now() >= deadline {
-            return Err(LockError::Timeout);
+            return Err(LockError::Timeout.into());
         }
 
         // Another process holds it: listen, flag the key, retry on notification or timer.
@@ -379,7 +396,10 @@ impl PostgresDistributedLock {
             }
         };
         let flag_sent_at = Instant::now();
-        let flag = session.set_flag(advisory).await?;
+        let flag = session
+            .set_flag(advisory)
+            .await
+            .map_err(WaitError::while_waiting)?;
         if yield_first {
             // Long enough for a notified waiter elsewhere to retry (about a round trip after
             // the notification), short enough to cost little if none does.
@@ -396,14 +416,15 @@ impl PostgresDistributedLock {
         loop {
             match session
                 .try_lock(claim, Some(&flag), ttl, Instant::now())
-                .await?
+                .await
+                .map_err(WaitError::while_waiting)?
             {
                 TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
                 TryOutcome::Busy(returned) => claim = returned,
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(LockError::Timeout);
+                return Err(LockError::Timeout.into());
             }
             let retry_at = (now + self.poll_interval(listening)).min(deadline);
             tokio::select! {
@@ -444,6 +465,35 @@ impl PostgresDistributedLock {
         validate_key(key)?;
         let advisory = advisory_key(key);
         self.session_for(advisory).is_locked(advisory).await
+    }
+}
+
+/// Why one wait for a lock ended without it.
+enum WaitError {
+    Lock(LockError),
+    /// A backend failure after the server had answered this wait (it found the key held):
+    /// the session was lost under a waiter that held nothing.
+    SessionLostWhileWaiting(LockError),
+}
+
+impl WaitError {
+    fn while_waiting(error: LockError) -> Self {
+        match error {
+            LockError::BackendError(_) => WaitError::SessionLostWhileWaiting(error),
+            other => WaitError::Lock(other),
+        }
+    }
+
+    fn into_lock_error(self) -> LockError {
+        match self {
+            WaitError::Lock(error) | WaitError::SessionLostWhileWaiting(error) => error,
+        }
+    }
+}
+
+impl From<LockError> for WaitError {
+    fn from(error: LockError) -> Self {
+        WaitError::Lock(error)
     }
 }
 

@@ -1,0 +1,122 @@
+//! PostgreSQL sessions terminated (`pg_terminate_backend`) while acquires wait on them: the
+//! waiter behind a terminated holder gets the key, and a waiter whose own session is
+//! terminated still ends within its budget with the key, leaving nothing behind.
+#![cfg(feature = "postgres")]
+
+mod common;
+mod pg_support;
+
+use std::time::Duration;
+
+use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDistributedLock};
+use sqlx::PgConnection;
+use tokio::time::Instant;
+
+fn config() -> LockConfig {
+    LockConfig::new()
+        .ttl(Duration::from_secs(30))
+        .retry_interval(Duration::from_millis(100))
+        .max_retries(100)
+}
+
+async fn terminate(admin: &mut PgConnection, pid: i32) {
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(admin)
+        .await
+        .unwrap();
+    assert!(terminated);
+}
+
+/// The pid of the session holding the waiter flag of `key` (the two-integer form).
+async fn flag_holder(admin: &mut PgConnection, key: &str) -> Option<i32> {
+    let advisory = PostgresDistributedLock::advisory_key(key) as u64;
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
+         AND classid = $1::bigint::oid AND objid = $2::bigint::oid",
+    )
+    .bind((advisory >> 32) as i64)
+    .bind((advisory & 0xffff_ffff) as i64)
+    .fetch_optional(admin)
+    .await
+    .unwrap()
+}
+
+async fn wait_for_flag(admin: &mut PgConnection, key: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(pid) = flag_holder(admin, key).await {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiter never flagged the key"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holders_session_terminated_hands_the_key_to_the_waiter() {
+    let key = format!("{}held", common::unique_prefix("pg_terminate_holder"));
+    let holder_lock = pg_support::lock(config()).await;
+    let waiter_lock = pg_support::lock(config()).await;
+    let mut admin = pg_support::admin().await;
+
+    let held = holder_lock.acquire(&key).await.unwrap();
+    let waiter = tokio::spawn({
+        let (lock, key) = (waiter_lock.clone(), key.clone());
+        async move { lock.acquire(&key).await }
+    });
+    wait_for_flag(&mut admin, &key).await;
+    let holder_pid = pg_support::holders(&mut admin, &key).await[0];
+    let terminated_at = Instant::now();
+    terminate(&mut admin, holder_pid).await;
+
+    let next = waiter.await.unwrap().expect("the waiter gets the key");
+    let took = terminated_at.elapsed();
+    println!("waiter took the key {took:?} after the holder's session was terminated");
+    assert!(took < config().wait_budget());
+    assert!(next.fencing_token() > held.fencing_token());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !held.is_lost() {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never learned its session died"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(held.release().await, Err(LockError::LockLost)));
+    next.release().await.unwrap();
+    assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
+    assert_eq!(pg_support::waiter_flags(&mut admin, &key).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_session_is_terminated_still_gets_the_key_within_its_budget() {
+    let key = format!("{}waiting", common::unique_prefix("pg_terminate_waiter"));
+    let holder_lock = pg_support::lock(config()).await;
+    let waiter_lock = pg_support::lock(config()).await;
+    let mut admin = pg_support::admin().await;
+
+    let held = holder_lock.acquire(&key).await.unwrap();
+    let started = Instant::now();
+    let waiter = tokio::spawn({
+        let (lock, key) = (waiter_lock.clone(), key.clone());
+        async move { lock.acquire(&key).await }
+    });
+    let waiter_pid = wait_for_flag(&mut admin, &key).await;
+    terminate(&mut admin, waiter_pid).await;
+    assert_eq!(pg_support::waiter_flags(&mut admin, &key).await, 0);
+    held.release().await.unwrap();
+
+    let next = waiter
+        .await
+        .unwrap()
+        .expect("the waiter recovers from its lost session and takes the key");
+    assert!(started.elapsed() < config().wait_budget());
+    assert!(!next.is_lost());
+    next.release().await.unwrap();
+    assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
+    assert_eq!(pg_support::waiter_flags(&mut admin, &key).await, 0);
+}
