@@ -19,7 +19,50 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-backend_tests!(any_key_locks_exactly_itself_on_every_backend);
+backend_tests!(
+    any_key_locks_exactly_itself_on_every_backend,
+    any_configuration_works_or_is_refused_on_every_backend,
+);
+
+/// Hostile configurations against a real backend: an acquire either works (and its lock
+/// expires within the TTL) or is refused with InvalidConfig exactly when validate() says so,
+/// and a refused configuration leaves the key free.
+async fn any_configuration_works_or_is_refused_on_every_backend(backend: Backend) {
+    let prefix = common::unique_prefix(&format!("hostile-config-{backend:?}"));
+    let runtime = tokio::runtime::Handle::current();
+    let mut runner = TestRunner::new(ProptestConfig::with_cases(48));
+    let observer = backend.lock(LockConfig::new()).await;
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    tokio::task::block_in_place(|| {
+        runner
+            .run(&hostile_config(), |config| {
+                let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let key = format!("{prefix}{n}");
+                runtime.block_on(async {
+                    let lock = backend.lock(config).await;
+                    let valid = config.validate().is_ok();
+                    match lock.try_acquire(&key).await {
+                        Ok(guard) => {
+                            assert!(valid, "{config:?} accepted");
+                            assert!(guard.remaining().unwrap_or_default() <= config.get_ttl());
+                            drop(guard);
+                        }
+                        Err(LockError::InvalidConfig { .. }) => {
+                            assert!(!valid, "{config:?} refused");
+                            assert!(matches!(
+                                lock.acquire(&key).await,
+                                Err(LockError::InvalidConfig { .. })
+                            ));
+                            assert!(!observer.is_locked(&key).await.unwrap());
+                        }
+                        Err(other) => panic!("{config:?}: unexpected {other:?}"),
+                    }
+                });
+                Ok(())
+            })
+            .unwrap();
+    });
+}
 
 /// The key property against a real backend: fewer cases, as each is a few round trips.
 async fn any_key_locks_exactly_itself_on_every_backend(backend: Backend) {

@@ -2,6 +2,8 @@
 //! half waiting and half fail-fast, clients that leave early.
 
 mod common;
+#[cfg(feature = "postgres")]
+mod pg_support;
 
 use std::time::Duration;
 
