@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::backends::Backend;
-use common::faults::{holder_cut_off, stalled_server};
+use common::faults::{holder_cut_off, slow_network, stalled_server};
 use common::proxy::FaultProxy;
 use k1s0_distributed_lock::LockConfig;
 
@@ -36,6 +36,7 @@ async fn through_proxy(
 }
 
 server_backend_tests!(
+    a_slow_network_only_slows_locking_down,
     a_holder_cut_off_loses_its_lock_to_the_next_client,
     a_stalled_server_gives_errors_within_the_budget_and_recovers
 );
@@ -53,6 +54,15 @@ async fn a_holder_cut_off_loses_its_lock_to_the_next_client(backend: Backend) {
         .await;
     let key = format!("{}cut", common::unique_prefix("fault"));
     let measured = holder_cut_off(&via_proxy, &direct, &proxy, &key, TTL).await;
+    println!("{}: {measured:?}", backend.name());
+}
+
+async fn a_slow_network_only_slows_locking_down(backend: Backend) {
+    let (proxy, via_proxy) = through_proxy(backend).await;
+    let direct = backend.lock(config().ttl(Duration::from_secs(30))).await;
+    let key = format!("{}slow", common::unique_prefix("fault"));
+    // Below the command timeout, so every command still makes it.
+    let measured = slow_network(&via_proxy, &direct, &proxy, &key, Duration::from_millis(40)).await;
     println!("{}: {measured:?}", backend.name());
 }
 

@@ -161,3 +161,41 @@ pub async fn assert_recovers<L: DistributedLock>(lock: &L, key: &str) {
         "the lock object did not recover once the server answered again"
     );
 }
+
+/// A slow network (latency added each way): locking still works, just slower, and exclusion
+/// holds between a slow and a fast client.
+pub async fn slow_network<L: DistributedLock>(
+    via_proxy: &L,
+    direct: &L,
+    proxy: &FaultProxy,
+    key: &str,
+    latency: Duration,
+) -> Measured {
+    proxy.set_latency(latency);
+    let started = Instant::now();
+    let guard = via_proxy
+        .try_acquire(key)
+        .await
+        .expect("lock over a slow link");
+    let took = started.elapsed();
+    assert!(took >= latency, "the latency was not injected");
+    assert!(matches!(
+        direct.try_acquire(key).await,
+        Err(LockError::AlreadyLocked)
+    ));
+    assert!(!guard.is_lost());
+    via_proxy
+        .release(guard)
+        .await
+        .expect("release over a slow link");
+    let fresh = direct
+        .try_acquire(key)
+        .await
+        .expect("free after the slow release");
+    direct.release(fresh).await.unwrap();
+    proxy.heal().await;
+    Measured {
+        what: "slow network: try_acquire took",
+        took,
+    }
+}
