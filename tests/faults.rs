@@ -1,6 +1,8 @@
 //! Faults injected for real through a TCP proxy, per server backend: a holder cut off from the
 //! server, a stalled server, and recovery of the same lock object.
 
+#![cfg(any(feature = "postgres", feature = "redis"))]
+
 mod common;
 
 use std::time::Duration;
