@@ -50,14 +50,6 @@ fn locked() -> Router {
     }))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -78,7 +70,7 @@ async fn batch(client: &Client<HttpConnector, Empty<Bytes>>, address: SocketAddr
 }
 
 fn layer_http(c: &mut Criterion) {
-    let runtime = runtime();
+    let runtime = support::runtime();
     let (bare_address, locked_address) =
         runtime.block_on(async { (serve(bare()).await, serve(locked()).await) });
     let client = Client::builder(TokioExecutor::new())
@@ -96,7 +88,7 @@ fn layer_http(c: &mut Criterion) {
 }
 
 fn layer_in_process(c: &mut Criterion) {
-    let runtime = runtime();
+    let runtime = support::runtime();
     let mut group = c.benchmark_group("layer_in_process");
     group.throughput(Throughput::Elements(1));
     for (name, app) in [("bare", bare()), ("with_layer", locked())] {

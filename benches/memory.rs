@@ -13,16 +13,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, Criterion};
 use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn cycle(c: &mut Criterion) {
-    let runtime = runtime();
+    let runtime = support::runtime();
     let lock = InMemoryDistributedLock::new(LockConfig::new());
     let table: Mutex<HashMap<String, u64>> = Mutex::default();
     let mut group = c.benchmark_group("memory_cycle");
@@ -43,7 +35,7 @@ fn cycle(c: &mut Criterion) {
 
 /// Time from the holder's `release` call to the waiting task holding the lock.
 fn handoff(c: &mut Criterion) {
-    let runtime = runtime();
+    let runtime = support::runtime();
     let lock = InMemoryDistributedLock::new(LockConfig::new().max_retries(1000));
     let mut group = c.benchmark_group("memory_handoff");
     group.bench_function("release_to_waiter_holding", |b| {

@@ -34,3 +34,12 @@ pub fn print_ratio(group: &str, measured: &str, baseline: &str, what: &str) {
         _ => println!("RATIO {group}: estimates not found (run without --test / filters)"),
     }
 }
+
+/// The runtime every benchmark runs on: multi-threaded, one worker per core of this machine.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
