@@ -110,7 +110,8 @@ pub trait LockHandle: Send + Sync + 'static {
 pub struct LockGuard {
     info: LockInfo,
     lease: Arc<Lease>,
-    /// `None` once released.
+    /// Taken only by `release` (which consumes the guard) or by `drop`: always `Some` while
+    /// the guard can be used.
     handle: Option<Box<dyn LockHandle>>,
 }
 
@@ -185,14 +186,11 @@ impl LockGuard {
     /// [`LockConfig`](crate::LockConfig) would refuse; neither changes anything.
     pub async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
         validate_ttl(ttl)?;
-        let Some(handle) = self.handle.as_ref() else {
-            return Err(LockError::LockLost);
-        };
         if self.lease.is_lost() {
             return Err(LockError::LockLost);
         }
         let sent_at = Instant::now();
-        match handle.extend(ttl).await {
+        match self.handle().extend(ttl).await {
             Ok(()) => {
                 self.lease.renew(sent_at, ttl);
                 Ok(())
@@ -213,9 +211,7 @@ impl LockGuard {
     /// cleans up in the background. If this future is dropped before it completes, the release
     /// still happens in the background.
     pub async fn release(mut self) -> Result<(), LockError> {
-        let Some(handle) = self.handle.take() else {
-            return Err(LockError::LockLost);
-        };
+        let handle = self.handle.take().expect(LIVE_GUARD);
         if self.lease.is_lost() {
             // The lease ran out or the backend said the lock is gone: the answer is LockLost
             // whatever the backend says now (it may be unreachable). Still clean up, token
@@ -225,10 +221,7 @@ impl LockGuard {
             return Err(LockError::LockLost);
         }
         let pending = ReleaseOnDrop(Some(handle));
-        let result = match pending.0.as_deref() {
-            Some(handle) => handle.release().await,
-            None => unreachable!("the handle was just stored"),
-        };
+        let result = pending.handle().release().await;
         if matches!(result, Err(LockError::BackendError(_))) {
             // The lock may still be held: let the background path try once more.
             drop(pending);
@@ -244,6 +237,14 @@ impl LockGuard {
             Err(error) => tracing::warn!(key = %self.info.key, %error, "lock release failed"),
         }
         result
+    }
+}
+
+const LIVE_GUARD: &str = "a guard keeps its handle until release or drop";
+
+impl LockGuard {
+    fn handle(&self) -> &dyn LockHandle {
+        self.handle.as_deref().expect(LIVE_GUARD)
     }
 }
 
@@ -263,7 +264,6 @@ impl fmt::Debug for LockGuard {
             .field("token", &self.info.token)
             .field("fencing_token", &self.info.fencing_token)
             .field("lost", &self.is_lost())
-            .field("released", &self.handle.is_none())
             .finish()
     }
 }
@@ -272,6 +272,10 @@ impl fmt::Debug for LockGuard {
 struct ReleaseOnDrop(Option<Box<dyn LockHandle>>);
 
 impl ReleaseOnDrop {
+    fn handle(&self) -> &dyn LockHandle {
+        self.0.as_deref().expect("armed until disarmed or dropped")
+    }
+
     fn disarm(mut self) {
         self.0 = None;
     }
