@@ -129,7 +129,7 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         async move { lock.acquire(&key).await.unwrap() }
     });
     assert!(
-        common::faults::eventually(Duration::from_secs(5), || {
+        common::wait::eventually(Duration::from_secs(5), || {
             let f = queue_length();
             async move { f.await == 1 }
         })
@@ -140,7 +140,7 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         async move { lock.acquire(&key).await.unwrap() }
     });
     assert!(
-        common::faults::eventually(Duration::from_secs(5), || {
+        common::wait::eventually(Duration::from_secs(5), || {
             let f = queue_length();
             async move { f.await == 2 }
         })

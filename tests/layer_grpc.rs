@@ -45,14 +45,10 @@ async fn a_call_on_a_locked_key_gets_aborted_until_the_stream_holding_it_ends() 
     // Cancelling the stream (RST_STREAM) drops the response body on the server, which frees
     // the lock. The server learns of it asynchronously, so wait for it, within a bound.
     drop(watch);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while lock.is_locked(KEY).await.unwrap() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the cancelled stream kept the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert!(
+        common::suites::becomes_free(&lock, KEY, Duration::from_secs(5)).await,
+        "the cancelled stream kept the lock"
+    );
     let answer = client.check(request()).await.unwrap().into_inner();
     assert_eq!(answer.status(), ServingStatus::Serving);
 }

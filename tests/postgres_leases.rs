@@ -138,14 +138,10 @@ async fn a_terminated_session_frees_the_key_and_its_guards_know() {
     taken.release().await.unwrap();
 
     // Without any call, the session's ping (every 0.5 s here) finds the session dead.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !guard_a.is_lost() {
-        assert!(
-            Instant::now() < deadline,
-            "the guard never learned its session died"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait::assert_eventually("the guard learns its session died", || async {
+        guard_a.is_lost()
+    })
+    .await;
     assert!(guard_b.is_lost());
     assert!(matches!(
         guard_b.extend(Duration::from_secs(5)).await,
@@ -212,11 +208,10 @@ async fn a_silent_holder_loses_the_lock_after_the_network_timeout() {
             acquired_tx.send(Instant::now()).unwrap();
             // Freeze: no task of this runtime runs, so no ping reaches the server.
             std::thread::sleep(network_timeout * 2);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !guard.is_lost() {
-                assert!(Instant::now() < deadline, "the woken holder never noticed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            common::wait::assert_eventually("the woken holder notices", || async {
+                guard.is_lost()
+            })
+            .await;
             assert!(matches!(guard.release().await, Err(LockError::LockLost)));
         });
     });

@@ -57,7 +57,7 @@ impl ClusterNode {
             .query_async(&mut connection)
             .await
             .expect("take every slot");
-        let ready = common::faults::eventually(Duration::from_secs(10), || {
+        let ready = common::wait::eventually(Duration::from_secs(10), || {
             let mut connection = connection.clone();
             async move {
                 let info: String = redis::cmd("CLUSTER")
@@ -151,7 +151,7 @@ async fn the_whole_protocol_runs_on_a_server_in_cluster_mode() {
         });
         // The waiter is queued once the queue key exists.
         let queue = format!("{}:queue", lock.redis_key(key));
-        let queued = common::faults::eventually(Duration::from_secs(5), || {
+        let queued = common::wait::eventually(Duration::from_secs(5), || {
             let (mut admin, queue) = (admin.clone(), queue.clone());
             async move {
                 redis::cmd("LLEN")

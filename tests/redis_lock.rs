@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::wait::assert_eventually;
 use std::time::Duration;
 
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
@@ -53,22 +54,6 @@ fn glob_escape(text: &str) -> String {
         out.push(c);
     }
     out
-}
-
-/// Waits (bounded) until `condition` holds; panics with `what` otherwise.
-async fn eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]
@@ -131,7 +116,7 @@ async fn an_expired_guard_cannot_release_or_extend_the_new_holders_lock() {
     let stale = lock.try_acquire("job").await.unwrap();
     let key = lock.redis_key("job");
     let mut conn = raw().await;
-    eventually("the first lock expires", || {
+    assert_eventually("the first lock expires", || {
         let mut conn = conn.clone();
         let key = key.clone();
         async move { !conn.exists::<_, bool>(&key).await.unwrap() }
@@ -385,7 +370,7 @@ async fn cancelled_acquires_leave_no_lock_and_no_queue_entry() {
         async move { lock.acquire(key).await }
     });
     let waiters = format!("{redis_key}:waiters");
-    eventually("the waiter is queued", || {
+    assert_eventually("the waiter is queued", || {
         let mut conn = conn.clone();
         let waiters = waiters.clone();
         async move { conn.zcard::<_, i64>(&waiters).await.unwrap() == 1 }
@@ -393,7 +378,7 @@ async fn cancelled_acquires_leave_no_lock_and_no_queue_entry() {
     .await;
     waiter.abort();
     assert!(waiter.await.unwrap_err().is_cancelled());
-    eventually("the cancelled waiter left the queue", || {
+    assert_eventually("the cancelled waiter left the queue", || {
         let mut conn = conn.clone();
         let waiters = waiters.clone();
         async move { conn.zcard::<_, i64>(&waiters).await.unwrap() == 0 }
@@ -417,7 +402,7 @@ async fn cancelled_acquires_leave_no_lock_and_no_queue_entry() {
             let _ = tokio::time::timeout(cut, lock.acquire(key)).await;
         }
     }
-    eventually("every interrupted acquire was cleaned up", || {
+    assert_eventually("every interrupted acquire was cleaned up", || {
         let mut conn = conn.clone();
         let redis_key = redis_key.clone();
         let waiters = waiters.clone();
@@ -488,13 +473,13 @@ async fn waiters_subscribe_to_the_release_channel_only_while_they_wait() {
         let lock = lock.clone();
         async move { lock.acquire("k").await }
     });
-    eventually("the waiter subscribes", || async {
+    assert_eventually("the waiter subscribes", || async {
         subscribers(&conn).await == 1
     })
     .await;
     holder.release().await.unwrap();
     let guard = waiter.await.unwrap().unwrap();
-    eventually("the channel is unsubscribed", || async {
+    assert_eventually("the channel is unsubscribed", || async {
         subscribers(&conn).await == 0
     })
     .await;

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::wait::assert_eventually;
 use std::time::Duration;
 
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
@@ -43,21 +44,6 @@ async fn raw() -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-async fn eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 async fn exists(key: &str) -> bool {
     raw().await.exists(key).await.unwrap()
 }
@@ -95,7 +81,7 @@ async fn the_watchdog_keeps_a_lock_past_several_ttls_and_stops_after_drop() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    eventually("the old token's lock expires without renewal", || async {
+    assert_eventually("the old token's lock expires without renewal", || async {
         !exists(&key).await
     })
     .await;
@@ -118,7 +104,7 @@ async fn the_watchdog_stops_on_release_too() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    eventually("the old token's lock expires without renewal", || async {
+    assert_eventually("the old token's lock expires without renewal", || async {
         !exists(&key).await
     })
     .await;
@@ -136,7 +122,7 @@ async fn a_renewal_that_finds_the_lock_gone_marks_the_guard_lost() {
     assert!(!guard.is_lost());
     // Someone else takes it; the watchdog must notice and must not extend their lock.
     let other = lock.try_acquire("job").await.unwrap();
-    eventually("the watchdog marks the guard lost", || async {
+    assert_eventually("the watchdog marks the guard lost", || async {
         guard.is_lost()
     })
     .await;
@@ -161,11 +147,11 @@ async fn the_watchdog_gives_up_at_max_hold() {
     assert!(exists(&key).await, "the watchdog did not renew");
     assert!(!guard.is_lost());
     // Then it stops renewing: the lock runs out although the guard lives.
-    eventually("the lock runs out after max_hold", || async {
+    assert_eventually("the lock runs out after max_hold", || async {
         !exists(&key).await
     })
     .await;
-    eventually("the guard's lease runs out", || async { guard.is_lost() }).await;
+    assert_eventually("the guard's lease runs out", || async { guard.is_lost() }).await;
     let next = lock.try_acquire("stuck").await.unwrap();
     next.release().await.unwrap();
     drop(guard);

@@ -10,30 +10,13 @@ use tokio::time::Instant;
 
 use super::http::{client, fetch, serve};
 use super::proxy::FaultProxy;
+use super::wait::eventually;
 
 /// What a scenario measured, for the README's reliability table.
 #[derive(Debug)]
 pub struct Measured {
     pub what: &'static str,
     pub took: Duration,
-}
-
-/// Waits until `done` holds, checking every 5 ms, for at most `within`.
-pub async fn eventually<F, Fut>(within: Duration, mut done: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if done().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// A holder cut off from the server (its connections cut, new ones refused): another client

@@ -143,3 +143,4 @@ pub mod http;
 pub mod load;
 pub mod proxy;
 pub mod suites;
+pub mod wait;

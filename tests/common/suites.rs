@@ -3,26 +3,19 @@
 use std::time::Duration;
 
 use k1s0_distributed_lock::{DistributedLock, LockError};
-use tokio::time::Instant;
 
 use super::cancel::drop_at_suspension;
+use super::wait::eventually;
 
 /// How soon a key must be free again after a cancelled operation.
 pub const FREE_AGAIN_WITHIN: Duration = Duration::from_millis(100);
 
-/// Waits (within `within`) for `key` to be free; false if it stayed locked. Background releases
-/// send no signal the test could wait on, so this checks in 1 ms steps.
+/// Waits (within `within`) for `key` to be free; false if it stayed locked.
 pub async fn becomes_free<L: DistributedLock>(lock: &L, key: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if !lock.is_locked(key).await.expect("is_locked") {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    eventually(within, || async {
+        !lock.is_locked(key).await.expect("is_locked")
+    })
+    .await
 }
 
 /// Drops `try_acquire`, `acquire` (free and contended), `release` and `extend` at each of their
