@@ -1,5 +1,7 @@
 //! The in-memory backend: exclusion, TTL, fencing, FIFO hand-off, cancellation, bounded memory.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -274,21 +276,7 @@ async fn acquire_gives_up_after_its_budget_and_leaves_nothing_behind() {
 #[tokio::test]
 async fn bad_keys_and_bad_configurations_are_refused_and_change_nothing() {
     let lock = lock_with(LockConfig::new());
-    let long = "x".repeat(MAX_KEY_LEN + 1);
-    for key in ["", long.as_str()] {
-        assert!(matches!(
-            lock.try_acquire(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-        assert!(matches!(
-            lock.acquire(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-        assert!(matches!(
-            lock.is_locked(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-    }
+    common::suites::assert_bad_keys_refused(&lock).await;
     // The longest allowed key, and keys full of metacharacters, are ordinary keys.
     let longest = "y".repeat(MAX_KEY_LEN);
     for key in [longest.as_str(), "a b*{c}\n'\"\\\0é"] {

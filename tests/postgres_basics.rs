@@ -6,9 +6,7 @@ mod pg_support;
 
 use std::time::{Duration, Instant};
 
-use k1s0_distributed_lock::{
-    DistributedLock, LockConfig, LockError, PostgresDistributedLock, MAX_KEY_LEN,
-};
+use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDistributedLock};
 use sqlx::postgres::PgPoolOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,21 +48,7 @@ async fn key_mapping_matches_the_documented_vector_and_the_server_side_formula()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_keys_and_bad_config_are_refused_without_locking() {
     let lock = pg_support::lock(LockConfig::new()).await;
-    let long = "k".repeat(MAX_KEY_LEN + 1);
-    for key in ["", long.as_str()] {
-        assert!(matches!(
-            lock.try_acquire(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-        assert!(matches!(
-            lock.acquire(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-        assert!(matches!(
-            lock.is_locked(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-    }
+    common::suites::assert_bad_keys_refused(&lock).await;
     let prefix = common::unique_prefix("pg_bad_config");
     let key = format!("{prefix}k");
     let zero_ttl = pg_support::lock(LockConfig::new().ttl(Duration::ZERO)).await;

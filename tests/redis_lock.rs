@@ -10,9 +10,7 @@ use std::time::Duration;
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
 use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
-use k1s0_distributed_lock::{
-    DistributedLock, LockConfig, LockError, RedisDistributedLock, MAX_KEY_LEN,
-};
+use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, RedisDistributedLock};
 
 async fn pool() -> Pool<RedisConnectionManager> {
     let manager = RedisConnectionManager::new(common::redis_url().await).unwrap();
@@ -251,21 +249,7 @@ fn hash_tag(key: &str) -> &str {
 async fn bad_keys_and_configurations_are_refused_and_write_nothing() {
     let prefix = common::unique_prefix("redis_bad");
     let lock = lock_with(&prefix, LockConfig::new()).await;
-    let long = "k".repeat(MAX_KEY_LEN + 1);
-    for key in ["", long.as_str()] {
-        assert!(matches!(
-            lock.try_acquire(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-        assert!(matches!(
-            lock.acquire(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-        assert!(matches!(
-            lock.is_locked(key).await,
-            Err(LockError::InvalidKey { .. })
-        ));
-    }
+    common::suites::assert_bad_keys_refused(&lock).await;
     // `new` accepts any configuration; every acquire refuses a bad one.
     let zero_ttl = RedisDistributedLock::builder(pool().await)
         .key_prefix(prefix.clone())

@@ -134,3 +134,22 @@ pub async fn hostile_key_check<L: DistributedLock>(lock: &L, prefix: &str, key: 
         Err(other) => panic!("{full:?}: unexpected {other:?}"),
     }
 }
+
+/// An empty key and one byte too many are refused by `try_acquire`, `acquire` and `is_locked`.
+pub async fn assert_bad_keys_refused<L: DistributedLock>(lock: &L) {
+    let long = "k".repeat(k1s0_distributed_lock::MAX_KEY_LEN + 1);
+    for key in ["", long.as_str()] {
+        assert!(matches!(
+            lock.try_acquire(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.acquire(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.is_locked(key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+    }
+}
