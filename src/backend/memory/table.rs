@@ -100,19 +100,20 @@ impl LockTable {
         let now = Instant::now();
         let mut shard = self.shard(key);
         shard.sweep_if_due(now);
-        if let Some(entry) = shard.entries.get_mut(key) {
+        let Shard {
+            entries,
+            next_sweep,
+        } = &mut *shard;
+        if let Some(entry) = entries.get_mut(key) {
             if entry.holder.expires_at <= now {
                 entry.holder.lease.mark_lost();
                 if !self.hand_off(entry, now) {
                     let grant = self.new_holder(entry, now, ttl);
-                    let (key, expires_at) = (Arc::clone(&entry.key), entry.holder.expires_at);
-                    shard.note_expiry(expires_at);
-                    return TryTake::Granted(key, grant);
+                    note_expiry(next_sweep, entry.holder.expires_at);
+                    return TryTake::Granted(Arc::clone(&entry.key), grant);
                 }
-                let expires_at = entry.holder.expires_at;
-                shard.note_expiry(expires_at);
+                note_expiry(next_sweep, entry.holder.expires_at);
             }
-            let entry = shard.entries.get_mut(key).expect("looked up above");
             let queued_as = sender.map(|sender| {
                 let id = self.next_waiter_id.fetch_add(1, Ordering::Relaxed);
                 entry.waiters.push_back(Waiter { id, ttl, sender });
@@ -295,9 +296,7 @@ impl Shard {
     }
 
     fn note_expiry(&mut self, expires_at: Instant) {
-        if self.next_sweep.is_none_or(|at| expires_at < at) {
-            self.next_sweep = Some(expires_at);
-        }
+        note_expiry(&mut self.next_sweep, expires_at);
     }
 
     /// Drops entries whose holder expired with nobody waiting, once the earliest expiry passed.
@@ -320,5 +319,12 @@ impl Shard {
             true
         });
         self.next_sweep = next_sweep;
+    }
+}
+
+/// Brings the shard's next sweep forward to `expires_at` if that is earlier.
+fn note_expiry(next_sweep: &mut Option<Instant>, expires_at: Instant) {
+    if next_sweep.is_none_or(|at| expires_at < at) {
+        *next_sweep = Some(expires_at);
     }
 }
