@@ -75,3 +75,41 @@ async fn a_thousand_locks_on_a_pool_of_ten() {
     .unwrap();
     assert_eq!(still_held, 0);
 }
+
+/// Found by review: with every pool slot taken by lock sessions, starting the LISTEN connection
+/// waited for a slot for the whole command timeout (5 s), far past a 300 ms waiting budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_keeps_its_budget_when_the_pool_has_no_slot_for_listen() {
+    let prefix = common::unique_prefix("pg_no_listen_slot");
+    let pool = pg_support::pool(2).await;
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(30))
+        .max_retries(10);
+    let lock = PostgresDistributedLock::builder(pool.clone(), config)
+        .sessions(2)
+        .build()
+        .unwrap();
+    // Open both lock sessions: they keep both pool slots.
+    let mut held = Vec::new();
+    for i in 0.. {
+        held.push(lock.try_acquire(&format!("{prefix}fill{i}")).await.unwrap());
+        if pool.size() == 2 && pool.num_idle() == 0 {
+            break;
+        }
+        assert!(i < 64, "the two lock sessions never both opened");
+    }
+    let other = pg_support::lock(LockConfig::new()).await;
+    let key = format!("{prefix}busy");
+    let _holder = other.try_acquire(&key).await.unwrap();
+
+    let started = tokio::time::Instant::now();
+    let waited = lock.acquire(&key).await;
+    let took = started.elapsed();
+    assert!(matches!(waited, Err(LockError::Timeout)), "{waited:?}");
+    assert!(
+        took < config.wait_budget() + Duration::from_secs(1),
+        "waited {took:?} for a {:?} budget",
+        config.wait_budget()
+    );
+    drop(held);
+}

@@ -388,10 +388,16 @@ impl PostgresDistributedLock {
 
         // Another process holds it: listen, flag the key, retry on notification or timer.
         let woken = self.inner.hub.subscribe(advisory);
-        let listening = match self.listener().await {
-            Ok(()) => true,
-            Err(error) => {
+        // Starting the LISTEN connection takes a pool slot and may wait for one: never past
+        // this wait's own deadline (a cancelled start leaves the cell for the next waiter).
+        let listening = match tokio::time::timeout_at(deadline, self.listener()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
                 tracing::warn!(%error, "cannot LISTEN for lock releases; waiting by polling");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("no LISTEN connection within the waiting budget; polling");
                 false
             }
         };
