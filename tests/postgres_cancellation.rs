@@ -5,44 +5,12 @@
 mod common;
 mod pg_support;
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+use common::cancel::drop_at_suspension;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, LockGuard};
 
-/// Polls `inner` at most `polls` times (woken normally in between), then gives up on it.
-struct CancelAfterPolls<F> {
-    inner: Option<Pin<Box<F>>>,
-    polls: usize,
-}
-
-impl<F: Future> Future for CancelAfterPolls<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.polls == 0 {
-            self.inner = None; // dropped here: the cancellation
-            return Poll::Ready(None);
-        }
-        self.polls -= 1;
-        let inner = self.inner.as_mut().expect("polled after completion");
-        match inner.as_mut().poll(cx) {
-            Poll::Ready(output) => Poll::Ready(Some(output)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-fn cancel_after_polls<F: Future>(inner: F, polls: usize) -> CancelAfterPolls<F> {
-    CancelAfterPolls {
-        inner: Some(Box::pin(inner)),
-        polls,
-    }
-}
-
-/// Cancels the acquire of a free key after 0, 1, 2, ... polls and after growing delays. After
+/// Cancels the acquire of a free key at its 1st, 2nd, ... suspension and after growing delays. After
 /// each cancellation the key is free: not in `pg_locks`, and another instance can take it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_acquire_of_a_free_key_leaves_nothing() {
@@ -52,13 +20,13 @@ async fn a_cancelled_acquire_of_a_free_key_leaves_nothing() {
     let other = pg_support::lock(LockConfig::new()).await;
     let mut admin = pg_support::admin().await;
     let (mut cancelled, mut completed) = (0, 0);
-    let attempts: Vec<Result<usize, Duration>> = (0..8)
+    let attempts: Vec<Result<usize, Duration>> = (1..9)
         .map(Ok)
         .chain((0..40).map(|step| Err(Duration::from_micros(step * 40))))
         .collect();
     for attempt in attempts {
         let outcome: Option<Result<LockGuard, LockError>> = match attempt {
-            Ok(polls) => cancel_after_polls(lock.acquire(&key), polls).await,
+            Ok(polls) => drop_at_suspension(lock.acquire(&key), polls).await,
             Err(delay) => tokio::time::timeout(delay, lock.acquire(&key)).await.ok(),
         };
         match outcome {
@@ -108,14 +76,14 @@ async fn a_cancelled_waiter_leaves_the_key_free_for_the_next_one() {
     let holder = pg_support::lock(config).await;
     let waiter = pg_support::lock(config).await;
     let mut admin = pg_support::admin().await;
-    let attempts: Vec<Result<usize, Duration>> = (0..10)
+    let attempts: Vec<Result<usize, Duration>> = (1..11)
         .map(Ok)
         .chain((0..25).map(|step| Err(Duration::from_micros(step * 200))))
         .collect();
     for attempt in attempts {
         let held = holder.try_acquire(&key).await.unwrap();
         let outcome = match attempt {
-            Ok(polls) => cancel_after_polls(waiter.acquire(&key), polls).await,
+            Ok(polls) => drop_at_suspension(waiter.acquire(&key), polls).await,
             Err(delay) => tokio::time::timeout(delay, waiter.acquire(&key)).await.ok(),
         };
         assert!(
@@ -157,8 +125,7 @@ async fn cancelled_local_waiters_are_skipped() {
     )
     .await;
     let held = lock.acquire(&key).await.unwrap();
-    // Dropped before the first poll, right after the first poll (queued), and while queued.
-    assert!(cancel_after_polls(lock.acquire(&key), 0).await.is_none());
+    // Dropped right after the first poll (queued), and while queued.
     let mut queued = Box::pin(lock.acquire(&key));
     assert!(futures::poll!(queued.as_mut()).is_pending());
     drop(queued);
@@ -166,17 +133,13 @@ async fn cancelled_local_waiters_are_skipped() {
         let cancelled = tokio::time::timeout(Duration::from_millis(delay_ms), lock.acquire(&key));
         assert!(cancelled.await.is_err(), "the key is held locally");
     }
-    let waiting = {
-        let (lock, key) = (lock.clone(), key.clone());
-        tokio::spawn(async move { lock.acquire(&key).await })
-    };
-    // Let the live waiter queue behind the cancelled ones before the release.
-    tokio::task::yield_now().await;
+    // The live waiter is queued behind the cancelled ones before the release.
+    let mut waiting = Box::pin(lock.acquire(&key));
+    assert!(futures::poll!(waiting.as_mut()).is_pending());
     held.release().await.unwrap();
     let next = tokio::time::timeout(Duration::from_secs(2), waiting)
         .await
         .expect("the live waiter gets the lock")
-        .unwrap()
         .unwrap();
     next.release().await.unwrap();
     let mut admin = pg_support::admin().await;
