@@ -156,3 +156,60 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         "the second waiter took the first one's turn"
     );
 }
+
+/// Found by review: a waiter with a 2 ms poll interval cut every pub/sub connection attempt
+/// short at 2 ms, so over a link slower than that no waiter ever got subscribed.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_waiters_get_subscribed_over_a_pub_sub_link_slower_than_their_poll() {
+    use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
+    use k1s0_distributed_lock::{DistributedLock, RedisDistributedLock};
+
+    let url = common::redis_url().await;
+    let proxy = FaultProxy::start(Backend::Redis.server_address().await).await;
+    proxy.set_latency(Duration::from_millis(10));
+    let pool = bb8::Pool::builder()
+        .build(RedisConnectionManager::new(url.as_str()).unwrap())
+        .await
+        .unwrap();
+    let lock = RedisDistributedLock::builder(pool)
+        .config(
+            LockConfig::new()
+                .retry_interval(Duration::from_millis(2))
+                .max_retries(5_000),
+        )
+        .key_prefix("k1s0test:")
+        .wake_on_release(redis::Client::open(format!("redis://{}", proxy.address())).unwrap())
+        .build()
+        .unwrap();
+    let key = format!("{}slow-pubsub", common::unique_prefix("pubsub-slow"));
+    let channel = format!("{}:released", lock.redis_key(&key));
+    let connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    let holder = lock.try_acquire(&key).await.unwrap();
+    let waiter = tokio::spawn({
+        let (lock, key) = (lock.clone(), key.clone());
+        async move { lock.acquire(&key).await }
+    });
+    common::wait::assert_eventually("the waiter subscribes to the release channel", || {
+        let (mut connection, channel) = (connection.clone(), channel.clone());
+        async move {
+            let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            counts
+                .first()
+                .is_some_and(|(_, subscribers)| *subscribers == 1)
+        }
+    })
+    .await;
+    lock.release(holder).await.unwrap();
+    lock.release(waiter.await.unwrap().unwrap()).await.unwrap();
+}

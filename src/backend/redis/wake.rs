@@ -6,6 +6,7 @@
 //! not subscribed yet): waiters also poll, so a lost message costs latency, never correctness.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ struct HubInner {
     /// The live subscription connection; held while (un)subscribing so that commands for one
     /// channel reach the server in the order they were decided.
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    /// Whether a subscription attempt is running (see `Registration::ensure_subscribed`).
+    attempt_in_flight: AtomicBool,
 }
 
 #[derive(Default)]
@@ -62,6 +65,7 @@ impl WakeHub {
                 timeout,
                 state: Mutex::default(),
                 sink: tokio::sync::Mutex::new(None),
+                attempt_in_flight: AtomicBool::new(false),
             }),
         }
     }
@@ -101,24 +105,50 @@ impl Registration {
     }
 
     /// Subscribes the channel if the current connection has not confirmed it yet (a lost
-    /// connection unconfirms every channel). Cheap when it is subscribed. Tries for at most
-    /// `limit` (the waiter's poll interval, so that a slow pub/sub connection never keeps the
-    /// waiter from refreshing its place in the queue) and the command timeout.
+    /// connection unconfirms every channel). Cheap when it is subscribed.
+    ///
+    /// The attempt runs in a task of its own, bounded by the command timeout, so that it is
+    /// never cut short by the waiter; the waiter only waits for it up to `limit` (its poll
+    /// interval), so a slow pub/sub connection never keeps it from refreshing its place in the
+    /// queue. One attempt per lock object at a time: a new connection subscribes every channel
+    /// that has waiters.
     pub(crate) async fn ensure_subscribed(&self, limit: Duration) {
         if self.hub.is_subscribed(&self.channel) {
             return;
         }
-        let hub = &self.hub;
-        let limit = limit.min(hub.timeout);
-        match tokio::time::timeout(limit, hub.subscribe(&self.channel)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(%error, channel = %self.channel, "could not subscribe to the release channel; polling");
+        let Some(in_flight) = AttemptInFlight::start(&self.hub) else {
+            return;
+        };
+        let channel = self.channel.clone();
+        let attempt = tokio::spawn(async move {
+            let hub = &in_flight.0;
+            match tokio::time::timeout(hub.timeout, hub.subscribe(&channel)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, %channel, "could not subscribe to the release channel; polling");
+                }
+                Err(_) => {
+                    tracing::debug!(%channel, "subscribing to the release channel timed out; polling");
+                }
             }
-            Err(_) => {
-                tracing::debug!(channel = %self.channel, "subscribing to the release channel timed out; polling");
-            }
-        }
+        });
+        let _ = tokio::time::timeout(limit, attempt).await;
+    }
+}
+
+/// Marks a subscription attempt of the hub as running, until dropped.
+struct AttemptInFlight(Arc<HubInner>);
+
+impl AttemptInFlight {
+    fn start(hub: &Arc<HubInner>) -> Option<Self> {
+        let was_running = hub.attempt_in_flight.swap(true, Ordering::AcqRel);
+        (!was_running).then(|| AttemptInFlight(Arc::clone(hub)))
+    }
+}
+
+impl Drop for AttemptInFlight {
+    fn drop(&mut self) {
+        self.0.attempt_in_flight.store(false, Ordering::Release);
     }
 }
 
