@@ -164,7 +164,34 @@ async fn a_dead_server_gives_backend_errors_then_the_same_lock_recovers() {
         let lock = lock.clone();
         async move { lock.acquire("survivor").await }
     });
-    tokio::task::yield_now().await;
+    // Queued in Redis and subscribed to the release channel before the release.
+    let (waiters, channel) = {
+        let base = lock.redis_key("survivor");
+        (format!("{base}:waiters"), format!("{base}:released"))
+    };
+    let observer = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    common::wait::assert_eventually("the waiter queues and subscribes again", || {
+        let (mut observer, waiters, channel) = (observer.clone(), waiters.clone(), channel.clone());
+        async move {
+            let queued: usize = redis::cmd("ZCARD")
+                .arg(&waiters)
+                .query_async(&mut observer)
+                .await
+                .unwrap();
+            let subscribed: Vec<(String, usize)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut observer)
+                .await
+                .unwrap();
+            queued == 1 && subscribed.first().is_some_and(|(_, n)| *n == 1)
+        }
+    })
+    .await;
     after.release().await.unwrap();
     let next = waiter.await.unwrap().unwrap();
     assert!(next.fencing_token() > before.fencing_token());
