@@ -14,6 +14,8 @@
 //!   in one lock instance and spread over 8 instances (as 8 processes would be).
 //!
 //! Run: `cargo bench --all-features --bench postgres`
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,14 +32,6 @@ fn url() -> String {
         .ok()
         .filter(|url| !url.is_empty())
         .unwrap_or_else(|| LOCAL_URL.to_owned())
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 async fn pool() -> PgPool {
@@ -281,7 +275,7 @@ fn report_handoff(rt: &Runtime) {
 }
 
 fn main() {
-    let rt = runtime();
+    let rt = support::runtime();
     let mut criterion = Criterion::default().configure_from_args();
     bench_cycle(&mut criterion, &rt);
     report_handoff(&rt);

@@ -11,6 +11,8 @@
 //!
 //! Run: `cargo bench --all-features --bench redis`
 
+mod support;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -200,11 +202,7 @@ async fn handoffs(lock: &RedisDistributedLock, handoffs: u64, run_for: Duration)
 }
 
 fn handoff(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     let config = LockConfig::new()
         .ttl(Duration::from_secs(10))
         .retry_interval(Duration::from_millis(100))

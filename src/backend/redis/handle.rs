@@ -120,24 +120,6 @@ impl LockHandle for RedisHandle {
     fn extend(&self, ttl: Duration) -> BoxFuture<'_, Result<(), LockError>> {
         Box::pin(self.lock.extend(ttl))
     }
-
-    fn release_on_drop(self: Box<Self>) {
-        // Stop renewing before anything else, even if the release cannot run.
-        self.stop_watchdog();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    if let Err(error) = self.lock.release().await {
-                        tracing::debug!(key = %self.lock.key, %error, "background release of a dropped lock guard failed");
-                    }
-                });
-            }
-            Err(_) => tracing::warn!(
-                key = %self.lock.key,
-                "redis lock guard dropped outside a tokio runtime: the lock is freed when its TTL runs out"
-            ),
-        }
-    }
 }
 
 impl Drop for RedisHandle {

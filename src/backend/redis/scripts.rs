@@ -152,7 +152,7 @@ pub(crate) static ABANDON: LazyLock<LuaScript> =
 pub(crate) static IS_LOCKED: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new("is_locked", IS_LOCKED_SOURCE));
 
-/// A script argument: text or a number, written without an intermediate `String`.
+/// A script argument: text or a number (the redis crate writes both without allocating).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Arg<'a> {
     Text(&'a str),
@@ -165,23 +165,8 @@ impl ToRedisArgs for Arg<'_> {
         W: ?Sized + RedisWrite,
     {
         match *self {
-            Arg::Text(text) => out.write_arg(text.as_bytes()),
-            Arg::Number(number) => {
-                let mut digits = [0u8; 20];
-                out.write_arg(format_u64(number, &mut digits));
-            }
-        }
-    }
-}
-
-fn format_u64(mut number: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (number % 10) as u8;
-        number /= 10;
-        if number == 0 {
-            return &digits[at..];
+            Arg::Text(text) => text.write_redis_args(out),
+            Arg::Number(number) => number.write_redis_args(out),
         }
     }
 }
@@ -227,9 +212,11 @@ mod tests {
 
     #[test]
     fn numbers_are_written_in_decimal() {
-        let mut digits = [0u8; 20];
         for n in [0, 7, 10, 1_234_567, u64::MAX] {
-            assert_eq!(format_u64(n, &mut digits), n.to_string().as_bytes());
+            assert_eq!(
+                Arg::Number(n).to_redis_args(),
+                vec![n.to_string().into_bytes()]
+            );
         }
     }
 
