@@ -115,10 +115,10 @@ impl HeldLockRef {
             self.settled.store(true, Ordering::Release);
             return Err(LockError::LockLost);
         }
+        // The session answers Ok or LockLost: a failed unlock closes the session, which frees
+        // the lock. Either way nothing is left to release.
         let result = answer.await.unwrap_or(Err(LockError::LockLost));
-        if !matches!(result, Err(LockError::BackendError(_))) {
-            self.settled.store(true, Ordering::Release);
-        }
+        self.settled.store(true, Ordering::Release);
         result
     }
 

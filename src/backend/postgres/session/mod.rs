@@ -119,8 +119,9 @@ impl Timers {
     }
 }
 
-/// A deadline that never comes in practice, for an idle timer.
-const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// A deadline that never comes in practice, for an idle timer: the longest duration the
+/// crate accepts anywhere.
+const FAR_FUTURE: Duration = crate::MAX_DURATION;
 
 impl Session {
     fn new(
