@@ -42,13 +42,16 @@ async fn thirty_two_tasks_keep_a_table_counter_exact() {
         let lock = locks[task % locks.len()].clone();
         let (key, row, pool) = (key.clone(), prefix.clone(), pool.clone());
         tasks.push(tokio::spawn(async move {
-            let mut conn = pool.acquire().await.unwrap();
             let mut last_token = 0;
             for _ in 0..ROUNDS {
                 let guard = lock.acquire(&key).await.expect("acquire within the budget");
                 assert!(guard.fencing_token() > last_token);
                 last_token = guard.fencing_token();
+                // A pool connection only for the increment: all 32 tasks contend for the lock,
+                // none waits on the pool while others hold the lock.
+                let mut conn = pool.acquire().await.unwrap();
                 pg_support::increment(&mut conn, &row).await;
+                drop(conn);
                 guard.release().await.unwrap();
             }
         }));
