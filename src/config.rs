@@ -128,14 +128,19 @@ impl LockConfig {
 
 /// Checks a TTL given to a configuration or to [`LockGuard::extend`](crate::LockGuard::extend).
 pub(crate) fn validate_ttl(ttl: Duration) -> Result<(), LockError> {
-    if ttl < Duration::from_millis(1) {
+    validate_duration("ttl", ttl, Duration::from_millis(1), MAX_DURATION)
+}
+
+/// Checks that the setting `name` lies between `min` and `max`, inclusive.
+pub(crate) fn validate_duration(
+    name: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), LockError> {
+    if value < min || value > max {
         return Err(LockError::invalid_config(format!(
-            "ttl {ttl:?} is below the minimum of 1 ms: the lock would never be held"
-        )));
-    }
-    if ttl > MAX_DURATION {
-        return Err(LockError::invalid_config(format!(
-            "ttl {ttl:?} is longer than the maximum {MAX_DURATION:?}"
+            "{name} {value:?} must lie between {min:?} and {max:?}"
         )));
     }
     Ok(())

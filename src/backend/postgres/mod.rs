@@ -31,6 +31,7 @@ use self::key_hash::advisory_key;
 use self::notify::{Listener, WakeHub};
 use self::session::{Granted, HeldLockRef, SessionHandle, SessionSettings, TryOutcome};
 use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
+use crate::config::validate_duration;
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
 
 /// Default number of lock sessions (connections holding advisory locks).
@@ -203,30 +204,24 @@ impl PostgresDistributedLockBuilder {
                 self.sessions
             )));
         }
-        if self.command_timeout < Duration::from_millis(1)
-            || self.command_timeout > crate::MAX_DURATION
-        {
-            return Err(LockError::invalid_config(format!(
-                "command_timeout {:?} must be between 1 ms and {:?}",
-                self.command_timeout,
-                crate::MAX_DURATION
-            )));
-        }
-        if self.network_timeout < Duration::from_secs(2)
-            || self.network_timeout > Duration::from_secs(24 * 60 * 60)
-        {
-            return Err(LockError::invalid_config(format!(
-                "network_timeout {:?} must be between 2 s and 24 h",
-                self.network_timeout
-            )));
-        }
-        if self.idle_close.is_zero() || self.idle_close > crate::MAX_DURATION {
-            return Err(LockError::invalid_config(format!(
-                "idle_session_close {:?} must be positive and at most {:?}",
-                self.idle_close,
-                crate::MAX_DURATION
-            )));
-        }
+        validate_duration(
+            "command_timeout",
+            self.command_timeout,
+            Duration::from_millis(1),
+            crate::MAX_DURATION,
+        )?;
+        validate_duration(
+            "network_timeout",
+            self.network_timeout,
+            Duration::from_secs(2),
+            Duration::from_secs(24 * 60 * 60),
+        )?;
+        validate_duration(
+            "idle_session_close",
+            self.idle_close,
+            Duration::from_nanos(1),
+            crate::MAX_DURATION,
+        )?;
         let sequence = SequenceName::parse(&self.sequence)?;
         Ok(PostgresDistributedLock {
             inner: Arc::new(Inner {

@@ -10,6 +10,7 @@ use super::connection::Connections;
 use super::keys::{validate_prefix, DEFAULT_PREFIX};
 use super::wake::WakeHub;
 use super::{AutoExtend, RedisDistributedLock, Shared};
+use crate::config::validate_duration;
 use crate::{LockConfig, LockError, MAX_DURATION};
 
 /// The default timeout of every Redis command.
@@ -121,11 +122,7 @@ impl RedisDistributedLockBuilder {
             ("command_timeout", self.command_timeout),
             ("fence_retention", self.fence_retention),
         ] {
-            if value < Duration::from_millis(1) || value > MAX_DURATION {
-                return Err(LockError::InvalidConfig {
-                    reason: format!("{name} {value:?} must lie between 1 ms and {MAX_DURATION:?}"),
-                });
-            }
+            validate_duration(name, value, Duration::from_millis(1), MAX_DURATION)?;
         }
         if let Some(settings) = &self.auto_extend {
             settings.validate()?;
