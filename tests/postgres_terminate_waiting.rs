@@ -8,7 +8,7 @@ mod pg_support;
 
 use std::time::Duration;
 
-use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDistributedLock};
+use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError};
 use sqlx::PgConnection;
 use tokio::time::Instant;
 
@@ -28,18 +28,9 @@ async fn terminate(admin: &mut PgConnection, pid: i32) {
     assert!(terminated);
 }
 
-/// The pid of the session holding the waiter flag of `key` (the two-integer form).
+/// The pid of the session holding the waiter flag of `key`.
 async fn flag_holder(admin: &mut PgConnection, key: &str) -> Option<i32> {
-    let advisory = PostgresDistributedLock::advisory_key(key) as u64;
-    sqlx::query_scalar(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
-         AND classid = $1::bigint::oid AND objid = $2::bigint::oid",
-    )
-    .bind((advisory >> 32) as i64)
-    .bind((advisory & 0xffff_ffff) as i64)
-    .fetch_optional(admin)
-    .await
-    .unwrap()
+    pg_support::flag_holders(admin, key).await.first().copied()
 }
 
 async fn wait_for_flag(admin: &mut PgConnection, key: &str) -> i32 {

@@ -167,12 +167,18 @@ fn host_and_port(url: &str) -> String {
 /// A small pool on the test server, or on `url`.
 #[cfg(feature = "postgres")]
 pub async fn postgres_pool(url: Option<String>) -> sqlx::PgPool {
+    postgres_pool_of(url, 5).await
+}
+
+/// A pool of at most `max` connections on the test server, or on `url`.
+#[cfg(feature = "postgres")]
+pub async fn postgres_pool_of(url: Option<String>, max: u32) -> sqlx::PgPool {
     let url = match url {
         Some(url) => url,
         None => super::postgres_url().await,
     };
     sqlx::postgres::PgPoolOptions::new()
-        .max_connections(5)
+        .max_connections(max)
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(&url)
         .await

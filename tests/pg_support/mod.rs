@@ -2,22 +2,14 @@
 //! `common::postgres_url()` finds, and `pg_locks` inspection from an independent connection.
 #![allow(dead_code)]
 
-use std::time::Duration;
-
 use k1s0_distributed_lock::{LockConfig, PostgresDistributedLock};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::common;
 
 /// A pool of at most `max` connections on the test server.
 pub async fn pool(max: u32) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&common::postgres_url().await)
-        .await
-        .expect("connect to the test PostgreSQL")
+    common::backends::postgres_pool_of(None, max).await
 }
 
 /// A lock service on its own pool (so it has its own sessions, like another process would).
@@ -59,14 +51,24 @@ async fn count_locks(admin: &mut PgConnection, key: &str, objsubid: i16) -> i64 
 
 /// The backend pids holding `key`.
 pub async fn holders(admin: &mut PgConnection, key: &str) -> Vec<i32> {
+    pids_holding(admin, key, 1).await
+}
+
+/// The backend pids holding the waiter flag of `key`.
+pub async fn flag_holders(admin: &mut PgConnection, key: &str) -> Vec<i32> {
+    pids_holding(admin, key, 2).await
+}
+
+async fn pids_holding(admin: &mut PgConnection, key: &str, objsubid: i16) -> Vec<i32> {
     let advisory = PostgresDistributedLock::advisory_key(key) as u64;
     sqlx::query_scalar(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 1 AND granted",
+         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = $3 AND granted",
     )
     .bind((advisory >> 32) as i64)
     .bind((advisory & 0xffff_ffff) as i64)
+    .bind(objsubid)
     .fetch_all(admin)
     .await
     .expect("query pg_locks")
