@@ -72,17 +72,23 @@ async fn the_watchdog_keeps_a_lock_past_several_ttls_and_stops_after_drop() {
 
     // Were the watchdog still running, it would keep renewing a lock stored under the old
     // token: put one back and watch it expire.
+    assert_not_renewed(&key, &token).await;
+}
+
+/// Puts a lock back under `token` and watches it expire: a watchdog still running for that
+/// token would keep renewing it.
+async fn assert_not_renewed(key: &str, token: &str) {
     let mut conn = raw().await;
     let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg(&token)
+        .arg(key)
+        .arg(token)
         .arg("PX")
         .arg(TTL.as_millis() as u64)
         .query_async(&mut conn)
         .await
         .unwrap();
     assert_eventually("the old token's lock expires without renewal", || async {
-        !exists(&key).await
+        !exists(key).await
     })
     .await;
 }
@@ -95,19 +101,7 @@ async fn the_watchdog_stops_on_release_too() {
     let token = guard.token().hyphenated().to_string();
     let key = lock.redis_key("job");
     guard.release().await.unwrap();
-    let mut conn = raw().await;
-    let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg(&token)
-        .arg("PX")
-        .arg(TTL.as_millis() as u64)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eventually("the old token's lock expires without renewal", || async {
-        !exists(&key).await
-    })
-    .await;
+    assert_not_renewed(&key, &token).await;
 }
 
 #[tokio::test]
