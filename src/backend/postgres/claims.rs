@@ -7,17 +7,19 @@
 //! claim hands it straight to the longest-waiting task that is still listening.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
+
+use super::key_hash::AdvisoryKeyMap;
 
 const SHARDS: usize = 16;
 
 /// The claims of one lock service.
 #[derive(Default)]
 pub(super) struct ClaimTable {
-    shards: [Mutex<HashMap<i64, VecDeque<oneshot::Sender<KeyClaim>>>>; SHARDS],
+    shards: [Mutex<AdvisoryKeyMap<VecDeque<oneshot::Sender<KeyClaim>>>>; SHARDS],
 }
 
 /// What [`ClaimTable::claim_or_queue`] gives.
@@ -101,7 +103,7 @@ impl ClaimTable {
         shard.remove(&key);
     }
 
-    fn shard(&self, key: i64) -> MutexGuard<'_, HashMap<i64, VecDeque<oneshot::Sender<KeyClaim>>>> {
+    fn shard(&self, key: i64) -> MutexGuard<'_, AdvisoryKeyMap<VecDeque<oneshot::Sender<KeyClaim>>>> {
         // Every update is a single insert, remove or queue operation, so a shard poisoned by a
         // panic elsewhere is still consistent.
         self.shards[(key as u64 % SHARDS as u64) as usize]

@@ -11,6 +11,10 @@
 //! The key never travels to the server, only this number, so quotes, backslashes and NUL bytes
 //! in keys cannot reach SQL text.
 
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+
 use sha2::{Digest, Sha256};
 
 /// The advisory lock key (`pg_advisory_lock(bigint)`) of a lock key.
@@ -37,6 +41,64 @@ pub(crate) fn flag_key(key: i64) -> (i32, i32) {
     ((bits >> 32) as u32 as i32, bits as u32 as i32)
 }
 
+/// A map keyed by advisory key. Advisory keys are already uniform (SHA-256), so they only need
+/// mixing with a per-map random seed, not SipHash: a keyed folded multiply, which spreads every
+/// bit of the key over the bucket bits so that keys ground to share low bits do not collide.
+pub(crate) type AdvisoryKeyMap<V> = HashMap<i64, V, AdvisoryKeyHashing>;
+
+/// The [`BuildHasher`] of [`AdvisoryKeyMap`]: a random seed per map.
+#[derive(Clone)]
+pub(crate) struct AdvisoryKeyHashing {
+    seed: u64,
+}
+
+impl Default for AdvisoryKeyHashing {
+    fn default() -> Self {
+        AdvisoryKeyHashing {
+            seed: RandomState::new().hash_one(0_u64) | 1,
+        }
+    }
+}
+
+impl BuildHasher for AdvisoryKeyHashing {
+    type Hasher = AdvisoryKeyHasher;
+
+    fn build_hasher(&self) -> AdvisoryKeyHasher {
+        AdvisoryKeyHasher { state: self.seed }
+    }
+}
+
+/// See [`AdvisoryKeyHashing`].
+pub(crate) struct AdvisoryKeyHasher {
+    state: u64,
+}
+
+impl AdvisoryKeyHasher {
+    fn mix(&mut self, value: u64) {
+        const MULTIPLIER: u64 = 0x9E37_79B9_7F4A_7C15;
+        let product = u128::from(self.state ^ value) * u128::from(MULTIPLIER);
+        self.state = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
+impl Hasher for AdvisoryKeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0_u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_i64(&mut self, value: i64) {
+        self.mix(value as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.state
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,6 +109,17 @@ mod tests {
         assert_eq!(advisory_key("order:42"), -2_708_853_543_617_250_617); // da68380de022bac7
         assert_eq!(advisory_key("ключ"), 2_153_681_812_738_117_024); // 1de36a32af798da0
         assert_eq!(advisory_key("a'b\\c\0d"), 807_657_165_946_115_799); // 0b355fe9cc8456d7
+    }
+
+    #[test]
+    fn keys_that_share_their_low_bits_spread_over_buckets() {
+        // 1,024 keys that agree in their low 32 bits: the low 10 bits of their hashes (the
+        // bucket of a 1,024-slot table) must still spread, or such keys would pile up.
+        let hashing = AdvisoryKeyHashing::default();
+        let buckets: std::collections::HashSet<u64> = (0..1024_i64)
+            .map(|high| hashing.hash_one(high << 32 | 0x1234) & 1023)
+            .collect();
+        assert!(buckets.len() > 500, "only {} buckets used", buckets.len());
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, driven
-//! by one task that runs every statement for the locks it holds.
+//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks.
 //!
-//! Callers talk to the task over a channel ([`SessionHandle`]). Because the task, not the
-//! caller, runs each statement to completion, a caller that gives up (a dropped `acquire`
-//! future) can never leave a statement half-done: the task sees the caller is gone when it tries
-//! to answer and undoes a lock it just took. Commands run in arrival order, and every key always
-//! uses the same session, so an undo always runs before the next local attempt on that key.
+//! The session's state and connection sit behind one async lock. A caller runs its statement
+//! on its own task under that lock ([`SessionHandle`]), so an uncontended lock operation costs
+//! one round trip and no hand-off between tasks. A statement always runs to completion: if the
+//! caller goes away mid-statement (a dropped `acquire` future), the rest of its work moves to
+//! the session task ([`task`]), which finishes it and undoes a lock nobody wants any more
+//! before anything else runs on the session. Every key always uses the same session, and a
+//! key's in-process claim is only passed on after that undo.
 //!
-//! The task also enforces leases (a lock whose lease ran out is unlocked and its lease marked
+//! The session also enforces leases (a lock whose lease ran out is unlocked and its lease marked
 //! lost), pings an idle connection so the server's `idle_session_timeout` only fires when this
 //! process is cut off, and treats any doubt about the connection (an I/O error, a timeout, a
 //! fatal server error) by closing it, which frees every lock it held, and marking those leases
@@ -16,15 +17,16 @@
 
 mod connection;
 mod handle;
+mod task;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
@@ -32,10 +34,11 @@ pub(super) use self::connection::SessionSettings;
 use self::connection::{
     is_concurrent_creation, is_statement_error, is_undefined_table, SessionConnection,
 };
-use self::handle::Command;
+use self::handle::{Command, WeakSessionHandle};
+use self::task::{Backlog, Schedule};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
-use super::key_hash::{flag_key, pg_locks_halves};
+use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
 use super::sql::Statements;
 use crate::{Lease, LockError};
 
@@ -67,56 +70,37 @@ impl Failure {
     }
 }
 
-/// What woke the session task.
-enum Event {
-    Command(Command),
-    Stopped,
-    LeaseDue,
-    Tick,
-}
-
 struct Session {
     pool: PgPool,
     sql: Arc<Statements>,
     settings: SessionSettings,
     /// To build guard links and flags; weak so that the task stops once every handle is gone.
-    sender: mpsc::WeakUnboundedSender<Command>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    link: WeakSessionHandle,
     connection: Option<SessionConnection>,
-    held: HashMap<i64, Held>,
+    /// True while a statement runs. Still true at the next statement only if the work running
+    /// one was dropped unfinished (possible only when the runtime shuts down): the connection
+    /// is then in an unknown state and is closed.
+    statement_in_flight: bool,
+    held: AdvisoryKeyMap<Held>,
     /// Lease deadlines of `held`, earliest first.
     expiries: BTreeSet<(Instant, i64)>,
     /// Waiter flags set on the server, by key: the ids of the local waiters that asked.
-    flags: HashMap<i64, HashSet<u64>>,
+    flags: AdvisoryKeyMap<HashSet<u64>>,
     next_flag_id: u64,
     /// Last statement sent, for pings.
     last_used: Instant,
     /// Since when the session holds nothing, for closing an unused connection.
     idle_since: Instant,
-    /// The three timers of the session, kept (not re-created per command) because arming a
-    /// timer per statement costs more than the statement on a virtual machine; each is moved
-    /// only when it must fire earlier, and a timer that fires early is simply re-armed.
-    timers: Timers,
-}
-
-struct Timers {
-    /// Fires at (or before) the earliest lease deadline.
-    lease: Pin<Box<Sleep>>,
-    /// Fires at (or before) the next ping or idle close.
-    tick: Pin<Box<Sleep>>,
-    /// Fires at (or before) the deadline of the statement in flight.
-    statement: Pin<Box<Sleep>>,
-}
-
-impl Timers {
-    fn new() -> Self {
-        let far = Instant::now() + FAR_FUTURE;
-        Timers {
-            lease: Box::pin(tokio::time::sleep_until(far)),
-            tick: Box::pin(tokio::time::sleep_until(far)),
-            statement: Box::pin(tokio::time::sleep_until(far)),
-        }
-    }
+    /// Fires at (or before) the deadline of the statement in flight. Kept, not re-created per
+    /// statement, because arming a timer per statement costs more than the statement on a
+    /// virtual machine; it is moved only when it must fire earlier, and re-armed when early.
+    statement_timer: Pin<Box<Sleep>>,
+    /// Commands queued by drops, run before the next command.
+    backlog: Arc<Backlog>,
+    /// Where the session tells its task when housekeeping is next due.
+    schedule: Arc<Schedule>,
+    /// The last time given to `schedule`.
+    published_due: Option<Instant>,
 }
 
 /// A deadline that never comes in practice, for an idle timer: the longest duration the
@@ -128,83 +112,92 @@ impl Session {
         pool: PgPool,
         sql: Arc<Statements>,
         settings: SessionSettings,
-        sender: mpsc::WeakUnboundedSender<Command>,
-        commands: mpsc::UnboundedReceiver<Command>,
+        link: WeakSessionHandle,
+        backlog: Arc<Backlog>,
+        schedule: Arc<Schedule>,
     ) -> Self {
         Session {
             pool,
             sql,
             settings,
-            sender,
-            commands,
+            link,
             connection: None,
-            held: HashMap::new(),
+            statement_in_flight: false,
+            held: AdvisoryKeyMap::default(),
             expiries: BTreeSet::new(),
-            flags: HashMap::new(),
+            flags: AdvisoryKeyMap::default(),
             next_flag_id: 0,
             last_used: Instant::now(),
             idle_since: Instant::now(),
-            timers: Timers::new(),
+            statement_timer: Box::pin(tokio::time::sleep_until(Instant::now() + FAR_FUTURE)),
+            backlog,
+            schedule,
+            published_due: None,
         }
     }
 
-    async fn run(mut self) {
-        loop {
-            // Move a timer only if it must fire earlier; one that fires early is re-armed.
-            if let Some(&(at, _)) = self.expiries.first() {
-                if at < self.timers.lease.deadline() {
-                    self.timers.lease.as_mut().reset(at);
-                }
-            }
-            let tick_at = self.next_tick();
-            if let Some(at) = tick_at {
-                if at < self.timers.tick.deadline() {
-                    self.timers.tick.as_mut().reset(at);
-                }
-            }
-            let leases_pending = !self.expiries.is_empty();
-            let event = tokio::select! {
-                biased;
-                command = self.commands.recv() => match command {
-                    Some(command) => Event::Command(command),
-                    None => Event::Stopped,
-                },
-                () = self.timers.lease.as_mut(), if leases_pending => Event::LeaseDue,
-                () = self.timers.tick.as_mut(), if tick_at.is_some() => Event::Tick,
-            };
-            match event {
-                Event::Command(command) => self.handle(command).await,
-                Event::LeaseDue => {
-                    self.timers
-                        .lease
-                        .as_mut()
-                        .reset(Instant::now() + FAR_FUTURE);
-                    self.expire_due().await;
-                }
-                Event::Tick => {
-                    self.timers.tick.as_mut().reset(Instant::now() + FAR_FUTURE);
-                    if self.next_tick().is_some_and(|at| at <= Instant::now()) {
-                        self.tick().await;
-                    }
-                }
-                Event::Stopped => break,
-            }
+    /// Whether the session holds no lock and no waiter flag.
+    fn holds_nothing(&self) -> bool {
+        self.held.is_empty() && self.flags.is_empty()
+    }
+
+    /// When housekeeping is next due: the earliest lease deadline, ping or idle close.
+    fn next_due(&self) -> Option<Instant> {
+        let lease = self.expiries.first().map(|&(at, _)| at);
+        match (lease, self.next_tick()) {
+            (Some(lease), Some(tick)) => Some(lease.min(tick)),
+            (lease, tick) => lease.or(tick),
         }
-        debug_assert!(self.held.is_empty(), "every guard link releases on drop");
-        self.close_gracefully().await;
+    }
+
+    /// Tells the task if housekeeping is now due earlier than it was told. (A later time is
+    /// not worth a wake-up: the timer fires early and housekeeping publishes the right time.)
+    fn publish_due(&mut self) {
+        let due = self.next_due();
+        let earlier = match (due, self.published_due) {
+            (Some(due), Some(published)) => due < published,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if earlier {
+            self.published_due = due;
+            self.schedule.publish(due);
+        }
+    }
+
+    /// Expires leases that ran out, pings or closes an idle connection, and publishes the
+    /// next due time.
+    async fn housekeeping(&mut self) {
+        self.expire_due().await;
+        if self.next_tick().is_some_and(|at| at <= Instant::now()) {
+            self.tick().await;
+        }
+        self.published_due = self.next_due();
+        self.schedule.publish(self.published_due);
     }
 
     fn next_tick(&self) -> Option<Instant> {
         self.connection.as_ref()?;
         let ping_at = self.last_used + self.settings.ping_interval();
-        if self.held.is_empty() && self.flags.is_empty() {
+        if self.holds_nothing() {
             Some(ping_at.min(self.idle_since + self.settings.idle_close))
         } else {
             Some(ping_at)
         }
     }
 
-    async fn handle(&mut self, command: Command) {
+    /// Runs the queued commands, then `command`.
+    async fn handle(&mut self, command: Option<Command>) {
+        while let Some(queued) = self.backlog.pop() {
+            self.run_command(queued).await;
+        }
+        if let Some(command) = command {
+            self.run_command(command).await;
+        }
+        self.publish_due();
+    }
+
+    async fn run_command(&mut self, command: Command) {
         match command {
             Command::TryLock {
                 claim,
@@ -278,7 +271,7 @@ impl Session {
         if let Some(id) = flag {
             self.forget_flag(key, id, unflag.is_some());
         }
-        let Some(commands) = self.sender.upgrade() else {
+        let Some(session) = self.link.upgrade() else {
             // Nobody can release it any more: do it now.
             self.held_insert(key, claim, Lease::new(sent_at, ttl));
             let _ = self.unlock_held(key).await;
@@ -290,7 +283,7 @@ impl Session {
             fencing_token: u64::try_from(token).unwrap_or(0),
             lease,
             lock: HeldLockRef {
-                commands,
+                session,
                 key,
                 id,
                 settled: AtomicBool::new(false),
@@ -394,7 +387,7 @@ impl Session {
         if reply.is_closed() {
             return;
         }
-        let Some(commands) = self.sender.upgrade() else {
+        let Some(session) = self.link.upgrade() else {
             return;
         };
         if !self.flags.contains_key(&key) {
@@ -425,7 +418,7 @@ impl Session {
         self.next_flag_id += 1;
         self.flags.entry(key).or_default().insert(id);
         let flag = WaitFlag {
-            commands,
+            session,
             key,
             id,
             armed: true,
@@ -584,9 +577,7 @@ impl Session {
             return;
         }
         let now = Instant::now();
-        if self.held.is_empty()
-            && self.flags.is_empty()
-            && now >= self.idle_since + self.settings.idle_close
+        if self.holds_nothing() && now >= self.idle_since + self.settings.idle_close
         {
             tracing::debug!("closing an unused lock session");
             self.close_gracefully().await;
@@ -671,6 +662,12 @@ impl Session {
         ) -> futures_util::future::BoxFuture<'c, Result<T, sqlx::Error>>,
     ) -> Result<T, Failure> {
         let timeout = self.settings.command_timeout;
+        if self.statement_in_flight {
+            self.statement_in_flight = false;
+            self.lose_session(LockError::backend_msg(
+                "a lock statement was abandoned unfinished",
+            ));
+        }
         if self.connection.is_none() {
             let connection = self.connect().await.map_err(Failure::SessionLost)?;
             self.connection = Some(connection);
@@ -683,10 +680,11 @@ impl Session {
         let started = Instant::now();
         self.last_used = started;
         let deadline = started + timeout;
-        let armed = self.timers.statement.deadline();
+        let armed = self.statement_timer.deadline();
         if armed > deadline || armed + timeout / 2 < deadline {
-            self.timers.statement.as_mut().reset(deadline);
+            self.statement_timer.as_mut().reset(deadline);
         }
+        self.statement_in_flight = true;
         let outcome = {
             let statement = run(connection);
             tokio::pin!(statement);
@@ -694,16 +692,17 @@ impl Session {
                 tokio::select! {
                     biased;
                     result = &mut statement => break Ok(result),
-                    () = self.timers.statement.as_mut() => {
+                    () = self.statement_timer.as_mut() => {
                         if Instant::now() >= deadline {
                             break Err(());
                         }
                         // Armed for an earlier statement: wait out this one's own deadline.
-                        self.timers.statement.as_mut().reset(deadline);
+                        self.statement_timer.as_mut().reset(deadline);
                     }
                 }
             }
         };
+        self.statement_in_flight = false;
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
@@ -779,7 +778,7 @@ impl Session {
     }
 
     async fn close_gracefully(&mut self) {
-        if !self.held.is_empty() || !self.flags.is_empty() {
+        if !self.holds_nothing() {
             self.lose_session(LockError::backend_msg("lock session closed"));
             return;
         }
