@@ -9,7 +9,8 @@
 //!   `durable_fencing_tokens(false)`: no WAL flush wait when the fencing sequence logs ahead
 //!   (every 32nd acquire), which is what makes the mean of `backend` exceed its median.
 //! * Then, printed: the same ratio from alternating single cycles (medians, robust to other
-//!   load on the machine), and the contended hand-off latency
+//!   load on the machine), unpinned and with this process and both server processes pinned to
+//!   one CPU (see [`alternating_ratio`]), and the contended hand-off latency
 //!   (release called → next holder's `acquire` returns), p50 and p99, with 8 tasks on one key
 //!   in one lock instance and spread over 8 instances (as 8 processes would be).
 //!
@@ -139,66 +140,136 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
     alternating_ratio(rt);
 }
 
-/// The ratio again, robust to this machine. On a 2-vCPU VM the cost of a connection's round
-/// trip depends on where the scheduler puts its server process: on the client's vCPU about
-/// 20 µs, on the other one 50-60 µs. The placement is a coin flip per connection and sticks
-/// for a whole round, so one measurement may compare a lucky side with an unlucky one. Hence
-/// rounds, each with a fresh raw connection and a fresh lock service; in a round the two sides
-/// run in alternating batches (one side at a time), each batch summarised by its median cycle.
-/// Printed: every round, the median of the round ratios (placement luck included), and each
-/// side's best round against the other's (both in the good placement: the cost of the code).
+/// The ratio again, robust to this machine, twice: unpinned, then pinned to one CPU.
+///
+/// On a 2-vCPU VM the cost of a connection's round trip depends on where the scheduler puts
+/// its server process: on the client's vCPU about 20 µs, on the other one 50-80 µs. The
+/// placement is a coin flip per connection and sticks for a whole round, so one measurement
+/// may compare a lucky side with an unlucky one. Hence rounds, each with a fresh raw connection
+/// and a fresh lock service; in a round the two sides run in alternating batches (one side at a
+/// time), each batch summarised by its median cycle (which leaves out the WAL flush that every
+/// 32nd fencing token waits for; criterion's means above include it). Printed: every round,
+/// the median of the round ratios, and each side's best round against the other's.
+///
+/// Pinned: this process and both server processes (the raw connection's and the lock
+/// session's, found in `pg_locks`) are put on CPU 0 with `taskset` for the round, so both sides
+/// get the same placement every time and the ratio is the cost of the code and the SQL. The
+/// server processes end with their connections after the round; this process is unpinned.
+/// Pinning needs `taskset` and the right to set other processes' affinity (root, or the
+/// server's user); without them the pinned part says so and is skipped.
 fn alternating_ratio(rt: &Runtime) {
-    let (mut ratios, mut raw_best, mut backend_best) = (Vec::new(), Duration::MAX, Duration::MAX);
-    for round in 0..ROUNDS {
-        let (raw_median, backend_median) = rt
-            .block_on(rt.spawn(async move {
-                let lock = PostgresDistributedLock::new(pool().await, LockConfig::new());
-                let mut conn = PgConnection::connect(&url()).await.unwrap();
-                let raw_key = PostgresDistributedLock::advisory_key(&unique_key("raw"));
-                let backend_key = unique_key("backend");
-                // Warm both, then alternate batches: one side at a time, so that each side's
-                // server process gets the machine to itself while it is measured.
-                for _ in 0..WARM_UP {
-                    raw_cycle(&mut conn, raw_key).await;
-                    backend_cycle(&lock, &backend_key).await;
-                }
-                let (mut raw_times, mut backend_times) = (Vec::new(), Vec::new());
-                for _ in 0..BATCHES {
-                    let mut batch = Vec::with_capacity(BATCH);
-                    for _ in 0..BATCH {
-                        let started = Instant::now();
-                        raw_cycle(&mut conn, raw_key).await;
-                        batch.push(started.elapsed());
-                    }
-                    raw_times.push(median(&mut batch));
-                    batch.clear();
-                    for _ in 0..BATCH {
-                        let started = Instant::now();
-                        backend_cycle(&lock, &backend_key).await;
-                        batch.push(started.elapsed());
-                    }
-                    backend_times.push(median(&mut batch));
-                }
-                (median(&mut raw_times), median(&mut backend_times))
-            }))
-            .unwrap();
-        let ratio = backend_median.as_secs_f64() / raw_median.as_secs_f64();
+    for pinned in [false, true] {
+        let label = if pinned {
+            "pinned to CPU 0"
+        } else {
+            "unpinned"
+        };
+        let (mut ratios, mut raw_best, mut backend_best) =
+            (Vec::new(), Duration::MAX, Duration::MAX);
+        for round in 0..ROUNDS {
+            let outcome = rt.block_on(rt.spawn(alternating_round(pinned))).unwrap();
+            let Some((raw_median, backend_median)) = outcome else {
+                println!("alternating, {label}: taskset is not available here; skipped");
+                break;
+            };
+            let ratio = backend_median.as_secs_f64() / raw_median.as_secs_f64();
+            println!(
+                "alternating, {label}, round {round}: raw floor {raw_median:?}, backend {backend_median:?}, ratio {ratio:.3}"
+            );
+            ratios.push(ratio);
+            raw_best = raw_best.min(raw_median);
+            backend_best = backend_best.min(backend_median);
+        }
+        if ratios.is_empty() {
+            continue;
+        }
+        ratios.sort_by(f64::total_cmp);
         println!(
-            "alternating round {round}: raw floor {raw_median:?}, backend {backend_median:?}, ratio {ratio:.3}"
+            "alternating, {label}: median ratio over {} rounds of {BATCHES} x {BATCH} cycles per side: {:.3}",
+            ratios.len(),
+            ratios[ratios.len() / 2]
         );
-        ratios.push(ratio);
-        raw_best = raw_best.min(raw_median);
-        backend_best = backend_best.min(backend_median);
+        println!(
+            "alternating, {label}: best round raw floor {raw_best:?}, best round backend {backend_best:?}, ratio {:.3}",
+            backend_best.as_secs_f64() / raw_best.as_secs_f64()
+        );
     }
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "alternating cycles: median ratio over {ROUNDS} rounds of {BATCHES} x {BATCH} cycles per side: {:.3}",
-        ratios[ratios.len() / 2]
-    );
-    println!(
-        "alternating cycles: best round raw floor {raw_best:?}, best round backend {backend_best:?}, ratio {:.3}",
-        backend_best.as_secs_f64() / raw_best.as_secs_f64()
-    );
+}
+
+/// One round: fresh connections, optionally pinned, alternating batches. `None` if pinning
+/// was asked for and is not possible.
+async fn alternating_round(pinned: bool) -> Option<(Duration, Duration)> {
+    let lock = PostgresDistributedLock::new(pool().await, LockConfig::new());
+    let mut conn = PgConnection::connect(&url()).await.unwrap();
+    let raw_key = PostgresDistributedLock::advisory_key(&unique_key("raw"));
+    let backend_key = unique_key("backend");
+    if pinned {
+        let guard = lock.try_acquire(&backend_key).await.unwrap();
+        let session_pid: i32 = sqlx::query_scalar(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+             AND classid = (($1::bigint >> 32) & 4294967295)::oid \
+             AND objid = ($1::bigint & 4294967295)::oid",
+        )
+        .bind(PostgresDistributedLock::advisory_key(&backend_key))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        guard.release().await.unwrap();
+        let raw_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let all_pinned = [std::process::id() as i32, session_pid, raw_pid]
+            .iter()
+            .all(|&pid| set_affinity(pid, "0"));
+        if !all_pinned {
+            set_affinity(std::process::id() as i32, &all_cpus());
+            return None;
+        }
+    }
+    // Warm both, then alternate batches: one side at a time, so that each side's server
+    // process gets the machine to itself while it is measured.
+    for _ in 0..WARM_UP {
+        raw_cycle(&mut conn, raw_key).await;
+        backend_cycle(&lock, &backend_key).await;
+    }
+    let (mut raw_times, mut backend_times) = (Vec::new(), Vec::new());
+    for _ in 0..BATCHES {
+        let mut batch = Vec::with_capacity(BATCH);
+        for _ in 0..BATCH {
+            let started = Instant::now();
+            raw_cycle(&mut conn, raw_key).await;
+            batch.push(started.elapsed());
+        }
+        raw_times.push(median(&mut batch));
+        batch.clear();
+        for _ in 0..BATCH {
+            let started = Instant::now();
+            backend_cycle(&lock, &backend_key).await;
+            batch.push(started.elapsed());
+        }
+        backend_times.push(median(&mut batch));
+    }
+    if pinned {
+        set_affinity(std::process::id() as i32, &all_cpus());
+    }
+    Some((median(&mut raw_times), median(&mut backend_times)))
+}
+
+/// Sets the CPU affinity of every thread of process `pid` with `taskset`; false if it failed.
+fn set_affinity(pid: i32, cpus: &str) -> bool {
+    std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// Every online CPU, as `taskset` takes them (not `available_parallelism`, which follows this
+/// process's own, possibly pinned, affinity).
+fn all_cpus() -> String {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .map(|cpus| cpus.trim().to_owned())
+        .unwrap_or_else(|_| "0-1023".to_owned())
 }
 
 /// Rounds of the alternating comparison, and cycles of each kind per round (after a warm-up of

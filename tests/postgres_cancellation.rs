@@ -146,3 +146,55 @@ async fn cancelled_local_waiters_are_skipped() {
     assert!(!lock.is_locked(&key).await.unwrap());
     assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
 }
+
+/// A lock service whose runtime shuts down while it holds a lock (its session task is dropped
+/// with the runtime): the connection closes, so the server frees the lock at once; the guard
+/// reports the loss, and the stranded service answers with errors instead of working on
+/// without its housekeeping (lease expiry).
+#[test]
+fn a_runtime_shutdown_frees_the_locks_of_its_sessions() {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let key = format!("{}k", common::unique_prefix("pg_runtime_shutdown"));
+    let (lock, guard) = first.block_on(async {
+        let lock = pg_support::lock(LockConfig::new()).await;
+        let guard = lock.try_acquire(&key).await.unwrap();
+        (lock, guard)
+    });
+    assert!(!guard.is_lost());
+    drop(first);
+
+    let second = runtime();
+    second.block_on(async {
+        assert!(guard.is_lost(), "the guard's session is gone");
+        // The server notices the closed socket at once; the poll only covers its reaction.
+        let admin = tokio::sync::Mutex::new(pg_support::admin().await);
+        common::wait::assert_eventually("the server freed the key", || async {
+            pg_support::advisory_locks(&mut *admin.lock().await, &key).await == 0
+        })
+        .await;
+        let other = pg_support::lock(LockConfig::new()).await;
+        other
+            .try_acquire(&key)
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        // The key's session (a key always uses the same one) died with its runtime.
+        assert!(
+            matches!(
+                lock.try_acquire(&key).await,
+                Err(LockError::BackendError(_))
+            ),
+            "a service whose session is gone must say so"
+        );
+        assert!(matches!(guard.release().await, Err(LockError::LockLost)));
+    });
+}

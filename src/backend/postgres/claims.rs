@@ -103,7 +103,10 @@ impl ClaimTable {
         shard.remove(&key);
     }
 
-    fn shard(&self, key: i64) -> MutexGuard<'_, AdvisoryKeyMap<VecDeque<oneshot::Sender<KeyClaim>>>> {
+    fn shard(
+        &self,
+        key: i64,
+    ) -> MutexGuard<'_, AdvisoryKeyMap<VecDeque<oneshot::Sender<KeyClaim>>>> {
         // Every update is a single insert, remove or queue operation, so a shard poisoned by a
         // panic elsewhere is still consistent.
         self.shards[(key as u64 % SHARDS as u64) as usize]

@@ -64,10 +64,8 @@ impl SessionConnection {
 
     /// Closes the socket now, without a goodbye to the server: its end of the session (and the
     /// locks) goes as soon as it sees the connection closed.
-    pub(super) fn close_hard(mut self) {
-        if let Some(connection) = self.0.take() {
-            drop(connection.detach());
-        }
+    pub(super) fn close_hard(self) {
+        drop(self);
     }
 }
 
@@ -77,7 +75,8 @@ impl Drop for SessionConnection {
             if tokio::runtime::Handle::try_current().is_ok() {
                 drop(connection.detach());
             } else {
-                // Without a runtime the pool cannot be told; the socket still closes.
+                // Without a runtime the pool cannot be told (sqlx needs one to do so); the
+                // socket still closes.
                 drop(connection.leak());
             }
         }

@@ -108,21 +108,21 @@ impl SessionHandle {
             sent_at,
             reply,
         })
-        .await;
+        .await?;
         answered(answer)
     }
 
     /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
     pub(crate) async fn set_flag(&self, key: i64) -> Result<WaitFlag, LockError> {
         let (reply, answer) = oneshot::channel();
-        self.execute(Command::SetFlag { key, reply }).await;
+        self.execute(Command::SetFlag { key, reply }).await?;
         answered(answer)
     }
 
     /// Whether any session (of any process) holds the key.
     pub(crate) async fn is_locked(&self, key: i64) -> Result<bool, LockError> {
         let (reply, answer) = oneshot::channel();
-        self.execute(Command::IsLocked { key, reply }).await;
+        self.execute(Command::IsLocked { key, reply }).await?;
         answered(answer)
     }
 
@@ -130,7 +130,13 @@ impl SessionHandle {
     /// commands queued before it). A statement always runs to completion: if the caller goes
     /// away first, the rest of the work moves to the session task, which finishes it and
     /// undoes whatever the caller no longer wants (the command's reply channel is then closed).
-    async fn execute(&self, command: Command) {
+    ///
+    /// Fails if the session task is gone (its runtime shut down): it closed the connection
+    /// as it went, so the session has nothing left to work on.
+    async fn execute(&self, command: Command) -> Result<(), LockError> {
+        if self.task.is_closed() {
+            return Err(session_stopped());
+        }
         let state = Arc::clone(&self.state);
         FinishOnDrop {
             work: Some(Box::pin(async move {
@@ -139,7 +145,8 @@ impl SessionHandle {
             })),
             task: &self.task,
         }
-        .await
+        .await;
+        Ok(())
     }
 
     /// Queues `command` for whoever runs on the session next, for callers that cannot wait
@@ -212,32 +219,35 @@ impl HeldLockRef {
 
     pub(crate) async fn release(&self) -> Result<(), LockError> {
         let (reply, mut answer) = oneshot::channel();
-        self.session
-            .execute(Command::Release {
-                key: self.key,
-                id: self.id,
-                reply: Some(reply),
-            })
-            .await;
+        let command = Command::Release {
+            key: self.key,
+            id: self.id,
+            reply: Some(reply),
+        };
         // The session answers Ok or LockLost: a failed unlock closes the session, which frees
-        // the lock. Either way nothing is left to release.
-        let result = answer.try_recv().unwrap_or(Err(LockError::LockLost));
+        // the lock; a session whose task is gone closed its connection. Either way nothing is
+        // left to release.
+        let result = match self.session.execute(command).await {
+            Ok(()) => answer.try_recv().unwrap_or(Err(LockError::LockLost)),
+            Err(_) => Err(LockError::LockLost),
+        };
         self.settled.store(true, Ordering::Release);
         result
     }
 
     pub(crate) async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
         let (reply, mut answer) = oneshot::channel();
-        self.session
-            .execute(Command::Extend {
-                key: self.key,
-                id: self.id,
-                ttl,
-                sent_at: Instant::now(),
-                reply,
-            })
-            .await;
-        answer.try_recv().unwrap_or(Err(LockError::LockLost))
+        let command = Command::Extend {
+            key: self.key,
+            id: self.id,
+            ttl,
+            sent_at: Instant::now(),
+            reply,
+        };
+        match self.session.execute(command).await {
+            Ok(()) => answer.try_recv().unwrap_or(Err(LockError::LockLost)),
+            Err(_) => Err(LockError::LockLost),
+        }
     }
 }
 

@@ -35,8 +35,8 @@ use self::connection::{
     is_concurrent_creation, is_statement_error, is_undefined_table, SessionConnection,
 };
 use self::handle::{Command, WeakSessionHandle};
-use self::task::{Backlog, Schedule};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
+use self::task::{Backlog, Schedule};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
 use super::sql::Statements;
@@ -577,8 +577,7 @@ impl Session {
             return;
         }
         let now = Instant::now();
-        if self.holds_nothing() && now >= self.idle_since + self.settings.idle_close
-        {
+        if self.holds_nothing() && now >= self.idle_since + self.settings.idle_close {
             tracing::debug!("closing an unused lock session");
             self.close_gracefully().await;
             return;

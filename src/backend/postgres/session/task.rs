@@ -88,6 +88,8 @@ pub(super) async fn run(
     mut messages: mpsc::UnboundedReceiver<Message>,
     schedule: Arc<Schedule>,
 ) {
+    // Declared first, so dropped last: after the work items, which may hold the lock.
+    let _close_on_exit = CloseOnExit(Arc::clone(&state));
     let mut work: FuturesUnordered<Work> = FuturesUnordered::new();
     // One timer, kept and moved, because arming a timer costs more than it seems on a VM.
     let timer = tokio::time::sleep_until(Instant::now() + FAR_FUTURE);
@@ -138,4 +140,22 @@ pub(super) async fn run(
     session.handle(None).await;
     debug_assert!(session.holds_nothing(), "every guard link releases on drop");
     session.close_gracefully().await;
+}
+
+/// Closes the connection if the task ends without closing it itself: when its runtime shuts
+/// down, the task is dropped with its work, and the connection (with every lock on it) must
+/// not outlive it in the handles' shared state.
+struct CloseOnExit(Arc<Mutex<Session>>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        match self.0.try_lock() {
+            Ok(mut session) => session.lose_session(crate::LockError::backend_msg(
+                "the lock session's runtime shut down",
+            )),
+            Err(_) => tracing::warn!(
+                "a lock session ended while a statement held it; its connection closes with the last handle"
+            ),
+        }
+    }
 }
