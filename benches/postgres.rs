@@ -5,9 +5,6 @@
 //!   `pg_advisory_unlock($1)` on one connection with sqlx (prepared, like the backend's).
 //! * `postgres_cycle/backend` — `try_acquire` + `release` of [`PostgresDistributedLock`] on the
 //!   same kind of key, measured in the same process. Target: at most 1.25x the floor.
-//! * `postgres_cycle/backend_nondurable_tokens` — the same with
-//!   `durable_fencing_tokens(false)`: no WAL flush wait when the fencing sequence logs ahead
-//!   (every 32nd acquire), which is what makes the mean of `backend` exceed its median.
 //! * Then, printed: the same ratio from alternating single cycles (medians, robust to other
 //!   load on the machine), unpinned and with this process and both server processes pinned to
 //!   one CPU (see [`alternating_ratio`]), and the contended hand-off latency
@@ -68,18 +65,34 @@ async fn backend_cycle(lock: &PostgresDistributedLock, key: &str) {
 }
 
 fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
+    let raw_key = PostgresDistributedLock::advisory_key(&unique_key("raw"));
+    let backend_key = unique_key("backend");
     let (lock, mut raw) = rt.block_on(async {
         let lock = PostgresDistributedLock::new(pool().await, LockConfig::new());
         let raw = PgConnection::connect(&url()).await.unwrap();
         (lock, raw)
     });
-    let raw_key = PostgresDistributedLock::advisory_key(&unique_key("raw"));
-    let backend_key = unique_key("backend");
-    // Warm both (connections, prepared statements, the fencing sequence).
-    rt.block_on(async {
+    // Warm both (connections, prepared statements, the fencing sequence), then pin this
+    // process and both server processes to one CPU, as the pinned alternating rounds do
+    // (see `alternating_ratio`): otherwise each side's figure depends on where the scheduler
+    // happened to put its server process.
+    let pinned = rt.block_on(async {
         raw_cycle(&mut raw, raw_key).await;
         backend_cycle(&lock, &backend_key).await;
+        let server_pids = [
+            session_pid(&lock, &backend_key, &mut raw).await,
+            backend_pid(&mut raw).await,
+        ];
+        pin_to_cpu0(&server_pids)
     });
+    println!(
+        "postgres_cycle: {}",
+        if pinned {
+            "this process and both server processes pinned to CPU 0"
+        } else {
+            "unpinned (taskset is not available here)"
+        }
+    );
     // Both sides run inside a runtime task, as a request handler would, `iters` cycles per
     // sample; the connection and the lock service move into the task and back.
     let raw = Arc::new(tokio::sync::Mutex::new(raw));
@@ -113,30 +126,13 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
             .unwrap()
         })
     });
-    let fast_lock = Arc::new(rt.block_on(async {
-        let lock = PostgresDistributedLock::builder(pool().await, LockConfig::new())
-            .durable_fencing_tokens(false)
-            .build()
-            .unwrap();
-        backend_cycle(&lock, &backend_key).await;
-        lock
-    }));
-    group.bench_function("backend_nondurable_tokens", |b| {
-        b.iter_custom(|iters| {
-            let (lock, key) = (Arc::clone(&fast_lock), Arc::clone(&backend_key));
-            rt.block_on(rt.spawn(async move {
-                let started = Instant::now();
-                for _ in 0..iters {
-                    backend_cycle(&lock, &key).await;
-                }
-                started.elapsed()
-            }))
-            .unwrap()
-        })
-    });
     group.finish();
+    if pinned {
+        set_affinity(std::process::id() as i32, &all_cpus());
+    }
+    support::print_ratio("postgres_cycle", "backend", "raw_floor", "raw floor");
 
-    drop((raw, lock, fast_lock));
+    drop((raw, lock));
     alternating_ratio(rt);
 }
 
@@ -147,8 +143,7 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
 /// placement is a coin flip per connection and sticks for a whole round, so one measurement
 /// may compare a lucky side with an unlucky one. Hence rounds, each with a fresh raw connection
 /// and a fresh lock service; in a round the two sides run in alternating batches (one side at a
-/// time), each batch summarised by its median cycle (which leaves out the WAL flush that every
-/// 32nd fencing token waits for; criterion's means above include it). Printed: every round,
+/// time), each batch summarised by its median cycle. Printed: every round,
 /// the median of the round ratios, and each side's best round against the other's.
 ///
 /// Pinned: this process and both server processes (the raw connection's and the lock
@@ -204,26 +199,11 @@ async fn alternating_round(pinned: bool) -> Option<(Duration, Duration)> {
     let raw_key = PostgresDistributedLock::advisory_key(&unique_key("raw"));
     let backend_key = unique_key("backend");
     if pinned {
-        let guard = lock.try_acquire(&backend_key).await.unwrap();
-        let session_pid: i32 = sqlx::query_scalar(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
-             AND classid = (($1::bigint >> 32) & 4294967295)::oid \
-             AND objid = ($1::bigint & 4294967295)::oid",
-        )
-        .bind(PostgresDistributedLock::advisory_key(&backend_key))
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        guard.release().await.unwrap();
-        let raw_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        let all_pinned = [std::process::id() as i32, session_pid, raw_pid]
-            .iter()
-            .all(|&pid| set_affinity(pid, "0"));
-        if !all_pinned {
-            set_affinity(std::process::id() as i32, &all_cpus());
+        let server_pids = [
+            session_pid(&lock, &backend_key, &mut conn).await,
+            backend_pid(&mut conn).await,
+        ];
+        if !pin_to_cpu0(&server_pids) {
             return None;
         }
     }
@@ -254,6 +234,44 @@ async fn alternating_round(pinned: bool) -> Option<(Duration, Duration)> {
         set_affinity(std::process::id() as i32, &all_cpus());
     }
     Some((median(&mut raw_times), median(&mut backend_times)))
+}
+
+/// The server process of the lock session that `key` uses (found in `pg_locks` while `key` is
+/// held), asked over `conn`.
+async fn session_pid(lock: &PostgresDistributedLock, key: &str, conn: &mut PgConnection) -> i32 {
+    let guard = lock.try_acquire(key).await.unwrap();
+    let pid = sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+         AND classid = (($1::bigint >> 32) & 4294967295)::oid \
+         AND objid = ($1::bigint & 4294967295)::oid",
+    )
+    .bind(PostgresDistributedLock::advisory_key(key))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    guard.release().await.unwrap();
+    pid
+}
+
+/// The server process of `conn`.
+async fn backend_pid(conn: &mut PgConnection) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// Pins this process and `server_pids` to CPU 0; on failure unpins this process and says
+/// false (server processes end with their connections).
+fn pin_to_cpu0(server_pids: &[i32]) -> bool {
+    let this = std::process::id() as i32;
+    let pinned = std::iter::once(&this)
+        .chain(server_pids)
+        .all(|&pid| set_affinity(pid, "0"));
+    if !pinned {
+        set_affinity(this, &all_cpus());
+    }
+    pinned
 }
 
 /// Sets the CPU affinity of every thread of process `pid` with `taskset`; false if it failed.

@@ -160,27 +160,114 @@ async fn conflicts_within_and_across_instances_and_fencing_tokens_increase() {
     }
 }
 
-/// With `durable_fencing_tokens(false)` tokens still increase across holders and instances.
+/// The jump of the fencing sequence at a new crash epoch (`EPOCH_JUMP` in the backend).
+const EPOCH_JUMP: u64 = 1 << 40;
+
+/// A lock service on its own fencing sequence, so that a test can reset that sequence's crash
+/// epoch marker without touching other tests' tokens.
+async fn lock_on_sequence(sequence: &str) -> PostgresDistributedLock {
+    PostgresDistributedLock::builder(pg_support::pool(2).await, LockConfig::new())
+        .fencing_sequence(sequence)
+        .build()
+        .unwrap()
+}
+
+/// What crash recovery does to the unlogged epoch table, for one sequence only.
+async fn forget_epoch(sequence: &str) {
+    let mut admin = pg_support::admin().await;
+    sqlx::query("DELETE FROM k1s0_lock_fencing_epochs WHERE sequence = $1")
+        .bind(format!("\"{sequence}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
+async fn drop_sequence(sequence: &str) {
+    forget_epoch(sequence).await;
+    let mut admin = pg_support::admin().await;
+    sqlx::query(&format!("DROP SEQUENCE IF EXISTS \"{sequence}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
+async fn token_of(lock: &PostgresDistributedLock, key: &str) -> u64 {
+    let guard = lock.acquire(key).await.unwrap();
+    let token = guard.fencing_token();
+    guard.release().await.unwrap();
+    token
+}
+
+/// The marker table is unlogged (that is what makes crash recovery, failover and restore
+/// empty it), and the first session after it was emptied jumps the sequence past every token
+/// handed out before; later sessions do not jump again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nondurable_fencing_tokens_still_increase() {
-    let prefix = common::unique_prefix("pg_nondurable");
-    let key = format!("{prefix}k");
-    let mut locks = Vec::new();
-    for durable in [false, true, false] {
-        locks.push(
-            PostgresDistributedLock::builder(pg_support::pool(2).await, LockConfig::new())
-                .durable_fencing_tokens(durable)
-                .build()
-                .unwrap(),
+async fn fencing_tokens_jump_past_a_new_crash_epoch_once() {
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let key = format!("{}k", common::unique_prefix("pg_epoch"));
+    let before = lock_on_sequence(&sequence).await;
+    let mut last = 0;
+    for _ in 0..40 {
+        let token = token_of(&before, &key).await;
+        assert!(token > last);
+        last = token;
+    }
+    let mut admin = pg_support::admin().await;
+    let persistence: String = sqlx::query_scalar(
+        "SELECT relpersistence::text FROM pg_class WHERE relname = 'k1s0_lock_fencing_epochs'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(persistence, "u", "the epoch table must be unlogged");
+
+    forget_epoch(&sequence).await;
+    let after = lock_on_sequence(&sequence).await;
+    let first_after = token_of(&after, &key).await;
+    assert!(
+        first_after > last + EPOCH_JUMP,
+        "{first_after} after {last}: no jump"
+    );
+    let later = lock_on_sequence(&sequence).await;
+    let token = token_of(&later, &key).await;
+    assert!(
+        token > first_after && token < first_after + EPOCH_JUMP,
+        "{token} after {first_after}: a second jump"
+    );
+    drop((before, after, later));
+    drop_sequence(&sequence).await;
+}
+
+/// Eight services opening their first session at once in a new epoch: one of them jumps the
+/// sequence, the others wait for that jump and do not jump again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_sessions_of_an_epoch_jump_once() {
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let prefix = common::unique_prefix("pg_epoch_race");
+    let last = token_of(&lock_on_sequence(&sequence).await, &format!("{prefix}k")).await;
+    forget_epoch(&sequence).await;
+    let mut services = Vec::new();
+    for _ in 0..8 {
+        services.push(lock_on_sequence(&sequence).await);
+    }
+    let keys: Vec<String> = (0..services.len())
+        .map(|i| format!("{prefix}{i}"))
+        .collect();
+    let tokens = futures::future::join_all(
+        services
+            .iter()
+            .zip(&keys)
+            .map(|(lock, key)| token_of(lock, key)),
+    )
+    .await;
+    for token in &tokens {
+        assert!(
+            *token > last + EPOCH_JUMP && *token < last + 2 * EPOCH_JUMP,
+            "{tokens:?} after {last}: not exactly one jump"
         );
     }
-    let mut last = 0;
-    for round in 0..60 {
-        let guard = locks[round % locks.len()].acquire(&key).await.unwrap();
-        assert!(guard.fencing_token() > last, "round {round}");
-        last = guard.fencing_token();
-        guard.release().await.unwrap();
-    }
+    drop(services);
+    drop_sequence(&sequence).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,7 +92,10 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   from the server loses its locks after about the
 ///   [`network_timeout`](PostgresDistributedLockBuilder::network_timeout) (10 s by default).
 /// * **Fencing tokens** come from one sequence (`k1s0_lock_fencing_seq`, created on first use,
-///   `CACHE 1`), drawn in the same statement that takes the lock.
+///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
+///   disk. They still increase across a server crash: the first lock session after crash
+///   recovery (or a failover, or a restore) moves the sequence 2^40 ahead before any token is
+///   drawn, detected by an unlogged marker table that crash recovery empties.
 #[derive(Clone)]
 pub struct PostgresDistributedLock {
     inner: Arc<Inner>,
@@ -137,7 +140,6 @@ pub struct PostgresDistributedLockBuilder {
     network_timeout: Duration,
     idle_close: Duration,
     sequence: String,
-    durable_fencing: bool,
 }
 
 impl PostgresDistributedLockBuilder {
@@ -174,25 +176,13 @@ impl PostgresDistributedLockBuilder {
 
     /// The sequence that fencing tokens come from: `name` or `schema.name` (ASCII letters,
     /// digits, `_`). Default `k1s0_lock_fencing_seq`, in the first schema of the
-    /// `search_path`. Created with `CACHE 1` on first use if missing; a sequence created
-    /// beforehand must also have `CACHE 1`, or tokens would not increase across sessions.
-    /// Every process locking the same keys must use the same sequence.
+    /// `search_path`. Created with `CACHE 1` on first use if missing, together with the
+    /// unlogged table `k1s0_lock_fencing_epochs` in the same schema that keeps tokens
+    /// increasing across a server crash (see the crate's `docs/postgres.md`). A sequence
+    /// created beforehand must also have `CACHE 1`, or tokens would not increase across
+    /// sessions. Every process locking the same keys must use the same sequence.
     pub fn fencing_sequence(mut self, name: impl Into<String>) -> Self {
         self.sequence = name.into();
-        self
-    }
-
-    /// Whether a fencing token survives a crash of the PostgreSQL server (default `true`).
-    ///
-    /// A sequence writes ahead to the WAL once every 32 values; the statement that draws that
-    /// value then waits for the WAL flush (an `fdatasync`, from tens of microseconds to
-    /// milliseconds on a busy disk). With `false`, the lock sessions run with
-    /// `synchronous_commit = off` and never wait: faster, but if the server crashes within
-    /// about 0.6 s of such a write, the sequence restarts below tokens already handed out, so
-    /// a holder after the crash may get a token that an earlier holder had. Choose `false`
-    /// only if the protected resource does not rely on tokens across a database crash.
-    pub fn durable_fencing_tokens(mut self, durable: bool) -> Self {
-        self.durable_fencing = durable;
         self
     }
 
@@ -231,7 +221,6 @@ impl PostgresDistributedLockBuilder {
                     command_timeout: self.command_timeout,
                     network_timeout: self.network_timeout,
                     idle_close: self.idle_close,
-                    durable_fencing: self.durable_fencing,
                 },
                 sql: Arc::new(Statements::new(&sequence)),
                 claims: Arc::new(ClaimTable::default()),
@@ -263,7 +252,6 @@ impl PostgresDistributedLock {
             network_timeout: DEFAULT_NETWORK_TIMEOUT,
             idle_close: DEFAULT_IDLE_CLOSE,
             sequence: DEFAULT_SEQUENCE.to_owned(),
-            durable_fencing: true,
         }
     }
 

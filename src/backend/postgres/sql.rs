@@ -1,5 +1,6 @@
-//! The SQL the backend sends. Keys travel only as bound `bigint`/`int` parameters; the one
-//! spliced name is the fencing sequence, checked by [`SequenceName::parse`].
+//! The SQL the backend sends. Keys travel only as bound `bigint`/`int` parameters; the only
+//! spliced names are the fencing sequence's and its epoch table's, checked by
+//! [`SequenceName::parse`].
 
 use crate::LockError;
 
@@ -10,11 +11,22 @@ pub(super) const NOTIFY_CHANNEL: &str = "k1s0_distributed_lock";
 /// The default fencing sequence.
 pub(super) const DEFAULT_SEQUENCE: &str = "k1s0_lock_fencing_seq";
 
+/// The unlogged table, in the sequence's schema, whose row for a sequence says that the
+/// sequence was moved past every token of the previous crash epoch (see
+/// [`Statements::epoch_check`]).
+pub(super) const EPOCH_TABLE: &str = "k1s0_lock_fencing_epochs";
+
+/// How far the fencing sequence jumps after a crash, a failover or a restore: more tokens
+/// than can have been handed out without reaching the disk (2^40, over a trillion).
+pub(super) const EPOCH_JUMP: i64 = 1 << 40;
+
 /// A validated, possibly schema-qualified sequence name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct SequenceName {
     /// Quoted identifier(s), ready to splice: `"schema"."name"` or `"name"`.
     quoted: String,
+    /// The epoch table in the same schema, quoted likewise.
+    epochs_quoted: String,
 }
 
 impl SequenceName {
@@ -34,18 +46,32 @@ impl SequenceName {
                  ASCII letters, digits or '_', not starting with a digit"
             )));
         }
-        let quoted = parts
-            .iter()
-            .map(|part| format!("\"{part}\""))
-            .collect::<Vec<_>>()
-            .join(".");
-        Ok(SequenceName { quoted })
+        let quote = |parts: &[&str]| {
+            parts
+                .iter()
+                .map(|part| format!("\"{part}\""))
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        let mut epochs = parts.clone();
+        *epochs.last_mut().expect("split gives one part at least") = EPOCH_TABLE;
+        Ok(SequenceName {
+            quoted: quote(&parts),
+            epochs_quoted: quote(&epochs),
+        })
+    }
+
+    /// The sequence's name as its epoch-table row stores it.
+    pub(super) fn quoted(&self) -> &str {
+        &self.quoted
     }
 }
 
 /// Every statement of one lock service, built once.
 #[derive(Debug)]
 pub(super) struct Statements {
+    /// The fencing sequence's quoted name, as the epoch table stores it.
+    pub(super) sequence: String,
     /// `$1` advisory key → the fencing token if the lock was taken, else NULL.
     pub(super) try_lock: String,
     /// Like `try_lock`, and on success also drops this session's waiter flag
@@ -64,12 +90,27 @@ pub(super) struct Statements {
     pub(super) ping: &'static str,
     /// Creates the fencing sequence if it does not exist.
     pub(super) create_sequence: String,
+    /// Creates the epoch table if it does not exist.
+    pub(super) create_epoch_table: String,
+    /// Run once per connection, before its first token. `$1` = the sequence's quoted name.
+    /// Returns a row (the sequence's new value) only if it moved the sequence on.
+    ///
+    /// The lock sessions draw tokens with `synchronous_commit = off`, so the sequence's
+    /// write-ahead (once per 32 values) does not wait for the disk, and a crash can take the
+    /// sequence back below tokens already handed out. Crash recovery also empties every
+    /// unlogged table (so does promoting a standby or restoring a backup); a clean restart
+    /// keeps them. So the first session of a new crash epoch finds no row for the sequence,
+    /// inserts one and jumps the sequence [`EPOCH_JUMP`] ahead, in one transaction that does
+    /// wait for the disk. Concurrent first sessions queue on the row's primary key; the later
+    /// ones find it and draw no token until the jump is committed.
+    pub(super) epoch_check: String,
 }
 
 impl Statements {
     pub(super) fn new(sequence: &SequenceName) -> Self {
         let seq = &sequence.quoted;
         Statements {
+            sequence: sequence.quoted().to_owned(),
             try_lock: format!(
                 "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END"
             ),
@@ -100,6 +141,17 @@ impl Statements {
             create_sequence: format!(
                 "CREATE SEQUENCE IF NOT EXISTS {seq} AS bigint MINVALUE 1 NO CYCLE CACHE 1"
             ),
+            create_epoch_table: format!(
+                "CREATE UNLOGGED TABLE IF NOT EXISTS {epochs} (sequence text PRIMARY KEY)",
+                epochs = sequence.epochs_quoted
+            ),
+            epoch_check: format!(
+                "WITH marked AS (INSERT INTO {epochs} (sequence) VALUES ($1) \
+                 ON CONFLICT DO NOTHING RETURNING 1) \
+                 SELECT set_config('synchronous_commit', 'on', true), \
+                 setval('{seq}', nextval('{seq}') + {EPOCH_JUMP}) FROM marked",
+                epochs = sequence.epochs_quoted
+            ),
         }
     }
 }
@@ -117,6 +169,14 @@ mod tests {
         assert_eq!(
             SequenceName::parse(DEFAULT_SEQUENCE).unwrap().quoted,
             "\"k1s0_lock_fencing_seq\""
+        );
+        assert_eq!(
+            SequenceName::parse("locks.fencing").unwrap().epochs_quoted,
+            "\"locks\".\"k1s0_lock_fencing_epochs\""
+        );
+        assert_eq!(
+            SequenceName::parse(DEFAULT_SEQUENCE).unwrap().epochs_quoted,
+            "\"k1s0_lock_fencing_epochs\""
         );
         for bad in [
             "",

@@ -16,8 +16,6 @@ pub(crate) struct SessionSettings {
     pub(crate) network_timeout: Duration,
     /// Close the connection after holding nothing for this long.
     pub(crate) idle_close: Duration,
-    /// Wait for the WAL flush when drawing a fencing token makes the sequence log ahead.
-    pub(crate) durable_fencing: bool,
 }
 
 impl SessionSettings {
@@ -44,11 +42,12 @@ impl SessionSettings {
             ("tcp_user_timeout", network_ms.to_string()),
             ("statement_timeout", format!("{command_ms}ms")),
             ("lock_timeout", format!("{command_ms}ms")),
+            // Drawing a fencing token does not wait for the disk; the crash epoch check at
+            // connect keeps tokens increasing across a crash (see `Statements::epoch_check`).
+            ("synchronous_commit", "off".to_owned()),
         ];
-        let fencing = (!self.durable_fencing).then(|| ("synchronous_commit", "off".to_owned()));
         settings
             .into_iter()
-            .chain(fencing)
             .map(|(name, value)| (name.to_owned(), value))
             .unzip()
     }

@@ -737,6 +737,7 @@ impl Session {
             .bind(&values)
             .execute(connection.get_mut().expect("just stored"))
             .await?;
+            check_fencing_epoch(connection.get_mut().expect("just stored"), &self.sql).await?;
             Ok::<_, sqlx::Error>(connection)
         };
         match tokio::time::timeout(timeout, open).await {
@@ -785,6 +786,54 @@ impl Session {
             if let Some(inner) = connection.0.take() {
                 let _ = tokio::time::timeout(self.settings.command_timeout, inner.close()).await;
             }
+        }
+    }
+}
+
+/// Before a new connection draws its first fencing token: moves the sequence past the tokens
+/// of the previous crash epoch if this is the first session since a crash, a failover or a
+/// restore (see [`Statements::epoch_check`]). Creates the sequence and the epoch table on
+/// first use.
+async fn check_fencing_epoch(
+    connection: &mut PgConnection,
+    sql: &Statements,
+) -> Result<(), sqlx::Error> {
+    let mut created = false;
+    loop {
+        let result = sqlx::query_as::<_, (String, i64)>(&sql.epoch_check)
+            .bind(&sql.sequence)
+            .fetch_optional(&mut *connection)
+            .await;
+        match result {
+            Ok(Some((_, value))) => {
+                tracing::info!(
+                    value,
+                    sequence = sql.sequence,
+                    "first lock session since the server started afresh (crash recovery, \
+                     failover or restore): moved the fencing sequence on"
+                );
+                return Ok(());
+            }
+            Ok(None) => return Ok(()),
+            Err(error) if !created && is_undefined_table(&error) => {
+                for ddl in [&sql.create_sequence, &sql.create_epoch_table] {
+                    match sqlx::query(ddl).execute(&mut *connection).await {
+                        Ok(_) => {}
+                        Err(error) if is_concurrent_creation(&error) => {}
+                        Err(error) => {
+                            tracing::warn!(
+                                %error,
+                                "cannot create the fencing sequence or its epoch table; \
+                                 create them beforehand (see the PostgreSQL docs of this crate)"
+                            );
+                            return Err(error);
+                        }
+                    }
+                }
+                tracing::info!(sequence = sql.sequence, "created the fencing sequence");
+                created = true;
+            }
+            Err(error) => return Err(error),
         }
     }
 }
