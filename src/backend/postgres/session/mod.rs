@@ -197,6 +197,9 @@ impl Session {
         self.publish_due();
     }
 
+    /// The hot commands (lock, release) run inline; the others are boxed, so that they do not
+    /// enlarge every command's future (it is allocated per command, and its size is the
+    /// largest path's).
     async fn run_command(&mut self, command: Command) {
         match command {
             Command::TryLock {
@@ -206,8 +209,8 @@ impl Session {
                 sent_at,
                 reply,
             } => self.try_lock(claim, flag, ttl, sent_at, reply).await,
-            Command::SetFlag { key, reply } => self.set_flag(key, reply).await,
-            Command::ClearFlag { key, id } => self.clear_flag(key, id).await,
+            Command::SetFlag { key, reply } => Box::pin(self.set_flag(key, reply)).await,
+            Command::ClearFlag { key, id } => Box::pin(self.clear_flag(key, id)).await,
             Command::Release { key, id, reply } => {
                 let result = self.release(key, id).await;
                 if let Some(reply) = reply {
@@ -221,14 +224,14 @@ impl Session {
                 sent_at,
                 reply,
             } => {
-                let result = self.extend(key, id, ttl, sent_at).await;
+                let result = Box::pin(self.extend(key, id, ttl, sent_at)).await;
                 let _ = reply.send(result);
             }
             Command::IsLocked { key, reply } => {
                 if reply.is_closed() {
                     return;
                 }
-                let result = self.is_locked(key).await;
+                let result = Box::pin(self.is_locked(key)).await;
                 let _ = reply.send(result);
             }
         }
@@ -258,7 +261,7 @@ impl Session {
             Err(failure) => {
                 if let Failure::Statement(_) = &failure {
                     // A session lock taken before the error would survive it.
-                    self.force_unlock(key).await;
+                    Box::pin(self.force_unlock(key)).await;
                 }
                 let _ = reply.send(Err(failure.into_error()));
                 return;
@@ -626,7 +629,7 @@ impl Session {
                 Err(Failure::Statement(error))
                     if !created_sequence && is_undefined_table(&error) =>
                 {
-                    self.create_sequence().await?;
+                    Box::pin(self.create_sequence()).await?;
                     created_sequence = true;
                 }
                 other => return other,
@@ -668,7 +671,9 @@ impl Session {
             ));
         }
         if self.connection.is_none() {
-            let connection = self.connect().await.map_err(Failure::SessionLost)?;
+            let connection = Box::pin(self.connect())
+                .await
+                .map_err(Failure::SessionLost)?;
             self.connection = Some(connection);
         }
         let connection = self
