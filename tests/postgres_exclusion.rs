@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k1s0_distributed_lock::{DistributedLock, LockConfig};
+use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
 use tokio::time::Instant;
 
 const CHILD_KEY: &str = "K1S0_PG_CHILD_KEY";
@@ -195,11 +195,23 @@ async fn take_turns(instances: usize) {
 }
 
 /// A waiter in another lock instance (another session, as in another process) is woken by the
-/// release through LISTEN/NOTIFY, long before its fallback retry would fire.
+/// release through LISTEN/NOTIFY, long before its fallback retry would fire. Run on four keys,
+/// one for each sign of the two 32-bit halves of the advisory key, because the releasing
+/// statement computes the waiter flag's halves from the key on the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_elsewhere_is_woken_by_the_release() {
     let prefix = common::unique_prefix("pg_wake");
-    let key = format!("{prefix}k");
+    let mut keys = Vec::new();
+    for signs in [(false, false), (false, true), (true, false), (true, true)] {
+        let key = (0..)
+            .map(|i| format!("{prefix}k{i}"))
+            .find(|key| {
+                let advisory = PostgresDistributedLock::advisory_key(key);
+                ((advisory >> 32) < 0, (advisory as i32) < 0) == signs
+            })
+            .unwrap();
+        keys.push(key);
+    }
     // Fallback retries only every ~10 s: a wake-up within the test must be the notification.
     let slow_retry = LockConfig::new()
         .retry_interval(Duration::from_secs(10))
@@ -207,29 +219,31 @@ async fn a_waiter_elsewhere_is_woken_by_the_release() {
     let holder = pg_support::lock(slow_retry).await;
     let waiter = pg_support::lock(slow_retry).await;
     let mut admin = pg_support::admin().await;
-    for _ in 0..3 {
-        let guard = holder.acquire(&key).await.unwrap();
-        let token = guard.fencing_token();
-        let waiting = {
-            let (waiter, key) = (waiter.clone(), key.clone());
-            tokio::spawn(async move { waiter.acquire(&key).await })
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pg_support::waiter_flags(&mut admin, &key).await == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the waiter never flagged the key"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    for key in &keys {
+        for _ in 0..2 {
+            let guard = holder.acquire(key).await.unwrap();
+            let token = guard.fencing_token();
+            let waiting = {
+                let (waiter, key) = (waiter.clone(), key.clone());
+                tokio::spawn(async move { waiter.acquire(&key).await })
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pg_support::waiter_flags(&mut admin, key).await == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the waiter never flagged the key"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            guard.release().await.unwrap();
+            let next = tokio::time::timeout(Duration::from_secs(4), waiting)
+                .await
+                .expect("woken well before the 5-15 s fallback retry")
+                .unwrap()
+                .unwrap();
+            assert!(next.fencing_token() > token);
+            assert_eq!(pg_support::waiter_flags(&mut admin, key).await, 0);
+            next.release().await.unwrap();
         }
-        guard.release().await.unwrap();
-        let next = tokio::time::timeout(Duration::from_secs(4), waiting)
-            .await
-            .expect("woken well before the 5-15 s fallback retry")
-            .unwrap()
-            .unwrap();
-        assert!(next.fencing_token() > token);
-        assert_eq!(pg_support::waiter_flags(&mut admin, &key).await, 0);
-        next.release().await.unwrap();
     }
 }

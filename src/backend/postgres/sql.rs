@@ -67,6 +67,14 @@ impl SequenceName {
     }
 }
 
+/// The waiter flag's two `int4` halves of the advisory key `$1`, computed by the server so
+/// that the hot statements bind one parameter: the same values as
+/// [`flag_key`](super::key_hash::flag_key) (the high 32 bits and the low 32 bits, each read as
+/// a signed 32-bit integer; PostgreSQL's `>>` on `bigint` is arithmetic).
+const FLAG_HIGH: &str = "($1 >> 32)::int4";
+/// See [`FLAG_HIGH`].
+const FLAG_LOW: &str = "(($1 << 32) >> 32)::int4";
+
 /// Every statement of one lock service, built once.
 #[derive(Debug)]
 pub(super) struct Statements {
@@ -74,11 +82,11 @@ pub(super) struct Statements {
     pub(super) sequence: String,
     /// `$1` advisory key → the fencing token if the lock was taken, else NULL.
     pub(super) try_lock: String,
-    /// Like `try_lock`, and on success also drops this session's waiter flag
-    /// (`$2`, `$3` = [`flag_key`](super::key_hash::flag_key)) in the same statement.
+    /// Like `try_lock`, and on success also drops this session's waiter flag (the halves of
+    /// `$1`, see [`FLAG_HIGH`]) in the same statement.
     pub(super) try_lock_unflag: String,
-    /// `$1` key, `$2`/`$3` flag halves → (released, notified). Notifies [`NOTIFY_CHANNEL`]
-    /// with the key in decimal when some session holds the key's waiter flag.
+    /// `$1` key → (released, notified). Notifies [`NOTIFY_CHANNEL`] with the key in decimal
+    /// when some session holds the key's waiter flag (the halves of `$1`, see [`FLAG_HIGH`]).
     pub(super) unlock: String,
     /// `$1`/`$2` flag halves.
     pub(super) set_flag: &'static str,
@@ -116,7 +124,7 @@ impl Statements {
             ),
             try_lock_unflag: format!(
                 "SELECT t.token, CASE WHEN t.token IS NOT NULL \
-                 THEN pg_advisory_unlock_shared($2, $3) END \
+                 THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END \
                  FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END AS token \
                  OFFSET 0) AS t"
             ),
@@ -127,7 +135,7 @@ impl Statements {
             // so it does not wait for the WAL flush.
             unlock: format!(
                 "SELECT pg_advisory_unlock($1), \
-                 CASE WHEN pg_try_advisory_xact_lock($2, $3) THEN false \
+                 CASE WHEN pg_try_advisory_xact_lock({FLAG_HIGH}, {FLAG_LOW}) THEN false \
                  ELSE (set_config('synchronous_commit', 'off', true) \
                  || pg_notify('{NOTIFY_CHANNEL}', $1::text)::text) IS NOT NULL END"
             ),

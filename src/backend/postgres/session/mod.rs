@@ -480,15 +480,12 @@ impl Session {
     /// Unlocks a held key (notifying other processes' waiters), removes it from the session
     /// and passes its claim on. On any failure the session is closed, which frees the lock too.
     async fn unlock_held(&mut self, key: i64) -> Result<(), LockError> {
-        let (flag_high, flag_low) = flag_key(key);
         let sql = Arc::clone(&self.sql);
         let result = self
             .statement(move |conn| {
                 Box::pin(async move {
                     sqlx::query_as::<_, (bool, bool)>(&sql.unlock)
                         .bind(key)
-                        .bind(flag_high)
-                        .bind(flag_low)
                         .fetch_one(conn)
                         .await
                 })
@@ -601,13 +598,10 @@ impl Session {
         loop {
             let sql = Arc::clone(&self.sql);
             let result = if unflag {
-                let (high, low) = flag_key(key);
                 self.statement(move |conn| {
                     Box::pin(async move {
                         sqlx::query_as::<_, (Option<i64>, Option<bool>)>(&sql.try_lock_unflag)
                             .bind(key)
-                            .bind(high)
-                            .bind(low)
                             .fetch_one(conn)
                             .await
                     })
