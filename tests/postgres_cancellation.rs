@@ -43,19 +43,8 @@ async fn a_cancelled_acquire_of_a_free_key_leaves_nothing() {
             0,
             "{attempt:?}"
         );
-        other
-            .try_acquire(&key)
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
-        lock.try_acquire(&key)
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        pg_support::take_and_release(&other, &key).await;
+        pg_support::take_and_release(&lock, &key).await;
     }
     assert!(
         cancelled > 0 && completed > 0,
@@ -180,13 +169,7 @@ fn a_runtime_shutdown_frees_the_locks_of_its_sessions() {
         })
         .await;
         let other = pg_support::lock(LockConfig::new()).await;
-        other
-            .try_acquire(&key)
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        pg_support::take_and_release(&other, &key).await;
         // The key's session (a key always uses the same one) died with its runtime.
         assert!(
             matches!(

@@ -69,13 +69,7 @@ async fn extending_keeps_the_lock_past_its_ttl() {
         ));
     }
     guard.release().await.unwrap();
-    other
-        .try_acquire(&key)
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    pg_support::take_and_release(&other, &key).await;
 }
 
 /// A guard dropped without release frees the key at once, inside or outside a runtime.
@@ -96,12 +90,7 @@ async fn dropped_guards_release_at_once() {
         // `is_locked` runs on the key's session after the queued unlock.
         assert!(!lock.is_locked(&key).await.unwrap());
         assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
-        lock.try_acquire(&key)
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        pg_support::take_and_release(&lock, &key).await;
     }
 }
 

@@ -116,3 +116,15 @@ pub async fn counter_value(admin: &mut PgConnection, name: &str) -> i64 {
         .await
         .expect("read counter")
 }
+
+/// Takes `key` with `try_acquire` and releases it, failing the test if either fails: the key
+/// is free and `lock` works.
+pub async fn take_and_release(lock: &PostgresDistributedLock, key: &str) {
+    use k1s0_distributed_lock::DistributedLock;
+    lock.try_acquire(key)
+        .await
+        .expect("the key is free")
+        .release()
+        .await
+        .expect("release");
+}
