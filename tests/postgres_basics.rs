@@ -305,12 +305,19 @@ async fn a_server_that_is_down_gives_backend_error_quickly() {
     );
 }
 
-/// Several lock services start at once on a sequence that does not exist yet: its creation
-/// races, nobody fails, and tokens still increase per key.
+/// Several lock services start at once on a sequence that does not exist yet, in a schema of
+/// its own (so that its epoch table does not exist either): both creations race, nobody
+/// fails, and tokens still increase per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fencing_sequence_is_created_once_under_concurrent_first_use() {
     let prefix = common::unique_prefix("pg_sequence");
-    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let schema = format!("k1s0_test_schema_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = pg_support::admin().await;
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let sequence = format!("{schema}.fencing");
     let mut locks = Vec::new();
     for _ in 0..6 {
         locks.push(
@@ -343,8 +350,15 @@ async fn the_fencing_sequence_is_created_once_under_concurrent_first_use() {
         last = guard.fencing_token();
         guard.release().await.unwrap();
     }
-    let mut admin = pg_support::admin().await;
-    sqlx::query(&format!("DROP SEQUENCE \"{sequence}\""))
+    let epoch_rows: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{schema}\".k1s0_lock_fencing_epochs"
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(epoch_rows, 1, "one epoch row for the one sequence");
+    drop(locks);
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .execute(&mut admin)
         .await
         .unwrap();
