@@ -50,6 +50,14 @@ const YIELD_ROUND_TRIPS: u32 = 3;
 const MIN_YIELD_HEAD_START: Duration = Duration::from_micros(200);
 const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 
+/// A random number in `0..bound` (0 if `bound` is 0), for jitter.
+fn random_below(bound: u64) -> u64 {
+    if bound == 0 {
+        return 0;
+    }
+    (uuid::Uuid::new_v4().as_u128() % u128::from(bound)) as u64
+}
+
 /// Distributed locks on PostgreSQL advisory locks (feature `postgres`).
 ///
 /// ```no_run
@@ -391,13 +399,12 @@ impl PostgresDistributedLock {
             .set_flag(advisory)
             .await
             .map_err(WaitError::while_waiting)?;
+        // Long enough for a notified waiter elsewhere to retry (about a round trip after the
+        // notification), short enough to cost little if none does.
+        let head_start = (flag_sent_at.elapsed() * YIELD_ROUND_TRIPS)
+            .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
+            .min(config.get_retry_interval());
         if yield_first {
-            // Long enough for a notified waiter elsewhere to retry (about a round trip after
-            // the notification), short enough to cost little if none does.
-            let round_trip = flag_sent_at.elapsed();
-            let head_start = (round_trip * YIELD_ROUND_TRIPS)
-                .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
-                .min(config.get_retry_interval());
             let retry_at = (Instant::now() + head_start).min(deadline);
             tokio::select! {
                 () = woken.woken() => {}
@@ -418,9 +425,17 @@ impl PostgresDistributedLock {
                 return Err(LockError::Timeout.into());
             }
             let retry_at = (now + self.poll_interval(listening)).min(deadline);
-            tokio::select! {
-                () = woken.woken() => {}
-                () = tokio::time::sleep_until(retry_at) => {}
+            let notified = tokio::select! {
+                () = woken.woken() => true,
+                () = tokio::time::sleep_until(retry_at) => false,
+            };
+            if notified {
+                // Waiters of several processes are notified by the same release and race for
+                // the lock: the first statement to arrive wins. A random delay below the head
+                // start makes each race a fair draw, so that a process whose notifications
+                // arrive a little later does not lose every time.
+                let draw = Duration::from_nanos(random_below(head_start.as_nanos() as u64));
+                tokio::time::sleep_until((Instant::now() + draw).min(deadline)).await;
             }
         }
     }
@@ -434,7 +449,7 @@ impl PostgresDistributedLock {
         } else {
             base.min(Duration::from_millis(50))
         };
-        let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as u32; // 0..1000
+        let jitter = random_below(1000) as u32;
         (base / 2 + base * jitter / 1000).max(Duration::from_millis(1))
     }
 
