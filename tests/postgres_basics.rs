@@ -363,3 +363,39 @@ async fn the_fencing_sequence_is_created_once_under_concurrent_first_use() {
         .await
         .unwrap();
 }
+
+/// An epoch table created beforehand as an ordinary (logged) table would never be emptied by a
+/// crash, so the jump could never happen: the backend notices, does not rely on it (no row is
+/// written), draws its tokens waiting for the disk instead, and keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logged_epoch_table_is_not_relied_on() {
+    let prefix = common::unique_prefix("pg_logged_epochs");
+    let schema = format!("k1s0_test_schema_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = pg_support::admin().await;
+    for ddl in [
+        format!("CREATE SCHEMA \"{schema}\""),
+        format!("CREATE TABLE \"{schema}\".k1s0_lock_fencing_epochs (sequence text PRIMARY KEY)"),
+    ] {
+        sqlx::query(&ddl).execute(&mut admin).await.unwrap();
+    }
+    let lock = lock_on_sequence(&format!("{schema}.fencing")).await;
+    let key = format!("{prefix}k");
+    let mut last = 0;
+    for _ in 0..40 {
+        let token = token_of(&lock, &key).await;
+        assert!(token > last);
+        last = token;
+    }
+    let rows: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{schema}\".k1s0_lock_fencing_epochs"
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(rows, 0, "a logged epoch table must not be used");
+    drop(lock);
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}

@@ -4,11 +4,10 @@
 //! Modules, one job each:
 //! * `key_hash` — key → 64-bit advisory key (SHA-256 prefix).
 //! * `claims` — in-process exclusion per advisory key, FIFO.
-//! * `session` — one connection and every statement on it (locks, unlocks, lease expiry,
-//!   pings, closing a doubtful connection) behind one async lock; `session::handle` is the
-//!   callers' side (running a command on the caller's task, guard and waiter links),
-//!   `session::task` finishes abandoned work and does the housekeeping, `session::connection`
-//!   is the connection itself (server settings, close-never-return, error classes).
+//! * `session` — the task that owns one connection and every statement on it (locks, unlocks,
+//!   lease expiry, pings, closing a doubtful connection); `session::handle` is the callers'
+//!   side (command channel, guard and waiter links), `session::connection` the connection
+//!   itself (server settings, close-never-return, error classes).
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
 //! * `sql` — statement text and the fencing sequence name.
 
@@ -86,10 +85,9 @@ fn random_below(bound: u64) -> u64 {
 ///   key by an in-process FIFO, because advisory locks are re-entrant within a session. A lock
 ///   session's connection is **never returned to the pool**: it is closed once it has held
 ///   nothing for a minute, when it fails, or when this lock service and its guards are gone.
-/// * **Cancellation.** A statement always runs to completion: the caller runs it on its own
-///   task, and if the caller's future is dropped mid-statement the session's task finishes it,
-///   so a dropped `acquire` cannot leave a statement half done; a lock granted to a caller
-///   that is gone is unlocked before the session runs anything else. Nothing ever waits inside the server
+/// * **Cancellation.** Every statement runs in the session's own task, so a dropped `acquire`
+///   future cannot leave a statement half done; a lock granted to a caller that is gone is
+///   unlocked before the session runs anything else. Nothing ever waits inside the server
 ///   (`pg_advisory_lock` is never used), so no queued request can be granted later to nobody.
 /// * **Waiting.** Waiters in this process are woken directly by the release, first in first
 ///   out. A waiter whose key is held by another process flags the key (a shared advisory lock

@@ -100,6 +100,8 @@ pub(super) struct Statements {
     pub(super) create_sequence: String,
     /// Creates the epoch table if it does not exist.
     pub(super) create_epoch_table: String,
+    /// → (the sequence exists, the epoch table's `relpersistence` or NULL if it is missing).
+    pub(super) fencing_objects: String,
     /// Run once per connection, before its first token. `$1` = the sequence's quoted name.
     /// Returns a row (the sequence's new value) only if it moved the sequence on.
     ///
@@ -148,6 +150,12 @@ impl Statements {
             ping: "SELECT 1",
             create_sequence: format!(
                 "CREATE SEQUENCE IF NOT EXISTS {seq} AS bigint MINVALUE 1 NO CYCLE CACHE 1"
+            ),
+            fencing_objects: format!(
+                "SELECT to_regclass('{seq}') IS NOT NULL, \
+                 (SELECT relpersistence::text FROM pg_class WHERE oid = to_regclass('{epochs}'))",
+                seq = seq.replace('\'', "''"),
+                epochs = sequence.epochs_quoted.replace('\'', "''")
             ),
             create_epoch_table: format!(
                 "CREATE UNLOGGED TABLE IF NOT EXISTS {epochs} (sequence text PRIMARY KEY)",

@@ -103,10 +103,6 @@ pub(super) fn is_statement_error(error: &sqlx::Error) -> bool {
     }
 }
 
-pub(super) fn is_undefined_table(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("42P01"))
-}
-
 /// What `CREATE ... IF NOT EXISTS` raises when another session creates the same object at the
 /// same moment: a unique violation in the catalog (23505), duplicate_table (42P07), or, for a
 /// table, duplicate_object (42710) on its row type.

@@ -1,14 +1,13 @@
-//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks.
+//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, driven
+//! by one task that runs every statement for the locks it holds.
 //!
-//! The session's state and connection sit behind one async lock. A caller runs its statement
-//! on its own task under that lock ([`SessionHandle`]), so an uncontended lock operation costs
-//! one round trip and no hand-off between tasks. A statement always runs to completion: if the
-//! caller goes away mid-statement (a dropped `acquire` future), the rest of its work moves to
-//! the session task ([`task`]), which finishes it and undoes a lock nobody wants any more
-//! before anything else runs on the session. Every key always uses the same session, and a
-//! key's in-process claim is only passed on after that undo.
+//! Callers talk to the task over a channel ([`SessionHandle`]). Because the task, not the
+//! caller, runs each statement to completion, a caller that gives up (a dropped `acquire`
+//! future) can never leave a statement half-done: the task sees the caller is gone when it tries
+//! to answer and undoes a lock it just took. Commands run in arrival order, and every key always
+//! uses the same session, so an undo always runs before the next local attempt on that key.
 //!
-//! The session also enforces leases (a lock whose lease ran out is unlocked and its lease marked
+//! The task also enforces leases (a lock whose lease ran out is unlocked and its lease marked
 //! lost), pings an idle connection so the server's `idle_session_timeout` only fires when this
 //! process is cut off, and treats any doubt about the connection (an I/O error, a timeout, a
 //! fatal server error) by closing it, which frees every lock it held, and marking those leases
@@ -17,7 +16,6 @@
 
 mod connection;
 mod handle;
-mod task;
 
 use std::collections::{BTreeSet, HashSet};
 use std::pin::Pin;
@@ -26,17 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
 pub(super) use self::connection::SessionSettings;
-use self::connection::{
-    is_concurrent_creation, is_statement_error, is_undefined_table, SessionConnection,
-};
-use self::handle::{Command, WeakSessionHandle};
+use self::connection::{is_concurrent_creation, is_statement_error, SessionConnection};
+use self::handle::Command;
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
-use self::task::{Backlog, Schedule};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
 use super::sql::Statements;
@@ -70,17 +65,22 @@ impl Failure {
     }
 }
 
+/// What woke the session task.
+enum Event {
+    Command(Command),
+    Stopped,
+    LeaseDue,
+    Tick,
+}
+
 struct Session {
     pool: PgPool,
     sql: Arc<Statements>,
     settings: SessionSettings,
     /// To build guard links and flags; weak so that the task stops once every handle is gone.
-    link: WeakSessionHandle,
+    sender: mpsc::WeakUnboundedSender<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
     connection: Option<SessionConnection>,
-    /// True while a statement runs. Still true at the next statement only if the work running
-    /// one was dropped unfinished (possible only when the runtime shuts down): the connection
-    /// is then in an unknown state and is closed.
-    statement_in_flight: bool,
     held: AdvisoryKeyMap<Held>,
     /// Lease deadlines of `held`, earliest first.
     expiries: BTreeSet<(Instant, i64)>,
@@ -91,16 +91,30 @@ struct Session {
     last_used: Instant,
     /// Since when the session holds nothing, for closing an unused connection.
     idle_since: Instant,
-    /// Fires at (or before) the deadline of the statement in flight. Kept, not re-created per
-    /// statement, because arming a timer per statement costs more than the statement on a
-    /// virtual machine; it is moved only when it must fire earlier, and re-armed when early.
-    statement_timer: Pin<Box<Sleep>>,
-    /// Commands queued by drops, run before the next command.
-    backlog: Arc<Backlog>,
-    /// Where the session tells its task when housekeeping is next due.
-    schedule: Arc<Schedule>,
-    /// The last time given to `schedule`.
-    published_due: Option<Instant>,
+    /// The three timers of the session, kept (not re-created per command) because arming a
+    /// timer per statement costs more than the statement on a virtual machine; each is moved
+    /// only when it must fire earlier, and a timer that fires early is simply re-armed.
+    timers: Timers,
+}
+
+struct Timers {
+    /// Fires at (or before) the earliest lease deadline.
+    lease: Pin<Box<Sleep>>,
+    /// Fires at (or before) the next ping or idle close.
+    tick: Pin<Box<Sleep>>,
+    /// Fires at (or before) the deadline of the statement in flight.
+    statement: Pin<Box<Sleep>>,
+}
+
+impl Timers {
+    fn new() -> Self {
+        let far = Instant::now() + FAR_FUTURE;
+        Timers {
+            lease: Box::pin(tokio::time::sleep_until(far)),
+            tick: Box::pin(tokio::time::sleep_until(far)),
+            statement: Box::pin(tokio::time::sleep_until(far)),
+        }
+    }
 }
 
 /// A deadline that never comes in practice, for an idle timer: the longest duration the
@@ -112,95 +126,85 @@ impl Session {
         pool: PgPool,
         sql: Arc<Statements>,
         settings: SessionSettings,
-        link: WeakSessionHandle,
-        backlog: Arc<Backlog>,
-        schedule: Arc<Schedule>,
+        sender: mpsc::WeakUnboundedSender<Command>,
+        commands: mpsc::UnboundedReceiver<Command>,
     ) -> Self {
         Session {
             pool,
             sql,
             settings,
-            link,
+            sender,
+            commands,
             connection: None,
-            statement_in_flight: false,
             held: AdvisoryKeyMap::default(),
             expiries: BTreeSet::new(),
             flags: AdvisoryKeyMap::default(),
             next_flag_id: 0,
             last_used: Instant::now(),
             idle_since: Instant::now(),
-            statement_timer: Box::pin(tokio::time::sleep_until(Instant::now() + FAR_FUTURE)),
-            backlog,
-            schedule,
-            published_due: None,
+            timers: Timers::new(),
         }
     }
 
-    /// Whether the session holds no lock and no waiter flag.
-    fn holds_nothing(&self) -> bool {
-        self.held.is_empty() && self.flags.is_empty()
-    }
-
-    /// When housekeeping is next due: the earliest lease deadline, ping or idle close.
-    fn next_due(&self) -> Option<Instant> {
-        let lease = self.expiries.first().map(|&(at, _)| at);
-        match (lease, self.next_tick()) {
-            (Some(lease), Some(tick)) => Some(lease.min(tick)),
-            (lease, tick) => lease.or(tick),
+    async fn run(mut self) {
+        loop {
+            // Move a timer only if it must fire earlier; one that fires early is re-armed.
+            if let Some(&(at, _)) = self.expiries.first() {
+                if at < self.timers.lease.deadline() {
+                    self.timers.lease.as_mut().reset(at);
+                }
+            }
+            let tick_at = self.next_tick();
+            if let Some(at) = tick_at {
+                if at < self.timers.tick.deadline() {
+                    self.timers.tick.as_mut().reset(at);
+                }
+            }
+            let leases_pending = !self.expiries.is_empty();
+            let event = tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(command) => Event::Command(command),
+                    None => Event::Stopped,
+                },
+                () = self.timers.lease.as_mut(), if leases_pending => Event::LeaseDue,
+                () = self.timers.tick.as_mut(), if tick_at.is_some() => Event::Tick,
+            };
+            match event {
+                Event::Command(command) => self.handle(command).await,
+                Event::LeaseDue => {
+                    self.timers
+                        .lease
+                        .as_mut()
+                        .reset(Instant::now() + FAR_FUTURE);
+                    self.expire_due().await;
+                }
+                Event::Tick => {
+                    self.timers.tick.as_mut().reset(Instant::now() + FAR_FUTURE);
+                    if self.next_tick().is_some_and(|at| at <= Instant::now()) {
+                        self.tick().await;
+                    }
+                }
+                Event::Stopped => break,
+            }
         }
-    }
-
-    /// Tells the task if housekeeping is now due earlier than it was told. (A later time is
-    /// not worth a wake-up: the timer fires early and housekeeping publishes the right time.)
-    fn publish_due(&mut self) {
-        let due = self.next_due();
-        let earlier = match (due, self.published_due) {
-            (Some(due), Some(published)) => due < published,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
-        if earlier {
-            self.published_due = due;
-            self.schedule.publish(due);
-        }
-    }
-
-    /// Expires leases that ran out, pings or closes an idle connection, and publishes the
-    /// next due time.
-    async fn housekeeping(&mut self) {
-        self.expire_due().await;
-        if self.next_tick().is_some_and(|at| at <= Instant::now()) {
-            self.tick().await;
-        }
-        self.published_due = self.next_due();
-        self.schedule.publish(self.published_due);
+        debug_assert!(self.held.is_empty(), "every guard link releases on drop");
+        self.close_gracefully().await;
     }
 
     fn next_tick(&self) -> Option<Instant> {
         self.connection.as_ref()?;
         let ping_at = self.last_used + self.settings.ping_interval();
-        if self.holds_nothing() {
+        if self.held.is_empty() && self.flags.is_empty() {
             Some(ping_at.min(self.idle_since + self.settings.idle_close))
         } else {
             Some(ping_at)
         }
     }
 
-    /// Runs the queued commands, then `command`.
-    async fn handle(&mut self, command: Option<Command>) {
-        while let Some(queued) = self.backlog.pop() {
-            self.run_command(queued).await;
-        }
-        if let Some(command) = command {
-            self.run_command(command).await;
-        }
-        self.publish_due();
-    }
-
     /// The hot commands (lock, release) run inline; the others are boxed, so that they do not
-    /// enlarge every command's future (it is allocated per command, and its size is the
-    /// largest path's).
-    async fn run_command(&mut self, command: Command) {
+    /// enlarge the future of every command (its size is the largest path's).
+    async fn handle(&mut self, command: Command) {
         match command {
             Command::TryLock {
                 claim,
@@ -274,7 +278,7 @@ impl Session {
         if let Some(id) = flag {
             self.forget_flag(key, id, unflag.is_some());
         }
-        let Some(session) = self.link.upgrade() else {
+        let Some(commands) = self.sender.upgrade() else {
             // Nobody can release it any more: do it now.
             self.held_insert(key, claim, Lease::new(sent_at, ttl));
             let _ = self.unlock_held(key).await;
@@ -286,7 +290,7 @@ impl Session {
             fencing_token: u64::try_from(token).unwrap_or(0),
             lease,
             lock: HeldLockRef {
-                session,
+                commands,
                 key,
                 id,
                 settled: AtomicBool::new(false),
@@ -390,7 +394,7 @@ impl Session {
         if reply.is_closed() {
             return;
         }
-        let Some(session) = self.link.upgrade() else {
+        let Some(commands) = self.sender.upgrade() else {
             return;
         };
         if !self.flags.contains_key(&key) {
@@ -421,7 +425,7 @@ impl Session {
         self.next_flag_id += 1;
         self.flags.entry(key).or_default().insert(id);
         let flag = WaitFlag {
-            session,
+            commands,
             key,
             id,
             armed: true,
@@ -577,7 +581,10 @@ impl Session {
             return;
         }
         let now = Instant::now();
-        if self.holds_nothing() && now >= self.idle_since + self.settings.idle_close {
+        if self.held.is_empty()
+            && self.flags.is_empty()
+            && now >= self.idle_since + self.settings.idle_close
+        {
             tracing::debug!("closing an unused lock session");
             self.close_gracefully().await;
             return;
@@ -593,59 +600,32 @@ impl Session {
         }
     }
 
+    /// The lock statement. The fencing sequence was created (if missing) when the connection
+    /// opened; if it has been dropped since, this fails rather than silently restarting the
+    /// tokens from 1.
     async fn run_try_lock(&mut self, key: i64, unflag: bool) -> Result<Option<i64>, Failure> {
-        let mut created_sequence = false;
-        loop {
-            let sql = Arc::clone(&self.sql);
-            let result = if unflag {
-                self.statement(move |conn| {
-                    Box::pin(async move {
-                        sqlx::query_as::<_, (Option<i64>, Option<bool>)>(&sql.try_lock_unflag)
-                            .bind(key)
-                            .fetch_one(conn)
-                            .await
-                    })
-                })
-                .await
-                .map(|(token, _)| token)
-            } else {
-                self.statement(move |conn| {
-                    Box::pin(async move {
-                        sqlx::query_scalar::<_, Option<i64>>(&sql.try_lock)
-                            .bind(key)
-                            .fetch_one(conn)
-                            .await
-                    })
-                })
-                .await
-            };
-            match result {
-                Err(Failure::Statement(error))
-                    if !created_sequence && is_undefined_table(&error) =>
-                {
-                    Box::pin(self.create_sequence()).await?;
-                    created_sequence = true;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Creates the fencing sequence; a concurrent creation by another session is fine.
-    async fn create_sequence(&mut self) -> Result<(), Failure> {
         let sql = Arc::clone(&self.sql);
-        let result = self
-            .statement(move |conn| {
-                Box::pin(async move { sqlx::query(&sql.create_sequence).execute(conn).await })
+        if unflag {
+            self.statement(move |conn| {
+                Box::pin(async move {
+                    sqlx::query_as::<_, (Option<i64>, Option<bool>)>(&sql.try_lock_unflag)
+                        .bind(key)
+                        .fetch_one(conn)
+                        .await
+                })
             })
-            .await;
-        match result {
-            Ok(_) => {
-                tracing::info!("created the fencing token sequence");
-                Ok(())
-            }
-            Err(Failure::Statement(error)) if is_concurrent_creation(&error) => Ok(()),
-            Err(other) => Err(other),
+            .await
+            .map(|(token, _)| token)
+        } else {
+            self.statement(move |conn| {
+                Box::pin(async move {
+                    sqlx::query_scalar::<_, Option<i64>>(&sql.try_lock)
+                        .bind(key)
+                        .fetch_one(conn)
+                        .await
+                })
+            })
+            .await
         }
     }
 
@@ -658,12 +638,6 @@ impl Session {
         ) -> futures_util::future::BoxFuture<'c, Result<T, sqlx::Error>>,
     ) -> Result<T, Failure> {
         let timeout = self.settings.command_timeout;
-        if self.statement_in_flight {
-            self.statement_in_flight = false;
-            self.lose_session(LockError::backend_msg(
-                "a lock statement was abandoned unfinished",
-            ));
-        }
         if self.connection.is_none() {
             let connection = Box::pin(self.connect())
                 .await
@@ -678,11 +652,10 @@ impl Session {
         let started = Instant::now();
         self.last_used = started;
         let deadline = started + timeout;
-        let armed = self.statement_timer.deadline();
+        let armed = self.timers.statement.deadline();
         if armed > deadline || armed + timeout / 2 < deadline {
-            self.statement_timer.as_mut().reset(deadline);
+            self.timers.statement.as_mut().reset(deadline);
         }
-        self.statement_in_flight = true;
         let outcome = {
             let statement = run(connection);
             tokio::pin!(statement);
@@ -690,17 +663,16 @@ impl Session {
                 tokio::select! {
                     biased;
                     result = &mut statement => break Ok(result),
-                    () = self.statement_timer.as_mut() => {
+                    () = self.timers.statement.as_mut() => {
                         if Instant::now() >= deadline {
                             break Err(());
                         }
                         // Armed for an earlier statement: wait out this one's own deadline.
-                        self.statement_timer.as_mut().reset(deadline);
+                        self.timers.statement.as_mut().reset(deadline);
                     }
                 }
             }
         };
-        self.statement_in_flight = false;
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
@@ -777,7 +749,7 @@ impl Session {
     }
 
     async fn close_gracefully(&mut self) {
-        if !self.holds_nothing() {
+        if !self.held.is_empty() || !self.flags.is_empty() {
             self.lose_session(LockError::backend_msg("lock session closed"));
             return;
         }
@@ -789,50 +761,114 @@ impl Session {
     }
 }
 
+/// A session dropped without closing (its task was dropped with its runtime): the connection
+/// closes with it, and so every lock it held is gone; its guards must say so.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.held.is_empty() {
+            tracing::warn!(
+                locks = self.held.len(),
+                "a PostgreSQL lock session was dropped with its runtime; its locks are gone"
+            );
+        }
+        for held in self.held.values() {
+            held.lease.mark_lost();
+        }
+    }
+}
+
 /// Before a new connection draws its first fencing token: moves the sequence past the tokens
 /// of the previous crash epoch if this is the first session since a crash, a failover or a
-/// restore (see [`Statements::epoch_check`]). Creates the sequence and the epoch table on
-/// first use.
+/// restore (see [`Statements::epoch_check`]). Creates whichever of the sequence and the epoch
+/// table is missing.
+///
+/// If the epoch mechanism cannot work here (no privilege to create or use the epoch table, or
+/// a table that is not unlogged and so would never be emptied by a crash), the session falls
+/// back to waiting for the disk when it draws tokens (`synchronous_commit = on`), with a
+/// warning: slower, never unsafe. A missing sequence that cannot be created is an error.
 async fn check_fencing_epoch(
     connection: &mut PgConnection,
     sql: &Statements,
 ) -> Result<(), sqlx::Error> {
-    let mut created = false;
-    loop {
-        let result = sqlx::query_as::<_, (String, i64)>(&sql.epoch_check)
+    let (sequence_exists, epochs_persistence): (bool, Option<String>) =
+        sqlx::query_as(&sql.fencing_objects)
+            .fetch_one(&mut *connection)
+            .await?;
+    if !sequence_exists {
+        match sqlx::query(&sql.create_sequence)
+            .execute(&mut *connection)
+            .await
+        {
+            Ok(_) => tracing::info!(sequence = sql.sequence, "created the fencing sequence"),
+            Err(error) if is_concurrent_creation(&error) => {}
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    sequence = sql.sequence,
+                    "cannot create the fencing sequence; create it beforehand (docs/postgres.md)"
+                );
+                return Err(error);
+            }
+        }
+    }
+    let usable = match epochs_persistence.as_deref() {
+        Some("u") => true,
+        Some(_) => {
+            tracing::warn!(
+                "the fencing epoch table is not UNLOGGED, so a crash would not reset it; \
+                 drawing fencing tokens with synchronous_commit = on instead"
+            );
+            false
+        }
+        None => match sqlx::query(&sql.create_epoch_table)
+            .execute(&mut *connection)
+            .await
+        {
+            Ok(_) => true,
+            Err(error) if is_concurrent_creation(&error) => true,
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "cannot create the fencing epoch table; drawing fencing tokens with \
+                     synchronous_commit = on instead (create it beforehand: docs/postgres.md)"
+                );
+                false
+            }
+        },
+    };
+    let jumped = if usable {
+        match sqlx::query_as::<_, (String, i64)>(&sql.epoch_check)
             .bind(&sql.sequence)
             .fetch_optional(&mut *connection)
-            .await;
-        match result {
-            Ok(Some((_, value))) => {
-                tracing::info!(
-                    value,
-                    sequence = sql.sequence,
-                    "first lock session since the server started afresh (crash recovery, \
-                     failover or restore): moved the fencing sequence on"
+            .await
+        {
+            Ok(jumped) => Some(jumped),
+            Err(error) if is_statement_error(&error) => {
+                tracing::warn!(
+                    %error,
+                    "the fencing epoch check failed; drawing fencing tokens with \
+                     synchronous_commit = on instead"
                 );
-                return Ok(());
-            }
-            Ok(None) => return Ok(()),
-            Err(error) if !created && is_undefined_table(&error) => {
-                for ddl in [&sql.create_sequence, &sql.create_epoch_table] {
-                    match sqlx::query(ddl).execute(&mut *connection).await {
-                        Ok(_) => {}
-                        Err(error) if is_concurrent_creation(&error) => {}
-                        Err(error) => {
-                            tracing::warn!(
-                                %error,
-                                "cannot create the fencing sequence or its epoch table; \
-                                 create them beforehand (see the PostgreSQL docs of this crate)"
-                            );
-                            return Err(error);
-                        }
-                    }
-                }
-                tracing::info!(sequence = sql.sequence, "created the fencing sequence");
-                created = true;
+                None
             }
             Err(error) => return Err(error),
         }
+    } else {
+        None
+    };
+    match jumped {
+        Some(Some((_, value))) => tracing::info!(
+            value,
+            sequence = sql.sequence,
+            "first lock session since the server started afresh (crash recovery, failover or \
+             restore): moved the fencing sequence on"
+        ),
+        Some(None) => {}
+        None => {
+            sqlx::query("SELECT set_config('synchronous_commit', 'on', false)")
+                .execute(&mut *connection)
+                .await?;
+        }
     }
+    Ok(())
 }
