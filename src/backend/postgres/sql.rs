@@ -100,10 +100,11 @@ pub(super) struct Statements {
     pub(super) create_sequence: String,
     /// Creates the epoch table if it does not exist.
     pub(super) create_epoch_table: String,
-    /// → (the sequence exists, the epoch table's `relpersistence` or NULL if it is missing).
+    /// → (the sequence exists, the epoch table's `relpersistence` or NULL if it is missing). No
+    /// parameters: one round trip as a simple query.
     pub(super) fencing_objects: String,
-    /// Run once per connection, before its first token. `$1` = the sequence's quoted name.
-    /// Returns a row (the sequence's new value) only if it moved the sequence on.
+    /// Run once per connection, before its first token. Returns a row (the sequence's new
+    /// value) only if it moved the sequence on.
     ///
     /// The lock sessions draw tokens with `synchronous_commit = off`, so the sequence's
     /// write-ahead (once per 32 values) does not wait for the disk, and a crash can take the
@@ -161,12 +162,15 @@ impl Statements {
                 "CREATE UNLOGGED TABLE IF NOT EXISTS {epochs} (sequence text PRIMARY KEY)",
                 epochs = sequence.epochs_quoted
             ),
+            // No parameters (the names are validated), so that it runs as a simple query in one
+            // round trip when a session opens.
             epoch_check: format!(
-                "WITH marked AS (INSERT INTO {epochs} (sequence) VALUES ($1) \
+                "WITH marked AS (INSERT INTO {epochs} (sequence) VALUES ('{name}') \
                  ON CONFLICT DO NOTHING RETURNING 1) \
-                 SELECT set_config('synchronous_commit', 'on', true), \
-                 setval('{seq}', nextval('{seq}') + {EPOCH_JUMP}) FROM marked",
-                epochs = sequence.epochs_quoted
+                 SELECT setval('{seq}', nextval('{seq}') + {EPOCH_JUMP}) \
+                 FROM marked WHERE set_config('synchronous_commit', 'on', true) = 'on'",
+                epochs = sequence.epochs_quoted,
+                name = sequence.quoted.replace('\'', "''")
             ),
         }
     }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
@@ -691,14 +691,28 @@ impl Session {
         }
     }
 
+    /// Takes a connection from the pool and sets it up as a lock session: within
+    /// `command_timeout` for taking the connection, and again for its setup statements (the
+    /// session settings and the fencing epoch check), so that a slow link that allows each step
+    /// is not failed by their sum.
     async fn connect(&mut self) -> Result<SessionConnection, LockError> {
         let timeout = self.settings.command_timeout;
         let (names, values) = self.settings.server_settings();
-        let open = async {
-            let mut connection = self.pool.acquire().await?;
-            // Whatever happens from here on, this connection is never returned to the pool.
-            connection.close_on_drop();
-            let mut connection = SessionConnection(Some(connection));
+        let connection = match tokio::time::timeout(timeout, self.pool.acquire()).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => return Err(LockError::backend(error)),
+            Err(_) => {
+                return Err(LockError::backend_msg(format!(
+                    "taking a connection for a PostgreSQL lock session took longer than {timeout:?}"
+                )))
+            }
+        };
+        // Whatever happens from here on, this connection is never returned to the pool.
+        let mut connection = connection;
+        connection.close_on_drop();
+        let mut connection = SessionConnection(Some(connection));
+        let set_up = async {
+            let conn = connection.get_mut().expect("just stored");
             sqlx::query(
                 "SELECT count(set_config(s.name, s.value, false)) \
                  FROM unnest($1::text[], $2::text[]) AS s(name, value) \
@@ -706,13 +720,12 @@ impl Session {
             )
             .bind(&names)
             .bind(&values)
-            .execute(connection.get_mut().expect("just stored"))
+            .execute(&mut *conn)
             .await?;
-            check_fencing_epoch(connection.get_mut().expect("just stored"), &self.sql).await?;
-            Ok::<_, sqlx::Error>(connection)
+            check_fencing_epoch(conn, &self.sql).await
         };
-        match tokio::time::timeout(timeout, open).await {
-            Ok(Ok(connection)) => {
+        match tokio::time::timeout(timeout, set_up).await {
+            Ok(Ok(())) => {
                 tracing::debug!("opened a PostgreSQL lock session");
                 self.last_used = Instant::now();
                 self.idle_since = Instant::now();
@@ -720,7 +733,7 @@ impl Session {
             }
             Ok(Err(error)) => Err(LockError::backend(error)),
             Err(_) => Err(LockError::backend_msg(format!(
-                "opening a PostgreSQL lock session took longer than {timeout:?}"
+                "setting up a PostgreSQL lock session took longer than {timeout:?}"
             ))),
         }
     }
@@ -786,89 +799,96 @@ impl Drop for Session {
 /// a table that is not unlogged and so would never be emptied by a crash), the session falls
 /// back to waiting for the disk when it draws tokens (`synchronous_commit = on`), with a
 /// warning: slower, never unsafe. A missing sequence that cannot be created is an error.
-async fn check_fencing_epoch(
-    connection: &mut PgConnection,
-    sql: &Statements,
-) -> Result<(), sqlx::Error> {
-    let (sequence_exists, epochs_persistence): (bool, Option<String>) =
-        sqlx::query_as(&sql.fencing_objects)
-            .fetch_one(&mut *connection)
-            .await?;
-    if !sequence_exists {
-        match sqlx::query(&sql.create_sequence)
-            .execute(&mut *connection)
-            .await
-        {
-            Ok(_) => tracing::info!(sequence = sql.sequence, "created the fencing sequence"),
-            Err(error) if is_concurrent_creation(&error) => {}
-            Err(error) => {
-                tracing::warn!(
-                    %error,
-                    sequence = sql.sequence,
-                    "cannot create the fencing sequence; create it beforehand (docs/postgres.md)"
-                );
-                return Err(error);
+fn check_fencing_epoch<'a>(
+    connection: &'a mut PgConnection,
+    sql: &'a Statements,
+) -> futures_util::future::BoxFuture<'a, Result<(), sqlx::Error>> {
+    // Boxed with an explicit `Send`: sqlx's executor lifetimes otherwise make the session
+    // task's future fail the `Send` check of `tokio::spawn`.
+    Box::pin(async move {
+        let (sequence_exists, epochs_persistence): (bool, Option<String>) = {
+            let row =
+                sqlx::Executor::fetch_one(&mut *connection, sqlx::raw_sql(&sql.fencing_objects))
+                    .await?;
+            (row.try_get(0)?, row.try_get(1)?)
+        };
+        if !sequence_exists {
+            match sqlx::query(&sql.create_sequence)
+                .execute(&mut *connection)
+                .await
+            {
+                Ok(_) => tracing::info!(sequence = sql.sequence, "created the fencing sequence"),
+                Err(error) if is_concurrent_creation(&error) => {}
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        sequence = sql.sequence,
+                        "cannot create the fencing sequence; create it beforehand (docs/postgres.md)"
+                    );
+                    return Err(error);
+                }
             }
         }
-    }
-    let usable = match epochs_persistence.as_deref() {
-        Some("u") => true,
-        Some(_) => {
-            tracing::warn!(
-                "the fencing epoch table is not UNLOGGED, so a crash would not reset it; \
-                 drawing fencing tokens with synchronous_commit = on instead"
-            );
-            false
-        }
-        None => match sqlx::query(&sql.create_epoch_table)
-            .execute(&mut *connection)
-            .await
-        {
-            Ok(_) => true,
-            Err(error) if is_concurrent_creation(&error) => true,
-            Err(error) => {
+        let usable = match epochs_persistence.as_deref() {
+            Some("u") => true,
+            Some(_) => {
                 tracing::warn!(
-                    %error,
-                    "cannot create the fencing epoch table; drawing fencing tokens with \
-                     synchronous_commit = on instead (create it beforehand: docs/postgres.md)"
+                    "the fencing epoch table is not UNLOGGED, so a crash would not reset it; \
+                     drawing fencing tokens with synchronous_commit = on instead"
                 );
                 false
             }
-        },
-    };
-    let jumped = if usable {
-        match sqlx::query_as::<_, (String, i64)>(&sql.epoch_check)
-            .bind(&sql.sequence)
-            .fetch_optional(&mut *connection)
-            .await
-        {
-            Ok(jumped) => Some(jumped),
-            Err(error) if is_statement_error(&error) => {
-                tracing::warn!(
-                    %error,
-                    "the fencing epoch check failed; drawing fencing tokens with \
-                     synchronous_commit = on instead"
-                );
-                None
-            }
-            Err(error) => return Err(error),
-        }
-    } else {
-        None
-    };
-    match jumped {
-        Some(Some((_, value))) => tracing::info!(
-            value,
-            sequence = sql.sequence,
-            "first lock session since the server started afresh (crash recovery, failover or \
-             restore): moved the fencing sequence on"
-        ),
-        Some(None) => {}
-        None => {
-            sqlx::query("SELECT set_config('synchronous_commit', 'on', false)")
+            None => match sqlx::query(&sql.create_epoch_table)
                 .execute(&mut *connection)
-                .await?;
+                .await
+            {
+                Ok(_) => true,
+                Err(error) if is_concurrent_creation(&error) => true,
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "cannot create the fencing epoch table; drawing fencing tokens with \
+                         synchronous_commit = on instead (create it beforehand: docs/postgres.md)"
+                    );
+                    false
+                }
+            },
+        };
+        let jumped = if usable {
+            // Through the executor: sqlx 0.8's `RawSql::fetch_optional` fails on no rows.
+            let row =
+                sqlx::Executor::fetch_optional(&mut *connection, sqlx::raw_sql(&sql.epoch_check))
+                    .await
+                    .and_then(|row| row.map(|row| row.try_get::<i64, _>(0)).transpose());
+            match row {
+                Ok(jumped) => Some(jumped),
+                Err(error) if is_statement_error(&error) => {
+                    tracing::warn!(
+                        %error,
+                        "the fencing epoch check failed; drawing fencing tokens with \
+                         synchronous_commit = on instead"
+                    );
+                    None
+                }
+                Err(error) => return Err(error),
+            }
+        } else {
+            None
+        };
+        match jumped {
+            Some(Some(value)) => tracing::info!(
+                value,
+                sequence = sql.sequence,
+                "first lock session since the server started afresh (crash recovery, failover or \
+                 restore): moved the fencing sequence on"
+            ),
+            Some(None) => {}
+            None => {
+                sqlx::query("SELECT set_config('synchronous_commit', 'on', false)")
+                    .execute(&mut *connection)
+                    .await?;
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
