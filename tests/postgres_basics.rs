@@ -350,16 +350,28 @@ async fn the_fencing_sequence_is_created_once_under_concurrent_first_use() {
         last = guard.fencing_token();
         guard.release().await.unwrap();
     }
-    let epoch_rows: i64 = sqlx::query_scalar(&format!(
+    assert_eq!(
+        epoch_rows(&mut admin, &schema).await,
+        1,
+        "one epoch row for the one sequence"
+    );
+    drop(locks);
+    drop_schema(&mut admin, &schema).await;
+}
+
+/// The rows of the epoch table in `schema`.
+async fn epoch_rows(admin: &mut sqlx::PgConnection, schema: &str) -> i64 {
+    sqlx::query_scalar(&format!(
         "SELECT count(*) FROM \"{schema}\".k1s0_lock_fencing_epochs"
     ))
-    .fetch_one(&mut admin)
+    .fetch_one(admin)
     .await
-    .unwrap();
-    assert_eq!(epoch_rows, 1, "one epoch row for the one sequence");
-    drop(locks);
+    .unwrap()
+}
+
+async fn drop_schema(admin: &mut sqlx::PgConnection, schema: &str) {
     sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&mut admin)
+        .execute(admin)
         .await
         .unwrap();
 }
@@ -386,16 +398,11 @@ async fn a_logged_epoch_table_is_not_relied_on() {
         assert!(token > last);
         last = token;
     }
-    let rows: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM \"{schema}\".k1s0_lock_fencing_epochs"
-    ))
-    .fetch_one(&mut admin)
-    .await
-    .unwrap();
-    assert_eq!(rows, 0, "a logged epoch table must not be used");
+    assert_eq!(
+        epoch_rows(&mut admin, &schema).await,
+        0,
+        "a logged epoch table must not be used"
+    );
     drop(lock);
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_schema(&mut admin, &schema).await;
 }
