@@ -34,15 +34,20 @@ pub(crate) fn millis(duration: Duration) -> u64 {
 }
 
 impl LockRef {
-    pub(crate) async fn release(&self) -> Result<(), LockError> {
-        let mut buffer = [0u8; 36];
-        let token = token_text(&self.token, &mut buffer);
+    /// The keys and arguments of the release and abandon scripts, which take the same ones.
+    fn release_input<'a>(&'a self, buffer: &'a mut [u8; 36]) -> ([&'a str; 3], [Arg<'a>; 2]) {
         let keys = [
             self.keys.lock.as_str(),
             self.keys.queue.as_str(),
             self.keys.waiters.as_str(),
         ];
-        let args = [Arg::Text(token), Arg::Text(&self.keys.channel)];
+        let token = token_text(&self.token, buffer);
+        (keys, [Arg::Text(token), Arg::Text(&self.keys.channel)])
+    }
+
+    pub(crate) async fn release(&self) -> Result<(), LockError> {
+        let mut buffer = [0u8; 36];
+        let (keys, args) = self.release_input(&mut buffer);
         match self
             .shared
             .connections
@@ -77,13 +82,7 @@ impl LockRef {
         connection: Option<MultiplexedConnection>,
     ) -> Result<bool, LockError> {
         let mut buffer = [0u8; 36];
-        let token = token_text(&self.token, &mut buffer);
-        let keys = [
-            self.keys.lock.as_str(),
-            self.keys.queue.as_str(),
-            self.keys.waiters.as_str(),
-        ];
-        let args = [Arg::Text(token), Arg::Text(&self.keys.channel)];
+        let (keys, args) = self.release_input(&mut buffer);
         let connections = &self.shared.connections;
         let released = match connection {
             Some(mut connection) => {
