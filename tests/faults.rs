@@ -82,17 +82,15 @@ async fn a_stalled_server_gives_errors_within_the_budget_and_recovers(backend: B
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
-    use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
-    use k1s0_distributed_lock::{DistributedLock, RedisDistributedLock};
+    use k1s0_distributed_lock::bb8_redis::redis;
+    use k1s0_distributed_lock::DistributedLock;
 
     let url = common::redis_url().await;
     let proxy = FaultProxy::start(Backend::Redis.server_address().await).await;
     proxy.stall();
-    let pool = bb8::Pool::builder()
-        .build(RedisConnectionManager::new(url.as_str()).unwrap())
+    let proxy_url = format!("redis://{}", proxy.address());
+    let lock = common::redis_conn::lock_builder(&url, &proxy_url)
         .await
-        .unwrap();
-    let lock = RedisDistributedLock::builder(pool)
         .config(
             LockConfig::new()
                 .ttl(Duration::from_secs(10))
@@ -101,16 +99,11 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         )
         .key_prefix("k1s0test:")
         .command_timeout(Duration::from_secs(2))
-        .wake_on_release(redis::Client::open(format!("redis://{}", proxy.address())).unwrap())
         .build()
         .unwrap();
     let key = format!("{}turns", common::unique_prefix("pubsub-stall"));
     let queue = format!("{}:queue", lock.redis_key(&key));
-    let connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let connection = common::redis_conn::connection(&url).await;
     let queue_length = move || {
         let queue = queue.clone();
         let mut connection = connection.clone();
@@ -162,33 +155,26 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_waiters_get_subscribed_over_a_pub_sub_link_slower_than_their_poll() {
-    use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
-    use k1s0_distributed_lock::{DistributedLock, RedisDistributedLock};
+    use k1s0_distributed_lock::bb8_redis::redis;
+    use k1s0_distributed_lock::DistributedLock;
 
     let url = common::redis_url().await;
     let proxy = FaultProxy::start(Backend::Redis.server_address().await).await;
     proxy.set_latency(Duration::from_millis(10));
-    let pool = bb8::Pool::builder()
-        .build(RedisConnectionManager::new(url.as_str()).unwrap())
+    let proxy_url = format!("redis://{}", proxy.address());
+    let lock = common::redis_conn::lock_builder(&url, &proxy_url)
         .await
-        .unwrap();
-    let lock = RedisDistributedLock::builder(pool)
         .config(
             LockConfig::new()
                 .retry_interval(Duration::from_millis(2))
                 .max_retries(5_000),
         )
         .key_prefix("k1s0test:")
-        .wake_on_release(redis::Client::open(format!("redis://{}", proxy.address())).unwrap())
         .build()
         .unwrap();
     let key = format!("{}slow-pubsub", common::unique_prefix("pubsub-slow"));
     let channel = format!("{}:released", lock.redis_key(&key));
-    let connection = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let connection = common::redis_conn::connection(&url).await;
 
     let holder = lock.try_acquire(&key).await.unwrap();
     let waiter = tokio::spawn({

@@ -8,10 +8,8 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis::{self, aio::MultiplexedConnection};
-use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
-use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, RedisDistributedLock};
+use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError};
 
 /// A `redis-server --cluster-enabled yes` of this test's own, on a free port; killed on drop.
 struct ClusterNode {
@@ -113,18 +111,14 @@ async fn the_whole_protocol_runs_on_a_server_in_cluster_mode() {
     let refusal = format!("{:?}", cross.unwrap_err()).to_lowercase();
     assert!(refusal.contains("crossslot"), "{refusal}");
 
-    let pool = Pool::builder()
-        .build(RedisConnectionManager::new(node.url()).unwrap())
+    let lock = common::redis_conn::lock_builder(&node.url(), &node.url())
         .await
-        .unwrap();
-    let lock = RedisDistributedLock::builder(pool)
         .config(
             LockConfig::new()
                 .ttl(Duration::from_secs(5))
                 .retry_interval(Duration::from_millis(20))
                 .max_retries(100),
         )
-        .wake_on_release(redis::Client::open(node.url()).unwrap())
         .build()
         .unwrap();
 

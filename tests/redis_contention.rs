@@ -14,8 +14,7 @@ use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, RedisDistributedLock};
 
 async fn pool() -> Pool<RedisConnectionManager> {
-    let manager = RedisConnectionManager::new(common::redis_url().await).unwrap();
-    Pool::builder().max_size(8).build(manager).await.unwrap()
+    common::redis_conn::pool(&common::redis_url().await, 8).await
 }
 
 fn waiting_config() -> LockConfig {

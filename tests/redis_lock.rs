@@ -13,16 +13,11 @@ use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, RedisDistributedLock};
 
 async fn pool() -> Pool<RedisConnectionManager> {
-    let manager = RedisConnectionManager::new(common::redis_url().await).unwrap();
-    Pool::builder().max_size(4).build(manager).await.unwrap()
+    common::redis_conn::pool(&common::redis_url().await, 4).await
 }
 
 async fn raw() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(common::redis_url().await)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    common::redis_conn::connection(&common::redis_url().await).await
 }
 
 async fn lock_with(prefix: &str, config: LockConfig) -> RedisDistributedLock {

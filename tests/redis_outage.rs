@@ -169,11 +169,7 @@ async fn a_dead_server_gives_backend_errors_then_the_same_lock_recovers() {
         let base = lock.redis_key("survivor");
         (format!("{base}:waiters"), format!("{base}:released"))
     };
-    let observer = redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let observer = common::redis_conn::connection(&server.url()).await;
     common::wait::assert_eventually("the waiter queues and subscribes again", || {
         let (mut observer, waiters, channel) = (observer.clone(), waiters.clone(), channel.clone());
         async move {

@@ -13,10 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::counter::redis::RedisCounter;
-use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
-use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
-use k1s0_distributed_lock::{DistributedLock, LockConfig, RedisDistributedLock};
+use k1s0_distributed_lock::{DistributedLock, LockConfig};
 
 const CHILD_VARIABLE: &str = "K1S0_REDIS_CHILD";
 const ROUNDS: u64 = 150;
@@ -55,11 +53,7 @@ async fn parent() {
     assert_ne!(pids[0], pids[1]);
 
     // Start both children together, once both are connected.
-    let mut conn = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::redis_conn::connection(&url).await;
     for _ in 0..2 {
         let ready: Option<(String, String)> = redis::cmd("BLPOP")
             .arg(format!("{prefix}ready"))
@@ -112,11 +106,8 @@ async fn parent() {
 
 async fn child(prefix: String) {
     let url = common::redis_url().await;
-    let pool = Pool::builder()
-        .build(RedisConnectionManager::new(url.as_str()).unwrap())
+    let lock = common::redis_conn::lock_builder(&url, &url)
         .await
-        .unwrap();
-    let lock = RedisDistributedLock::builder(pool)
         .config(
             LockConfig::new()
                 .ttl(Duration::from_secs(10))
@@ -124,14 +115,9 @@ async fn child(prefix: String) {
                 .max_retries(400),
         )
         .key_prefix(prefix.clone())
-        .wake_on_release(redis::Client::open(url.as_str()).unwrap())
         .build()
         .unwrap();
-    let mut conn = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = common::redis_conn::connection(&url).await;
     let _: () = conn.rpush(format!("{prefix}ready"), 1).await.unwrap();
     let go: Option<(String, String)> = redis::cmd("BLPOP")
         .arg(format!("{prefix}go"))

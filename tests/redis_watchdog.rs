@@ -6,9 +6,7 @@ mod common;
 use common::wait::assert_eventually;
 use std::time::Duration;
 
-use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
-use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
 use k1s0_distributed_lock::{
     AutoExtend, DistributedLock, LockConfig, LockError, RedisDistributedLock,
 };
@@ -17,19 +15,15 @@ const TTL: Duration = Duration::from_millis(200);
 
 async fn lock(prefix: &str, auto_extend: Option<AutoExtend>) -> RedisDistributedLock {
     let url = common::redis_url().await;
-    let pool = Pool::builder()
-        .build(RedisConnectionManager::new(url.as_str()).unwrap())
+    let mut builder = common::redis_conn::lock_builder(&url, &url)
         .await
-        .unwrap();
-    let mut builder = RedisDistributedLock::builder(pool)
         .config(
             LockConfig::new()
                 .ttl(TTL)
                 .retry_interval(Duration::from_millis(50))
                 .max_retries(100),
         )
-        .key_prefix(prefix)
-        .wake_on_release(redis::Client::open(url.as_str()).unwrap());
+        .key_prefix(prefix);
     if let Some(settings) = auto_extend {
         builder = builder.auto_extend(settings);
     }
@@ -37,11 +31,7 @@ async fn lock(prefix: &str, auto_extend: Option<AutoExtend>) -> RedisDistributed
 }
 
 async fn raw() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(common::redis_url().await)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    common::redis_conn::connection(&common::redis_url().await).await
 }
 
 async fn exists(key: &str) -> bool {

@@ -99,20 +99,14 @@ impl Backend {
             }
             #[cfg(feature = "redis")]
             Backend::Redis => {
-                use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
                 let url = match url {
                     Some(url) => url,
                     None => super::redis_url().await,
                 };
-                let pool = bb8::Pool::builder()
-                    .build(RedisConnectionManager::new(url.as_str()).unwrap())
+                let mut builder = super::redis_conn::lock_builder(&url, &url)
                     .await
-                    .unwrap();
-                let mut builder =
-                    k1s0_distributed_lock::RedisDistributedLock::builder(pool.clone())
-                        .config(config)
-                        .key_prefix("k1s0test:")
-                        .wake_on_release(redis::Client::open(url.as_str()).unwrap());
+                    .config(config)
+                    .key_prefix("k1s0test:");
                 if let Some(timeout) = command_timeout {
                     builder = builder.command_timeout(timeout);
                 }
@@ -120,7 +114,10 @@ impl Backend {
                     Ok(()) => builder.build().unwrap(),
                     // build() refuses a bad configuration; new() takes it and reports it at
                     // the first acquire, which is what the bad-configuration tests look at.
-                    Err(_) => k1s0_distributed_lock::RedisDistributedLock::new(pool, config),
+                    Err(_) => k1s0_distributed_lock::RedisDistributedLock::new(
+                        super::redis_conn::pool(&url, 10).await,
+                        config,
+                    ),
                 })
             }
         }

@@ -71,13 +71,8 @@ pub mod redis {
 
     impl RedisCounter {
         pub async fn new(url: &str, name: &str) -> Self {
-            let client = redis::Client::open(url).expect("redis url");
-            let connection = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("redis connection");
             RedisCounter {
-                connection,
+                connection: crate::common::redis_conn::connection(url).await,
                 name: name.to_owned(),
             }
         }

@@ -142,5 +142,7 @@ pub mod hostile;
 pub mod http;
 pub mod load;
 pub mod proxy;
+#[cfg(feature = "redis")]
+pub mod redis_conn;
 pub mod suites;
 pub mod wait;

@@ -1,0 +1,33 @@
+//! Redis connections for the tests: a pool, a direct connection, and a lock builder on a given
+//! server (the shared test server, a proxy in front of it, or a `redis-server` a test started).
+
+use k1s0_distributed_lock::bb8_redis::bb8::Pool;
+use k1s0_distributed_lock::bb8_redis::redis::{self, aio::MultiplexedConnection};
+use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
+use k1s0_distributed_lock::RedisDistributedLockBuilder;
+
+/// A pool of at most `max` connections to `url`.
+pub async fn pool(url: &str, max: u32) -> Pool<RedisConnectionManager> {
+    let manager = RedisConnectionManager::new(url).expect("redis url");
+    Pool::builder()
+        .max_size(max)
+        .build(manager)
+        .await
+        .expect("redis pool")
+}
+
+/// A direct connection to `url`, to look at or change keys behind the lock's back.
+pub async fn connection(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection")
+}
+
+/// A lock builder on a pool of 10 to `url`, whose waiters subscribe to releases through
+/// `pubsub_url` (the same server, or a proxy in front of it).
+pub async fn lock_builder(url: &str, pubsub_url: &str) -> RedisDistributedLockBuilder {
+    k1s0_distributed_lock::RedisDistributedLock::builder(pool(url, 10).await)
+        .wake_on_release(redis::Client::open(pubsub_url).expect("redis url"))
+}
