@@ -33,6 +33,20 @@ async fn waking_lock(prefix: &str) -> RedisDistributedLock {
         .unwrap()
 }
 
+/// A lock without pub/sub: its waiters poll every 5 ms, up to `max_retries` times.
+async fn polling_lock(prefix: &str, max_retries: u32) -> RedisDistributedLock {
+    RedisDistributedLock::builder(pool().await)
+        .config(
+            LockConfig::new()
+                .ttl(Duration::from_secs(10))
+                .retry_interval(Duration::from_millis(5))
+                .max_retries(max_retries),
+        )
+        .key_prefix(prefix)
+        .build()
+        .unwrap()
+}
+
 /// 32 tasks (on four lock objects, as four clients would) increment a counter kept in Redis
 /// by GET, yield, SET (the shared non-atomic counter): any overlap of two critical sections
 /// loses an increment.
@@ -76,17 +90,7 @@ async fn thirty_two_tasks_never_overlap_when_polling() {
     let prefix = common::unique_prefix("redis_mutex_poll");
     let mut locks = Vec::new();
     for _ in 0..4 {
-        let lock = RedisDistributedLock::builder(pool().await)
-            .config(
-                LockConfig::new()
-                    .ttl(Duration::from_secs(10))
-                    .retry_interval(Duration::from_millis(5))
-                    .max_retries(6_000),
-            )
-            .key_prefix(prefix.clone())
-            .build()
-            .unwrap();
-        locks.push(lock);
+        locks.push(polling_lock(&prefix, 6_000).await);
     }
     counter_stays_exact(locks, &prefix).await;
 }
@@ -169,16 +173,7 @@ async fn the_lock_changes_hands_and_no_task_starves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_is_fair_without_pub_sub_too() {
     let prefix = common::unique_prefix("redis_fair_poll");
-    let lock = RedisDistributedLock::builder(pool().await)
-        .config(
-            LockConfig::new()
-                .ttl(Duration::from_secs(10))
-                .retry_interval(Duration::from_millis(5))
-                .max_retries(2_000),
-        )
-        .key_prefix(prefix.clone())
-        .build()
-        .unwrap();
+    let lock = polling_lock(&prefix, 2_000).await;
     let turns = contend(vec![lock], Duration::from_millis(800)).await;
     let releases = turns.holders.len() - 1;
     let handoffs = turns
