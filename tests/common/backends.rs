@@ -274,16 +274,7 @@ macro_rules! backend_tests {
                 async fn in_memory() {
                     super::$scenario($crate::common::backends::Backend::Memory).await;
                 }
-                #[cfg(feature = "postgres")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$scenario($crate::common::backends::Backend::Postgres).await;
-                }
-                #[cfg(feature = "redis")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    super::$scenario($crate::common::backends::Backend::Redis).await;
-                }
+                $crate::server_backend_cases!($scenario);
             }
         )*
     };
@@ -295,17 +286,25 @@ macro_rules! server_backend_tests {
     ($($scenario:ident),* $(,)?) => {
         $(
             mod $scenario {
-                #[cfg(feature = "postgres")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$scenario($crate::common::backends::Backend::Postgres).await;
-                }
-                #[cfg(feature = "redis")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    super::$scenario($crate::common::backends::Backend::Redis).await;
-                }
+                $crate::server_backend_cases!($scenario);
             }
         )*
+    };
+}
+
+/// The PostgreSQL and Redis test functions of one scenario, inside its module.
+#[macro_export]
+macro_rules! server_backend_cases {
+    ($scenario:ident) => {
+        #[cfg(feature = "postgres")]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn postgres() {
+            super::$scenario($crate::common::backends::Backend::Postgres).await;
+        }
+        #[cfg(feature = "redis")]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn redis() {
+            super::$scenario($crate::common::backends::Backend::Redis).await;
+        }
     };
 }
