@@ -75,23 +75,18 @@ impl LockRef {
     }
 
     /// Leaves the queue and frees the lock if an interrupted acquire took it. Sent on
-    /// `connection` when given: the connection the interrupted acquire used, so that Redis
-    /// runs this after it.
+    /// `connection`, the one the interrupted acquire used, so that Redis runs this after it.
     pub(crate) async fn abandon(
         &self,
-        connection: Option<MultiplexedConnection>,
+        mut connection: MultiplexedConnection,
     ) -> Result<bool, LockError> {
         let mut buffer = [0u8; 36];
         let (keys, args) = self.release_input(&mut buffer);
-        let connections = &self.shared.connections;
-        let released = match connection {
-            Some(mut connection) => {
-                connections
-                    .script_on(&mut connection, &ABANDON, &keys, &args)
-                    .await?
-            }
-            None => connections.script(&ABANDON, &keys, &args).await?,
-        };
+        let released = self
+            .shared
+            .connections
+            .script_on(&mut connection, &ABANDON, &keys, &args)
+            .await?;
         Ok(released == 1)
     }
 }

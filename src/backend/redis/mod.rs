@@ -155,7 +155,6 @@ impl RedisDistributedLock {
             keys: LockKeys::new(&self.shared.prefix, key),
             token: Uuid::new_v4(),
             connection: None,
-            armed: false,
         };
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token);
@@ -163,12 +162,12 @@ impl RedisDistributedLock {
             let sent_at = Instant::now();
             let outcome = pending.attempt(ttl, entry_ttl).await?;
             if outcome > 0 {
-                return Ok(self.guard(pending.disarm(), sent_at, outcome as u64));
+                return Ok(self.guard(pending.disarm(), sent_at, ttl, outcome as u64));
             }
             if !wait {
                 // A try without queueing wrote nothing. An acquire with an empty waiting
                 // budget that found the lock taken timed out.
-                pending.armed = false;
+                pending.connection = None;
                 return Err(if wait_call {
                     LockError::Timeout
                 } else {
@@ -208,20 +207,10 @@ impl RedisDistributedLock {
         }
     }
 
-    fn guard(
-        &self,
-        (key, keys, token): (Arc<str>, LockKeys, Uuid),
-        sent_at: Instant,
-        fence: u64,
-    ) -> LockGuard {
-        let ttl = self.shared.config.get_ttl();
+    fn guard(&self, lock: LockRef, sent_at: Instant, ttl: Duration, fence: u64) -> LockGuard {
         let lease = Lease::new(sent_at, ttl);
-        let lock = Arc::new(LockRef {
-            shared: Arc::clone(&self.shared),
-            key: Arc::clone(&key),
-            keys,
-            token,
-        });
+        let (key, token) = (Arc::clone(&lock.key), lock.token);
+        let lock = Arc::new(lock);
         let watchdog = self.shared.auto_extend.map(|settings| {
             watchdog::start(
                 Arc::clone(&lock),
@@ -292,8 +281,9 @@ struct PendingAcquire<'a> {
     key: &'a str,
     keys: LockKeys,
     token: Uuid,
+    /// The connection the acquire script was sent on; `Some` exactly while a clean-up may be
+    /// needed (the drop sends it there).
     connection: Option<MultiplexedConnection>,
-    armed: bool,
 }
 
 impl PendingAcquire<'_> {
@@ -315,19 +305,17 @@ impl PendingAcquire<'_> {
             Arg::Number(millis(self.shared.fence_retention)),
         ];
         let connections = &self.shared.connections;
-        let connection = connections.connection().await?;
-        self.armed = true;
-        let connection = self.connection.insert(connection);
+        let connection = self.connection.insert(connections.connection().await?);
         connections
             .script_on(connection, &ACQUIRE, &keys, &args)
             .await
     }
 
-    /// The acquire succeeded: hand over the key names.
-    fn disarm(mut self) -> (Arc<str>, LockKeys, Uuid) {
-        self.armed = false;
+    /// The acquire succeeded: hand over the lock.
+    fn disarm(mut self) -> LockRef {
+        self.connection = None;
         let keys = std::mem::take(&mut self.keys);
-        (Arc::from(self.key), keys, self.token)
+        self.lock_ref(keys)
     }
 
     /// The waiting budget ran out: leave the queue now (best effort; the entry times out
@@ -335,23 +323,21 @@ impl PendingAcquire<'_> {
     /// Stays armed until the clean-up is done, so that if this is cancelled too, the clean-up
     /// is sent again in the background (it is idempotent).
     async fn give_up(mut self) {
-        let lock = LockRef {
-            shared: Arc::clone(self.shared),
-            key: Arc::from(self.key),
-            keys: self.keys.clone(),
-            token: self.token,
+        let Some(connection) = self.connection.clone() else {
+            return;
         };
-        if let Err(error) = lock.abandon(self.connection.clone()).await {
+        let lock = self.lock_ref(self.keys.clone());
+        if let Err(error) = lock.abandon(connection).await {
             tracing::debug!(key = %self.key, %error, "could not leave the wait queue; the entry times out");
         }
-        self.armed = false;
+        self.connection = None;
     }
 
-    fn lock_ref(&mut self) -> LockRef {
+    fn lock_ref(&self, keys: LockKeys) -> LockRef {
         LockRef {
             shared: Arc::clone(self.shared),
             key: Arc::from(self.key),
-            keys: std::mem::take(&mut self.keys),
+            keys,
             token: self.token,
         }
     }
@@ -359,14 +345,14 @@ impl PendingAcquire<'_> {
 
 impl Drop for PendingAcquire<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        let Some(connection) = self.connection.take() else {
             return;
-        }
+        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let lock = self.lock_ref();
-        let connection = self.connection.take();
+        let keys = std::mem::take(&mut self.keys);
+        let lock = self.lock_ref(keys);
         tracing::debug!(key = %lock.key, "acquire interrupted; cleaning up in the background");
         runtime.spawn(async move {
             match lock.abandon(connection).await {
