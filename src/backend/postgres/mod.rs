@@ -31,6 +31,7 @@ use self::key_hash::advisory_key;
 use self::notify::{Listener, WakeHub};
 use self::session::{Granted, HeldLockRef, SessionHandle, SessionSettings, TryOutcome};
 use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
+use super::jitter::Jitter;
 use crate::config::validate_duration;
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
 
@@ -48,14 +49,6 @@ const DEFAULT_IDLE_CLOSE: Duration = Duration::from_secs(60);
 const YIELD_ROUND_TRIPS: u32 = 3;
 const MIN_YIELD_HEAD_START: Duration = Duration::from_micros(200);
 const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
-
-/// A random number in `0..bound` (0 if `bound` is 0), for jitter.
-fn random_below(bound: u64) -> u64 {
-    if bound == 0 {
-        return 0;
-    }
-    (uuid::Uuid::new_v4().as_u128() % u128::from(bound)) as u64
-}
 
 /// Distributed locks on PostgreSQL advisory locks (feature `postgres`).
 ///
@@ -402,6 +395,7 @@ impl PostgresDistributedLock {
         let head_start = (flag_sent_at.elapsed() * YIELD_ROUND_TRIPS)
             .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
             .min(config.get_retry_interval());
+        let mut jitter = Jitter::new(uuid::Uuid::new_v4());
         if yield_first {
             let retry_at = (Instant::now() + head_start).min(deadline);
             tokio::select! {
@@ -422,7 +416,7 @@ impl PostgresDistributedLock {
             if now >= deadline {
                 return Err(LockError::Timeout.into());
             }
-            let retry_at = (now + self.poll_interval(listening)).min(deadline);
+            let retry_at = (now + self.poll_interval(listening, &mut jitter)).min(deadline);
             let notified = tokio::select! {
                 () = woken.woken() => true,
                 () = tokio::time::sleep_until(retry_at) => false,
@@ -432,7 +426,7 @@ impl PostgresDistributedLock {
                 // the lock: the first statement to arrive wins. A random delay below the head
                 // start makes each race a fair draw, so that a process whose notifications
                 // arrive a little later does not lose every time.
-                let draw = Duration::from_nanos(random_below(head_start.as_nanos() as u64));
+                let draw = jitter.between(Duration::ZERO, head_start);
                 tokio::time::sleep_until((Instant::now() + draw).min(deadline)).await;
             }
         }
@@ -440,15 +434,14 @@ impl PostgresDistributedLock {
 
     /// The fallback retry period while waiting for another process: `retry_interval` with
     /// ±50 % jitter (so waiters of several processes spread out), shorter without a listener.
-    fn poll_interval(&self, listening: bool) -> Duration {
+    fn poll_interval(&self, listening: bool, jitter: &mut Jitter) -> Duration {
         let base = self.inner.config.get_retry_interval();
         let base = if listening {
             base
         } else {
             base.min(Duration::from_millis(50))
         };
-        let jitter = random_below(1000) as u32;
-        (base / 2 + base * jitter / 1000).max(Duration::from_millis(1))
+        jitter.between(base / 2, base).max(Duration::from_millis(1))
     }
 
     async fn listener(&self) -> Result<(), LockError> {

@@ -28,6 +28,7 @@ use self::keys::LockKeys;
 use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
 use self::wake::{Registration, WakeHub};
 pub use self::watchdog::AutoExtend;
+use super::jitter::Jitter;
 use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard};
 
 /// A distributed lock on Redis (feature `redis`).
@@ -365,40 +366,5 @@ impl Drop for PendingAcquire<'_> {
                 }
             }
         });
-    }
-}
-
-/// A small SplitMix64 generator for polling jitter, seeded from the waiter's random token.
-struct Jitter(u64);
-
-impl Jitter {
-    fn new(token: Uuid) -> Self {
-        let bits = token.as_u128();
-        Jitter((bits as u64) ^ ((bits >> 64) as u64))
-    }
-
-    fn between(&mut self, low: Duration, high: Duration) -> Duration {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
-        low + (high.saturating_sub(low)).mul_f64(unit)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_its_bounds_and_varies() {
-        let mut jitter = Jitter::new(Uuid::new_v4());
-        let (low, high) = (Duration::from_millis(50), Duration::from_millis(100));
-        let draws: Vec<_> = (0..1_000).map(|_| jitter.between(low, high)).collect();
-        assert!(draws.iter().all(|d| *d >= low && *d <= high));
-        let distinct: std::collections::HashSet<_> = draws.iter().collect();
-        assert!(distinct.len() > 900);
     }
 }
