@@ -105,12 +105,12 @@ impl LockConfig {
     /// lock (let alone one that never expires).
     pub fn validate(&self) -> Result<(), LockError> {
         validate_ttl(self.ttl)?;
-        if self.retry_interval > MAX_DURATION {
-            return Err(LockError::invalid_config(format!(
-                "retry_interval {:?} is longer than the maximum {MAX_DURATION:?}",
-                self.retry_interval
-            )));
-        }
+        validate_duration(
+            "retry_interval",
+            self.retry_interval,
+            Duration::ZERO,
+            MAX_DURATION,
+        )?;
         if self.max_retries > 0 && self.retry_interval.is_zero() {
             return Err(LockError::invalid_config(
                 "retry_interval is zero while max_retries is not: the waiting budget would be empty",

@@ -7,6 +7,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::handle::LockRef;
+use crate::config::validate_duration;
 use crate::{Lease, LockError, MAX_DURATION};
 
 /// Settings of the watchdog that keeps held Redis locks alive.
@@ -66,13 +67,12 @@ impl AutoExtend {
                 self.renew_fraction
             )));
         }
-        if self.max_hold.is_zero() || self.max_hold > MAX_DURATION {
-            return Err(LockError::invalid_config(format!(
-                "auto-extension max_hold {:?} must lie between 0 and {MAX_DURATION:?}",
-                self.max_hold
-            )));
-        }
-        Ok(())
+        validate_duration(
+            "auto-extension max_hold",
+            self.max_hold,
+            Duration::from_nanos(1),
+            MAX_DURATION,
+        )
     }
 }
 
