@@ -34,7 +34,8 @@ pub(super) enum Claim {
 pub(super) struct KeyClaim {
     table: Arc<ClaimTable>,
     key: i64,
-    /// False once the claim was handed on (a moved-out claim must not pass on twice).
+    /// False only for the claim `pass_on` retires when no task waits: dropping it must not
+    /// pass it on again.
     live: bool,
     /// Set when the lock was just released to waiters of other processes: the task that gets
     /// the claim next lets them go first (see `PostgresDistributedLock::acquire`).
@@ -136,7 +137,6 @@ impl KeyClaim {
 impl Drop for KeyClaim {
     fn drop(&mut self) {
         if self.live {
-            self.live = false;
             // A claim dropped inside `pass_on` (a queued task dropped its receiver with the
             // claim in it) is not possible under the shard lock: `send` hands back refused
             // claims instead of dropping them.
