@@ -47,24 +47,38 @@ pub(crate) struct LockKeys {
     pub(crate) channel: String,
 }
 
+const FENCE: &str = ":fence";
+const QUEUE: &str = ":queue";
+/// The suffix of the waiters' sorted set, for callers that need only it and the lock.
+pub(crate) const WAITERS: &str = ":waiters";
+const RELEASED: &str = ":released";
+
+/// The lock's own key, `<prefix>{<escaped key>}`, without the other four names.
+pub(crate) fn lock_name(prefix: &str, key: &str) -> String {
+    let mut lock = String::with_capacity(prefix.len() + key.len() + 2);
+    lock.push_str(prefix);
+    lock.push('{');
+    escape_into(key, &mut lock);
+    lock.push('}');
+    lock
+}
+
+/// `lock` followed by `suffix`, in one allocation.
+pub(crate) fn with_suffix(lock: &str, suffix: &str) -> String {
+    let mut name = String::with_capacity(lock.len() + suffix.len());
+    name.push_str(lock);
+    name.push_str(suffix);
+    name
+}
+
 impl LockKeys {
     pub(crate) fn new(prefix: &str, key: &str) -> Self {
-        let mut lock = String::with_capacity(prefix.len() + key.len() + 2);
-        lock.push_str(prefix);
-        lock.push('{');
-        escape_into(key, &mut lock);
-        lock.push('}');
-        let with_suffix = |suffix: &str| {
-            let mut name = String::with_capacity(lock.len() + suffix.len());
-            name.push_str(&lock);
-            name.push_str(suffix);
-            name
-        };
+        let lock = lock_name(prefix, key);
         LockKeys {
-            fence: with_suffix(":fence"),
-            queue: with_suffix(":queue"),
-            waiters: with_suffix(":waiters"),
-            channel: with_suffix(":released"),
+            fence: with_suffix(&lock, FENCE),
+            queue: with_suffix(&lock, QUEUE),
+            waiters: with_suffix(&lock, WAITERS),
+            channel: with_suffix(&lock, RELEASED),
             lock,
         }
     }

@@ -133,7 +133,7 @@ impl RedisDistributedLock {
     /// The Redis key that holds the lock of `key` (`<prefix>{<escaped key>}`), for inspection
     /// and for clients in other languages. See docs/redis.md for the escaping.
     pub fn redis_key(&self, key: &str) -> String {
-        LockKeys::new(&self.shared.prefix, key).lock
+        keys::lock_name(&self.shared.prefix, key)
     }
 
     async fn take(&self, key: &str, wait_call: bool) -> Result<LockGuard, LockError> {
@@ -232,15 +232,13 @@ impl RedisDistributedLock {
 
     async fn locked(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
-        let keys = LockKeys::new(&self.shared.prefix, key);
+        // Only the two names the script reads.
+        let lock = keys::lock_name(&self.shared.prefix, key);
+        let waiters = keys::with_suffix(&lock, keys::WAITERS);
         let held = self
             .shared
             .connections
-            .script(
-                &IS_LOCKED,
-                &[keys.lock.as_str(), keys.waiters.as_str()],
-                &[],
-            )
+            .script(&IS_LOCKED, &[lock.as_str(), waiters.as_str()], &[])
             .await?;
         Ok(held == 1)
     }
