@@ -323,13 +323,14 @@ impl PostgresDistributedLock {
         let config = self.inner.config;
         config.validate()?;
         let deadline = Instant::now() + config.wait_budget();
-        match self.wait_for_lock(key, deadline).await {
+        let advisory = advisory_key(key);
+        match self.wait_for_lock(key, advisory, deadline).await {
             // The session died under a waiter that held nothing (terminated, or its connection
             // broke): nothing was lost, so wait on with a fresh session, once. A server that is
             // really gone fails that second attempt at its first statement.
             Err(WaitError::SessionLostWhileWaiting(error)) if Instant::now() < deadline => {
                 tracing::debug!(%error, key, "lock session lost while waiting; waiting on with a new one");
-                self.wait_for_lock(key, deadline)
+                self.wait_for_lock(key, advisory, deadline)
                     .await
                     .map_err(WaitError::into_lock_error)
             }
@@ -337,11 +338,16 @@ impl PostgresDistributedLock {
         }
     }
 
-    /// One wait for `key` until `deadline`: in this process's queue, then on the server.
-    async fn wait_for_lock(&self, key: &str, deadline: Instant) -> Result<LockGuard, WaitError> {
+    /// One wait for `key` (whose advisory key is `advisory`) until `deadline`: in this
+    /// process's queue, then on the server.
+    async fn wait_for_lock(
+        &self,
+        key: &str,
+        advisory: i64,
+        deadline: Instant,
+    ) -> Result<LockGuard, WaitError> {
         let config = self.inner.config;
         let ttl = config.get_ttl();
-        let advisory = advisory_key(key);
 
         // First in line among the tasks of this process.
         let claim = match self.inner.claims.claim_or_queue(advisory) {
