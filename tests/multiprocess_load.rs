@@ -8,8 +8,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+
 use std::time::Duration;
+use tokio::process::Command;
 
 use common::backends::Backend;
 use k1s0_distributed_lock::{DistributedLock, LockConfig};
@@ -75,18 +77,18 @@ async fn parent(backend: Backend) -> u64 {
                 .env(PREFIX_VARIABLE, &prefix)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
+                // A parent that fails early must not leave its children running.
+                .kill_on_drop(true)
                 .spawn()
                 .unwrap()
         })
         .collect();
-    let outputs = tokio::task::spawn_blocking(move || {
+    let outputs = futures::future::join_all(
         children
             .into_iter()
-            .map(|child| child.wait_with_output().unwrap())
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+            .map(|child| async move { child.wait_with_output().await.unwrap() }),
+    )
+    .await;
 
     let mut per_key: HashMap<String, u64> = HashMap::new();
     for (index, output) in outputs.iter().enumerate() {

@@ -374,7 +374,9 @@ async fn cancelled_acquires_leave_no_lock_and_no_queue_entry() {
     for round in 0..120u64 {
         let cut = Duration::from_micros((round * 53) % 1_500);
         let finished = if round % 2 == 0 {
-            tokio::time::timeout(cut, lock.try_acquire(key)).await.is_ok()
+            tokio::time::timeout(cut, lock.try_acquire(key))
+                .await
+                .is_ok()
         } else {
             tokio::time::timeout(cut, lock.acquire(key)).await.is_ok()
         };

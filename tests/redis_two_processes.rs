@@ -9,8 +9,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+
 use std::time::Duration;
+use tokio::process::Command;
 
 use common::counter::redis::RedisCounter;
 use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
@@ -45,11 +47,13 @@ async fn parent() {
                 .env("REDIS_URL", &url)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
+                // A parent that fails early must not leave its children running.
+                .kill_on_drop(true)
                 .spawn()
                 .unwrap()
         })
         .collect();
-    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let pids: Vec<u32> = children.iter().map(|c| c.id().unwrap()).collect();
     assert_ne!(pids[0], pids[1]);
 
     // Start both children together, once both are connected.
@@ -67,7 +71,7 @@ async fn parent() {
 
     let mut sections = Vec::new(); // (counter value written, fencing token, child)
     for (index, child) in children.into_iter().enumerate() {
-        let output = child.wait_with_output().unwrap();
+        let output = child.wait_with_output().await.unwrap();
         assert!(output.status.success(), "child {index} failed");
         for line in String::from_utf8(output.stdout).unwrap().lines() {
             let mut fields = line.split_whitespace();
