@@ -174,6 +174,8 @@ async fn a_silent_holder_loses_the_lock_after_the_network_timeout() {
     let network_timeout = Duration::from_secs(2);
     let url = common::postgres_url().await;
     let (acquired_tx, acquired_rx) = tokio::sync::oneshot::channel();
+    // Told by the test once the server freed the lock, so the frozen holder wakes then.
+    let (freed_tx, freed_rx) = std::sync::mpsc::channel::<()>();
     let holder_key = key.clone();
     let holder = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -181,11 +183,7 @@ async fn a_silent_holder_loses_the_lock_after_the_network_timeout() {
             .build()
             .unwrap();
         runtime.block_on(async move {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(2)
-                .connect(&url)
-                .await
-                .unwrap();
+            let pool = common::backends::postgres_pool_of(Some(url), 2).await;
             let lock = PostgresDistributedLock::builder(
                 pool,
                 LockConfig::new().ttl(Duration::from_secs(60)),
@@ -195,8 +193,9 @@ async fn a_silent_holder_loses_the_lock_after_the_network_timeout() {
             .unwrap();
             let guard = lock.acquire(&holder_key).await.unwrap();
             acquired_tx.send(Instant::now()).unwrap();
-            // Freeze: no task of this runtime runs, so no ping reaches the server.
-            std::thread::sleep(network_timeout * 2);
+            // Freeze (no task of this runtime runs, so no ping reaches the server) until the
+            // test saw the lock freed, or at most three network timeouts.
+            let _ = freed_rx.recv_timeout(network_timeout * 3);
             common::wait::assert_eventually("the woken holder notices", || async {
                 guard.is_lost()
             })
@@ -208,11 +207,15 @@ async fn a_silent_holder_loses_the_lock_after_the_network_timeout() {
     let mut admin = pg_support::admin().await;
     assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 1);
     let deadline = acquired_at + network_timeout + Duration::from_millis(1500);
-    while pg_support::advisory_locks(&mut admin, &key).await > 0 {
-        assert!(Instant::now() < deadline, "the silent holder kept the lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let admin = tokio::sync::Mutex::new(admin);
+    let freed = common::wait::eventually(
+        deadline.saturating_duration_since(Instant::now()),
+        || async { pg_support::advisory_locks(&mut *admin.lock().await, &key).await == 0 },
+    )
+    .await;
+    assert!(freed, "the silent holder kept the lock");
     assert!(acquired_at.elapsed() >= network_timeout - Duration::from_millis(100));
+    let _ = freed_tx.send(());
     tokio::task::spawn_blocking(move || holder.join().unwrap())
         .await
         .unwrap();
