@@ -98,11 +98,7 @@ async fn two_processes_contend_for_one_key() {
         .expect("start the child process");
 
     // The child's first acquire waits for us: its flag shows up in pg_locks.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while pg_support::waiter_flags(&mut admin, &key).await == 0 {
-        assert!(Instant::now() < deadline, "the child never started waiting");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(20)).await;
     let holders = pg_support::holders(&mut admin, &key).await;
     assert_eq!(holders.len(), 1);
     held.release().await.unwrap();
@@ -227,14 +223,7 @@ async fn a_waiter_elsewhere_is_woken_by_the_release() {
                 let (waiter, key) = (waiter.clone(), key.clone());
                 tokio::spawn(async move { waiter.acquire(&key).await })
             };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while pg_support::waiter_flags(&mut admin, key).await == 0 {
-                assert!(
-                    Instant::now() < deadline,
-                    "the waiter never flagged the key"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            pg_support::wait_for_flag(&mut admin, key, Duration::from_secs(5)).await;
             guard.release().await.unwrap();
             let next = tokio::time::timeout(Duration::from_secs(4), waiting)
                 .await

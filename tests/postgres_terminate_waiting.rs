@@ -28,25 +28,6 @@ async fn terminate(admin: &mut PgConnection, pid: i32) {
     assert!(terminated);
 }
 
-/// The pid of the session holding the waiter flag of `key`.
-async fn flag_holder(admin: &mut PgConnection, key: &str) -> Option<i32> {
-    pg_support::flag_holders(admin, key).await.first().copied()
-}
-
-async fn wait_for_flag(admin: &mut PgConnection, key: &str) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(pid) = flag_holder(admin, key).await {
-            return pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the waiter never flagged the key"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_holders_session_terminated_hands_the_key_to_the_waiter() {
     let key = format!("{}held", common::unique_prefix("pg_terminate_holder"));
@@ -59,7 +40,7 @@ async fn the_holders_session_terminated_hands_the_key_to_the_waiter() {
         let (lock, key) = (waiter_lock.clone(), key.clone());
         async move { lock.acquire(&key).await }
     });
-    wait_for_flag(&mut admin, &key).await;
+    pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(5)).await;
     let holder_pid = pg_support::holders(&mut admin, &key).await[0];
     let terminated_at = Instant::now();
     terminate(&mut admin, holder_pid).await;
@@ -69,14 +50,12 @@ async fn the_holders_session_terminated_hands_the_key_to_the_waiter() {
     println!("waiter took the key {took:?} after the holder's session was terminated");
     assert!(took < config().wait_budget());
     assert!(next.fencing_token() > held.fencing_token());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !held.is_lost() {
-        assert!(
-            Instant::now() < deadline,
-            "the holder never learned its session died"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait::assert_eventually_within(
+        Duration::from_secs(15),
+        "the holder learned its session died",
+        || async { held.is_lost() },
+    )
+    .await;
     assert!(matches!(held.release().await, Err(LockError::LockLost)));
     next.release().await.unwrap();
     assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
@@ -96,11 +75,17 @@ async fn a_waiter_whose_session_is_terminated_still_gets_the_key_within_its_budg
         let (lock, key) = (waiter_lock.clone(), key.clone());
         async move { lock.acquire(&key).await }
     });
-    let waiter_pid = wait_for_flag(&mut admin, &key).await;
+    let waiter_pid = pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(5)).await;
     terminate(&mut admin, waiter_pid).await;
     // The terminated session's flag went with it (the waiter may already have flagged the key
     // again from a new session).
-    assert_ne!(flag_holder(&mut admin, &key).await, Some(waiter_pid));
+    assert_ne!(
+        pg_support::flag_holders(&mut admin, &key)
+            .await
+            .first()
+            .copied(),
+        Some(waiter_pid)
+    );
     held.release().await.unwrap();
 
     let next = waiter

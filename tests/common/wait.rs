@@ -30,8 +30,14 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    assert!(
-        eventually(Duration::from_secs(5), done).await,
-        "never happened: {what}"
-    );
+    assert_eventually_within(Duration::from_secs(5), what, done).await;
+}
+
+/// Like [`eventually`], failing the test with `what` if it does not hold within `within`.
+pub async fn assert_eventually_within<F, Fut>(within: Duration, what: &str, done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    assert!(eventually(within, done).await, "never happened: {what}");
 }

@@ -2,6 +2,8 @@
 //! `common::postgres_url()` finds, and `pg_locks` inspection from an independent connection.
 #![allow(dead_code)]
 
+use std::time::Duration;
+
 use k1s0_distributed_lock::{LockConfig, PostgresDistributedLock};
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -127,4 +129,20 @@ pub async fn take_and_release(lock: &PostgresDistributedLock, key: &str) {
         .release()
         .await
         .expect("release");
+}
+
+/// Waits up to `within` until some session holds the waiter flag of `key` (a waiter there
+/// started waiting on the server), and returns that session's pid.
+pub async fn wait_for_flag(admin: &mut PgConnection, key: &str, within: Duration) -> i32 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(&pid) = flag_holders(admin, key).await.first() {
+            return pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no waiter flagged {key} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
