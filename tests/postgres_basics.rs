@@ -182,13 +182,17 @@ async fn forget_epoch(sequence: &str) {
         .unwrap();
 }
 
-async fn drop_sequence(sequence: &str) {
-    forget_epoch(sequence).await;
-    let mut admin = pg_support::admin().await;
-    sqlx::query(&format!("DROP SEQUENCE IF EXISTS \"{sequence}\""))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+/// Removes the test's own sequence and its epoch row when the test ends, however it ends.
+fn sequence_cleanup(sequence: &str) -> pg_support::DropOnExit {
+    pg_support::DropOnExit::new(vec![
+        format!("DELETE FROM k1s0_lock_fencing_epochs WHERE sequence = '\"{sequence}\"'"),
+        format!("DROP SEQUENCE IF EXISTS \"{sequence}\""),
+    ])
+}
+
+/// Removes the test's own schema when the test ends, however it ends.
+fn schema_cleanup(schema: &str) -> pg_support::DropOnExit {
+    pg_support::DropOnExit::new(vec![format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")])
 }
 
 async fn token_of(lock: &PostgresDistributedLock, key: &str) -> u64 {
@@ -204,6 +208,7 @@ async fn token_of(lock: &PostgresDistributedLock, key: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_jump_past_a_new_crash_epoch_once() {
     let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = sequence_cleanup(&sequence);
     let key = format!("{}k", common::unique_prefix("pg_epoch"));
     let before = lock_on_sequence(&sequence).await;
     let mut last = 0;
@@ -235,7 +240,6 @@ async fn fencing_tokens_jump_past_a_new_crash_epoch_once() {
         "{token} after {first_after}: a second jump"
     );
     drop((before, after, later));
-    drop_sequence(&sequence).await;
 }
 
 /// Eight services opening their first session at once in a new epoch: one of them jumps the
@@ -243,6 +247,7 @@ async fn fencing_tokens_jump_past_a_new_crash_epoch_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_sessions_of_an_epoch_jump_once() {
     let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = sequence_cleanup(&sequence);
     let prefix = common::unique_prefix("pg_epoch_race");
     let last = token_of(&lock_on_sequence(&sequence).await, &format!("{prefix}k")).await;
     forget_epoch(&sequence).await;
@@ -267,7 +272,6 @@ async fn concurrent_first_sessions_of_an_epoch_jump_once() {
         );
     }
     drop(services);
-    drop_sequence(&sequence).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,6 +316,7 @@ async fn a_server_that_is_down_gives_backend_error_quickly() {
 async fn the_fencing_sequence_is_created_once_under_concurrent_first_use() {
     let prefix = common::unique_prefix("pg_sequence");
     let schema = format!("k1s0_test_schema_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = schema_cleanup(&schema);
     let mut admin = pg_support::admin().await;
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
         .execute(&mut admin)
@@ -356,7 +361,6 @@ async fn the_fencing_sequence_is_created_once_under_concurrent_first_use() {
         "one epoch row for the one sequence"
     );
     drop(locks);
-    drop_schema(&mut admin, &schema).await;
 }
 
 /// The rows of the epoch table in `schema`.
@@ -369,13 +373,6 @@ async fn epoch_rows(admin: &mut sqlx::PgConnection, schema: &str) -> i64 {
     .unwrap()
 }
 
-async fn drop_schema(admin: &mut sqlx::PgConnection, schema: &str) {
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(admin)
-        .await
-        .unwrap();
-}
-
 /// An epoch table created beforehand as an ordinary (logged) table would never be emptied by a
 /// crash, so the jump could never happen: the backend notices, does not rely on it (no row is
 /// written), draws its tokens waiting for the disk instead, and keeps working.
@@ -383,6 +380,7 @@ async fn drop_schema(admin: &mut sqlx::PgConnection, schema: &str) {
 async fn a_logged_epoch_table_is_not_relied_on() {
     let prefix = common::unique_prefix("pg_logged_epochs");
     let schema = format!("k1s0_test_schema_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = schema_cleanup(&schema);
     let mut admin = pg_support::admin().await;
     for ddl in [
         format!("CREATE SCHEMA \"{schema}\""),
@@ -404,5 +402,4 @@ async fn a_logged_epoch_table_is_not_relied_on() {
         "a logged epoch table must not be used"
     );
     drop(lock);
-    drop_schema(&mut admin, &schema).await;
 }

@@ -146,3 +146,36 @@ pub async fn wait_for_flag(admin: &mut PgConnection, key: &str, within: Duration
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Statements that remove what a test created in the shared database, run when this is
+/// dropped: at the end of the test, and also when an assertion fails half-way.
+pub struct DropOnExit(Vec<String>);
+
+impl DropOnExit {
+    pub fn new(statements: Vec<String>) -> Self {
+        DropOnExit(statements)
+    }
+}
+
+impl Drop for DropOnExit {
+    fn drop(&mut self) {
+        let statements = std::mem::take(&mut self.0);
+        // A thread of its own, with its own runtime: this may run while a test's runtime
+        // unwinds.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let mut admin = admin().await;
+                for statement in statements {
+                    if let Err(error) = sqlx::query(&statement).execute(&mut admin).await {
+                        eprintln!("test clean-up {statement:?} failed: {error}");
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
