@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::counter::postgres::PostgresCounter;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
 use tokio::time::Instant;
 
@@ -31,8 +32,7 @@ async fn thirty_two_tasks_keep_a_table_counter_exact() {
     let prefix = common::unique_prefix("pg_counter");
     let key = format!("{prefix}counter");
     let mut admin = pg_support::admin().await;
-    pg_support::counter_row(&mut admin, &prefix).await;
-    let pool = pg_support::pool(8).await;
+    let counter = PostgresCounter::new(pg_support::pool(8).await, &prefix).await;
     let mut locks = Vec::new();
     for _ in 0..4 {
         locks.push(pg_support::lock(waiting_config()).await);
@@ -40,18 +40,16 @@ async fn thirty_two_tasks_keep_a_table_counter_exact() {
     let mut tasks = Vec::new();
     for task in 0..TASKS {
         let lock = locks[task % locks.len()].clone();
-        let (key, row, pool) = (key.clone(), prefix.clone(), pool.clone());
+        let (key, counter) = (key.clone(), counter.clone());
         tasks.push(tokio::spawn(async move {
             let mut last_token = 0;
             for _ in 0..ROUNDS {
                 let guard = lock.acquire(&key).await.expect("acquire within the budget");
                 assert!(guard.fencing_token() > last_token);
                 last_token = guard.fencing_token();
-                // A pool connection only for the increment: all 32 tasks contend for the lock,
-                // none waits on the pool while others hold the lock.
-                let mut conn = pool.acquire().await.unwrap();
-                pg_support::increment(&mut conn, &row).await;
-                drop(conn);
+                // Pool connections only for the increment's two statements: all 32 tasks
+                // contend for the lock, none waits on the pool while others hold the lock.
+                counter.increment().await;
                 guard.release().await.unwrap();
             }
         }));
@@ -59,10 +57,7 @@ async fn thirty_two_tasks_keep_a_table_counter_exact() {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(
-        pg_support::counter_value(&mut admin, &prefix).await,
-        (TASKS * ROUNDS) as i64
-    );
+    assert_eq!(counter.read().await, (TASKS * ROUNDS) as i64);
     assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
     assert_eq!(pg_support::waiter_flags(&mut admin, &key).await, 0);
 }
@@ -76,7 +71,7 @@ async fn two_processes_contend_for_one_key() {
     let prefix = common::unique_prefix("pg_two_processes");
     let key = format!("{prefix}k");
     let mut admin = pg_support::admin().await;
-    pg_support::counter_row(&mut admin, &prefix).await;
+    let counter = PostgresCounter::new(pg_support::pool(2).await, &prefix).await;
     let lock = pg_support::lock(waiting_config()).await;
     let held = lock.acquire(&key).await.unwrap();
 
@@ -103,10 +98,9 @@ async fn two_processes_contend_for_one_key() {
     assert_eq!(holders.len(), 1);
     held.release().await.unwrap();
 
-    let mut conn = pg_support::admin().await;
     for _ in 0..ROUNDS {
         let guard = lock.acquire(&key).await.unwrap();
-        pg_support::increment(&mut conn, &prefix).await;
+        counter.increment().await;
         guard.release().await.unwrap();
     }
     let output = child.wait_with_output().await.unwrap();
@@ -117,10 +111,7 @@ async fn two_processes_contend_for_one_key() {
         String::from_utf8_lossy(&output.stderr)
     );
     // The child increments ROUNDS times too (its first increment right after the handoff).
-    assert_eq!(
-        pg_support::counter_value(&mut admin, &prefix).await,
-        2 * ROUNDS as i64
-    );
+    assert_eq!(counter.read().await, 2 * ROUNDS as i64);
     assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
 }
 
@@ -132,10 +123,10 @@ async fn child_process_contender() {
     let row = std::env::var(CHILD_ROW).unwrap();
     let rounds: usize = std::env::var(CHILD_ROUNDS).unwrap().parse().unwrap();
     let lock = pg_support::lock(waiting_config()).await;
-    let mut conn = pg_support::admin().await;
+    let counter = PostgresCounter::new(pg_support::pool(1).await, &row).await;
     for _ in 0..rounds {
         let guard = lock.acquire(&key).await.expect("child acquire");
-        pg_support::increment(&mut conn, &row).await;
+        counter.increment().await;
         guard.release().await.unwrap();
     }
 }

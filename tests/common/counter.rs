@@ -14,12 +14,20 @@ pub mod postgres {
 
     impl PostgresCounter {
         pub async fn new(pool: PgPool, name: &str) -> Self {
-            // Parallel tests may race to create the table; the loser's error is harmless.
-            let _ = sqlx::query(
+            // Parallel tests race to create the table: serialise the creation, so that a real
+            // error is not mistaken for the race.
+            let mut tx = pool.begin().await.expect("begin");
+            sqlx::query("SELECT pg_advisory_xact_lock(4242, 4242)")
+                .execute(&mut *tx)
+                .await
+                .expect("serialise table creation");
+            sqlx::query(
                 "CREATE TABLE IF NOT EXISTS k1s0_test_counters (name text PRIMARY KEY, value bigint NOT NULL)",
             )
-            .execute(&pool)
-            .await;
+            .execute(&mut *tx)
+            .await
+            .expect("create counter table");
+            tx.commit().await.expect("commit");
             sqlx::query("INSERT INTO k1s0_test_counters (name, value) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING")
                 .bind(name)
                 .execute(&pool)

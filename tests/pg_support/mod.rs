@@ -76,61 +76,6 @@ async fn pids_holding(admin: &mut PgConnection, key: &str, objsubid: i16) -> Vec
     .expect("query pg_locks")
 }
 
-/// A row `name` = 0 in the shared counter table (created on first use, race-safe).
-pub async fn counter_row(admin: &mut PgConnection, name: &str) {
-    let mut tx = admin.begin().await.expect("begin");
-    sqlx::query("SELECT pg_advisory_xact_lock(4242, 4242)")
-        .execute(&mut *tx)
-        .await
-        .expect("serialize table creation");
-    sqlx::query("CREATE TABLE IF NOT EXISTS k1s0_test_counters (name text PRIMARY KEY, value bigint NOT NULL)")
-        .execute(&mut *tx)
-        .await
-        .expect("create counter table");
-    tx.commit().await.expect("commit");
-    sqlx::query("INSERT INTO k1s0_test_counters (name, value) VALUES ($1, 0)")
-        .bind(name)
-        .execute(admin)
-        .await
-        .expect("insert counter row");
-}
-
-/// One non-atomic increment: read, yield, write back. Only exclusion keeps the total exact.
-pub async fn increment(conn: &mut PgConnection, name: &str) {
-    let value: i64 = sqlx::query_scalar("SELECT value FROM k1s0_test_counters WHERE name = $1")
-        .bind(name)
-        .fetch_one(&mut *conn)
-        .await
-        .expect("read counter");
-    tokio::task::yield_now().await;
-    sqlx::query("UPDATE k1s0_test_counters SET value = $2 WHERE name = $1")
-        .bind(name)
-        .bind(value + 1)
-        .execute(&mut *conn)
-        .await
-        .expect("write counter");
-}
-
-pub async fn counter_value(admin: &mut PgConnection, name: &str) -> i64 {
-    sqlx::query_scalar("SELECT value FROM k1s0_test_counters WHERE name = $1")
-        .bind(name)
-        .fetch_one(admin)
-        .await
-        .expect("read counter")
-}
-
-/// Takes `key` with `try_acquire` and releases it, failing the test if either fails: the key
-/// is free and `lock` works.
-pub async fn take_and_release(lock: &PostgresDistributedLock, key: &str) {
-    use k1s0_distributed_lock::DistributedLock;
-    lock.try_acquire(key)
-        .await
-        .expect("the key is free")
-        .release()
-        .await
-        .expect("release");
-}
-
 /// Waits up to `within` until some session holds the waiter flag of `key` (a waiter there
 /// started waiting on the server), and returns that session's pid.
 pub async fn wait_for_flag(admin: &mut PgConnection, key: &str, within: Duration) -> i32 {
@@ -178,4 +123,16 @@ impl Drop for DropOnExit {
         })
         .join();
     }
+}
+
+/// Takes `key` with `try_acquire` and releases it, failing the test if either fails: the key
+/// is free and `lock` works.
+pub async fn take_and_release(lock: &PostgresDistributedLock, key: &str) {
+    use k1s0_distributed_lock::DistributedLock;
+    lock.try_acquire(key)
+        .await
+        .expect("the key is free")
+        .release()
+        .await
+        .expect("release");
 }
