@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::Connection;
 
 /// A throwaway cluster; stopped and deleted on drop.
@@ -155,11 +154,7 @@ fn run_output(program: &str, args: &[&str]) -> String {
 }
 
 async fn lock_on(url: &str) -> PostgresDistributedLock {
-    let pool = PgPoolOptions::new()
-        .max_connections(3)
-        .connect(url)
-        .await
-        .unwrap();
+    let pool = common::backends::postgres_pool_of(Some(url.to_owned()), 3).await;
     PostgresDistributedLock::new(pool, LockConfig::new())
 }
 

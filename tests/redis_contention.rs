@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::counter::redis::RedisCounter;
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
-use k1s0_distributed_lock::bb8_redis::redis;
 use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, RedisDistributedLock};
 
@@ -25,10 +24,11 @@ fn waiting_config() -> LockConfig {
 }
 
 async fn waking_lock(prefix: &str) -> RedisDistributedLock {
-    RedisDistributedLock::builder(pool().await)
+    let url = common::redis_url().await;
+    common::redis_conn::lock_builder(&url, &url)
+        .await
         .config(waiting_config())
         .key_prefix(prefix)
-        .wake_on_release(redis::Client::open(common::redis_url().await).unwrap())
         .build()
         .unwrap()
 }

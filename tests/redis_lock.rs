@@ -21,10 +21,11 @@ async fn raw() -> redis::aio::MultiplexedConnection {
 }
 
 async fn lock_with(prefix: &str, config: LockConfig) -> RedisDistributedLock {
-    RedisDistributedLock::builder(pool().await)
+    let url = common::redis_url().await;
+    common::redis_conn::lock_builder(&url, &url)
+        .await
         .config(config)
         .key_prefix(prefix)
-        .wake_on_release(redis::Client::open(common::redis_url().await).unwrap())
         .build()
         .unwrap()
 }

@@ -21,8 +21,7 @@ async fn postgres_is_reachable() {
 async fn redis_is_reachable() {
     let url = common::redis_url().await;
     assert!(url.starts_with("redis://"), "{url}");
-    let client = k1s0_distributed_lock::bb8_redis::redis::Client::open(url.as_str()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut connection = common::redis_conn::connection(&url).await;
     let pong: String = k1s0_distributed_lock::bb8_redis::redis::cmd("PING")
         .query_async(&mut connection)
         .await
