@@ -101,6 +101,26 @@ struct Turns {
     per_task: Vec<usize>,
 }
 
+impl Turns {
+    /// Releases, and those after which another task held the lock next.
+    fn handoffs(&self) -> (usize, usize) {
+        let releases = self.holders.len() - 1;
+        let handoffs = self
+            .holders
+            .windows(2)
+            .filter(|pair| pair[0] != pair[1])
+            .count();
+        (releases, handoffs)
+    }
+
+    /// The sections of the busiest and of the idlest task.
+    fn extremes(&self) -> (usize, usize) {
+        let busiest = *self.per_task.iter().max().unwrap();
+        let idlest = *self.per_task.iter().min().unwrap();
+        (busiest, idlest)
+    }
+}
+
 /// 8 tasks loop acquire → short critical section → release on one key for `run_for`.
 async fn contend(locks: Vec<RedisDistributedLock>, run_for: Duration) -> Turns {
     const TASKS: usize = 8;
@@ -145,14 +165,8 @@ async fn the_lock_changes_hands_and_no_task_starves() {
         locks.push(waking_lock(&prefix).await);
     }
     let turns = contend(locks, soak_or(Duration::from_millis(1500))).await;
-    let releases = turns.holders.len() - 1;
-    let handoffs = turns
-        .holders
-        .windows(2)
-        .filter(|pair| pair[0] != pair[1])
-        .count();
-    let busiest = *turns.per_task.iter().max().unwrap();
-    let idlest = *turns.per_task.iter().min().unwrap();
+    let (releases, handoffs) = turns.handoffs();
+    let (busiest, idlest) = turns.extremes();
     eprintln!(
         "{} sections, {handoffs} hand-offs of {releases} releases, per task {:?}",
         turns.holders.len(),
@@ -175,14 +189,8 @@ async fn the_queue_is_fair_without_pub_sub_too() {
     let prefix = common::unique_prefix("redis_fair_poll");
     let lock = polling_lock(&prefix, 2_000).await;
     let turns = contend(vec![lock], Duration::from_millis(800)).await;
-    let releases = turns.holders.len() - 1;
-    let handoffs = turns
-        .holders
-        .windows(2)
-        .filter(|pair| pair[0] != pair[1])
-        .count();
-    let busiest = *turns.per_task.iter().max().unwrap();
-    let idlest = *turns.per_task.iter().min().unwrap();
+    let (releases, handoffs) = turns.handoffs();
+    let (busiest, idlest) = turns.extremes();
     assert!(releases >= 16, "too few sections to judge: {releases}");
     assert!(handoffs * 100 >= releases * 80, "{handoffs} of {releases}");
     assert!(idlest * 2 >= busiest, "{:?}", turns.per_task);
