@@ -1,0 +1,277 @@
+//! PostgreSQL backend: a caller runs its command on its own task when the session is free, so
+//! the session must survive callers that misbehave in every way a future can: polled once and
+//! then kept without being polled, run on a runtime that goes away, or dropped with its runtime
+//! mid-statement. Each case reads the server's lock table (`pg_locks`) afterwards.
+//!
+//! Every lock here has one session, so all of its keys share it.
+#![cfg(feature = "postgres")]
+
+mod common;
+mod pg_support;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt};
+use k1s0_distributed_lock::{
+    DistributedLock, LockConfig, LockError, LockGuard, PostgresDistributedLock,
+};
+use tokio::runtime::Runtime;
+
+/// A lock service with one session, so that all its keys share one connection.
+async fn one_session_lock(config: LockConfig) -> PostgresDistributedLock {
+    PostgresDistributedLock::builder(pg_support::pool(5).await, config)
+        .sessions(1)
+        .build()
+        .unwrap()
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<LockGuard, LockError>> + Send>>;
+
+/// A `try_acquire` polled once with its statement in flight, then kept: on loopback the answer
+/// can arrive within that first poll, so this tries fresh keys (`prefix` + a number) until one
+/// is still pending. Returns the key and the parked future.
+async fn parked_acquire(lock: &PostgresDistributedLock, prefix: &str) -> (String, Acquire) {
+    for attempt in 0..100 {
+        let key = format!("{prefix}parked{attempt}");
+        let (lock, owned_key) = (lock.clone(), key.clone());
+        let mut acquire: Acquire = Box::pin(async move { lock.try_acquire(&owned_key).await });
+        match futures::poll!(acquire.as_mut()) {
+            Poll::Pending => return (key, acquire),
+            Poll::Ready(guard) => guard.unwrap().release().await.unwrap(),
+        }
+    }
+    panic!("every first poll of 100 acquires found the answer already there");
+}
+
+/// Generous: these operations take milliseconds; only a deadlock comes near it.
+const NO_DEADLOCK: Duration = Duration::from_secs(20);
+
+/// An acquire polled once (its statement sent on the shared session) and then kept without
+/// being polled must not keep the session from the others: another key is still taken and
+/// released, and the parked acquire completes when it is polled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_acquire_does_not_hold_up_the_session() {
+    let prefix = common::unique_prefix("pg_parked");
+    let other_key = format!("{prefix}other");
+    let lock = one_session_lock(LockConfig::new()).await;
+    let mut admin = pg_support::admin().await;
+    // Opens the session's connection, so that the next acquire runs on its caller's task.
+    pg_support::take_and_release(&lock, &other_key).await;
+
+    let (parked_key, parked) = parked_acquire(&lock, &prefix).await;
+    let others = async {
+        for _ in 0..20 {
+            let guard = lock.try_acquire(&other_key).await.unwrap();
+            assert!(lock.is_locked(&other_key).await.unwrap());
+            guard.release().await.unwrap();
+        }
+    };
+    tokio::time::timeout(NO_DEADLOCK, others)
+        .await
+        .expect("the other key's commands ran while the parked acquire was not polled");
+    assert_eq!(pg_support::advisory_locks(&mut admin, &other_key).await, 0);
+
+    let guard = parked.await.expect("the parked acquire completes");
+    assert_eq!(pg_support::advisory_locks(&mut admin, &parked_key).await, 1);
+    guard.release().await.unwrap();
+    assert_eq!(pg_support::advisory_locks(&mut admin, &parked_key).await, 0);
+}
+
+/// The pattern that deadlocked an earlier design: a `buffered` stream of acquires (which polls
+/// the next ones while the first is handed out), with each guard released inside the loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_acquires_with_releases_in_the_loop_complete() {
+    let prefix = common::unique_prefix("pg_buffered");
+    let keys: Vec<String> = (0..64).map(|i| format!("{prefix}{i}")).collect();
+    let lock = one_session_lock(LockConfig::new()).await;
+    pg_support::take_and_release(&lock, &keys[0]).await;
+    let mut admin = pg_support::admin().await;
+
+    let run = async {
+        let mut acquires = stream::iter(&keys).map(|key| lock.acquire(key)).buffered(8);
+        let mut released = 0;
+        while let Some(guard) = acquires.next().await {
+            guard.unwrap().release().await.unwrap();
+            released += 1;
+        }
+        released
+    };
+    let released = tokio::time::timeout(NO_DEADLOCK, run)
+        .await
+        .expect("no deadlock between buffered acquires and releases");
+    assert_eq!(released, keys.len());
+    for key in &keys {
+        assert_eq!(
+            pg_support::advisory_locks(&mut admin, key).await,
+            0,
+            "{key}"
+        );
+    }
+}
+
+/// While an acquire is parked mid-statement, the session still enforces the leases of its
+/// other locks: a guard that is not extended is released on time and reports the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_acquire_does_not_stop_lease_expiry() {
+    let prefix = common::unique_prefix("pg_parked_lease");
+    let leased_key = format!("{prefix}leased");
+    // The server's own idle timeout (the network timeout) would free the lock of a session
+    // that went quiet too: keep it well beyond this test's patience.
+    let lock = PostgresDistributedLock::builder(
+        pg_support::pool(5).await,
+        LockConfig::new().ttl(Duration::from_millis(300)),
+    )
+    .sessions(1)
+    .network_timeout(Duration::from_secs(120))
+    .build()
+    .unwrap();
+    let admin = tokio::sync::Mutex::new(pg_support::admin().await);
+
+    let leased = lock.try_acquire(&leased_key).await.unwrap();
+    let (parked_key, parked) = parked_acquire(&lock, &prefix).await;
+
+    common::wait::assert_eventually_within(
+        NO_DEADLOCK,
+        "the lease ran out and the server lock went with it",
+        || async {
+            leased.is_lost()
+                && pg_support::advisory_locks(&mut *admin.lock().await, &leased_key).await == 0
+        },
+    )
+    .await;
+    assert!(matches!(leased.release().await, Err(LockError::LockLost)));
+    // The parked acquire was finished meanwhile; its own lease may have run out as well.
+    let guard = parked.await.expect("the parked acquire completes");
+    drop(guard);
+    common::wait::assert_eventually("the parked key is free again", || async {
+        pg_support::advisory_locks(&mut *admin.lock().await, &parked_key).await == 0
+    })
+    .await;
+}
+
+/// A connection is only ever opened by the session task, on the runtime the session started
+/// on. Here the connection breaks (its server process is terminated) and the next commands come
+/// from a caller on a runtime of its own that then shuts down: the connection those commands
+/// opened must not die with that runtime.
+#[test]
+fn a_connection_reopened_for_a_short_lived_runtime_outlives_it() {
+    let main = runtime();
+    let prefix = common::unique_prefix("pg_short_runtime");
+    let key = format!("{prefix}k");
+    let lock = main.block_on(async {
+        let lock = one_session_lock(LockConfig::new()).await;
+        let guard = lock.try_acquire(&key).await.unwrap();
+        let mut admin = pg_support::admin().await;
+        let holders = pg_support::holders(&mut admin, &key).await;
+        assert_eq!(holders.len(), 1);
+        let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(holders[0])
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        assert!(terminated);
+        common::wait::assert_eventually("the terminated holder's guard is lost", || async {
+            guard.is_lost() || guard.extend(Duration::from_secs(30)).await.is_err()
+        })
+        .await;
+        lock
+    });
+
+    let lock_for_thread = lock.clone();
+    let key_for_thread = key.clone();
+    std::thread::spawn(move || {
+        let short = runtime();
+        short.block_on(async {
+            // The first command may still meet the broken connection; the next ones open a new
+            // one (on the session's own runtime) and take the key.
+            let mut taken = None;
+            for _ in 0..3 {
+                if let Ok(guard) = lock_for_thread.try_acquire(&key_for_thread).await {
+                    taken = Some(guard);
+                    break;
+                }
+            }
+            taken
+                .expect("the session reconnected")
+                .release()
+                .await
+                .unwrap();
+        });
+        drop(short);
+    })
+    .join()
+    .unwrap();
+
+    main.block_on(async {
+        let guard = lock
+            .try_acquire(&key)
+            .await
+            .expect("the session's connection outlived the caller's runtime");
+        let mut admin = pg_support::admin().await;
+        assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 1);
+        guard.release().await.unwrap();
+        assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
+    });
+}
+
+/// A runtime that shuts down while callers on it are in the middle of their statements (they
+/// take and release keys in a loop) takes the session with it: the connection closes, and the
+/// server frees every lock, the one a guard held and any the looping callers had just taken.
+#[test]
+fn a_runtime_shutdown_mid_statement_frees_every_lock() {
+    let prefix = common::unique_prefix("pg_shutdown_mid");
+    let held_key = format!("{prefix}held");
+    let looping_keys: Vec<String> = (0..4).map(|i| format!("{prefix}loop{i}")).collect();
+    let doomed = runtime();
+    let (lock, guard) = doomed.block_on(async {
+        let lock = one_session_lock(LockConfig::new()).await;
+        let guard = lock.try_acquire(&held_key).await.unwrap();
+        (lock, guard)
+    });
+    let (cycles, mut cycled) = tokio::sync::mpsc::unbounded_channel();
+    for key in &looping_keys {
+        let (lock, key, cycles) = (lock.clone(), key.clone(), cycles.clone());
+        doomed.spawn(async move {
+            loop {
+                if let Ok(guard) = lock.try_acquire(&key).await {
+                    let _ = guard.release().await;
+                }
+                let _ = cycles.send(());
+            }
+        });
+    }
+    // Shut down once every looping caller is well under way.
+    doomed.block_on(async {
+        for _ in 0..200 {
+            cycled.recv().await.unwrap();
+        }
+    });
+    drop(doomed);
+
+    let after = runtime();
+    after.block_on(async {
+        assert!(guard.is_lost(), "the guard's session went with its runtime");
+        let admin = tokio::sync::Mutex::new(pg_support::admin().await);
+        for key in std::iter::once(&held_key).chain(&looping_keys) {
+            common::wait::assert_eventually("the server freed the key", || async {
+                pg_support::advisory_locks(&mut *admin.lock().await, key).await == 0
+            })
+            .await;
+        }
+        let other = pg_support::lock(LockConfig::new()).await;
+        for key in std::iter::once(&held_key).chain(&looping_keys) {
+            pg_support::take_and_release(&other, key).await;
+        }
+    });
+}
