@@ -4,12 +4,10 @@
 //! Modules, one job each:
 //! * `key_hash` — key → 64-bit advisory key (SHA-256 prefix).
 //! * `claims` — in-process exclusion per advisory key, FIFO.
-//! * `session` — one connection and every statement on it (locks, unlocks, lease expiry, pings,
-//!   closing a doubtful connection); `session::handle` is the callers' side (running a command
-//!   on the caller's task or the session task, guard and waiter links), `session::cell` where
-//!   the session rests and who may take it, `session::task` the work nobody waits for, and
-//!   `session::connection` the connection itself (server settings, close-never-return, error
-//!   classes).
+//! * `session` — the task that owns one connection and every statement on it (locks, unlocks,
+//!   lease expiry, pings, closing a doubtful connection); `session::handle` is the callers'
+//!   side (command channel, guard and waiter links), `session::connection` the connection
+//!   itself (server settings, close-never-return, error classes).
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
 //! * `sql` — statement text and the fencing sequence name.
 
@@ -31,9 +29,7 @@ use tokio::time::Instant;
 use self::claims::{Claim, ClaimTable};
 use self::key_hash::advisory_key;
 use self::notify::{Listener, WakeHub};
-use self::session::{
-    Granted, HeldLockRef, SessionHandle, SessionParts, SessionSettings, TryOutcome,
-};
+use self::session::{Granted, HeldLockRef, SessionHandle, SessionSettings, TryOutcome};
 use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
 use super::jitter::Jitter;
 use crate::config::validate_duration;
@@ -282,11 +278,11 @@ impl PostgresDistributedLock {
     fn session_for(&self, key: i64) -> &SessionHandle {
         let index = (key as u64 % self.inner.sessions.len() as u64) as usize;
         self.inner.sessions[index].get_or_init(|| {
-            SessionHandle::spawn(SessionParts {
-                pool: self.inner.pool.clone(),
-                sql: Arc::clone(&self.inner.sql),
-                settings: self.inner.settings,
-            })
+            SessionHandle::spawn(
+                self.inner.pool.clone(),
+                Arc::clone(&self.inner.sql),
+                self.inner.settings,
+            )
         })
     }
 

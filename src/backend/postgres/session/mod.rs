@@ -1,42 +1,36 @@
-//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks.
+//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, driven
+//! by one task that runs every statement for the locks it holds.
 //!
-//! The session rests in a cell ([`cell`]) between commands. A caller that finds it free and
-//! connected takes it and runs its command on its own task ([`SessionHandle`]): an
-//! uncontended lock operation costs one round trip and no hand-off between tasks. Otherwise the
-//! command goes to the session task ([`task`]), which also opens the connection, runs the
-//! commands of dropped guards and does the housekeeping. A command always runs to completion:
-//! a caller's command is a future that the task can drive too, and does drive when it needs
-//! the session or when the caller went away (a dropped `acquire` future), so a statement is
-//! never left half-done and a lock nobody wants any more is undone. Every key always uses the
-//! same session, and a key's in-process claim is only passed on after such an undo.
+//! Callers talk to the task over a channel ([`SessionHandle`]). Because the task, not the
+//! caller, runs each statement to completion, a caller that gives up (a dropped `acquire`
+//! future) can never leave a statement half-done: the task sees the caller is gone when it tries
+//! to answer and undoes a lock it just took. Commands run in arrival order, and every key always
+//! uses the same session, so an undo always runs before the next local attempt on that key.
 //!
-//! The session enforces leases (a lock whose lease ran out is unlocked and its lease marked
+//! The task also enforces leases (a lock whose lease ran out is unlocked and its lease marked
 //! lost), pings an idle connection so the server's `idle_session_timeout` only fires when this
 //! process is cut off, and treats any doubt about the connection (an I/O error, a timeout, a
 //! fatal server error) by closing it, which frees every lock it held, and marking those leases
 //! lost. A connection is never given back to the pool: it is closed when the session has held
 //! nothing for a while or when the lock service and all its guards are gone.
 
-mod cell;
 mod connection;
 mod handle;
-mod task;
 
 use std::collections::{BTreeSet, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Row};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use uuid::Uuid;
 
-pub(super) use self::cell::SessionParts;
 pub(super) use self::connection::SessionSettings;
 use self::connection::{is_concurrent_creation, is_statement_error, SessionConnection};
-use self::handle::{Command, Link};
+use self::handle::Command;
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
@@ -71,16 +65,21 @@ impl Failure {
     }
 }
 
+/// What woke the session task.
+enum Event {
+    Command(Command),
+    Stopped,
+    LeaseDue,
+    Tick,
+}
+
 struct Session {
     pool: PgPool,
     sql: Arc<Statements>,
     settings: SessionSettings,
-    /// To give guards and flags their handles; weak so that the task stops once every handle
-    /// is gone.
-    link: Weak<Link>,
-    /// Whether the session task is running it (rather than a caller's job): only the task
-    /// opens connections, so that a connection never belongs to a caller's runtime.
-    on_task: bool,
+    /// To build guard links and flags; weak so that the task stops once every handle is gone.
+    sender: mpsc::WeakUnboundedSender<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
     connection: Option<SessionConnection>,
     held: AdvisoryKeyMap<Held>,
     /// Lease deadlines of `held`, earliest first.
@@ -92,10 +91,30 @@ struct Session {
     last_used: Instant,
     /// Since when the session holds nothing, for closing an unused connection.
     idle_since: Instant,
-    /// Fires at (or before) the deadline of the statement in flight. Kept, not re-created per
-    /// statement, because arming a timer per statement costs more than the statement on a
-    /// virtual machine; it is moved only when it must fire earlier, and re-armed when early.
-    statement_timer: Pin<Box<Sleep>>,
+    /// The three timers of the session, kept (not re-created per command) because arming a
+    /// timer per statement costs more than the statement on a virtual machine; each is moved
+    /// only when it must fire earlier, and a timer that fires early is simply re-armed.
+    timers: Timers,
+}
+
+struct Timers {
+    /// Fires at (or before) the earliest lease deadline.
+    lease: Pin<Box<Sleep>>,
+    /// Fires at (or before) the next ping or idle close.
+    tick: Pin<Box<Sleep>>,
+    /// Fires at (or before) the deadline of the statement in flight.
+    statement: Pin<Box<Sleep>>,
+}
+
+impl Timers {
+    fn new() -> Self {
+        let far = Instant::now() + FAR_FUTURE;
+        Timers {
+            lease: Box::pin(tokio::time::sleep_until(far)),
+            tick: Box::pin(tokio::time::sleep_until(far)),
+            statement: Box::pin(tokio::time::sleep_until(far)),
+        }
+    }
 }
 
 /// A deadline that never comes in practice, for an idle timer: the longest duration the
@@ -103,18 +122,19 @@ struct Session {
 const FAR_FUTURE: Duration = crate::MAX_DURATION;
 
 impl Session {
-    fn new(parts: SessionParts, link: Weak<Link>) -> Self {
-        let SessionParts {
-            pool,
-            sql,
-            settings,
-        } = parts;
+    fn new(
+        pool: PgPool,
+        sql: Arc<Statements>,
+        settings: SessionSettings,
+        sender: mpsc::WeakUnboundedSender<Command>,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Self {
         Session {
             pool,
             sql,
             settings,
-            link,
-            on_task: false,
+            sender,
+            commands,
             connection: None,
             held: AdvisoryKeyMap::default(),
             expiries: BTreeSet::new(),
@@ -122,44 +142,60 @@ impl Session {
             next_flag_id: 0,
             last_used: Instant::now(),
             idle_since: Instant::now(),
-            statement_timer: Box::pin(tokio::time::sleep_until(Instant::now() + FAR_FUTURE)),
+            timers: Timers::new(),
         }
     }
 
-    fn is_connected(&self) -> bool {
-        self.connection.is_some()
-    }
-
-    fn set_on_task(&mut self, on_task: bool) {
-        self.on_task = on_task;
-    }
-
-    /// Whether the session holds no lock and no waiter flag.
-    fn holds_nothing(&self) -> bool {
-        self.held.is_empty() && self.flags.is_empty()
-    }
-
-    /// When housekeeping is next due: the earliest lease deadline, ping or idle close.
-    fn next_due(&self) -> Option<Instant> {
-        let lease = self.expiries.first().map(|&(at, _)| at);
-        match (lease, self.next_tick()) {
-            (Some(lease), Some(tick)) => Some(lease.min(tick)),
-            (lease, tick) => lease.or(tick),
+    async fn run(mut self) {
+        loop {
+            // Move a timer only if it must fire earlier; one that fires early is re-armed.
+            if let Some(&(at, _)) = self.expiries.first() {
+                if at < self.timers.lease.deadline() {
+                    self.timers.lease.as_mut().reset(at);
+                }
+            }
+            let tick_at = self.next_tick();
+            if let Some(at) = tick_at {
+                if at < self.timers.tick.deadline() {
+                    self.timers.tick.as_mut().reset(at);
+                }
+            }
+            let leases_pending = !self.expiries.is_empty();
+            let event = tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(command) => Event::Command(command),
+                    None => Event::Stopped,
+                },
+                () = self.timers.lease.as_mut(), if leases_pending => Event::LeaseDue,
+                () = self.timers.tick.as_mut(), if tick_at.is_some() => Event::Tick,
+            };
+            match event {
+                Event::Command(command) => self.handle(command).await,
+                Event::LeaseDue => {
+                    self.timers
+                        .lease
+                        .as_mut()
+                        .reset(Instant::now() + FAR_FUTURE);
+                    self.expire_due().await;
+                }
+                Event::Tick => {
+                    self.timers.tick.as_mut().reset(Instant::now() + FAR_FUTURE);
+                    if self.next_tick().is_some_and(|at| at <= Instant::now()) {
+                        self.tick().await;
+                    }
+                }
+                Event::Stopped => break,
+            }
         }
-    }
-
-    /// Expires the leases that ran out, and pings or closes an idle connection.
-    async fn housekeeping(&mut self) {
-        self.expire_due().await;
-        if self.next_tick().is_some_and(|at| at <= Instant::now()) {
-            self.tick().await;
-        }
+        debug_assert!(self.held.is_empty(), "every guard link releases on drop");
+        self.close_gracefully().await;
     }
 
     fn next_tick(&self) -> Option<Instant> {
         self.connection.as_ref()?;
         let ping_at = self.last_used + self.settings.ping_interval();
-        if self.holds_nothing() {
+        if self.held.is_empty() && self.flags.is_empty() {
             Some(ping_at.min(self.idle_since + self.settings.idle_close))
         } else {
             Some(ping_at)
@@ -168,7 +204,7 @@ impl Session {
 
     /// The hot commands (lock, release) run inline; the others are boxed, so that they do not
     /// enlarge the future of every command (its size is the largest path's).
-    async fn run_command(&mut self, command: Command) {
+    async fn handle(&mut self, command: Command) {
         match command {
             Command::TryLock {
                 claim,
@@ -242,7 +278,7 @@ impl Session {
         if let Some(id) = flag {
             self.forget_flag(key, id, unflag.is_some());
         }
-        let Some(session) = SessionHandle::upgrade(&self.link) else {
+        let Some(commands) = self.sender.upgrade() else {
             // Nobody can release it any more: do it now.
             self.held_insert(key, claim, Lease::new(sent_at, ttl));
             let _ = self.unlock_held(key).await;
@@ -254,7 +290,7 @@ impl Session {
             fencing_token: u64::try_from(token).unwrap_or(0),
             lease,
             lock: HeldLockRef {
-                session,
+                commands,
                 key,
                 id,
                 settled: AtomicBool::new(false),
@@ -358,7 +394,7 @@ impl Session {
         if reply.is_closed() {
             return;
         }
-        let Some(session) = SessionHandle::upgrade(&self.link) else {
+        let Some(commands) = self.sender.upgrade() else {
             return;
         };
         if !self.flags.contains_key(&key) {
@@ -389,7 +425,7 @@ impl Session {
         self.next_flag_id += 1;
         self.flags.entry(key).or_default().insert(id);
         let flag = WaitFlag {
-            session,
+            commands,
             key,
             id,
             armed: true,
@@ -545,7 +581,10 @@ impl Session {
             return;
         }
         let now = Instant::now();
-        if self.holds_nothing() && now >= self.idle_since + self.settings.idle_close {
+        if self.held.is_empty()
+            && self.flags.is_empty()
+            && now >= self.idle_since + self.settings.idle_close
+        {
             tracing::debug!("closing an unused lock session");
             self.close_gracefully().await;
             return;
@@ -600,13 +639,6 @@ impl Session {
     ) -> Result<T, Failure> {
         let timeout = self.settings.command_timeout;
         if self.connection.is_none() {
-            if !self.on_task {
-                // A caller's job found the connection closed by an earlier failure of the same
-                // command: only the task opens connections.
-                return Err(Failure::SessionLost(LockError::backend_msg(
-                    "the PostgreSQL lock session's connection was closed",
-                )));
-            }
             let connection = Box::pin(self.connect())
                 .await
                 .map_err(Failure::SessionLost)?;
@@ -620,9 +652,9 @@ impl Session {
         let started = Instant::now();
         self.last_used = started;
         let deadline = started + timeout;
-        let armed = self.statement_timer.deadline();
+        let armed = self.timers.statement.deadline();
         if armed > deadline || armed + timeout / 2 < deadline {
-            self.statement_timer.as_mut().reset(deadline);
+            self.timers.statement.as_mut().reset(deadline);
         }
         let outcome = {
             let statement = run(connection);
@@ -631,12 +663,12 @@ impl Session {
                 tokio::select! {
                     biased;
                     result = &mut statement => break Ok(result),
-                    () = self.statement_timer.as_mut() => {
+                    () = self.timers.statement.as_mut() => {
                         if Instant::now() >= deadline {
                             break Err(());
                         }
                         // Armed for an earlier statement: wait out this one's own deadline.
-                        self.statement_timer.as_mut().reset(deadline);
+                        self.timers.statement.as_mut().reset(deadline);
                     }
                 }
             }
@@ -730,7 +762,7 @@ impl Session {
     }
 
     async fn close_gracefully(&mut self) {
-        if !self.holds_nothing() {
+        if !self.held.is_empty() || !self.flags.is_empty() {
             self.lose_session(LockError::backend_msg("lock session closed"));
             return;
         }
