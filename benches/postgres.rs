@@ -3,6 +3,9 @@
 //!
 //! * `postgres_cycle/raw_floor` — the floor: `pg_try_advisory_lock($1)` then
 //!   `pg_advisory_unlock($1)` on one connection with sqlx (prepared, like the backend's).
+//! * `postgres_cycle/backend_sql_floor` — the backend's own two statements (the lock that also
+//!   draws the fencing token, the unlock that also checks for waiters elsewhere), issued the same
+//!   raw way: what the backend's SQL costs, so that the rest of the gap is the client's work.
 //! * `postgres_cycle/backend` — `try_acquire` + `release` of [`PostgresDistributedLock`] on the
 //!   same kind of key, measured in the same process. Target: at most 1.25x the floor.
 //! * Then, printed: the same ratio from alternating single cycles (medians, robust to other
@@ -59,6 +62,30 @@ async fn raw_cycle(conn: &mut PgConnection, key: i64) {
     assert!(released);
 }
 
+/// The backend's lock and unlock statements (as docs/postgres.md gives them), on the fencing
+/// sequence the backend itself uses (drawing from it only moves later tokens on).
+const BACKEND_LOCK_SQL: &str =
+    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('\"k1s0_lock_fencing_seq\"') END";
+const BACKEND_UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($1), \
+     CASE WHEN pg_try_advisory_xact_lock(($1 >> 32)::int4, (($1 << 32) >> 32)::int4) THEN false \
+     ELSE (set_config('synchronous_commit', 'off', true) \
+     || pg_notify('k1s0_distributed_lock', $1::text)::text) IS NOT NULL END";
+
+async fn backend_sql_cycle(conn: &mut PgConnection, key: i64) {
+    let token: Option<i64> = sqlx::query_scalar(BACKEND_LOCK_SQL)
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(token.is_some());
+    let (released, _notified): (bool, bool) = sqlx::query_as(BACKEND_UNLOCK_SQL)
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(released);
+}
+
 async fn backend_cycle(lock: &PostgresDistributedLock, key: &str) {
     let guard = lock.try_acquire(key).await.unwrap();
     guard.release().await.unwrap();
@@ -79,6 +106,12 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
     let pinned = rt.block_on(async {
         raw_cycle(&mut raw, raw_key).await;
         backend_cycle(&lock, &backend_key).await;
+        // Lock sessions draw tokens without waiting for the disk; so does this floor.
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut raw)
+            .await
+            .unwrap();
+        backend_sql_cycle(&mut raw, raw_key).await;
         let server_pids = [
             session_pid(&lock, &backend_key, &mut raw).await,
             backend_pid(&mut raw).await,
@@ -113,6 +146,20 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
             .unwrap()
         })
     });
+    group.bench_function("backend_sql_floor", |b| {
+        b.iter_custom(|iters| {
+            let raw = Arc::clone(&raw);
+            rt.block_on(rt.spawn(async move {
+                let mut conn = raw.lock().await;
+                let started = Instant::now();
+                for _ in 0..iters {
+                    backend_sql_cycle(&mut conn, raw_key).await;
+                }
+                started.elapsed()
+            }))
+            .unwrap()
+        })
+    });
     group.bench_function("backend", |b| {
         b.iter_custom(|iters| {
             let (lock, key) = (Arc::clone(&lock), Arc::clone(&backend_key));
@@ -131,6 +178,18 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
         set_affinity(std::process::id() as i32, &all_cpus());
     }
     support::print_ratio("postgres_cycle", "backend", "raw_floor", "raw floor");
+    support::print_ratio(
+        "postgres_cycle",
+        "backend_sql_floor",
+        "raw_floor",
+        "raw floor",
+    );
+    support::print_ratio(
+        "postgres_cycle",
+        "backend",
+        "backend_sql_floor",
+        "the backend's SQL",
+    );
 
     drop((raw, lock));
     alternating_ratio(rt);

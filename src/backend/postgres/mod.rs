@@ -27,7 +27,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use self::claims::{Claim, ClaimTable};
-use self::key_hash::advisory_key;
+use self::key_hash::{advisory_key, AdvisoryKeyCache};
 use self::notify::{Listener, WakeHub};
 use self::session::{Granted, HeldLockRef, SessionHandle, SessionSettings, TryOutcome};
 use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
@@ -108,6 +108,7 @@ struct Inner {
     settings: SessionSettings,
     sql: Arc<Statements>,
     claims: Arc<ClaimTable>,
+    key_cache: AdvisoryKeyCache,
     sessions: Box<[OnceLock<SessionHandle>]>,
     hub: Arc<WakeHub>,
     listener: OnceCell<Listener>,
@@ -225,6 +226,7 @@ impl PostgresDistributedLockBuilder {
                 },
                 sql: Arc::new(Statements::new(&sequence)),
                 claims: Arc::new(ClaimTable::default()),
+                key_cache: AdvisoryKeyCache::default(),
                 sessions: (0..self.sessions).map(|_| OnceLock::new()).collect(),
                 hub: Arc::new(WakeHub::default()),
                 listener: OnceCell::new(),
@@ -304,7 +306,7 @@ impl PostgresDistributedLock {
     async fn try_acquire_once(&self, key: &str) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         self.inner.config.validate()?;
-        let advisory = advisory_key(key);
+        let advisory = self.inner.key_cache.advisory_key(key);
         let Some(claim) = self.inner.claims.try_claim(advisory) else {
             return Err(LockError::AlreadyLocked);
         };
@@ -323,7 +325,7 @@ impl PostgresDistributedLock {
         let config = self.inner.config;
         config.validate()?;
         let deadline = Instant::now() + config.wait_budget();
-        let advisory = advisory_key(key);
+        let advisory = self.inner.key_cache.advisory_key(key);
         match self.wait_for_lock(key, advisory, deadline).await {
             // The session died under a waiter that held nothing (terminated, or its connection
             // broke): nothing was lost, so wait on with a fresh session, once. A server that is
@@ -466,7 +468,7 @@ impl PostgresDistributedLock {
 
     async fn is_locked_now(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
-        let advisory = advisory_key(key);
+        let advisory = self.inner.key_cache.advisory_key(key);
         self.session_for(advisory).is_locked(advisory).await
     }
 }
