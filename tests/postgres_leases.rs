@@ -116,12 +116,7 @@ async fn a_terminated_session_frees_the_key_and_its_guards_know() {
         pids,
         "one session holds both"
     );
-    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-        .bind(pids[0])
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
-    assert!(terminated);
+    pg_support::terminate(&mut admin, pids[0]).await;
     assert_eq!(pg_support::advisory_locks(&mut admin, &first).await, 0);
     let taken = other.try_acquire(&first).await.expect("the key is free");
     taken.release().await.unwrap();
@@ -155,11 +150,7 @@ async fn release_after_the_session_died_is_lock_lost() {
     let guard = lock.acquire(&key).await.unwrap();
     let mut admin = pg_support::admin().await;
     let pids = pg_support::holders(&mut admin, &key).await;
-    let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-        .bind(pids[0])
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
+    pg_support::terminate(&mut admin, pids[0]).await;
     assert!(matches!(guard.release().await, Err(LockError::LockLost)));
     assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
 }

@@ -177,12 +177,7 @@ fn a_connection_reopened_for_a_short_lived_runtime_outlives_it() {
         let mut admin = pg_support::admin().await;
         let holders = pg_support::holders(&mut admin, &key).await;
         assert_eq!(holders.len(), 1);
-        let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(holders[0])
-            .fetch_one(&mut admin)
-            .await
-            .unwrap();
-        assert!(terminated);
+        pg_support::terminate(&mut admin, holders[0]).await;
         common::wait::assert_eventually("the terminated holder's guard is lost", || async {
             guard.is_lost() || guard.extend(Duration::from_secs(30)).await.is_err()
         })

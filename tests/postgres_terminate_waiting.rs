@@ -9,7 +9,6 @@ mod pg_support;
 use std::time::Duration;
 
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError};
-use sqlx::PgConnection;
 use tokio::time::Instant;
 
 fn config() -> LockConfig {
@@ -17,15 +16,6 @@ fn config() -> LockConfig {
         .ttl(Duration::from_secs(30))
         .retry_interval(Duration::from_millis(100))
         .max_retries(100)
-}
-
-async fn terminate(admin: &mut PgConnection, pid: i32) {
-    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-        .bind(pid)
-        .fetch_one(admin)
-        .await
-        .unwrap();
-    assert!(terminated);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,7 +33,7 @@ async fn the_holders_session_terminated_hands_the_key_to_the_waiter() {
     pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(5)).await;
     let holder_pid = pg_support::holders(&mut admin, &key).await[0];
     let terminated_at = Instant::now();
-    terminate(&mut admin, holder_pid).await;
+    pg_support::terminate(&mut admin, holder_pid).await;
 
     let next = waiter.await.unwrap().expect("the waiter gets the key");
     let took = terminated_at.elapsed();
@@ -76,7 +66,7 @@ async fn a_waiter_whose_session_is_terminated_still_gets_the_key_within_its_budg
         async move { lock.acquire(&key).await }
     });
     let waiter_pid = pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(5)).await;
-    terminate(&mut admin, waiter_pid).await;
+    pg_support::terminate(&mut admin, waiter_pid).await;
     // The terminated session's flag went with it (the waiter may already have flagged the key
     // again from a new session).
     assert_ne!(
