@@ -403,3 +403,100 @@ async fn a_logged_epoch_table_is_not_relied_on() {
     );
     drop(lock);
 }
+
+/// A login role of its own, without the right to create anything in the test database (since
+/// PostgreSQL 15 `public` grants no `CREATE` either), dropped with its sessions at the end.
+struct RestrictedRole {
+    name: String,
+    _cleanup: pg_support::DropOnExit,
+}
+
+impl RestrictedRole {
+    async fn create(admin: &mut sqlx::PgConnection) -> Self {
+        let name = format!("k1s0_test_role_{}", uuid::Uuid::new_v4().simple());
+        let cleanup = pg_support::DropOnExit::new(vec![
+            format!("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = '{name}'"),
+            format!("DROP ROLE IF EXISTS \"{name}\""),
+        ]);
+        for statement in [
+            format!("CREATE ROLE \"{name}\" LOGIN PASSWORD 'k1s0-test'"),
+            format!("REVOKE CREATE ON SCHEMA public FROM \"{name}\""),
+        ] {
+            sqlx::query(&statement).execute(&mut *admin).await.unwrap();
+        }
+        RestrictedRole {
+            name,
+            _cleanup: cleanup,
+        }
+    }
+
+    /// A pool of this role's connections on the test server.
+    async fn pool(&self) -> sqlx::PgPool {
+        let options: sqlx::postgres::PgConnectOptions =
+            common::postgres_url().await.parse().unwrap();
+        PgPoolOptions::new()
+            .max_connections(3)
+            .connect_with(options.username(&self.name).password("k1s0-test"))
+            .await
+            .expect("connect as the restricted role")
+    }
+}
+
+/// A deployment whose role may use the fencing sequence but create nothing (no epoch table can
+/// be made): locks still work and tokens still increase, drawn with `synchronous_commit = on`
+/// instead (docs/postgres.md, "Fencing tokens"), and no epoch table appears. Without the
+/// sequence, which it cannot create either, every lock attempt is a clear `BackendError` that
+/// leaves nothing locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_cannot_create_objects_still_locks_with_a_prepared_sequence() {
+    let prefix = common::unique_prefix("pg_no_create");
+    let schema = format!("k1s0_test_schema_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = pg_support::admin().await;
+    // Dropped in reverse order: the schema (and the grants on it) before the role.
+    let role = RestrictedRole::create(&mut admin).await;
+    let _schema_cleanup = schema_cleanup(&schema);
+    for ddl in [
+        format!("CREATE SCHEMA \"{schema}\""),
+        format!("CREATE SEQUENCE \"{schema}\".fencing"),
+        format!("GRANT USAGE ON SCHEMA \"{schema}\" TO \"{}\"", role.name),
+        format!(
+            "GRANT USAGE, UPDATE ON SEQUENCE \"{schema}\".fencing TO \"{}\"",
+            role.name
+        ),
+    ] {
+        sqlx::query(&ddl).execute(&mut admin).await.unwrap();
+    }
+    let pool = role.pool().await;
+    let key = format!("{prefix}k");
+
+    let lock = PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
+        .fencing_sequence(format!("{schema}.fencing"))
+        .build()
+        .unwrap();
+    let mut last = 0;
+    for _ in 0..20 {
+        let token = token_of(&lock, &key).await;
+        assert!(token > last, "{token} after {last}");
+        last = token;
+    }
+    let epoch_table: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT to_regclass('\"{schema}\".k1s0_lock_fencing_epochs')::text"
+    ))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(epoch_table, None, "the role could not have created it");
+
+    let without_sequence = PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
+        .fencing_sequence(format!("{schema}.missing"))
+        .build()
+        .unwrap();
+    let other_key = format!("{prefix}other");
+    assert!(matches!(
+        without_sequence.try_acquire(&other_key).await,
+        Err(LockError::BackendError(_))
+    ));
+    assert_eq!(pg_support::advisory_locks(&mut admin, &other_key).await, 0);
+    drop((lock, without_sequence));
+    pool.close().await;
+}
