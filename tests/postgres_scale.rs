@@ -119,3 +119,91 @@ async fn a_waiter_keeps_its_budget_when_the_pool_has_no_slot_for_listen() {
     );
     drop(held);
 }
+
+/// Whether the server process `pid` still serves a connection.
+async fn connected(admin: &mut sqlx::PgConnection, pid: i32) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+        .bind(pid)
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
+/// A lock session that has held nothing for `idle_session_close` closes its connection (it is
+/// not kept, and not given back to the pool with anything on it); the next command opens a new
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_session_closes_its_connection() {
+    let prefix = common::unique_prefix("pg_idle_close");
+    let key = format!("{prefix}k");
+    let lock = PostgresDistributedLock::builder(pg_support::pool(3).await, LockConfig::new())
+        .sessions(1)
+        .idle_session_close(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let admin = tokio::sync::Mutex::new(pg_support::admin().await);
+    let guard = lock.try_acquire(&key).await.unwrap();
+    let pid = pg_support::holders(&mut *admin.lock().await, &key).await[0];
+    guard.release().await.unwrap();
+    common::wait::assert_eventually("the unused session closed its connection", || async {
+        !connected(&mut *admin.lock().await, pid).await
+    })
+    .await;
+    let guard = lock
+        .try_acquire(&key)
+        .await
+        .expect("a new session connection");
+    let new_pid = pg_support::holders(&mut *admin.lock().await, &key).await[0];
+    assert_ne!(new_pid, pid);
+    guard.release().await.unwrap();
+}
+
+/// A session that only waited (its waiter flag was its one use) counts as idle from when the
+/// wait ended, not from when it last held a lock: a waiter that gives up after longer than
+/// `idle_session_close` leaves a connection that the next command still finds open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_idle_from_the_end_of_its_last_wait() {
+    let prefix = common::unique_prefix("pg_idle_after_wait");
+    let (key, other_key) = (format!("{prefix}k"), format!("{prefix}other"));
+    let holder = pg_support::lock(LockConfig::new()).await;
+    let held = holder.try_acquire(&key).await.unwrap();
+    let idle_close = Duration::from_secs(1);
+    let waiter = PostgresDistributedLock::builder(
+        pg_support::pool(3).await,
+        // Waits 1.5 s: longer than the idle close.
+        LockConfig::new()
+            .retry_interval(Duration::from_millis(100))
+            .max_retries(15),
+    )
+    .sessions(1)
+    .idle_session_close(idle_close)
+    .build()
+    .unwrap();
+    let mut admin = pg_support::admin().await;
+
+    let waiting = waiter.acquire(&key);
+    let flagged = pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(10));
+    let (outcome, pid) = tokio::join!(waiting, flagged);
+    assert!(matches!(outcome, Err(LockError::Timeout)));
+    // The wait is over once its flag is gone.
+    common::wait::assert_eventually_within(
+        Duration::from_secs(10),
+        "the waiter flag was cleared",
+        || {
+            let key = key.clone();
+            async move {
+                let mut admin = pg_support::admin().await;
+                pg_support::flag_holders(&mut admin, &key).await.is_empty()
+            }
+        },
+    )
+    .await;
+    let guard = waiter.try_acquire(&other_key).await.unwrap();
+    assert_eq!(
+        pg_support::holders(&mut admin, &other_key).await,
+        vec![pid],
+        "the session kept its connection: it had been idle for less than {idle_close:?}"
+    );
+    guard.release().await.unwrap();
+    held.release().await.unwrap();
+}

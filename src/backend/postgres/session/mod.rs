@@ -444,6 +444,10 @@ impl Session {
             return;
         }
         self.flags.remove(&key);
+        if self.held.is_empty() && self.flags.is_empty() {
+            // Idle from now on, not from whenever it last held a lock.
+            self.idle_since = Instant::now();
+        }
         self.server_clear_flag(key).await;
     }
 
