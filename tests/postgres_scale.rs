@@ -167,40 +167,38 @@ async fn a_session_is_idle_from_the_end_of_its_last_wait() {
     let (key, other_key) = (format!("{prefix}k"), format!("{prefix}other"));
     let holder = pg_support::lock(LockConfig::new()).await;
     let held = holder.try_acquire(&key).await.unwrap();
-    let idle_close = Duration::from_secs(1);
+    let idle_close = Duration::from_secs(3);
     let waiter = PostgresDistributedLock::builder(
         pg_support::pool(3).await,
-        // Waits 1.5 s: longer than the idle close.
+        // Waits 4 s: longer than the idle close.
         LockConfig::new()
-            .retry_interval(Duration::from_millis(100))
-            .max_retries(15),
+            .retry_interval(Duration::from_millis(200))
+            .max_retries(20),
     )
     .sessions(1)
     .idle_session_close(idle_close)
     .build()
     .unwrap();
-    let mut admin = pg_support::admin().await;
+    let admin = tokio::sync::Mutex::new(pg_support::admin().await);
 
     let waiting = waiter.acquire(&key);
-    let flagged = pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(10));
-    let (outcome, pid) = tokio::join!(waiting, flagged);
-    assert!(matches!(outcome, Err(LockError::Timeout)));
+    let pid = {
+        let mut watcher = pg_support::admin().await;
+        let flagged = pg_support::wait_for_flag(&mut watcher, &key, Duration::from_secs(10));
+        let (outcome, pid) = tokio::join!(waiting, flagged);
+        assert!(matches!(outcome, Err(LockError::Timeout)));
+        pid
+    };
     // The wait is over once its flag is gone.
-    common::wait::assert_eventually_within(
-        Duration::from_secs(10),
-        "the waiter flag was cleared",
-        || {
-            let key = key.clone();
-            async move {
-                let mut admin = pg_support::admin().await;
-                pg_support::flag_holders(&mut admin, &key).await.is_empty()
-            }
-        },
-    )
+    common::wait::assert_eventually("the waiter flag was cleared", || async {
+        pg_support::flag_holders(&mut *admin.lock().await, &key)
+            .await
+            .is_empty()
+    })
     .await;
     let guard = waiter.try_acquire(&other_key).await.unwrap();
     assert_eq!(
-        pg_support::holders(&mut admin, &other_key).await,
+        pg_support::holders(&mut *admin.lock().await, &other_key).await,
         vec![pid],
         "the session kept its connection: it had been idle for less than {idle_close:?}"
     );

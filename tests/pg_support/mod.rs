@@ -126,14 +126,17 @@ impl Drop for DropOnExit {
 }
 
 /// Terminates the server process `pid` (`pg_terminate_backend`, waiting up to 5 s for it to
-/// end), failing the test if it was not there.
+/// end), failing the test if it was not there or did not end in time.
 pub async fn terminate(admin: &mut PgConnection, pid: i32) {
     let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
         .bind(pid)
         .fetch_one(admin)
         .await
         .expect("pg_terminate_backend");
-    assert!(terminated, "server process {pid} was not there");
+    assert!(
+        terminated,
+        "server process {pid} was not there or did not end within 5 s"
+    );
 }
 
 /// Takes `key` with `try_acquire` and releases it, failing the test if either fails: the key

@@ -171,16 +171,21 @@ mod tests {
                 assert_eq!(cache.advisory_key(key), advisory_key(key), "{key}");
             }
         }
-        // A hot key stays cached between other keys in other slots.
+        // The last use of a key leaves it in its slot.
+        let slot_of =
+            |key: &str| (cache.hashing.hash_one(key) as usize) & (AdvisoryKeyCache::SLOTS - 1);
         assert_eq!(cache.advisory_key("order:42"), advisory_key("order:42"));
+        assert_eq!(
+            cache.slots[slot_of("order:42")].lock().unwrap().as_ref(),
+            Some(&("order:42".to_owned(), advisory_key("order:42")))
+        );
+        // A slot poisoned with a wrong value in it is bypassed, never trusted.
         let poisoned = std::panic::catch_unwind(|| {
-            let slot =
-                (cache.hashing.hash_one("order:42") as usize) & (AdvisoryKeyCache::SLOTS - 1);
-            let _held = cache.slots[slot].lock().unwrap();
+            let mut held = cache.slots[slot_of("order:42")].lock().unwrap();
+            *held = Some(("order:42".to_owned(), 0));
             panic!("poison the slot");
         });
         assert!(poisoned.is_err());
-        // A poisoned (or busy) slot is bypassed, never trusted.
         assert_eq!(cache.advisory_key("order:42"), advisory_key("order:42"));
     }
 

@@ -89,7 +89,8 @@ struct Session {
     next_flag_id: u64,
     /// Last statement sent, for pings.
     last_used: Instant,
-    /// Since when the session holds nothing, for closing an unused connection.
+    /// Since when the session holds nothing (no lock, no waiter flag), for closing an unused
+    /// connection.
     idle_since: Instant,
     /// The three timers of the session, kept (not re-created per command) because arming a
     /// timer per statement costs more than the statement on a virtual machine; each is moved
