@@ -193,10 +193,23 @@ impl Session {
         self.close_gracefully().await;
     }
 
+    /// Whether the session holds no lock and no waiter flag.
+    fn holds_nothing(&self) -> bool {
+        self.held.is_empty() && self.flags.is_empty()
+    }
+
+    /// Starts the idle clock when the last lock or waiter flag has just gone (the idle close
+    /// counts from then, whichever went last).
+    fn note_if_idle(&mut self) {
+        if self.holds_nothing() {
+            self.idle_since = Instant::now();
+        }
+    }
+
     fn next_tick(&self) -> Option<Instant> {
         self.connection.as_ref()?;
         let ping_at = self.last_used + self.settings.ping_interval();
-        if self.held.is_empty() && self.flags.is_empty() {
+        if self.holds_nothing() {
             Some(ping_at.min(self.idle_since + self.settings.idle_close))
         } else {
             Some(ping_at)
@@ -445,10 +458,7 @@ impl Session {
             return;
         }
         self.flags.remove(&key);
-        if self.held.is_empty() && self.flags.is_empty() {
-            // Idle from now on, not from whenever it last held a lock.
-            self.idle_since = Instant::now();
-        }
+        self.note_if_idle();
         self.server_clear_flag(key).await;
     }
 
@@ -533,9 +543,7 @@ impl Session {
     fn held_remove(&mut self, key: i64) -> Option<Held> {
         let held = self.held.remove(&key)?;
         self.expiries.remove(&(held.expires_at, key));
-        if self.held.is_empty() {
-            self.idle_since = Instant::now();
-        }
+        self.note_if_idle();
         Some(held)
     }
 
@@ -586,10 +594,7 @@ impl Session {
             return;
         }
         let now = Instant::now();
-        if self.held.is_empty()
-            && self.flags.is_empty()
-            && now >= self.idle_since + self.settings.idle_close
-        {
+        if self.holds_nothing() && now >= self.idle_since + self.settings.idle_close {
             tracing::debug!("closing an unused lock session");
             self.close_gracefully().await;
             return;
@@ -767,7 +772,7 @@ impl Session {
     }
 
     async fn close_gracefully(&mut self) {
-        if !self.held.is_empty() || !self.flags.is_empty() {
+        if !self.holds_nothing() {
             self.lose_session(LockError::backend_msg("lock session closed"));
             return;
         }
