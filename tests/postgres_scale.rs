@@ -136,11 +136,10 @@ async fn connected(admin: &mut sqlx::PgConnection, pid: i32) -> bool {
 async fn an_unused_session_closes_its_connection() {
     let prefix = common::unique_prefix("pg_idle_close");
     let key = format!("{prefix}k");
-    let lock = PostgresDistributedLock::builder(pg_support::pool(3).await, LockConfig::new())
-        .sessions(1)
-        .idle_session_close(Duration::from_millis(300))
-        .build()
-        .unwrap();
+    let lock = pg_support::one_session_lock(LockConfig::new(), |builder| {
+        builder.idle_session_close(Duration::from_millis(300))
+    })
+    .await;
     let admin = tokio::sync::Mutex::new(pg_support::admin().await);
     let guard = lock.try_acquire(&key).await.unwrap();
     let pid = pg_support::holders(&mut *admin.lock().await, &key).await[0];
@@ -168,17 +167,14 @@ async fn a_session_is_idle_from_the_end_of_its_last_wait() {
     let holder = pg_support::lock(LockConfig::new()).await;
     let held = holder.try_acquire(&key).await.unwrap();
     let idle_close = Duration::from_secs(3);
-    let waiter = PostgresDistributedLock::builder(
-        pg_support::pool(3).await,
+    let waiter = pg_support::one_session_lock(
         // Waits 4 s: longer than the idle close.
         LockConfig::new()
             .retry_interval(Duration::from_millis(200))
             .max_retries(20),
+        |builder| builder.idle_session_close(idle_close),
     )
-    .sessions(1)
-    .idle_session_close(idle_close)
-    .build()
-    .unwrap();
+    .await;
     let admin = tokio::sync::Mutex::new(pg_support::admin().await);
 
     let waiting = waiter.acquire(&key);

@@ -24,10 +24,7 @@ use tokio::runtime::Runtime;
 
 /// A lock service with one session, so that all its keys share one connection.
 async fn one_session_lock(config: LockConfig) -> PostgresDistributedLock {
-    PostgresDistributedLock::builder(pg_support::pool(5).await, config)
-        .sessions(1)
-        .build()
-        .unwrap()
+    pg_support::one_session_lock(config, |builder| builder).await
 }
 
 fn runtime() -> Runtime {
@@ -130,14 +127,11 @@ async fn a_parked_acquire_does_not_stop_lease_expiry() {
     let leased_key = format!("{prefix}leased");
     // The server's own idle timeout (the network timeout) would free the lock of a session
     // that went quiet too: keep it well beyond this test's patience.
-    let lock = PostgresDistributedLock::builder(
-        pg_support::pool(5).await,
+    let lock = pg_support::one_session_lock(
         LockConfig::new().ttl(Duration::from_millis(300)),
+        |builder| builder.network_timeout(Duration::from_secs(120)),
     )
-    .sessions(1)
-    .network_timeout(Duration::from_secs(120))
-    .build()
-    .unwrap();
+    .await;
     let admin = tokio::sync::Mutex::new(pg_support::admin().await);
 
     let leased = lock.try_acquire(&leased_key).await.unwrap();

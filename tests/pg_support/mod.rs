@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use k1s0_distributed_lock::{LockConfig, PostgresDistributedLock};
+use k1s0_distributed_lock::{LockConfig, PostgresDistributedLock, PostgresDistributedLockBuilder};
 use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::common;
@@ -17,6 +17,17 @@ pub async fn pool(max: u32) -> PgPool {
 /// A lock service on its own pool (so it has its own sessions, like another process would).
 pub async fn lock(config: LockConfig) -> PostgresDistributedLock {
     PostgresDistributedLock::new(pool(5).await, config)
+}
+
+/// A lock service with one session (all its keys share one connection) on its own pool, with
+/// `options` applied to its builder (`|builder| builder` for none).
+pub async fn one_session_lock(
+    config: LockConfig,
+    options: impl FnOnce(PostgresDistributedLockBuilder) -> PostgresDistributedLockBuilder,
+) -> PostgresDistributedLock {
+    options(PostgresDistributedLock::builder(pool(3).await, config).sessions(1))
+        .build()
+        .expect("valid lock options")
 }
 
 /// A connection outside every lock service, to look at the server's lock table.
