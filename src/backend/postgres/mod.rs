@@ -4,10 +4,12 @@
 //! Modules, one job each:
 //! * `key_hash` — key → 64-bit advisory key (SHA-256 prefix).
 //! * `claims` — in-process exclusion per advisory key, FIFO.
-//! * `session` — the task that owns one connection and every statement on it (locks, unlocks,
-//!   lease expiry, pings, closing a doubtful connection); `session::handle` is the callers'
-//!   side (command channel, guard and waiter links), `session::connection` the connection
-//!   itself (server settings, close-never-return, error classes).
+//! * `session` — the future that owns one connection and every statement on it (locks,
+//!   unlocks, lease expiry, pings, closing a doubtful connection); `session::drive` says who
+//!   polls it (its task, or a caller waiting for a reply) and routes its wake-ups,
+//!   `session::handle` is the callers' side (command channel, guard and waiter links),
+//!   `session::connection` the connection itself (server settings, close-never-return, error
+//!   classes).
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
 //! * `sql` — statement text and the fencing sequence name.
 
@@ -78,9 +80,11 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   key by an in-process FIFO, because advisory locks are re-entrant within a session. A lock
 ///   session's connection is **never returned to the pool**: it is closed once it has held
 ///   nothing for a minute, when it fails, or when this lock service and its guards are gone.
-/// * **Cancellation.** Every statement runs in the session's own task, so a dropped `acquire`
-///   future cannot leave a statement half done; a lock granted to a caller that is gone is
-///   unlocked before the session runs anything else. Nothing ever waits inside the server
+/// * **Cancellation.** Every statement belongs to the session, not to the caller that asked
+///   for it: an uncontended caller runs the session in its own task while it waits (no task
+///   switch), but a caller that stops being polled or is dropped leaves the statement to the
+///   session's task. So a dropped `acquire` future cannot leave a statement half done; a lock
+///   granted to a caller that is gone is unlocked before the session runs anything else. Nothing ever waits inside the server
 ///   (`pg_advisory_lock` is never used), so no queued request can be granted later to nobody.
 /// * **Waiting.** Waiters in this process are woken directly by the release, first in first
 ///   out. A waiter whose key is held by another process flags the key (a shared advisory lock

@@ -1,5 +1,6 @@
-//! The callers' side of a lock session: the command channel, and the links a guard or a
-//! waiter keeps to what the session holds for it.
+//! The callers' side of a lock session: the command channel (whose callers drive the session
+//! while they wait, see [`drive`](super::drive)), and the links a guard or a waiter keeps to
+//! what the session holds for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use uuid::Uuid;
 
 use super::super::claims::KeyClaim;
 use super::super::sql::Statements;
+use super::drive::{SessionCell, SessionLink};
 use super::{Session, SessionSettings};
 use crate::{Lease, LockError};
 
@@ -29,19 +31,58 @@ pub(crate) enum TryOutcome {
     Busy(KeyClaim),
 }
 
+/// The command channel of a session, with the link that lets a waiting caller drive it.
+#[derive(Clone)]
+pub(crate) struct Commands {
+    sender: mpsc::UnboundedSender<Command>,
+    link: SessionLink,
+}
+
+impl Commands {
+    pub(super) fn new(sender: mpsc::UnboundedSender<Command>, link: SessionLink) -> Self {
+        Commands { sender, link }
+    }
+
+    /// Sends `command` and waits for its reply on `answer`, driving the session meanwhile.
+    /// `None` if the session stopped first.
+    async fn call<T>(&self, command: Command, answer: oneshot::Receiver<T>) -> Option<T> {
+        self.link.before_call();
+        if self.sender.send(command).is_err() {
+            // The session is gone: failing at once, without ever awaiting anything, would let
+            // a caller retrying in a loop hold its runtime's thread for ever (even through the
+            // runtime's shutdown). Count it against the task's budget, as a channel would.
+            tokio::task::coop::consume_budget().await;
+            return None;
+        }
+        self.link.reply(answer).await.ok()
+    }
+
+    /// Sends a command that nobody waits for; the session task runs it.
+    fn send_detached(&self, command: Command) {
+        if self.sender.send(command).is_ok() {
+            self.link.wake_task();
+        }
+    }
+}
+
 /// The caller's side of a session.
 #[derive(Clone)]
 pub(crate) struct SessionHandle {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: Commands,
 }
 
 impl SessionHandle {
     /// Starts the session task. It opens its connection on first use.
     pub(crate) fn spawn(pool: PgPool, sql: Arc<Statements>, settings: SessionSettings) -> Self {
-        let (commands, receiver) = mpsc::unbounded_channel();
-        let session = Session::new(pool, sql, settings, commands.downgrade(), receiver);
-        tokio::spawn(session.run());
-        SessionHandle { commands }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let weak_sender = sender.downgrade();
+        let (link, task) = SessionCell::with_session(|router, link| {
+            Session::new(pool, sql, settings, weak_sender, link, router, receiver).run()
+        });
+        tokio::spawn(task);
+        SessionHandle {
+            commands: Commands::new(sender, link),
+        }
     }
 
     /// Tries to take the claimed key on this session, with a lease of `ttl` from `sent_at`.
@@ -54,32 +95,37 @@ impl SessionHandle {
         sent_at: Instant,
     ) -> Result<TryOutcome, LockError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::TryLock {
+        let command = Command::TryLock {
             claim,
             flag: flag.map(|flag| flag.id),
             ttl,
             sent_at,
             reply,
-        })?;
-        answer.await.unwrap_or_else(|_| Err(session_stopped()))
+        };
+        self.call(command, answer).await
     }
 
     /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
     pub(crate) async fn set_flag(&self, key: i64) -> Result<WaitFlag, LockError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::SetFlag { key, reply })?;
-        answer.await.unwrap_or_else(|_| Err(session_stopped()))
+        self.call(Command::SetFlag { key, reply }, answer).await
     }
 
     /// Whether any session (of any process) holds the key.
     pub(crate) async fn is_locked(&self, key: i64) -> Result<bool, LockError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::IsLocked { key, reply })?;
-        answer.await.unwrap_or_else(|_| Err(session_stopped()))
+        self.call(Command::IsLocked { key, reply }, answer).await
     }
 
-    fn send(&self, command: Command) -> Result<(), LockError> {
-        self.commands.send(command).map_err(|_| session_stopped())
+    async fn call<T>(
+        &self,
+        command: Command,
+        answer: oneshot::Receiver<Result<T, LockError>>,
+    ) -> Result<T, LockError> {
+        self.commands
+            .call(command, answer)
+            .await
+            .unwrap_or_else(|| Err(session_stopped()))
     }
 }
 
@@ -90,7 +136,7 @@ fn session_stopped() -> LockError {
 /// The guard's link to its lock on the session. Dropping it releases the lock (in the
 /// background, without needing a runtime: it only queues a command).
 pub(crate) struct HeldLockRef {
-    pub(super) commands: mpsc::UnboundedSender<Command>,
+    pub(super) commands: Commands,
     pub(super) key: i64,
     pub(super) id: Uuid,
     /// True once a release or loss was confirmed, so the drop has nothing left to do.
@@ -110,14 +156,14 @@ impl HeldLockRef {
             id: self.id,
             reply: Some(reply),
         };
-        if self.commands.send(command).is_err() {
-            // The session is gone, and its connection with it: so is the lock.
-            self.settled.store(true, Ordering::Release);
-            return Err(LockError::LockLost);
-        }
         // The session answers Ok or LockLost: a failed unlock closes the session, which frees
-        // the lock. Either way nothing is left to release.
-        let result = answer.await.unwrap_or(Err(LockError::LockLost));
+        // the lock. Either way nothing is left to release. A session that is gone took its
+        // connection with it: so is the lock.
+        let result = self
+            .commands
+            .call(command, answer)
+            .await
+            .unwrap_or(Err(LockError::LockLost));
         self.settled.store(true, Ordering::Release);
         result
     }
@@ -131,17 +177,17 @@ impl HeldLockRef {
             sent_at: Instant::now(),
             reply,
         };
-        if self.commands.send(command).is_err() {
-            return Err(LockError::LockLost);
-        }
-        answer.await.unwrap_or(Err(LockError::LockLost))
+        self.commands
+            .call(command, answer)
+            .await
+            .unwrap_or(Err(LockError::LockLost))
     }
 }
 
 impl Drop for HeldLockRef {
     fn drop(&mut self) {
         if !self.settled.load(Ordering::Acquire) {
-            let _ = self.commands.send(Command::Release {
+            self.commands.send_detached(Command::Release {
                 key: self.key,
                 id: self.id,
                 reply: None,
@@ -154,7 +200,7 @@ impl Drop for HeldLockRef {
 /// space, which a release elsewhere tests to decide whether to `pg_notify`. Dropping it clears
 /// the flag.
 pub(crate) struct WaitFlag {
-    pub(super) commands: mpsc::UnboundedSender<Command>,
+    pub(super) commands: Commands,
     pub(super) key: i64,
     pub(super) id: u64,
     pub(super) armed: bool,
@@ -163,7 +209,7 @@ pub(crate) struct WaitFlag {
 impl Drop for WaitFlag {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.commands.send(Command::ClearFlag {
+            self.commands.send_detached(Command::ClearFlag {
                 key: self.key,
                 id: self.id,
             });

@@ -1,11 +1,13 @@
 //! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, driven
 //! by one task that runs every statement for the locks it holds.
 //!
-//! Callers talk to the task over a channel ([`SessionHandle`]). Because the task, not the
-//! caller, runs each statement to completion, a caller that gives up (a dropped `acquire`
-//! future) can never leave a statement half-done: the task sees the caller is gone when it tries
-//! to answer and undoes a lock it just took. Commands run in arrival order, and every key always
-//! uses the same session, so an undo always runs before the next local attempt on that key.
+//! Callers talk to the session over a channel ([`SessionHandle`]). The session is one future,
+//! polled by its task and, while nobody else polls it, by a caller waiting for a reply (see
+//! [`drive`]): either way each statement belongs to the session, not to the caller, so a
+//! caller that gives up (a dropped `acquire` future) can never leave a statement half-done: the
+//! session sees the caller is gone when it tries to answer and undoes a lock it just took.
+//! Commands run in arrival order, and every key always uses the same session, so an undo always
+//! runs before the next local attempt on that key.
 //!
 //! The task also enforces leases (a lock whose lease ran out is unlocked and its lease marked
 //! lost), pings an idle connection so the server's `idle_session_timeout` only fires when this
@@ -15,6 +17,7 @@
 //! nothing for a while or when the lock service and all its guards are gone.
 
 mod connection;
+mod drive;
 mod handle;
 
 use std::collections::{BTreeSet, HashSet};
@@ -30,7 +33,8 @@ use uuid::Uuid;
 
 pub(super) use self::connection::SessionSettings;
 use self::connection::{is_concurrent_creation, is_statement_error, SessionConnection};
-use self::handle::Command;
+use self::drive::{Router, SessionLink};
+use self::handle::{Command, Commands};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
@@ -79,8 +83,15 @@ struct Session {
     settings: SessionSettings,
     /// To build guard links and flags; weak so that the task stops once every handle is gone.
     sender: mpsc::WeakUnboundedSender<Command>,
+    /// Goes with `sender` in the links.
+    link: SessionLink,
+    /// Who polls the session, and where its wake-ups go.
+    router: Arc<Router>,
     commands: mpsc::UnboundedReceiver<Command>,
     connection: Option<SessionConnection>,
+    /// Connections given up during a caller's poll, closed by the session task (which owns the
+    /// runtime they belong to) as soon as it runs.
+    closing: Vec<SessionConnection>,
     held: AdvisoryKeyMap<Held>,
     /// Lease deadlines of `held`, earliest first.
     expiries: BTreeSet<(Instant, i64)>,
@@ -128,6 +139,8 @@ impl Session {
         sql: Arc<Statements>,
         settings: SessionSettings,
         sender: mpsc::WeakUnboundedSender<Command>,
+        link: SessionLink,
+        router: Arc<Router>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Self {
         Session {
@@ -135,8 +148,11 @@ impl Session {
             sql,
             settings,
             sender,
+            link,
+            router,
             commands,
             connection: None,
+            closing: Vec::new(),
             held: AdvisoryKeyMap::default(),
             expiries: BTreeSet::new(),
             flags: AdvisoryKeyMap::default(),
@@ -149,6 +165,9 @@ impl Session {
 
     async fn run(mut self) {
         loop {
+            if !self.closing.is_empty() && self.router.polled_by_task() {
+                self.closing.clear();
+            }
             // Move a timer only if it must fire earlier; one that fires early is re-armed.
             if let Some(&(at, _)) = self.expiries.first() {
                 if at < self.timers.lease.deadline() {
@@ -162,14 +181,16 @@ impl Session {
                 }
             }
             let leases_pending = !self.expiries.is_empty();
+            // The timers wake the task, never a caller (see `drive`).
+            let router = &self.router;
             let event = tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
                     Some(command) => Event::Command(command),
                     None => Event::Stopped,
                 },
-                () = self.timers.lease.as_mut(), if leases_pending => Event::LeaseDue,
-                () = self.timers.tick.as_mut(), if tick_at.is_some() => Event::Tick,
+                () = router.on_task_waker(self.timers.lease.as_mut()), if leases_pending => Event::LeaseDue,
+                () = router.on_task_waker(self.timers.tick.as_mut()), if tick_at.is_some() => Event::Tick,
             };
             match event {
                 Event::Command(command) => self.handle(command).await,
@@ -292,7 +313,7 @@ impl Session {
         if let Some(id) = flag {
             self.forget_flag(key, id, unflag.is_some());
         }
-        let Some(commands) = self.sender.upgrade() else {
+        let Some(sender) = self.sender.upgrade() else {
             // Nobody can release it any more: do it now.
             self.held_insert(key, claim, Lease::new(sent_at, ttl));
             let _ = self.unlock_held(key).await;
@@ -304,7 +325,7 @@ impl Session {
             fencing_token: u64::try_from(token).unwrap_or(0),
             lease,
             lock: HeldLockRef {
-                commands,
+                commands: Commands::new(sender, self.link.clone()),
                 key,
                 id,
                 settled: AtomicBool::new(false),
@@ -408,7 +429,7 @@ impl Session {
         if reply.is_closed() {
             return;
         }
-        let Some(commands) = self.sender.upgrade() else {
+        let Some(sender) = self.sender.upgrade() else {
             return;
         };
         if !self.flags.contains_key(&key) {
@@ -439,7 +460,7 @@ impl Session {
         self.next_flag_id += 1;
         self.flags.entry(key).or_default().insert(id);
         let flag = WaitFlag {
-            commands,
+            commands: Commands::new(sender, self.link.clone()),
             key,
             id,
             armed: true,
@@ -649,7 +670,9 @@ impl Session {
     ) -> Result<T, Failure> {
         let timeout = self.settings.command_timeout;
         if self.connection.is_none() {
-            let connection = Box::pin(self.connect())
+            let router = Arc::clone(&self.router);
+            let connection = router
+                .in_own_task(Box::pin(self.connect()))
                 .await
                 .map_err(Failure::SessionLost)?;
             self.connection = Some(connection);
@@ -669,11 +692,12 @@ impl Session {
         let outcome = {
             let statement = run(connection);
             tokio::pin!(statement);
+            let router = &self.router;
             loop {
                 tokio::select! {
                     biased;
                     result = &mut statement => break Ok(result),
-                    () = self.timers.statement.as_mut() => {
+                    () = router.on_task_waker(self.timers.statement.as_mut()) => {
                         if Instant::now() >= deadline {
                             break Err(());
                         }
@@ -753,7 +777,14 @@ impl Session {
     /// in.
     fn lose_session(&mut self, cause: LockError) {
         if let Some(connection) = self.connection.take() {
-            connection.close_hard();
+            if self.router.polled_by_task() {
+                connection.close_hard();
+            } else {
+                // Closing it tells its pool, on the runtime of whoever closes it: leave that to
+                // the task, which runs at once.
+                self.closing.push(connection);
+                self.router.wake_task();
+            }
         }
         if !self.held.is_empty() {
             tracing::warn!(
@@ -772,6 +803,12 @@ impl Session {
     }
 
     async fn close_gracefully(&mut self) {
+        let router = Arc::clone(&self.router);
+        router.in_own_task(self.close_in_task()).await;
+    }
+
+    async fn close_in_task(&mut self) {
+        self.closing.clear();
         if !self.holds_nothing() {
             self.lose_session(LockError::backend_msg("lock session closed"));
             return;
