@@ -3,9 +3,9 @@
 //! run on a runtime that goes away, or dropped with their runtime mid-statement. Each case
 //! reads the server's lock table (`pg_locks`) afterwards.
 //!
-//! These are the acceptance tests for running statements on the callers' own tasks (tried
-//! twice, see docs/postgres.md): such a design must pass them as the session-task design does.
-//! Every lock here has one session, so all of its keys share it.
+//! Callers run the session themselves while they wait for a reply and nobody else runs it
+//! (`session::drive`; docs/postgres.md, "Who runs a session"): these are that design's
+//! acceptance tests. Every lock here has one session, so all of its keys share it.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -263,6 +263,83 @@ fn a_runtime_shutdown_mid_statement_frees_every_lock() {
         let other = pg_support::lock(LockConfig::new()).await;
         for key in std::iter::once(&held_key).chain(&looping_keys) {
             pg_support::take_and_release(&other, key).await;
+        }
+    });
+}
+
+/// Much longer than any operation here takes (well under a millisecond each on loopback), and
+/// much shorter than the command timeout of [`callers_on_many_threads_share_one_session`]: an
+/// operation that takes this long waited for a timer instead of being woken.
+const NO_LOST_WAKE_UP: Duration = Duration::from_secs(2);
+
+/// Callers drive the session while they wait for their replies. Here many of them, on several
+/// threads at once (the workers of the session's runtime, a second runtime's thread, and plain
+/// threads outside any runtime), take, check and release their own keys on one session. Every
+/// operation succeeds, none waits for a timer to wake it (the command timeout is raised far
+/// above [`NO_LOST_WAKE_UP`], so a lost wake-up shows as a slow operation, not as an error),
+/// and the keys are free at the end.
+#[test]
+fn callers_on_many_threads_share_one_session() {
+    const ROUNDS: usize = 150;
+    let prefix = common::unique_prefix("pg_many_threads");
+    let home = runtime();
+    let lock = home.block_on(pg_support::one_session_lock(LockConfig::new(), |builder| {
+        builder.command_timeout(Duration::from_secs(60))
+    }));
+    // The session task starts on the runtime of the first operation: make that this one.
+    home.block_on(pg_support::take_and_release(
+        &lock,
+        &format!("{prefix}first"),
+    ));
+    let worker = |lock: PostgresDistributedLock, name: String| async move {
+        let mut slowest = Duration::ZERO;
+        for round in 0..ROUNDS {
+            let key = format!("{name}:{}", round % 3);
+            let started = std::time::Instant::now();
+            let guard = lock.try_acquire(&key).await.expect("own key");
+            assert!(lock.is_locked(&key).await.expect("is_locked"));
+            guard.release().await.expect("release");
+            slowest = slowest.max(started.elapsed());
+        }
+        slowest
+    };
+    let mut slowest = Vec::new();
+    std::thread::scope(|scope| {
+        let mut threads = Vec::new();
+        for plain in 0..2 {
+            let (lock, name) = (lock.clone(), format!("{prefix}plain{plain}"));
+            threads.push(scope.spawn(move || futures::executor::block_on(worker(lock, name))));
+        }
+        let (lock_elsewhere, name) = (lock.clone(), format!("{prefix}elsewhere"));
+        threads.push(scope.spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(worker(lock_elsewhere, name))
+        }));
+        let home_tasks: Vec<_> = (0..6)
+            .map(|task| home.spawn(worker(lock.clone(), format!("{prefix}home{task}"))))
+            .collect();
+        for task in home_tasks {
+            slowest.push(home.block_on(task).unwrap());
+        }
+        for thread in threads {
+            slowest.push(thread.join().unwrap());
+        }
+    });
+    let slowest = slowest.into_iter().max().unwrap();
+    assert!(
+        slowest < NO_LOST_WAKE_UP,
+        "an operation took {slowest:?}: it waited for a timer"
+    );
+    home.block_on(async {
+        let mut admin = pg_support::admin().await;
+        for name in ["plain0", "plain1", "elsewhere", "home0", "home5"] {
+            for n in 0..3 {
+                let key = format!("{prefix}{name}:{n}");
+                assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
+            }
         }
     });
 }
