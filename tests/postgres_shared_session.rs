@@ -343,3 +343,43 @@ fn callers_on_many_threads_share_one_session() {
         }
     });
 }
+
+/// A session starts on the runtime of its first operation. A first operation outside any
+/// runtime gets a clear error (not a panic) and takes nothing; once the session runs, callers
+/// outside any runtime use it like the others (see `callers_on_many_threads_share_one_session`).
+#[test]
+fn a_first_operation_outside_any_runtime_is_refused_cleanly() {
+    let prefix = common::unique_prefix("pg_no_runtime");
+    let key = format!("{prefix}key");
+    let home = runtime();
+    let lock = home.block_on(one_session_lock(LockConfig::new()));
+    let outside = |lock: &PostgresDistributedLock| {
+        let lock = lock.clone();
+        let key = key.clone();
+        std::thread::spawn(move || {
+            futures::executor::block_on(async {
+                match lock.try_acquire(&key).await {
+                    Ok(guard) => guard.release().await.map(|()| true),
+                    Err(error) => Err(error),
+                }
+            })
+        })
+        .join()
+        .unwrap()
+    };
+    match outside(&lock) {
+        Err(LockError::BackendError(error)) => {
+            assert!(error.to_string().contains("runtime"), "{error}")
+        }
+        other => panic!("expected a BackendError, got {other:?}"),
+    }
+    home.block_on(async {
+        let mut admin = pg_support::admin().await;
+        assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
+        assert!(!lock.is_locked(&key).await.unwrap());
+    });
+    assert!(
+        outside(&lock).unwrap(),
+        "the running session serves callers outside any runtime"
+    );
+}

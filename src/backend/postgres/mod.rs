@@ -281,15 +281,27 @@ impl PostgresDistributedLock {
         advisory_key(key)
     }
 
-    fn session_for(&self, key: i64) -> &SessionHandle {
+    /// The session of `key`, started on the current Tokio runtime if this is its first use
+    /// (an error outside any runtime: the session's task and connection need one).
+    fn session_for(&self, key: i64) -> Result<&SessionHandle, LockError> {
         let index = (key as u64 % self.inner.sessions.len() as u64) as usize;
-        self.inner.sessions[index].get_or_init(|| {
+        let slot = &self.inner.sessions[index];
+        if let Some(session) = slot.get() {
+            return Ok(session);
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(LockError::backend_msg(
+                "a PostgreSQL lock session starts on the Tokio runtime of its first operation, \
+                 and this operation runs outside any",
+            ));
+        }
+        Ok(slot.get_or_init(|| {
             SessionHandle::spawn(
                 self.inner.pool.clone(),
                 Arc::clone(&self.inner.sql),
                 self.inner.settings,
             )
-        })
+        }))
     }
 
     fn guard(&self, key: &str, granted: Granted) -> LockGuard {
@@ -314,7 +326,7 @@ impl PostgresDistributedLock {
         let Some(claim) = self.inner.claims.try_claim(advisory) else {
             return Err(LockError::AlreadyLocked);
         };
-        let session = self.session_for(advisory);
+        let session = self.session_for(advisory)?;
         match session
             .try_lock(claim, None, self.inner.config.get_ttl(), Instant::now())
             .await?
@@ -366,7 +378,7 @@ impl PostgresDistributedLock {
                 Err(_) => return Err(LockError::Timeout.into()),
             },
         };
-        let session = self.session_for(advisory);
+        let session = self.session_for(advisory)?;
         // The previous holder released while other processes waited: they were notified, so
         // let them go first instead of retaking the lock at once (fairness across processes).
         let yield_first = claim.yield_to_others();
@@ -473,7 +485,7 @@ impl PostgresDistributedLock {
     async fn is_locked_now(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
         let advisory = self.inner.key_cache.advisory_key(key);
-        self.session_for(advisory).is_locked(advisory).await
+        self.session_for(advisory)?.is_locked(advisory).await
     }
 }
 

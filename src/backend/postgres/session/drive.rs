@@ -25,11 +25,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::sync::oneshot;
+
+use super::connection::SessionConnection;
 
 /// How often one `drive` polls the session again when it was woken during the poll, before it
 /// leaves the rest to the task.
@@ -51,6 +53,13 @@ pub(crate) struct Router {
     task_only: AtomicBool,
     /// Whether the poll in progress is the task's (written under the cell's lock).
     polled_by_task: AtomicBool,
+    /// Callers waiting for a reply right now. With more than one, a routed wake-up goes to the
+    /// task too: the driver may be a caller that is not being polled any more, and the others'
+    /// statements must not wait for it.
+    waiting: AtomicUsize,
+    /// Connections given up during a caller's poll, closed by the task (on its runtime) the
+    /// next time it runs.
+    closing: Mutex<Vec<SessionConnection>>,
 }
 
 impl Router {
@@ -62,6 +71,8 @@ impl Router {
             task_wanted: AtomicBool::new(false),
             task_only: AtomicBool::new(false),
             polled_by_task: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            closing: Mutex::new(Vec::new()),
         }
     }
 
@@ -84,7 +95,23 @@ impl Router {
     /// Before a caller sends a command it will drive itself: takes the driver out, so that the
     /// command does not wake the task (which would then take the statement's wake-ups too).
     fn quiet(&self) {
-        drop(self.driver().take());
+        let driver = self.driver().take();
+        drop(driver);
+    }
+
+    /// Leaves `connection` for the task to close (see `closing`), and wakes it.
+    pub(crate) fn close_later(&self, connection: SessionConnection) {
+        self.closing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(connection);
+        self.wake_task();
+    }
+
+    /// Makes `waker` the driver; the one it replaces is dropped after the lock is released.
+    fn set_driver(&self, waker: &Waker) {
+        let previous = self.driver().replace(waker.clone());
+        drop(previous);
     }
 
     /// A caller that cannot poll the session now (another party is polling it, or only the
@@ -94,7 +121,7 @@ impl Router {
     /// goes to the task (which clears the flag when it polls; the caller would only find the
     /// session busy again).
     fn stand_in(&self, caller: &Waker) {
-        *self.driver() = Some(caller.clone());
+        self.set_driver(caller);
         if self.woken.load(Ordering::SeqCst) {
             self.wake_task();
         }
@@ -110,8 +137,9 @@ impl Router {
         if !ours {
             return;
         }
-        *driver = self.task.get().cloned();
+        let previous = std::mem::replace(&mut *driver, self.task.get().cloned());
         drop(driver);
+        drop(previous);
         if self.woken.load(Ordering::SeqCst) {
             self.wake_task();
         }
@@ -128,18 +156,33 @@ impl Router {
     /// For opening and closing the connection (see the module docs).
     pub(crate) async fn in_own_task<T>(&self, work: impl Future<Output = T>) -> T {
         self.task_only.store(true, Ordering::SeqCst);
-        std::future::poll_fn(|_| {
-            if self.polled_by_task() {
-                Poll::Ready(())
-            } else {
-                self.wake_task();
-                Poll::Pending
-            }
-        })
-        .await;
-        let output = self.on_task_waker(work).await;
+        let output = InOwnTask { router: self, work }.await;
         self.task_only.store(false, Ordering::SeqCst);
         output
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`Router::in_own_task`]: checked at every poll, as a caller may still get hold of
+    /// the session between the flag being set and its own check of it.
+    struct InOwnTask<'r, F> {
+        router: &'r Router,
+        #[pin]
+        work: F,
+    }
+}
+
+impl<F: Future> Future for InOwnTask<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if !this.router.polled_by_task() {
+            this.router.wake_task();
+            return Poll::Pending;
+        }
+        let task = this.router.task.get().expect("the task polls");
+        this.work.poll(&mut Context::from_waker(task))
     }
 }
 
@@ -153,6 +196,9 @@ impl Wake for Router {
         let driver = self.driver().take();
         if let Some(driver) = driver {
             driver.wake();
+        }
+        if self.waiting.load(Ordering::SeqCst) > 1 {
+            self.wake_task();
         }
     }
 }
@@ -223,11 +269,14 @@ impl SessionCell {
         }
         let mut session = match self.session.try_lock() {
             Ok(session) => session,
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Only a panic outside the session's poll could poison it (that one is caught):
+            // treat the session as ended.
+            Err(std::sync::TryLockError::Poisoned(_)) => return Poll::Ready(()),
             Err(std::sync::TryLockError::WouldBlock) if by_task => {
                 // Whoever polls now looks at this once done; if it already has, the lock is
                 // free again.
                 router.task_wanted.store(true, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
                 match self.session.try_lock() {
                     Ok(session) => session,
                     Err(_) => return Poll::Pending,
@@ -244,15 +293,24 @@ impl SessionCell {
         router.polled_by_task.store(by_task, Ordering::Release);
         let mut ended = false;
         for _ in 0..REPOLLS {
-            *router.driver() = Some(waker.clone());
+            router.set_driver(waker);
             router.woken.store(false, Ordering::SeqCst);
-            if future
-                .as_mut()
-                .poll(&mut Context::from_waker(&self.routed))
-                .is_ready()
-            {
-                ended = true;
-                break;
+            let poll = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                future.as_mut().poll(&mut Context::from_waker(&self.routed))
+            }));
+            match poll {
+                Ok(Poll::Pending) => {}
+                Ok(Poll::Ready(())) => {
+                    ended = true;
+                    break;
+                }
+                Err(_) => {
+                    // As when the session ran only in its task: the session ends (its guards
+                    // report lost, waiting callers get an error), the caller does not panic.
+                    tracing::error!("the PostgreSQL lock session panicked; it is closed");
+                    ended = true;
+                    break;
+                }
             }
             // Woken while polling (a command sent by a caller that found the session busy):
             // poll again, unless only the task may go on.
@@ -262,11 +320,15 @@ impl SessionCell {
                 break;
             }
         }
-        if ended {
-            *session = None;
+        let ended_here = if ended { session.take() } else { None };
+        drop(session);
+        if let Some(finished) = ended_here {
+            drop(finished);
+            // The task ends too (if it was not the one polling).
+            router.wake_task();
             return Poll::Ready(());
         }
-        drop(session);
+        fence(Ordering::SeqCst);
         // A party that found the session busy relies on this check, made after the lock is
         // released: its command (or the task's turn) was flagged before it tried the lock.
         if router.task_wanted.swap(false, Ordering::SeqCst) || router.woken.load(Ordering::SeqCst) {
@@ -290,7 +352,37 @@ impl Future for SessionTask {
         if router.task.get().is_none() {
             let _ = router.task.set(cx.waker().clone());
         }
+        let closing = std::mem::take(
+            &mut *router
+                .closing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        drop(closing);
         self.cell.drive(cx.waker(), true)
+    }
+}
+
+/// The session goes with its task (a runtime shutting down drops its tasks before its
+/// drivers): no caller elsewhere can keep it, and its timers and connection, past the runtime.
+impl Drop for SessionTask {
+    fn drop(&mut self) {
+        let session = self
+            .cell
+            .session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(session);
+        let closing = std::mem::take(
+            &mut *self
+                .cell
+                .router
+                .closing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        drop(closing);
     }
 }
 
@@ -360,6 +452,9 @@ impl<T> Future for Reply<'_, T> {
                 .as_ref()
                 .is_some_and(|drove| drove.will_wake(cx.waker()))
             {
+                if self.drove.is_none() {
+                    cell.router.waiting.fetch_add(1, Ordering::SeqCst);
+                }
                 self.drove = Some(cx.waker().clone());
             }
         }
@@ -373,6 +468,7 @@ impl<T> Reply<'_, T> {
     fn hand_back(&mut self) {
         if let Some(waker) = self.drove.take() {
             if let Some(cell) = self.link.cell.upgrade() {
+                cell.router.waiting.fetch_sub(1, Ordering::SeqCst);
                 cell.router.hand_back(&waker);
             }
         }

@@ -89,9 +89,6 @@ struct Session {
     router: Arc<Router>,
     commands: mpsc::UnboundedReceiver<Command>,
     connection: Option<SessionConnection>,
-    /// Connections given up during a caller's poll, closed by the session task (which owns the
-    /// runtime they belong to) as soon as it runs.
-    closing: Vec<SessionConnection>,
     held: AdvisoryKeyMap<Held>,
     /// Lease deadlines of `held`, earliest first.
     expiries: BTreeSet<(Instant, i64)>,
@@ -152,7 +149,6 @@ impl Session {
             router,
             commands,
             connection: None,
-            closing: Vec::new(),
             held: AdvisoryKeyMap::default(),
             expiries: BTreeSet::new(),
             flags: AdvisoryKeyMap::default(),
@@ -165,9 +161,6 @@ impl Session {
 
     async fn run(mut self) {
         loop {
-            if !self.closing.is_empty() && self.router.polled_by_task() {
-                self.closing.clear();
-            }
             // Move a timer only if it must fire earlier; one that fires early is re-armed.
             if let Some(&(at, _)) = self.expiries.first() {
                 if at < self.timers.lease.deadline() {
@@ -782,8 +775,7 @@ impl Session {
             } else {
                 // Closing it tells its pool, on the runtime of whoever closes it: leave that to
                 // the task, which runs at once.
-                self.closing.push(connection);
-                self.router.wake_task();
+                self.router.close_later(connection);
             }
         }
         if !self.held.is_empty() {
@@ -808,7 +800,6 @@ impl Session {
     }
 
     async fn close_in_task(&mut self) {
-        self.closing.clear();
         if !self.holds_nothing() {
             self.lose_session(LockError::backend_msg("lock session closed"));
             return;
