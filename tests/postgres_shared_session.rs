@@ -383,3 +383,88 @@ fn a_first_operation_outside_any_runtime_is_refused_cleanly() {
         "the running session serves callers outside any runtime"
     );
 }
+
+/// A caller that drove the session once and was then parked must not hold up another caller
+/// that waits for its own statement. Here the other caller's statement is one that waits on
+/// the server: its `acquire` flags the key as awaited, and an admin connection holds that flag
+/// exclusively, so the statement blocks. The parked acquire then takes over as the session's
+/// driver. When the admin lets go, the waiting `acquire` must get its answer at once (the
+/// command timeout is 60 s: a wake-up that went only to the parked caller would leave it
+/// waiting that long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
+    let prefix = common::unique_prefix("pg_parked_driver");
+    let awaited = format!("{prefix}awaited");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(500))
+        .max_retries(120);
+    let lock = pg_support::one_session_lock(config, |builder| {
+        builder.command_timeout(Duration::from_secs(60))
+    })
+    .await;
+    pg_support::take_and_release(&lock, &format!("{prefix}warm")).await;
+
+    // Another process holds the key and, exclusively, its waiter flag.
+    let advisory = PostgresDistributedLock::advisory_key(&awaited);
+    let (high, low) = ((advisory >> 32) as i32, advisory as i32);
+    let mut holder = pg_support::admin().await;
+    sqlx::query("SELECT pg_advisory_lock($1), pg_advisory_lock($2, $3)")
+        .bind(advisory)
+        .bind(high)
+        .bind(low)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let (lock, awaited) = (lock.clone(), awaited.clone());
+        async move { lock.acquire(&awaited).await }
+    });
+    let admin = tokio::sync::Mutex::new(pg_support::admin().await);
+    common::wait::assert_eventually(
+        "the acquire's flag statement waits on the server",
+        || async {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND objsubid = 2 AND classid = $1::bigint::oid AND objid = $2::bigint::oid",
+            )
+            .bind(i64::from(high as u32))
+            .bind(i64::from(low as u32))
+            .fetch_one(&mut *admin.lock().await)
+            .await
+            .unwrap();
+            blocked == 1
+        },
+    )
+    .await;
+
+    // A second caller drives the session (still inside the blocked statement), then is kept
+    // without being polled.
+    let (parked_key, parked) = parked_acquire(&lock, &prefix).await;
+
+    sqlx::query("SELECT pg_advisory_unlock($1), pg_advisory_unlock($2, $3)")
+        .bind(advisory)
+        .bind(high)
+        .bind(low)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let let_go = std::time::Instant::now();
+    let guard = waiting
+        .await
+        .unwrap()
+        .expect("the waiting acquire gets the key");
+    assert!(
+        let_go.elapsed() < NO_LOST_WAKE_UP,
+        "the waiting acquire took {:?} after the key was let go: its answer waited for the \
+         parked caller",
+        let_go.elapsed()
+    );
+    guard.release().await.unwrap();
+    drop(parked);
+    lock.acquire(&parked_key)
+        .await
+        .expect("the parked acquire, dropped, leaves its key free")
+        .release()
+        .await
+        .unwrap();
+}
