@@ -13,9 +13,10 @@
 //! * the command channel and the statement's socket wake whoever polled the session last (the
 //!   caller waiting for that statement, usually), or the task once that caller has its reply or
 //!   is gone;
-//! * its timers (lease expiry, pings, a statement's deadline) always wake the task, so a caller
-//!   that polled once and was then never polled again holds up nothing but its own statement,
-//!   and that only until the statement's deadline timer fires;
+//! * its timers (lease expiry, pings, a statement's deadline) always wake the task, and while
+//!   more than one caller waits, so does every other wake-up: a caller that polled once and was
+//!   then never polled again holds up nothing but its own statement, and that only until the
+//!   next caller or the statement's deadline timer comes;
 //! * opening and closing the connection run only in the task ([`Router::in_own_task`]): a
 //!   socket belongs to the runtime that opens it, and a caller may be on a runtime that ends
 //!   sooner than the lock service.
