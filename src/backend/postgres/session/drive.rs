@@ -271,8 +271,11 @@ impl SessionCell {
         let mut session = match self.session.try_lock() {
             Ok(session) => session,
             // Only a panic outside the session's poll could poison it (that one is caught):
-            // treat the session as ended.
-            Err(std::sync::TryLockError::Poisoned(_)) => return Poll::Ready(()),
+            // treat the session as ended, and let the task see it too.
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                router.wake_task();
+                return Poll::Ready(());
+            }
             Err(std::sync::TryLockError::WouldBlock) if by_task => {
                 // Whoever polls now looks at this once done; if it already has, the lock is
                 // free again.
@@ -308,6 +311,7 @@ impl SessionCell {
                 Err(_) => {
                     // As when the session ran only in its task: the session ends (its guards
                     // report lost, waiting callers get an error), the caller does not panic.
+                    // When a caller was polling, the connection is dropped on its thread.
                     tracing::error!("the PostgreSQL lock session panicked; it is closed");
                     ended = true;
                     break;
@@ -324,9 +328,10 @@ impl SessionCell {
         let ended_here = if ended { session.take() } else { None };
         drop(session);
         if let Some(finished) = ended_here {
-            drop(finished);
-            // The task ends too (if it was not the one polling).
+            // The task ends too (if it was not the one polling). Woken first, so that it does
+            // not wait on whatever dropping the finished session costs.
             router.wake_task();
+            drop(finished);
             return Poll::Ready(());
         }
         fence(Ordering::SeqCst);
@@ -446,8 +451,8 @@ impl<T> Future for Reply<'_, T> {
                 self.hand_back();
                 return Poll::Ready(result);
             }
-            // The session ending also ends the reply (its sender is dropped).
-            let _ = cell.drive(cx.waker(), false);
+            // Counted as waiting before driving: a wake-up routed while this caller drives must
+            // already see it, or a second waiting caller could miss its turn.
             if !self
                 .drove
                 .as_ref()
@@ -458,6 +463,8 @@ impl<T> Future for Reply<'_, T> {
                 }
                 self.drove = Some(cx.waker().clone());
             }
+            // The session ending also ends the reply (its sender is dropped).
+            let _ = cell.drive(cx.waker(), false);
         }
         let result = std::task::ready!(Pin::new(&mut self.reply).poll(cx));
         self.hand_back();
