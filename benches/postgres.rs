@@ -210,8 +210,9 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
 /// its server process: on the client's vCPU about 20 µs, on the other one 50-80 µs. The
 /// placement is a coin flip per connection and sticks for a whole round, so one measurement
 /// may compare a lucky side with an unlucky one. Hence rounds, each with a fresh raw connection
-/// and a fresh lock service; in a round the two sides run in alternating batches (one side at a
-/// time), each batch summarised by its median cycle. Printed: every round,
+/// and a fresh lock service; in a round the three sides (the bare floor, the backend's
+/// statements run raw, the backend) run in alternating batches (one side at a time), each batch
+/// summarised by its median cycle. Printed: every round,
 /// the median of the round ratios, and each side's best round against the other's.
 ///
 /// Pinned: this process and both server processes (the raw connection's and the lock
@@ -227,43 +228,85 @@ fn alternating_ratio(rt: &Runtime) {
         } else {
             "unpinned"
         };
-        let (mut ratios, mut raw_best, mut backend_best) =
-            (Vec::new(), Duration::MAX, Duration::MAX);
+        let mut rounds: Vec<RoundMedians> = Vec::new();
         for round in 0..ROUNDS {
             let outcome = rt.block_on(rt.spawn(alternating_round(pinned))).unwrap();
-            let Some((raw_median, backend_median)) = outcome else {
+            let Some(medians) = outcome else {
                 println!("alternating, {label}: taskset is not available here; skipped");
                 break;
             };
-            let ratio = backend_median.as_secs_f64() / raw_median.as_secs_f64();
             println!(
-                "alternating, {label}, round {round}: raw floor {raw_median:?}, backend {backend_median:?}, ratio {ratio:.3}"
+                "alternating, {label}, round {round}: raw floor {:?}, backend's SQL {:?}, backend {:?}, ratio {:.3} (SQL alone {:.3}, backend against its SQL {:.3})",
+                medians.raw,
+                medians.backend_sql,
+                medians.backend,
+                medians.backend_ratio(),
+                medians.sql_ratio(),
+                medians.client_ratio()
             );
-            ratios.push(ratio);
-            raw_best = raw_best.min(raw_median);
-            backend_best = backend_best.min(backend_median);
+            rounds.push(medians);
         }
-        if ratios.is_empty() {
+        if rounds.is_empty() {
             continue;
         }
-        ratios.sort_by(f64::total_cmp);
-        println!(
-            "alternating, {label}: median ratio over {} rounds of {BATCHES} x {BATCH} cycles per side: {:.3}",
-            ratios.len(),
+        let median_of = |ratio: fn(&RoundMedians) -> f64| {
+            let mut ratios: Vec<f64> = rounds.iter().map(ratio).collect();
+            ratios.sort_by(f64::total_cmp);
             ratios[ratios.len() / 2]
-        );
+        };
         println!(
-            "alternating, {label}: best round raw floor {raw_best:?}, best round backend {backend_best:?}, ratio {:.3}",
+            "alternating, {label}: median ratio over {} rounds of {BATCHES} x {BATCH} cycles per side: {:.3} (the backend's SQL alone: {:.3}; the backend against its own SQL run raw: {:.3})",
+            rounds.len(),
+            median_of(RoundMedians::backend_ratio),
+            median_of(RoundMedians::sql_ratio),
+            median_of(RoundMedians::client_ratio)
+        );
+        let best = |side: fn(&RoundMedians) -> Duration| rounds.iter().map(side).min().unwrap();
+        let (raw_best, backend_best) = (best(|m| m.raw), best(|m| m.backend));
+        println!(
+            "alternating, {label}: best round raw floor {raw_best:?}, best round backend's SQL {:?}, best round backend {backend_best:?}, ratio {:.3}",
+            best(|m| m.backend_sql),
             backend_best.as_secs_f64() / raw_best.as_secs_f64()
         );
     }
 }
 
-/// One round: fresh connections, optionally pinned, alternating batches. `None` if pinning
-/// was asked for and is not possible.
-async fn alternating_round(pinned: bool) -> Option<(Duration, Duration)> {
+/// One round's median cycle on each side.
+struct RoundMedians {
+    /// The bare floor ([`Floor::Bare`]).
+    raw: Duration,
+    /// The backend's own statements, raw ([`Floor::BackendSql`]).
+    backend_sql: Duration,
+    /// [`PostgresDistributedLock`].
+    backend: Duration,
+}
+
+impl RoundMedians {
+    fn backend_ratio(&self) -> f64 {
+        self.backend.as_secs_f64() / self.raw.as_secs_f64()
+    }
+
+    fn sql_ratio(&self) -> f64 {
+        self.backend_sql.as_secs_f64() / self.raw.as_secs_f64()
+    }
+
+    /// The backend against its own statements run raw: the client's share.
+    fn client_ratio(&self) -> f64 {
+        self.backend.as_secs_f64() / self.backend_sql.as_secs_f64()
+    }
+}
+
+/// One round: fresh connections, optionally pinned, alternating batches of the three sides
+/// (both floors run on one raw connection). `None` if pinning was asked for and is not
+/// possible.
+async fn alternating_round(pinned: bool) -> Option<RoundMedians> {
     let lock = PostgresDistributedLock::new(pool().await, LockConfig::new());
     let mut conn = PgConnection::connect(&url()).await.unwrap();
+    // Lock sessions draw tokens without waiting for the disk; so does the backend's SQL here.
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let raw_key = PostgresDistributedLock::advisory_key(&unique_key("raw"));
     let backend_key = unique_key("backend");
     if pinned {
@@ -275,21 +318,28 @@ async fn alternating_round(pinned: bool) -> Option<(Duration, Duration)> {
             return None;
         }
     }
-    // Warm both, then alternate batches: one side at a time, so that each side's server
+    // Warm all three, then alternate batches: one side at a time, so that each side's server
     // process gets the machine to itself while it is measured.
     for _ in 0..WARM_UP {
         raw_cycle(&mut conn, raw_key).await;
+        backend_sql_cycle(&mut conn, raw_key).await;
         backend_cycle(&lock, &backend_key).await;
     }
-    let (mut raw_times, mut backend_times) = (Vec::new(), Vec::new());
+    let (mut raw_times, mut sql_times, mut backend_times) = (Vec::new(), Vec::new(), Vec::new());
+    let mut batch = Vec::with_capacity(BATCH);
     for _ in 0..BATCHES {
-        let mut batch = Vec::with_capacity(BATCH);
-        for _ in 0..BATCH {
-            let started = Instant::now();
-            raw_cycle(&mut conn, raw_key).await;
-            batch.push(started.elapsed());
+        for (floor, times) in [
+            (Floor::Bare, &mut raw_times),
+            (Floor::BackendSql, &mut sql_times),
+        ] {
+            batch.clear();
+            for _ in 0..BATCH {
+                let started = Instant::now();
+                floor.cycle(&mut conn, raw_key).await;
+                batch.push(started.elapsed());
+            }
+            times.push(median(&mut batch));
         }
-        raw_times.push(median(&mut batch));
         batch.clear();
         for _ in 0..BATCH {
             let started = Instant::now();
@@ -301,7 +351,11 @@ async fn alternating_round(pinned: bool) -> Option<(Duration, Duration)> {
     if pinned {
         set_affinity(std::process::id() as i32, &all_cpus());
     }
-    Some((median(&mut raw_times), median(&mut backend_times)))
+    Some(RoundMedians {
+        raw: median(&mut raw_times),
+        backend_sql: median(&mut sql_times),
+        backend: median(&mut backend_times),
+    })
 }
 
 /// The server process of the lock session that `key` uses (found in `pg_locks` while `key` is
