@@ -408,13 +408,12 @@ async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
     let advisory = PostgresDistributedLock::advisory_key(&awaited);
     let (high, low) = ((advisory >> 32) as i32, advisory as i32);
     let mut holder = pg_support::admin().await;
-    sqlx::query("SELECT pg_advisory_lock($1), pg_advisory_lock($2, $3)")
-        .bind(advisory)
-        .bind(high)
-        .bind(low)
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    on_key_and_flag(
+        &mut holder,
+        "SELECT pg_advisory_lock($1), pg_advisory_lock($2, $3)",
+        advisory,
+    )
+    .await;
     let waiting = tokio::spawn({
         let (lock, awaited) = (lock.clone(), awaited.clone());
         async move { lock.acquire(&awaited).await }
@@ -441,13 +440,12 @@ async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
     // without being polled.
     let (parked_key, parked) = parked_acquire(&lock, &prefix).await;
 
-    sqlx::query("SELECT pg_advisory_unlock($1), pg_advisory_unlock($2, $3)")
-        .bind(advisory)
-        .bind(high)
-        .bind(low)
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    on_key_and_flag(
+        &mut holder,
+        "SELECT pg_advisory_unlock($1), pg_advisory_unlock($2, $3)",
+        advisory,
+    )
+    .await;
     let let_go = std::time::Instant::now();
     let guard = waiting
         .await
@@ -465,6 +463,18 @@ async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
         .await
         .expect("the parked acquire, dropped, leaves its key free")
         .release()
+        .await
+        .unwrap();
+}
+
+/// Runs `sql` on `conn` with `$1` the advisory key `advisory` and `$2`/`$3` its waiter flag.
+async fn on_key_and_flag(conn: &mut sqlx::PgConnection, sql: &str, advisory: i64) {
+    let (high, low) = ((advisory >> 32) as i32, advisory as i32);
+    sqlx::query(sql)
+        .bind(advisory)
+        .bind(high)
+        .bind(low)
+        .execute(conn)
         .await
         .unwrap();
 }
