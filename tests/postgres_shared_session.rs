@@ -406,7 +406,6 @@ async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
 
     // Another process holds the key and, exclusively, its waiter flag.
     let advisory = PostgresDistributedLock::advisory_key(&awaited);
-    let (high, low) = ((advisory >> 32) as i32, advisory as i32);
     let mut holder = pg_support::admin().await;
     on_key_and_flag(
         &mut holder,
@@ -421,18 +420,7 @@ async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
     let admin = tokio::sync::Mutex::new(pg_support::admin().await);
     common::wait::assert_eventually(
         "the acquire's flag statement waits on the server",
-        || async {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND objsubid = 2 AND classid = $1::bigint::oid AND objid = $2::bigint::oid",
-            )
-            .bind(i64::from(high as u32))
-            .bind(i64::from(low as u32))
-            .fetch_one(&mut *admin.lock().await)
-            .await
-            .unwrap();
-            blocked == 1
-        },
+        || async { pg_support::queued_flags(&mut *admin.lock().await, &awaited).await == 1 },
     )
     .await;
 

@@ -39,24 +39,31 @@ pub async fn admin() -> PgConnection {
 
 /// Granted advisory locks (bigint form) on `key` in this database, held by any session.
 pub async fn advisory_locks(admin: &mut PgConnection, key: &str) -> i64 {
-    count_locks(admin, key, 1).await
+    count_locks(admin, key, 1, true).await
 }
 
 /// Waiter flags (the two-integer form of the same key) held by any session.
 pub async fn waiter_flags(admin: &mut PgConnection, key: &str) -> i64 {
-    count_locks(admin, key, 2).await
+    count_locks(admin, key, 2, true).await
 }
 
-async fn count_locks(admin: &mut PgConnection, key: &str, objsubid: i16) -> i64 {
+/// Requests for the waiter flag of `key` that wait on the server, not yet granted.
+pub async fn queued_flags(admin: &mut PgConnection, key: &str) -> i64 {
+    count_locks(admin, key, 2, false).await
+}
+
+async fn count_locks(admin: &mut PgConnection, key: &str, objsubid: i16, granted: bool) -> i64 {
     let advisory = PostgresDistributedLock::advisory_key(key) as u64;
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = $3 AND granted",
+         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = $3 \
+         AND granted = $4",
     )
     .bind((advisory >> 32) as i64)
     .bind((advisory & 0xffff_ffff) as i64)
     .bind(objsubid)
+    .bind(granted)
     .fetch_one(admin)
     .await
     .expect("query pg_locks")
