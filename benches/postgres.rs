@@ -8,8 +8,8 @@
 //!   raw way: what the backend's SQL costs, so that the rest of the gap is the client's work.
 //! * `postgres_cycle/backend` — `try_acquire` + `release` of [`PostgresDistributedLock`] on the
 //!   same kind of key, measured in the same process. Target: at most 1.25x the floor.
-//! * Then, printed: the same ratio from alternating single cycles (medians, robust to other
-//!   load on the machine), unpinned and with this process and both server processes pinned to
+//! * Then, printed: the same ratios from alternating batches of the three sides (medians,
+//!   robust to other load on the machine), unpinned and with this process and both server processes pinned to
 //!   one CPU (see [`alternating_ratio`]), and the contended hand-off latency
 //!   (release called → next holder's `acquire` returns), p50 and p99, with 8 tasks on one key
 //!   in one lock instance and spread over 8 instances (as 8 processes would be).
@@ -212,8 +212,8 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
 /// may compare a lucky side with an unlucky one. Hence rounds, each with a fresh raw connection
 /// and a fresh lock service; in a round the three sides (the bare floor, the backend's
 /// statements run raw, the backend) run in alternating batches (one side at a time), each batch
-/// summarised by its median cycle. Printed: every round,
-/// the median of the round ratios, and each side's best round against the other's.
+/// summarised by its median cycle. Printed: every round, the median of each round ratio, and
+/// each side's best round.
 ///
 /// Pinned: this process and both server processes (the raw connection's and the lock
 /// session's, found in `pg_locks`) are put on CPU 0 with `taskset` for the round, so both sides
@@ -262,11 +262,17 @@ fn alternating_ratio(rt: &Runtime) {
             median_of(RoundMedians::client_ratio)
         );
         let best = |side: fn(&RoundMedians) -> Duration| rounds.iter().map(side).min().unwrap();
-        let (raw_best, backend_best) = (best(|m| m.raw), best(|m| m.backend));
+        let best = RoundMedians {
+            raw: best(|m| m.raw),
+            backend_sql: best(|m| m.backend_sql),
+            backend: best(|m| m.backend),
+        };
         println!(
-            "alternating, {label}: best round raw floor {raw_best:?}, best round backend's SQL {:?}, best round backend {backend_best:?}, ratio {:.3}",
-            best(|m| m.backend_sql),
-            backend_best.as_secs_f64() / raw_best.as_secs_f64()
+            "alternating, {label}: best round raw floor {:?}, best round backend's SQL {:?}, best round backend {:?}, ratio {:.3}",
+            best.raw,
+            best.backend_sql,
+            best.backend,
+            best.backend_ratio()
         );
     }
 }
