@@ -57,10 +57,13 @@ pub trait LockHandle: Send + Sync + 'static {
     /// Releases the lock of a guard dropped without [`LockGuard::release`] (or whose release was
     /// cancelled). Must not block.
     ///
+    /// The handle is shared: the guard's keep-alive (in [`LockLayer`](crate::LockLayer)) may
+    /// hold a second reference while an extension is in flight.
+    ///
     /// The default runs [`release`](Self::release) as a task on the current tokio runtime;
     /// outside a runtime it does nothing, and the lock runs out at its TTL. Backends that can
     /// do better (release synchronously, or close a session) override it.
-    fn release_on_drop(self: Box<Self>) {
+    fn release_on_drop(self: Arc<Self>) {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
@@ -112,7 +115,7 @@ pub struct LockGuard {
     lease: Arc<Lease>,
     /// Taken only by `release` (which consumes the guard) or by `drop`: always `Some` while
     /// the guard can be used.
-    handle: Option<Box<dyn LockHandle>>,
+    handle: Option<Arc<dyn LockHandle>>,
 }
 
 impl LockGuard {
@@ -128,15 +131,15 @@ impl LockGuard {
         lease: Arc<Lease>,
         handle: impl LockHandle,
     ) -> Self {
-        Self::from_boxed(key.into(), token, fencing_token, lease, Box::new(handle))
+        Self::from_shared(key.into(), token, fencing_token, lease, Arc::new(handle))
     }
 
-    pub(crate) fn from_boxed(
+    pub(crate) fn from_shared(
         key: Arc<str>,
         token: Uuid,
         fencing_token: u64,
         lease: Arc<Lease>,
-        handle: Box<dyn LockHandle>,
+        handle: Arc<dyn LockHandle>,
     ) -> Self {
         LockGuard {
             info: LockInfo {
@@ -269,7 +272,7 @@ impl fmt::Debug for LockGuard {
 }
 
 /// Hands the handle to `release_on_drop` if a release future is dropped mid-way.
-struct ReleaseOnDrop(Option<Box<dyn LockHandle>>);
+struct ReleaseOnDrop(Option<Arc<dyn LockHandle>>);
 
 impl ReleaseOnDrop {
     fn handle(&self) -> &dyn LockHandle {

@@ -58,6 +58,16 @@ pub trait DistributedLock: Send + Sync + 'static {
 
     /// Whether someone holds the lock right now.
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send;
+
+    /// Checks that this lock can work as configured, without touching the backend.
+    ///
+    /// [`LockLayer::try_new`](crate::LockLayer::try_new) calls it, so that a bad
+    /// configuration stops the application at start-up instead of failing every request.
+    /// The built-in backends check their [`LockConfig`](crate::LockConfig); the default
+    /// accepts.
+    fn validate(&self) -> Result<(), LockError> {
+        Ok(())
+    }
 }
 
 impl<T: DistributedLock> DistributedLock for Arc<T> {
@@ -75,5 +85,9 @@ impl<T: DistributedLock> DistributedLock for Arc<T> {
 
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
         (**self).is_locked(key)
+    }
+
+    fn validate(&self) -> Result<(), LockError> {
+        (**self).validate()
     }
 }

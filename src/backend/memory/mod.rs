@@ -81,12 +81,12 @@ impl InMemoryDistributedLock {
             key: Arc::clone(&key),
             token: grant.token,
         };
-        LockGuard::from_boxed(
+        LockGuard::from_shared(
             key,
             grant.token,
             grant.fencing_token,
             grant.lease,
-            Box::new(handle),
+            Arc::new(handle),
         )
     }
 
@@ -156,6 +156,10 @@ impl DistributedLock for InMemoryDistributedLock {
 
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
         ready(validate_key(key).map(|()| self.table.is_held(key)))
+    }
+
+    fn validate(&self) -> Result<(), LockError> {
+        self.config().validate()
     }
 }
 
@@ -248,7 +252,7 @@ impl LockHandle for MemoryHandle {
         Box::pin(ready(self.table.extend(&self.key, self.token, ttl)))
     }
 
-    fn release_on_drop(self: Box<Self>) {
+    fn release_on_drop(self: Arc<Self>) {
         // Synchronous: the lock is free before the guard's drop returns.
         let _ = self.table.release(&self.key, self.token);
     }

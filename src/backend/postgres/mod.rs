@@ -310,12 +310,12 @@ impl PostgresDistributedLock {
             lease,
             lock,
         } = granted;
-        LockGuard::from_boxed(
+        LockGuard::from_shared(
             Arc::from(key),
             lock.id(),
             fencing_token,
             lease,
-            Box::new(PostgresLockHandle { lock }),
+            Arc::new(PostgresLockHandle { lock }),
         )
     }
 
@@ -540,6 +540,10 @@ impl DistributedLock for PostgresDistributedLock {
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
         self.is_locked_now(key)
     }
+
+    fn validate(&self) -> Result<(), LockError> {
+        self.config().validate()
+    }
 }
 
 /// Releases and extends one PostgreSQL lock through its session.
@@ -556,8 +560,8 @@ impl LockHandle for PostgresLockHandle {
         Box::pin(self.lock.extend(ttl))
     }
 
-    fn release_on_drop(self: Box<Self>) {
-        // Dropping the link queues the unlock on the session at once; no runtime needed.
+    fn release_on_drop(self: Arc<Self>) {
+        // Dropping the last link queues the unlock on the session at once; no runtime needed.
         drop(self);
     }
 }

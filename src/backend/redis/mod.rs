@@ -221,12 +221,12 @@ impl RedisDistributedLock {
                 settings,
             )
         });
-        LockGuard::from_boxed(
+        LockGuard::from_shared(
             key,
             token,
             fence,
             lease,
-            Box::new(RedisHandle { lock, watchdog }),
+            Arc::new(RedisHandle { lock, watchdog }),
         )
     }
 
@@ -268,6 +268,10 @@ impl DistributedLock for RedisDistributedLock {
 
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
         self.locked(key)
+    }
+
+    fn validate(&self) -> Result<(), LockError> {
+        self.config().validate()
     }
 }
 
