@@ -2,6 +2,7 @@
 //! implement behind it.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::config::validate_ttl;
+use crate::keep_alive::KeepAlive;
 use crate::{Lease, LockError};
 
 /// What a backend does for one lock it granted. A [`LockGuard`] owns one and calls it.
@@ -92,7 +94,8 @@ pub trait LockHandle: Send + Sync + 'static {
 ///   (the in-memory backend releases synchronously); outside a runtime the backend's own
 ///   fallback applies (its TTL, or the end of its session).
 /// * [`extend`](Self::extend) renews the lease; [`is_lost`](Self::is_lost) tells whether the
-///   lease ran out or the backend reported the lock gone.
+///   lease ran out or the backend reported the lock gone, and [`lost`](Self::lost) waits for
+///   it.
 ///
 /// ```
 /// use std::time::Duration;
@@ -146,6 +149,7 @@ impl LockGuard {
                 key,
                 token,
                 fencing_token,
+                lease: Arc::clone(&lease),
             },
             lease,
             handle: Some(handle),
@@ -189,21 +193,45 @@ impl LockGuard {
     /// [`LockConfig`](crate::LockConfig) would refuse; neither changes anything.
     pub async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
         validate_ttl(ttl)?;
-        if self.lease.is_lost() {
-            return Err(LockError::LockLost);
-        }
-        let sent_at = Instant::now();
-        match self.handle().extend(ttl).await {
-            Ok(()) => {
-                self.lease.renew(sent_at, ttl);
-                Ok(())
-            }
-            Err(LockError::LockLost) => {
-                self.lease.mark_lost();
-                Err(LockError::LockLost)
-            }
-            Err(other) => Err(other),
-        }
+        extend_lease(self.handle(), &self.lease, ttl).await
+    }
+
+    /// Completes once the lock is known to be lost: the lease ran out without extension, an
+    /// extension was refused, or the backend reported the lock gone (its session or
+    /// connection died). [`is_lost`](Self::is_lost) is the same signal as a poll.
+    ///
+    /// It costs one timer, re-armed by renewals; no polling. The future owns what it needs,
+    /// so it can be spawned or kept after the guard is gone.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), k1s0_distributed_lock::LockError> {
+    /// let lock = InMemoryDistributedLock::new(LockConfig::new().ttl(Duration::from_secs(30)));
+    /// let guard = lock.acquire("report:daily").await?;
+    /// tokio::select! {
+    ///     () = guard.lost() => eprintln!("lost the lock: stop before writing anything else"),
+    ///     () = async { /* the exclusive work */ } => guard.release().await?,
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.lease.lost()
+    }
+
+    /// A keep-alive that extends this lock by its lease's term every third of it, from a task
+    /// of its own, until it is dropped or `max_hold` has passed. See
+    /// [`KeepAlive`](crate::keep_alive::KeepAlive).
+    pub(crate) fn keep_alive(&self, max_hold: Duration) -> KeepAlive {
+        KeepAlive::start(
+            Arc::downgrade(self.handle.as_ref().expect(LIVE_GUARD)),
+            Arc::clone(&self.lease),
+            Arc::clone(&self.info.key),
+            max_hold,
+        )
     }
 
     /// Releases the lock.
@@ -219,7 +247,7 @@ impl LockGuard {
             // The lease ran out or the backend said the lock is gone: the answer is LockLost
             // whatever the backend says now (it may be unreachable). Still clean up, token
             // checked, so an expired-but-untaken lock does not linger until its TTL.
-            tracing::debug!(key = %self.info.key, "released a lock that was already lost");
+            tracing::warn!(key = ?self.info.key, "released a lock that was already lost");
             handle.release_on_drop();
             return Err(LockError::LockLost);
         }
@@ -232,18 +260,46 @@ impl LockGuard {
             pending.disarm();
         }
         match &result {
-            Ok(()) => tracing::trace!(key = %self.info.key, "lock released"),
+            Ok(()) => tracing::trace!(key = ?self.info.key, "lock released"),
             Err(LockError::LockLost) => {
                 self.lease.mark_lost();
-                tracing::debug!(key = %self.info.key, "released a lock that was already lost");
+                tracing::warn!(key = ?self.info.key, "released a lock that was already lost");
             }
-            Err(error) => tracing::warn!(key = %self.info.key, %error, "lock release failed"),
+            Err(error) => tracing::warn!(key = ?self.info.key, %error, "lock release failed"),
         }
         result
     }
 }
 
 const LIVE_GUARD: &str = "a guard keeps its handle until release or drop";
+
+/// Extends the lock behind `handle` and records the outcome in its lease: renewed from the
+/// moment the request was sent, or lost for good if the backend says the lock is gone.
+pub(crate) async fn extend_lease(
+    handle: &dyn LockHandle,
+    lease: &Lease,
+    ttl: Duration,
+) -> Result<(), LockError> {
+    if lease.is_lost() {
+        return Err(LockError::LockLost);
+    }
+    let sent_at = Instant::now();
+    match handle.extend(ttl).await {
+        Ok(()) => {
+            lease.renew(sent_at, ttl);
+            // A renewal that came back after the deadline does not count.
+            if lease.is_lost() {
+                return Err(LockError::LockLost);
+            }
+            Ok(())
+        }
+        Err(LockError::LockLost) => {
+            lease.mark_lost();
+            Err(LockError::LockLost)
+        }
+        Err(other) => Err(other),
+    }
+}
 
 impl LockGuard {
     fn handle(&self) -> &dyn LockHandle {
@@ -254,7 +310,7 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
-            tracing::trace!(key = %self.info.key, "lock guard dropped; releasing");
+            tracing::trace!(key = ?self.info.key, "lock guard dropped; releasing");
             handle.release_on_drop();
         }
     }
@@ -293,16 +349,61 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
-/// Which lock a piece of work runs under: key, token and fencing token.
+/// Which lock a piece of work runs under: key, token and fencing token, and whether that lock
+/// is still held.
 ///
 /// [`LockLayer`](crate::LockLayer) puts one into the request extensions, so a handler can read
-/// the lock it runs under (for example with axum's `Extension<LockInfo>`) and pass the fencing
-/// token on to storage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the lock it runs under and pass the fencing token on to storage, and a long handler can stop
+/// work it no longer owns ([`is_lost`](Self::is_lost), [`lost`](Self::lost)). In axum, read it
+/// as `Option<Extension<LockInfo>>`: a request the key extractor left unlocked, or one let
+/// through by `fail_open`, has none.
+///
+/// ```
+/// use axum::{routing::post, Extension, Router};
+/// use k1s0_distributed_lock::{layer::key, InMemoryDistributedLock, LockConfig, LockInfo, LockLayer};
+///
+/// async fn pay(lock: Option<Extension<LockInfo>>) -> String {
+///     match lock {
+///         Some(Extension(lock)) if lock.is_lost() => "lock lost: not paying".to_owned(),
+///         Some(Extension(lock)) => format!("paid under fencing token {}", lock.fencing_token()),
+///         None => "paid without a lock".to_owned(),
+///     }
+/// }
+///
+/// let lock = InMemoryDistributedLock::new(LockConfig::new());
+/// let app: Router = Router::new()
+///     .route("/orders/{id}/pay", post(pay))
+///     .layer(LockLayer::new(lock, key::path()));
+/// ```
+///
+/// Equality compares the key, the token and the fencing token.
+#[derive(Clone)]
 pub struct LockInfo {
     key: Arc<str>,
     token: Uuid,
     fencing_token: u64,
+    lease: Arc<Lease>,
+}
+
+impl PartialEq for LockInfo {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+            && self.token == other.token
+            && self.fencing_token == other.fencing_token
+    }
+}
+
+impl Eq for LockInfo {}
+
+impl fmt::Debug for LockInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockInfo")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .field("fencing_token", &self.fencing_token)
+            .field("lost", &self.lease.is_lost())
+            .finish()
+    }
 }
 
 impl LockInfo {
@@ -319,5 +420,16 @@ impl LockInfo {
     /// The fencing token of this hold.
     pub fn fencing_token(&self) -> u64 {
         self.fencing_token
+    }
+
+    /// True once the lock is known to be lost (see [`LockGuard::is_lost`]). Never turns false
+    /// again.
+    pub fn is_lost(&self) -> bool {
+        self.lease.is_lost()
+    }
+
+    /// Completes once the lock is known to be lost (see [`LockGuard::lost`]).
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.lease.lost()
     }
 }

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The local view of one lock's lease, shared between a [`LockGuard`](crate::LockGuard) and the
@@ -13,7 +14,10 @@ use tokio::time::Instant;
 /// so the local deadline never lies later than the backend's. A backend that learns the lock is
 /// gone (its session died, a renewal found another holder, a newer holder took an expired lock
 /// over) calls [`mark_lost`](Self::mark_lost). [`LockGuard::is_lost`](crate::LockGuard::is_lost)
-/// reads both.
+/// reads both, and [`lost`](Self::lost) waits for either with one timer.
+///
+/// Once lost, a lease stays lost: a renewal that arrives after the deadline passed does not
+/// revive it (the lock may have been taken by someone else in between).
 ///
 /// Backends written outside this crate create one with [`Lease::new`] and hand it to
 /// [`LockGuard::new`](crate::LockGuard::new).
@@ -21,6 +25,8 @@ use tokio::time::Instant;
 pub struct Lease {
     term: Mutex<Term>,
     lost: AtomicBool,
+    /// Wakes the [`lost`](Self::lost) futures when the deadline moves or the lease is lost.
+    changed: Notify,
 }
 
 /// The latest grant or renewal: when it was sent and the deadline it set.
@@ -39,33 +45,104 @@ impl Lease {
                 deadline: deadline_after(sent_at, ttl),
             }),
             lost: AtomicBool::new(false),
+            changed: Notify::new(),
         })
     }
 
     /// Sets the deadline to `ttl` after `sent_at` (the moment the renewal was sent), as the
     /// backend does: a shorter TTL moves it earlier. A renewal sent before the latest one
-    /// applied is stale and changes nothing; a lost lease stays lost.
+    /// applied is stale and changes nothing; a lost lease stays lost, and so does one whose
+    /// deadline has passed by the time the renewal is applied.
     pub fn renew(&self, sent_at: Instant, ttl: Duration) {
         if self.lost.load(Ordering::Acquire) {
             return;
         }
-        let mut term = self.term.lock().unwrap_or_else(PoisonError::into_inner);
-        if sent_at >= term.sent_at {
+        {
+            let mut term = self.term.lock().unwrap_or_else(PoisonError::into_inner);
+            if Instant::now() >= term.deadline {
+                // Somebody may already have seen this lease as lost: it must stay so.
+                drop(term);
+                self.mark_lost();
+                return;
+            }
+            if sent_at < term.sent_at {
+                return;
+            }
             *term = Term {
                 sent_at,
                 deadline: deadline_after(sent_at, ttl),
             };
         }
+        self.changed.notify_waiters();
     }
 
     /// Records that the lock is gone. Irreversible.
     pub fn mark_lost(&self) {
-        self.lost.store(true, Ordering::Release);
+        if !self.lost.swap(true, Ordering::AcqRel) {
+            self.changed.notify_waiters();
+        }
     }
 
-    /// True once the deadline has passed or the lock was reported gone.
+    /// True once the deadline has passed or the lock was reported gone. Never turns false
+    /// again.
     pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire) || Instant::now() >= self.deadline()
+        if self.lost.load(Ordering::Acquire) {
+            return true;
+        }
+        if Instant::now() >= self.deadline() {
+            self.lost.store(true, Ordering::Release);
+            return true;
+        }
+        false
+    }
+
+    /// Completes once the lease is lost: its deadline passed without renewal, or the backend
+    /// reported the lock gone. One timer, re-armed when a renewal moves the deadline.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::Lease;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let lease = Lease::new(tokio::time::Instant::now(), Duration::from_secs(5));
+    /// tokio::select! {
+    ///     () = lease.lost() => println!("lost: stop writing"),
+    ///     () = tokio::time::sleep(Duration::from_secs(1)) => println!("work finished in time"),
+    /// }
+    /// # }
+    /// ```
+    pub fn lost(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let lease = Arc::clone(self);
+        async move {
+            loop {
+                let changed = lease.changed.notified();
+                tokio::pin!(changed);
+                // Registered before the check, so a change in between is not missed.
+                changed.as_mut().enable();
+                if lease.is_lost() {
+                    return;
+                }
+                tokio::select! {
+                    () = changed => {}
+                    () = tokio::time::sleep_until(lease.deadline()) => {}
+                }
+            }
+        }
+    }
+
+    /// The length of the latest grant or renewal: the TTL a keep-alive renews with.
+    pub fn term(&self) -> Duration {
+        let term = self.term.lock().unwrap_or_else(PoisonError::into_inner);
+        term.deadline.saturating_duration_since(term.sent_at)
+    }
+
+    /// When the latest grant or renewal was sent.
+    pub fn renewed_at(&self) -> Instant {
+        self.term
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sent_at
     }
 
     /// The moment the lease runs out unless renewed.
@@ -117,6 +194,49 @@ mod tests {
         tokio::time::advance(Duration::from_millis(10)).await;
         assert!(lease.is_lost());
         assert_eq!(lease.remaining(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_applied_after_the_deadline_does_not_revive_the_lease() {
+        let start = Instant::now();
+        let lease = Lease::new(start, Duration::from_millis(100));
+        tokio::time::advance(Duration::from_millis(90)).await;
+        let sent_at = Instant::now();
+        // The answer to the renewal arrives after the deadline: too late.
+        tokio::time::advance(Duration::from_millis(20)).await;
+        lease.renew(sent_at, Duration::from_millis(100));
+        assert!(lease.is_lost());
+        assert_eq!(lease.remaining(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_completes_at_the_deadline_of_the_latest_renewal() {
+        let start = Instant::now();
+        let lease = Lease::new(start, Duration::from_millis(100));
+        let lost = tokio::spawn(lease.lost());
+        tokio::time::advance(Duration::from_millis(50)).await;
+        lease.renew(Instant::now(), Duration::from_millis(100));
+        tokio::time::sleep_until(start + Duration::from_millis(120)).await;
+        assert!(
+            !lost.is_finished(),
+            "the renewal moved the deadline to 150 ms"
+        );
+        tokio::time::sleep_until(start + Duration::from_millis(150)).await;
+        tokio::task::yield_now().await;
+        lost.await.unwrap();
+        assert!(lease.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_completes_when_the_backend_reports_the_lock_gone() {
+        let lease = Lease::new(Instant::now(), Duration::from_secs(3600));
+        let lost = tokio::spawn(lease.lost());
+        tokio::task::yield_now().await;
+        assert!(!lost.is_finished());
+        lease.mark_lost();
+        lost.await.unwrap();
+        // A lost() started afterwards completes at once.
+        lease.lost().await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,6 +35,7 @@ mod backend;
 mod config;
 mod error;
 mod guard;
+mod keep_alive;
 mod key;
 pub mod layer;
 mod lease;

@@ -7,66 +7,57 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
 
-use crate::LockGuard;
+use super::held::HeldLock;
 
-pin_project! {
-    /// The body of a response that passed through [`LockLayer`](super::LockLayer).
-    ///
-    /// It holds the request's lock until the body is finished. At the end of the stream (after
-    /// the last frame) the lock is released *before* the end is passed on, so a client that has
-    /// read the whole response can take the lock again at once. On a body error, or when the
-    /// body is dropped, the guard is dropped (released in the background). A refused request
-    /// carries the rejection's short body.
-    pub struct ResponseBody<B: Body> {
-        #[pin]
-        kind: Kind<B>,
-    }
+/// The body of a response that passed through [`LockLayer`](super::LockLayer).
+///
+/// It holds the request's lock until the body is finished. When the inner body has produced
+/// its last data (it reports the end of the stream, or its exact size hint reaches zero) the
+/// lock is released *before* that last frame is passed on, so a client that has read the whole
+/// response can take the lock again at once. On a body error, or when the body is dropped, the
+/// guard is dropped (released in the background). A refused request carries the rejection's
+/// short body.
+///
+/// The response future reads the first frame ahead before it answers
+/// ([`ResponseFuture`](super::ResponseFuture)): a body that is complete at once (a string, a
+/// JSON value) is released and sent together with the head, in one write.
+pub struct ResponseBody<B: Body> {
+    kind: Kind<B>,
 }
 
-/// The last frame of a finished body, kept until the lock is released.
-type LastFrame<B> = Option<Result<Frame<Bytes>, <B as Body>::Error>>;
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<B: Body> {
-        // The inner service's body, with the lock (if any).
-        Inner {
-            #[pin]
-            body: B,
-            guard: Option<LockGuard>,
-        },
-        // The inner body ended; its last frame waits for the release to finish.
-        Releasing {
-            release: BoxFuture<'static, ()>,
-            last: LastFrame<B>,
-        },
-        // Everything was passed on.
-        Finished,
-        // The layer's own answer to a refused request.
-        Rejection {
-            data: Option<Bytes>,
-        },
-    }
+enum Kind<B: Body> {
+    /// The inner service's body, with the lock (if any).
+    Inner(Inner<B>),
+    /// The layer's own answer to a refused request.
+    Rejection { data: Option<Bytes> },
 }
 
-/// Releases `guard`, logging a failure (the guard's lease will run out on its own).
-pub(crate) fn release(guard: LockGuard) -> BoxFuture<'static, ()> {
-    Box::pin(async move {
-        if let Err(error) = guard.release().await {
-            tracing::debug!(%error, "releasing the lock of a finished response failed");
-        }
-    })
+/// One frame as the body passes it on; `None` is the end of the stream.
+type Polled<B> = Option<Result<Frame<Bytes>, <B as Body>::Error>>;
+
+struct Inner<B: Body> {
+    body: Pin<Box<B>>,
+    lock: Option<HeldLock>,
+    /// The release under way; the frame that ended the body waits in `ahead` for it.
+    releasing: Option<BoxFuture<'static, ()>>,
+    /// A frame already taken from `body` and not yet passed on.
+    ahead: Option<Polled<B>>,
 }
 
-impl<B: Body> ResponseBody<B> {
-    /// A body holding `guard` until it is finished. An empty body must not hold a lock: the
-    /// response future releases before answering.
-    pub(crate) fn new(body: B, guard: Option<LockGuard>) -> Self {
-        debug_assert!(guard.is_none() || !body.is_end_stream());
+// No field is pinned in place: the inner body lives in its own box.
+impl<B: Body> Unpin for ResponseBody<B> {}
+
+impl<B: Body<Data = Bytes>> ResponseBody<B> {
+    /// A body holding `lock` until it is finished.
+    pub(crate) fn new(body: B, lock: Option<HeldLock>) -> Self {
         ResponseBody {
-            kind: Kind::Inner { body, guard },
+            kind: Kind::Inner(Inner {
+                body: Box::pin(body),
+                lock,
+                releasing: None,
+                ahead: None,
+            }),
         }
     }
 
@@ -78,12 +69,77 @@ impl<B: Body> ResponseBody<B> {
         }
     }
 
-    /// Whether this body still holds a lock.
+    /// Whether this body still holds a lock that is not known to be lost.
     pub fn holds_lock(&self) -> bool {
-        matches!(
-            self.kind,
-            Kind::Inner { guard: Some(_), .. } | Kind::Releasing { .. }
-        )
+        match &self.kind {
+            Kind::Inner(inner) => {
+                inner.releasing.is_some() || inner.lock.as_ref().is_some_and(|lock| !lock.is_lost())
+            }
+            Kind::Rejection { .. } => false,
+        }
+    }
+
+    /// Takes the first frame ahead while the lock is held, and finishes the release if that
+    /// frame ends the body. Ready once there is nothing more to gain before the head goes out:
+    /// the frame is in hand (and the lock released if it was the last), or the body is not
+    /// ready yet.
+    pub(crate) fn poll_ahead(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Kind::Inner(inner) = &mut self.kind else {
+            return Poll::Ready(());
+        };
+        if inner.ahead.is_some() || (inner.lock.is_none() && inner.releasing.is_none()) {
+            return Poll::Ready(());
+        }
+        match inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                inner.ahead = Some(frame);
+                Poll::Ready(())
+            }
+            Poll::Pending if inner.releasing.is_some() => Poll::Pending,
+            Poll::Pending => Poll::Ready(()),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Inner<B> {
+    /// The one release mechanism: passes frames on while holding the lock; at the end of the
+    /// inner body, releases before passing the last frame (or the end) on.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Polled<B>> {
+        loop {
+            if let Some(release) = &mut self.releasing {
+                ready!(release.as_mut().poll(cx));
+                self.releasing = None;
+            }
+            if let Some(frame) = self.ahead.take() {
+                return Poll::Ready(frame);
+            }
+            let frame = ready!(self.body.as_mut().poll_frame(cx));
+            let Some(lock) = self.lock.take() else {
+                return Poll::Ready(frame);
+            };
+            match &frame {
+                Some(Err(_)) => {
+                    // A broken body: drop the guard (background release), report at once.
+                    drop(lock);
+                    return Poll::Ready(frame);
+                }
+                Some(Ok(_)) if !self.inner_finished() => {
+                    self.lock = Some(lock);
+                    return Poll::Ready(frame);
+                }
+                _ => {
+                    self.releasing = Some(lock.release());
+                    self.ahead = Some(frame);
+                }
+            }
+        }
+    }
+
+    /// The inner body has no more data: it says so, or its exact size is used up (hyper stops
+    /// polling a body whose `Content-Length` has been sent). Frames that may still follow
+    /// (trailers) are passed on after the release.
+    fn inner_finished(&self) -> bool {
+        self.body.is_end_stream() || self.body.size_hint().exact() == Some(0)
     }
 }
 
@@ -98,78 +154,55 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut kind = self.project().kind;
-        loop {
-            match kind.as_mut().project() {
-                KindProj::Inner { mut body, guard } => {
-                    let frame = ready!(body.as_mut().poll_frame(cx));
-                    let ended = match &frame {
-                        Some(Ok(_)) => body.is_end_stream(),
-                        None => true,
-                        Some(Err(_)) => {
-                            // A broken body: drop the guard (background release), report at once.
-                            drop(guard.take());
-                            return Poll::Ready(frame);
-                        }
-                    };
-                    match guard.take() {
-                        Some(guard) if ended => kind.set(Kind::Releasing {
-                            release: release(guard),
-                            last: frame,
-                        }),
-                        guard_or_none => {
-                            *guard = guard_or_none;
-                            return Poll::Ready(frame);
-                        }
-                    }
-                }
-                KindProj::Releasing { release, last } => {
-                    ready!(release.as_mut().poll(cx));
-                    let last = last.take();
-                    kind.set(Kind::Finished);
-                    return Poll::Ready(last);
-                }
-                KindProj::Finished => return Poll::Ready(None),
-                KindProj::Rejection { data } => {
-                    return Poll::Ready(data.take().map(|data| Ok(Frame::data(data))));
-                }
-            }
+        match &mut self.get_mut().kind {
+            Kind::Inner(inner) => inner.poll_frame(cx),
+            Kind::Rejection { data } => Poll::Ready(data.take().map(|data| Ok(Frame::data(data)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body, .. } => body.is_end_stream(),
-            Kind::Releasing { .. } => false,
-            Kind::Finished => true,
+            Kind::Inner(inner) => match &inner.ahead {
+                Some(frame) => frame.is_none(),
+                None => {
+                    inner.lock.is_none() && inner.releasing.is_none() && inner.body.is_end_stream()
+                }
+            },
             Kind::Rejection { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Inner { body, .. } => body.size_hint(),
-            Kind::Releasing { last, .. } => match last {
-                Some(Ok(frame)) => {
-                    SizeHint::with_exact(frame.data_ref().map_or(0, |data| data.len() as u64))
-                }
-                _ => SizeHint::with_exact(0),
-            },
-            Kind::Finished => SizeHint::with_exact(0),
+        let inner = match &self.kind {
+            Kind::Inner(inner) => inner,
             Kind::Rejection { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |data| data.len() as u64))
+                return SizeHint::with_exact(data.as_ref().map_or(0, |data| data.len() as u64))
             }
+        };
+        let ahead_len = match &inner.ahead {
+            Some(None) => return SizeHint::with_exact(0),
+            Some(Some(Ok(frame))) => frame.data_ref().map_or(0, |data| data.len() as u64),
+            Some(Some(Err(_))) | None => 0,
+        };
+        let rest = inner.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(ahead_len));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(ahead_len));
         }
+        hint
     }
 }
 
 impl<B: Body> fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.kind {
-            Kind::Inner { guard: Some(_), .. } => "streaming with the lock held",
-            Kind::Inner { guard: None, .. } => "streaming unlocked",
-            Kind::Releasing { .. } => "releasing the lock",
-            Kind::Finished => "finished",
+            Kind::Inner(inner) if inner.releasing.is_some() => "releasing the lock",
+            Kind::Inner(Inner {
+                lock: Some(lock), ..
+            }) if lock.is_lost() => "streaming; the lock was lost",
+            Kind::Inner(Inner { lock: Some(_), .. }) => "streaming with the lock held",
+            Kind::Inner(_) => "streaming unlocked",
             Kind::Rejection { .. } => "rejection",
         };
         f.debug_struct("ResponseBody")

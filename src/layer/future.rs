@@ -6,12 +6,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::body::release;
+use super::held::HeldLock;
 use super::rejection::{Outcome, Rejection};
 use super::settings::Settings;
 use super::ResponseBody;
@@ -24,22 +25,27 @@ pin_project! {
     /// The response future of [`LockService`](super::LockService).
     ///
     /// It first takes the lock, then calls the inner service and polls its future while holding
-    /// the lock, and finally moves the lock into the [`ResponseBody`]. Dropping it at any point
-    /// (a client that went away) releases the lock, or abandons the acquisition.
-    pub struct ResponseFuture<S, ReqBody>
+    /// the lock (kept alive by its keep-alive), and finally moves the lock into the
+    /// [`ResponseBody`]. Before it answers, it reads the body's first frame ahead: a body that
+    /// is complete at once has its lock released before the head goes out, so the whole
+    /// response is written at once. Dropping it at any point (a client that went away)
+    /// releases the lock, or abandons the acquisition.
+    pub struct ResponseFuture<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>>,
+        ResBody: http_body::Body,
     {
         #[pin]
-        state: State<S, ReqBody>,
+        state: State<S, ReqBody, ResBody>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, ReqBody>
+    enum State<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>>,
+        ResBody: http_body::Body,
     {
         Acquiring {
             acquire: Acquire,
@@ -52,19 +58,19 @@ pin_project! {
         Readying {
             service: S,
             request: Option<Request<ReqBody>>,
-            guard: Option<LockGuard>,
+            lock: Option<HeldLock>,
         },
-        // Field order matters: the inner future is dropped before the guard, so a cancelled
+        // Field order matters: the inner future is dropped before the lock, so a cancelled
         // handler stops before its lock is released.
         Calling {
             #[pin]
             future: S::Future,
-            guard: Option<LockGuard>,
+            lock: Option<HeldLock>,
         },
-        // The response has an empty body: release, then answer.
-        Releasing {
-            release: BoxFuture<'static, ()>,
-            response: Option<S::Response>,
+        // The response is ready: its body's first frame is read ahead (and the lock released
+        // if that ends the body) before the head is passed on.
+        Answering {
+            response: Option<Response<ResponseBody<ResBody>>>,
         },
         Done,
     }
@@ -77,16 +83,14 @@ pub(crate) enum InnerService<S> {
     NeedsReady(S),
 }
 
-impl<S, ReqBody> ResponseFuture<S, ReqBody>
+impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>>,
+    ResBody: http_body::Body,
 {
     pub(crate) fn unlocked(future: S::Future) -> Self {
         ResponseFuture {
-            state: State::Calling {
-                future,
-                guard: None,
-            },
+            state: State::Calling { future, lock: None },
         }
     }
 
@@ -109,10 +113,10 @@ where
     }
 }
 
-impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: http_body::Body,
+    ResBody: http_body::Body<Data = Bytes>,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
@@ -130,10 +134,11 @@ where
                     let (key, result) = ready!(acquire.as_mut().poll(cx));
                     let service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
-                    let guard = match Outcome::of(result, settings.fail_open) {
+                    let lock = match Outcome::of(result, settings.fail_open) {
                         Outcome::Locked(guard) => {
-                            request.extensions_mut().insert(guard.info().clone());
-                            Some(guard)
+                            let lock = HeldLock::new(guard, settings);
+                            request.extensions_mut().insert(lock.info().clone());
+                            Some(lock)
                         }
                         Outcome::Unlocked => None,
                         Outcome::Refused(kind, error) => {
@@ -146,30 +151,30 @@ where
                     match service {
                         InnerService::Ready(mut service) => {
                             let future = service.call(request);
-                            state.set(State::Calling { future, guard });
+                            state.set(State::Calling { future, lock });
                         }
                         InnerService::NeedsReady(service) => state.set(State::Readying {
                             service,
                             request: Some(request),
-                            guard,
+                            lock,
                         }),
                     }
                 }
                 StateProj::Readying {
                     service,
                     request,
-                    guard,
+                    lock,
                 } => {
                     if let Err(error) = ready!(service.poll_ready(cx)) {
                         state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }
                     let request = request.take().expect("polled after completion");
-                    let guard = guard.take();
+                    let lock = lock.take();
                     let future = service.call(request);
-                    state.set(State::Calling { future, guard });
+                    state.set(State::Calling { future, lock });
                 }
-                StateProj::Calling { future, guard } => {
+                StateProj::Calling { future, lock } => {
                     let response = match ready!(future.poll(cx)) {
                         Ok(response) => response,
                         Err(error) => {
@@ -177,28 +182,26 @@ where
                             return Poll::Ready(Err(error));
                         }
                     };
-                    match guard.take() {
-                        // Nothing left to hold the lock for: release before answering, so the
-                        // client can take the lock again as soon as it has the answer.
-                        Some(guard) if response.body().is_end_stream() => {
-                            state.set(State::Releasing {
-                                release: release(guard),
-                                response: Some(response),
-                            });
-                        }
-                        guard => {
-                            state.set(State::Done);
-                            return Poll::Ready(Ok(
-                                response.map(|body| ResponseBody::new(body, guard))
-                            ));
-                        }
+                    let lock = lock.take();
+                    let locked = lock.is_some();
+                    let response = response.map(|body| ResponseBody::new(body, lock));
+                    if !locked {
+                        state.set(State::Done);
+                        return Poll::Ready(Ok(response));
                     }
+                    state.set(State::Answering {
+                        response: Some(response),
+                    });
                 }
-                StateProj::Releasing { release, response } => {
-                    ready!(release.as_mut().poll(cx));
+                StateProj::Answering { response } => {
+                    let body = response
+                        .as_mut()
+                        .expect("polled after completion")
+                        .body_mut();
+                    ready!(body.poll_ahead(cx));
                     let response = response.take().expect("polled after completion");
                     state.set(State::Done);
-                    return Poll::Ready(Ok(response.map(|body| ResponseBody::new(body, None))));
+                    return Poll::Ready(Ok(response));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -206,17 +209,18 @@ where
     }
 }
 
-impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
+impl<S, ReqBody, ResBody> fmt::Debug for ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>>,
+    ResBody: http_body::Body,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Acquiring { .. } => "acquiring",
             State::Readying { .. } => "readying the inner service with the lock held",
-            State::Calling { guard: Some(_), .. } => "calling with the lock held",
-            State::Calling { guard: None, .. } => "calling unlocked",
-            State::Releasing { .. } => "releasing the lock of an empty response",
+            State::Calling { lock: Some(_), .. } => "calling with the lock held",
+            State::Calling { lock: None, .. } => "calling unlocked",
+            State::Answering { .. } => "reading the body ahead before answering",
             State::Done => "done",
         };
         f.debug_struct("ResponseFuture")

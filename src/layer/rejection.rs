@@ -13,10 +13,12 @@ use crate::{LockError, LockGuard};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RejectionKind {
-    /// Another request holds the key (or held it for the whole waiting budget in wait mode).
+    /// Another request holds the key (or held it for the whole waiting budget in wait mode, or
+    /// [`max_waiters`](super::LockLayer::max_waiters) requests were waiting already).
     /// HTTP: the conflict status (409, or 423 if configured). gRPC: 10 `ABORTED`.
     Locked,
-    /// The extractor built a key the backend refuses (empty or too long).
+    /// The extractor built a key the backend refuses (empty or too long), or refused the
+    /// request itself ([`KeyDecision::Refuse`](super::KeyDecision::Refuse)).
     /// HTTP: 400. gRPC: 3 `INVALID_ARGUMENT`.
     InvalidKey,
     /// The lock's configuration is invalid (a server-side mistake).
@@ -49,9 +51,15 @@ impl Rejection {
         settings: &Settings,
     ) -> Self {
         match kind {
-            RejectionKind::Locked => tracing::debug!(%key, "request refused: the key is locked"),
+            RejectionKind::Locked => {
+                tracing::debug!(key = ?key, "request refused: the key is locked")
+            }
+            // The client's doing: nothing for an operator to act on.
+            RejectionKind::InvalidKey => {
+                tracing::debug!(key = ?key, %error, "request refused: no lockable key")
+            }
             _ => {
-                tracing::warn!(%key, %error, ?kind, "request refused: the lock could not be taken")
+                tracing::warn!(key = ?key, %error, ?kind, "request refused: the lock could not be taken")
             }
         }
         Rejection {

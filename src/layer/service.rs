@@ -5,13 +5,18 @@ use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderMap, Request, Response};
+use std::future::ready;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
 use tower_service::Service;
 
 use super::future::{Acquire, InnerService, ResponseFuture};
+use super::key::KeyDecision;
 use super::settings::Settings;
+use super::waiters::WaiterSlot;
 use super::ResponseBody;
-use crate::DistributedLock;
+use crate::{DistributedLock, LockError};
 
 /// The service [`LockLayer`](super::LockLayer) wraps around an inner service.
 ///
@@ -55,11 +60,11 @@ impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for LockService<S, B>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     B: DistributedLock,
-    ResBody: http_body::Body,
+    ResBody: http_body::Body<Data = Bytes>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, ReqBody>;
+    type Future = ResponseFuture<S, ReqBody, ResBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -67,17 +72,17 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (parts, body) = request.into_parts();
-        let key = (self.settings.extractor)(&parts);
+        let decision = (self.settings.extractor)(&parts);
         let request = Request::from_parts(parts, body);
-        let Some(key) = key else {
-            return ResponseFuture::unlocked(self.inner.call(request));
+        let acquire = match decision {
+            KeyDecision::Lock(key) => self.acquire(key),
+            KeyDecision::PassUnlocked => return ResponseFuture::unlocked(self.inner.call(request)),
+            KeyDecision::Refuse(reason) => refused(LockError::invalid_key(reason)),
         };
         let grpc = is_grpc(request.headers());
         let fresh = self.inner.clone();
         let ready = mem::replace(&mut self.inner, fresh);
-        let wait = self.settings.wait;
-        let acquire = acquire(Arc::clone(&self.lock), key, wait);
-        let service = if wait {
+        let service = if self.settings.wait {
             // A wait may last the whole budget: give the capacity reserved by poll_ready back
             // (a concurrency permit, a buffer slot) and reserve again once the lock is held, so
             // requests queued on a hot key do not starve requests for other keys.
@@ -91,22 +96,54 @@ where
     }
 }
 
-fn acquire<B: DistributedLock>(lock: Arc<B>, key: String, wait: bool) -> Acquire {
-    Box::pin(async move {
-        let result = if wait {
-            lock.acquire(&key).await
-        } else {
-            lock.try_acquire(&key).await
+impl<S, B: DistributedLock> LockService<S, B> {
+    /// The acquisition of `key`: `try_acquire`, or in wait mode `acquire` within a place among
+    /// the layer's waiters (none left: refused as locked at once).
+    fn acquire(&self, key: String) -> Acquire {
+        let lock = Arc::clone(&self.lock);
+        if !self.settings.wait {
+            return Box::pin(async move {
+                let result = lock.try_acquire(&key).await;
+                (key, result)
+            });
+        }
+        let slot = match self.settings.max_waiters {
+            None => None,
+            Some(max) => match WaiterSlot::try_take(&self.settings.waiting, max) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!(key = ?key, max_waiters = max, "request refused: too many requests waiting for locks");
+                    return Box::pin(ready((key, Err(LockError::AlreadyLocked))));
+                }
+            },
         };
-        (key, result)
-    })
+        Box::pin(async move {
+            let result = lock.acquire(&key).await;
+            drop(slot);
+            (key, result)
+        })
+    }
 }
 
-/// gRPC requests carry `content-type: application/grpc` (optionally `+proto` and the like).
+/// An acquisition that is refused before it starts.
+fn refused(error: LockError) -> Acquire {
+    Box::pin(ready((String::new(), Err(error))))
+}
+
+/// gRPC requests carry `content-type: application/grpc`, optionally with a codec
+/// (`application/grpc+proto`), in any case. `application/grpc-web…` is another protocol, whose
+/// errors need another content type: it is answered as HTTP.
 fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
+    const GRPC: &[u8] = b"application/grpc";
+    let Some(value) = headers
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+        .map(HeaderValue::as_bytes)
+    else {
+        return false;
+    };
+    value.len() >= GRPC.len()
+        && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+        && matches!(value.get(GRPC.len()), None | Some(b'+' | b';'))
 }
 
 impl<S: Clone, B> Clone for LockService<S, B> {
@@ -150,5 +187,18 @@ mod tests {
             "application/grpc+proto".parse().unwrap(),
         );
         assert!(is_grpc(&headers));
+        for grpc in ["Application/GRPC", "application/grpc;charset=utf-8"] {
+            headers.insert(http::header::CONTENT_TYPE, grpc.parse().unwrap());
+            assert!(is_grpc(&headers), "{grpc}");
+        }
+        for other in [
+            "application/grpc-web",
+            "application/grpc-web+proto",
+            "application/grpcx",
+            "application/grp",
+        ] {
+            headers.insert(http::header::CONTENT_TYPE, other.parse().unwrap());
+            assert!(!is_grpc(&headers), "{other}");
+        }
     }
 }
