@@ -144,5 +144,6 @@ pub mod load;
 pub mod proxy;
 #[cfg(feature = "redis")]
 pub mod redis_conn;
+pub mod slow_release;
 pub mod suites;
 pub mod wait;
