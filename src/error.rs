@@ -26,8 +26,9 @@ pub enum LockError {
     /// The key is held by another holder (`try_acquire`).
     #[error("the lock is already held")]
     AlreadyLocked,
-    /// The key stayed held for the whole waiting budget of `acquire`
-    /// (`retry_interval * max_retries`).
+    /// The key stayed held by another holder for the whole waiting budget of `acquire`
+    /// (`retry_interval * max_retries`): the backend's last answer said it was held. A backend
+    /// that did not answer in that time gives [`LockError::BackendError`], not this.
     #[error("timed out waiting for the lock")]
     Timeout,
     /// The backend failed or could not be reached. The source error says why.

@@ -4,11 +4,17 @@
 #![cfg(any(feature = "postgres", feature = "redis"))]
 
 mod common;
+#[cfg(feature = "postgres")]
+mod pg_support;
 
 use std::time::Duration;
 
 use common::backends::Backend;
-use common::faults::{holder_cut_off, slow_network, stalled_server};
+use common::faults::{
+    held_for_the_whole_budget_is_a_timeout, holder_cut_off, slow_network,
+    stall_while_waiting_is_a_backend_error, stalled_acquires_fail_as_backend_errors,
+    stalled_server, waiting_layer_over_a_stalled_server_answers_503,
+};
 use common::proxy::FaultProxy;
 use k1s0_distributed_lock::LockConfig;
 
@@ -198,4 +204,135 @@ async fn redis_waiters_get_subscribed_over_a_pub_sub_link_slower_than_their_poll
     .await;
     lock.release(holder).await.unwrap();
     lock.release(waiter.await.unwrap().unwrap()).await.unwrap();
+}
+
+/// Budget and command timeout of the stall tests below: a budget well under the command
+/// timeout, so that a caller reporting `Timeout` at the end of its budget is told apart from
+/// one that waited for the server's (missing) answer.
+const STALL_BUDGET: Duration = Duration::from_millis(500);
+const STALL_COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
+
+fn stall_config() -> LockConfig {
+    LockConfig::new()
+        .ttl(Duration::from_secs(10))
+        .retry_interval(Duration::from_millis(20))
+        .max_retries(25)
+}
+
+/// Every caller must be answered within about the budget plus one command timeout.
+fn stall_limit() -> Duration {
+    assert_eq!(stall_config().wait_budget(), STALL_BUDGET);
+    STALL_BUDGET + STALL_COMMAND_TIMEOUT + Duration::from_millis(500)
+}
+
+async fn stall_through_proxy(
+    backend: Backend,
+) -> (std::sync::Arc<FaultProxy>, common::backends::AnyLock) {
+    let proxy = FaultProxy::start(backend.server_address().await).await;
+    let url = backend.url_via(proxy.address()).await;
+    let lock = backend
+        .lock_at(Some(url), stall_config(), Some(STALL_COMMAND_TIMEOUT))
+        .await;
+    (proxy, lock)
+}
+
+server_backend_tests!(
+    acquires_on_a_stalled_server_are_backend_errors_not_timeouts,
+    a_waiting_layer_over_a_stalled_server_answers_503_not_409
+);
+
+backend_tests!(a_key_held_for_the_whole_budget_is_a_timeout);
+
+async fn acquires_on_a_stalled_server_are_backend_errors_not_timeouts(backend: Backend) {
+    let (proxy, via_proxy) = stall_through_proxy(backend).await;
+    let key = format!("{}stalled-acquires", common::unique_prefix("fault"));
+    let measured =
+        stalled_acquires_fail_as_backend_errors(&via_proxy, &proxy, &key, stall_limit()).await;
+    println!("{}: {measured:?}", backend.name());
+}
+
+async fn a_waiting_layer_over_a_stalled_server_answers_503_not_409(backend: Backend) {
+    let (proxy, via_proxy) = stall_through_proxy(backend).await;
+    let prefix = common::unique_prefix("fault-layer");
+    let measured =
+        waiting_layer_over_a_stalled_server_answers_503(&via_proxy, &proxy, &prefix, stall_limit())
+            .await;
+    println!("{}: {measured:?}", backend.name());
+}
+
+async fn a_key_held_for_the_whole_budget_is_a_timeout(backend: Backend) {
+    let holder = backend.lock(stall_config()).await;
+    let prefix = common::unique_prefix("held");
+    // No server trouble here: the callers end about when their budget does.
+    let limit = STALL_BUDGET + Duration::from_millis(500);
+    // Held by the same lock object (on PostgreSQL the holder's claim is ahead of the callers
+    // in the process)...
+    let key = format!("{prefix}same-object");
+    held_for_the_whole_budget_is_a_timeout(&holder, &holder, &key, STALL_BUDGET, limit).await;
+    if backend != Backend::Memory {
+        // ...and by another one (like another process: the first caller asks the server).
+        let waiters = backend.lock(stall_config()).await;
+        let key = format!("{prefix}other-object");
+        held_for_the_whole_budget_is_a_timeout(&holder, &waiters, &key, STALL_BUDGET, limit).await;
+    }
+}
+
+/// PostgreSQL: the first waiter is waiting on the server (its flag is set), the second is
+/// queued in the process behind it; then the server stalls.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_waiters_stalled_while_waiting_get_backend_errors() {
+    let (proxy, via_proxy) = stall_through_proxy(Backend::Postgres).await;
+    let holder = Backend::Postgres.lock(stall_config()).await;
+    let key = format!("{}stalled-waiters", common::unique_prefix("fault"));
+    let admin = pg_support::pool(1).await;
+    let measured = stall_while_waiting_is_a_backend_error(
+        &holder,
+        &via_proxy,
+        &proxy,
+        &key,
+        stall_limit(),
+        || async {
+            let mut admin = admin.acquire().await.unwrap();
+            pg_support::waiter_flags(&mut admin, &key).await > 0
+        },
+    )
+    .await;
+    println!("postgres: {measured:?}");
+}
+
+/// Redis: both waiters are in the key's wait queue; then the server stalls.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_waiters_stalled_while_waiting_get_backend_errors() {
+    use k1s0_distributed_lock::bb8_redis::redis;
+
+    let (proxy, via_proxy) = stall_through_proxy(Backend::Redis).await;
+    let holder = Backend::Redis.lock(stall_config()).await;
+    let key = format!("{}stalled-waiters", common::unique_prefix("fault"));
+    let common::backends::AnyLock::Redis(redis_lock) = &via_proxy else {
+        unreachable!("a Redis lock")
+    };
+    let queue = format!("{}:queue", redis_lock.redis_key(&key));
+    let connection = common::redis_conn::connection(&common::redis_url().await).await;
+    let measured = stall_while_waiting_is_a_backend_error(
+        &holder,
+        &via_proxy,
+        &proxy,
+        &key,
+        stall_limit(),
+        || {
+            let (mut connection, queue) = (connection.clone(), queue.clone());
+            async move {
+                redis::cmd("LLEN")
+                    .arg(&queue)
+                    .query_async::<usize>(&mut connection)
+                    .await
+                    .unwrap()
+                    == 2
+            }
+        },
+    )
+    .await;
+    println!("redis: {measured:?}");
 }

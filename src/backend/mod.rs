@@ -45,7 +45,15 @@ pub trait DistributedLock: Send + Sync + 'static {
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
 
     /// Takes the lock, waiting up to the configured budget
-    /// (`retry_interval * max_retries`) for it to come free; then [`LockError::Timeout`].
+    /// (`retry_interval * max_retries`) for it to come free.
+    ///
+    /// [`LockError::Timeout`] means the key was held by another holder for the whole budget:
+    /// the backend's last answer before the budget ran out said so. When the backend could not
+    /// answer (a stalled or unreachable server, a command timeout, or, on PostgreSQL, a task
+    /// of this process queued ahead on the same key whose statement got no answer) the result
+    /// is [`LockError::BackendError`] instead, within about the budget plus the backend's
+    /// command timeout. A Tower [`LockLayer`](crate::LockLayer) in `.wait()` mode answers the
+    /// first with a conflict (409) and the second with 503.
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
 
     /// Gives the lock back; [`LockError::LockLost`] if it had expired or was taken over.

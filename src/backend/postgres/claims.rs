@@ -5,12 +5,19 @@
 //! [`KeyClaim`] is the local right to hold, or to try for, one advisory key. Claims are
 //! exclusive per key; tasks that want a claimed key queue first in, first out, and dropping a
 //! claim hands it straight to the longest-waiting task that is still listening.
+//!
+//! A queued task whose waiting budget runs out must tell a key that stayed held (`Timeout`)
+//! from a server that did not answer (`BackendError`), though only the task ahead of it talks
+//! to the server. So the table also records, per key, whether the last statement sent for it
+//! is still unanswered ([`KeyClaim::asking_server`], [`KeyClaim::answered`]), and
+//! [`ClaimTable::overdue`] decides from that.
 
 use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
 
 use super::key_hash::AdvisoryKeyMap;
 
@@ -19,7 +26,31 @@ const SHARDS: usize = 16;
 /// The claims of one lock service.
 #[derive(Default)]
 pub(super) struct ClaimTable {
-    shards: [Mutex<AdvisoryKeyMap<VecDeque<oneshot::Sender<KeyClaim>>>>; SHARDS],
+    shards: [Mutex<AdvisoryKeyMap<KeyEntry>>; SHARDS],
+}
+
+/// A claimed key: the tasks queued for it, and whether the server owes an answer about it.
+#[derive(Default)]
+struct KeyEntry {
+    queue: VecDeque<oneshot::Sender<KeyClaim>>,
+    /// A statement about this key was sent and has had no answer: it is in flight, or it
+    /// failed (a stalled server, a command timeout, a lost session). Stays set when the claim
+    /// passes on after a failure; cleared by the next answer, or when the key is unclaimed.
+    unanswered: bool,
+    /// Told when `unanswered` is cleared; made by the first overdue task that waits for it.
+    answered: Option<watch::Sender<()>>,
+}
+
+/// What a queued task learns from [`ClaimTable::overdue`] once its waiting budget is spent.
+pub(super) enum Overdue {
+    /// The task ahead holds the key, or the server's last answer about it said it is held.
+    Held,
+    /// The last statement about the key got no answer (in time): nobody can tell whether the
+    /// key stayed held.
+    Unanswered,
+    /// The key came to this task after all, with the server's last answer in: the task ahead
+    /// gave it up before asking.
+    Claimed(KeyClaim),
 }
 
 /// What [`ClaimTable::claim_or_queue`] gives.
@@ -40,6 +71,9 @@ pub(super) struct KeyClaim {
     /// Set when the lock was just released to waiters of other processes: the task that gets
     /// the claim next lets them go first (see `PostgresDistributedLock::acquire`).
     yield_to_others: bool,
+    /// The key's `unanswered` before [`asking_server`](KeyClaim::asking_server), for
+    /// [`not_asked`](KeyClaim::not_asked).
+    unanswered_before: bool,
 }
 
 impl ClaimTable {
@@ -48,7 +82,7 @@ impl ClaimTable {
         match self.shard(key).entry(key) {
             Entry::Occupied(_) => None,
             Entry::Vacant(slot) => {
-                slot.insert(VecDeque::new());
+                slot.insert(KeyEntry::default());
                 Some(self.new_claim(key))
             }
         }
@@ -57,14 +91,50 @@ impl ClaimTable {
     /// Claims `key`, or queues the caller behind the tasks that have or want it.
     pub(super) fn claim_or_queue(self: &Arc<Self>, key: i64) -> Claim {
         match self.shard(key).entry(key) {
-            Entry::Occupied(mut queue) => {
+            Entry::Occupied(mut entry) => {
                 let (sender, receiver) = oneshot::channel();
-                queue.get_mut().push_back(sender);
+                entry.get_mut().queue.push_back(sender);
                 Claim::Queued(receiver)
             }
             Entry::Vacant(slot) => {
-                slot.insert(VecDeque::new());
+                slot.insert(KeyEntry::default());
                 Claim::Claimed(self.new_claim(key))
+            }
+        }
+    }
+
+    /// Decides the outcome of a task queued for `key` (its place is `turn`) whose waiting
+    /// budget is spent. If nothing is owed by the server, the key stayed held: `Held`. If a
+    /// statement about it is in flight, its answer decides: a reply in time means the key is
+    /// held by the task ahead (it got the lock, or the server said someone else has it); none
+    /// by `give_up_at`, or a failure (the claim then reaches this task with the answer still
+    /// owed), is `Unanswered`.
+    pub(super) async fn overdue(
+        self: &Arc<Self>,
+        key: i64,
+        mut turn: oneshot::Receiver<KeyClaim>,
+        give_up_at: Instant,
+    ) -> Overdue {
+        loop {
+            let mut answered = {
+                let mut shard = self.shard(key);
+                match shard.get_mut(&key) {
+                    Some(entry) if entry.unanswered => entry
+                        .answered
+                        .get_or_insert_with(|| watch::channel(()).0)
+                        .subscribe(),
+                    _ => return Overdue::Held,
+                }
+            };
+            tokio::select! {
+                claim = &mut turn => return match claim {
+                    Ok(claim) if claim.is_unanswered() => Overdue::Unanswered,
+                    Ok(claim) => Overdue::Claimed(claim),
+                    Err(_) => Overdue::Unanswered,
+                },
+                // Answered (or the sender went with the entry): look again.
+                _ = answered.changed() => {}
+                () = tokio::time::sleep_until(give_up_at) => return Overdue::Unanswered,
             }
         }
     }
@@ -81,19 +151,20 @@ impl ClaimTable {
             key,
             live: true,
             yield_to_others: false,
+            unanswered_before: false,
         }
     }
 
     /// Gives a dropped claim to the first queued task still listening, or frees the key.
     fn pass_on(self: &Arc<Self>, key: i64, yield_to_others: bool) {
         let mut shard = self.shard(key);
-        let Some(queue) = shard.get_mut(&key) else {
+        let Some(entry) = shard.get_mut(&key) else {
             debug_assert!(false, "a live claim always has its table entry");
             return;
         };
         let mut claim = self.new_claim(key);
         claim.yield_to_others = yield_to_others;
-        while let Some(next) = queue.pop_front() {
+        while let Some(next) = entry.queue.pop_front() {
             match next.send(claim) {
                 Ok(()) => return,
                 // That task gave up waiting; try the next one with the same claim.
@@ -104,10 +175,7 @@ impl ClaimTable {
         shard.remove(&key);
     }
 
-    fn shard(
-        &self,
-        key: i64,
-    ) -> MutexGuard<'_, AdvisoryKeyMap<VecDeque<oneshot::Sender<KeyClaim>>>> {
+    fn shard(&self, key: i64) -> MutexGuard<'_, AdvisoryKeyMap<KeyEntry>> {
         // Every update is a single insert, remove or queue operation, so a shard poisoned by a
         // panic elsewhere is still consistent.
         self.shards[(key as u64 % SHARDS as u64) as usize]
@@ -131,6 +199,46 @@ impl KeyClaim {
     /// should give them a head start instead of retaking the lock at once.
     pub(super) fn yield_to_others(&self) -> bool {
         self.yield_to_others
+    }
+
+    /// Records that a statement about this key is being sent: until [`answered`](Self::answered),
+    /// tasks queued behind this one cannot tell whether the key is held.
+    pub(super) fn asking_server(&mut self) {
+        self.unanswered_before =
+            self.with_entry(|entry| std::mem::replace(&mut entry.unanswered, true));
+    }
+
+    /// Records that the server answered a statement about this key.
+    pub(super) fn answered(&self) {
+        self.with_entry(|entry| {
+            if std::mem::take(&mut entry.unanswered) {
+                if let Some(answered) = &entry.answered {
+                    answered.send_replace(());
+                }
+            }
+        });
+    }
+
+    /// Undoes [`asking_server`](Self::asking_server) when the statement was never run (its
+    /// caller left before the session got to it).
+    pub(super) fn not_asked(&self) {
+        let before = self.unanswered_before;
+        self.with_entry(|entry| entry.unanswered = before);
+    }
+
+    fn is_unanswered(&self) -> bool {
+        self.with_entry(|entry| entry.unanswered)
+    }
+
+    fn with_entry<T: Default>(&self, f: impl FnOnce(&mut KeyEntry) -> T) -> T {
+        let mut shard = self.table.shard(self.key);
+        match shard.get_mut(&self.key) {
+            Some(entry) => f(entry),
+            None => {
+                debug_assert!(false, "a live claim always has its table entry");
+                T::default()
+            }
+        }
     }
 }
 
@@ -173,6 +281,79 @@ mod tests {
         drop(third);
         assert!(!table.is_claimed(7));
         assert!(table.try_claim(7).is_some());
+    }
+
+    fn queued(table: &Arc<ClaimTable>, key: i64) -> oneshot::Receiver<KeyClaim> {
+        match table.claim_or_queue(key) {
+            Claim::Queued(turn) => turn,
+            Claim::Claimed(_) => panic!("claimed key must queue"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overdue_task_sees_whether_the_server_owes_an_answer() {
+        let table = Arc::new(ClaimTable::default());
+        let give_up_at = || Instant::now() + std::time::Duration::from_secs(1);
+
+        // Nothing asked, or asked and answered: the key is held by the task ahead.
+        let mut first = table.try_claim(3).expect("free key");
+        assert!(matches!(
+            table.overdue(3, queued(&table, 3), give_up_at()).await,
+            Overdue::Held
+        ));
+        first.asking_server();
+        first.answered();
+        assert!(matches!(
+            table.overdue(3, queued(&table, 3), give_up_at()).await,
+            Overdue::Held
+        ));
+
+        // Asked and never answered: no answer by the bound.
+        first.asking_server();
+        let started = Instant::now();
+        assert!(matches!(
+            table.overdue(3, queued(&table, 3), give_up_at()).await,
+            Overdue::Unanswered
+        ));
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(1));
+
+        // An answer that arrives while the task waits: held.
+        let waiting = tokio::spawn({
+            let (table, turn) = (Arc::clone(&table), queued(&table, 3));
+            async move { table.overdue(3, turn, give_up_at()).await }
+        });
+        tokio::task::yield_now().await;
+        first.answered();
+        assert!(matches!(waiting.await.unwrap(), Overdue::Held));
+
+        // A failure (the claim passes on with the answer owed) reaches every overdue task in
+        // turn, and a task that then asks and gets an answer clears it.
+        first.asking_server();
+        let (second, third) = (queued(&table, 3), queued(&table, 3));
+        let second = tokio::spawn({
+            let table = Arc::clone(&table);
+            async move { table.overdue(3, second, give_up_at()).await }
+        });
+        let third = tokio::spawn({
+            let table = Arc::clone(&table);
+            async move { table.overdue(3, third, give_up_at()).await }
+        });
+        let Claim::Queued(fourth) = table.claim_or_queue(3) else {
+            panic!("claimed key must queue");
+        };
+        tokio::task::yield_now().await;
+        let started = Instant::now();
+        drop(first);
+        assert!(matches!(second.await.unwrap(), Overdue::Unanswered));
+        assert!(matches!(third.await.unwrap(), Overdue::Unanswered));
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+        let mut fourth = fourth.await.expect("the claim reaches the next task");
+        assert!(fourth.is_unanswered());
+        fourth.asking_server();
+        fourth.answered();
+        assert!(!fourth.is_unanswered());
+        drop(fourth);
+        assert!(!table.is_claimed(3));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use sqlx::PgPool;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use self::claims::{Claim, ClaimTable};
+use self::claims::{Claim, ClaimTable, Overdue};
 use self::key_hash::{advisory_key, AdvisoryKeyCache};
 use self::notify::{Listener, WakeHub};
 use self::session::{Granted, HeldLockRef, SessionHandle, SessionSettings, TryOutcome};
@@ -370,12 +370,21 @@ impl PostgresDistributedLock {
         // First in line among the tasks of this process.
         let claim = match self.inner.claims.claim_or_queue(advisory) {
             Claim::Claimed(claim) => claim,
-            Claim::Queued(turn) => match tokio::time::timeout_at(deadline, turn).await {
+            Claim::Queued(mut turn) => match tokio::time::timeout_at(deadline, &mut turn).await {
                 Ok(Ok(claim)) => claim,
                 Ok(Err(_)) => {
                     return Err(LockError::backend_msg("the lock claim queue was dropped").into())
                 }
-                Err(_) => return Err(LockError::Timeout.into()),
+                // The budget is spent, but only the task ahead talks to the server: `Timeout`
+                // only if the key is known to be held, not when the server owes an answer.
+                Err(_) => {
+                    let give_up_at = deadline + self.inner.settings.command_timeout;
+                    match self.inner.claims.overdue(advisory, turn, give_up_at).await {
+                        Overdue::Held => return Err(LockError::Timeout.into()),
+                        Overdue::Unanswered => return Err(no_answer(config.wait_budget()).into()),
+                        Overdue::Claimed(claim) => claim,
+                    }
+                }
             },
         };
         let session = self.session_for(advisory)?;
@@ -410,10 +419,12 @@ impl PostgresDistributedLock {
             }
         };
         let flag_sent_at = Instant::now();
+        claim.asking_server();
         let flag = session
             .set_flag(advisory)
             .await
             .map_err(WaitError::while_waiting)?;
+        claim.answered();
         // Long enough for a notified waiter elsewhere to retry (about a round trip after the
         // notification), short enough to cost little if none does.
         let head_start = (flag_sent_at.elapsed() * YIELD_ROUND_TRIPS)
@@ -487,6 +498,15 @@ impl PostgresDistributedLock {
         let advisory = self.inner.key_cache.advisory_key(key);
         self.session_for(advisory)?.is_locked(advisory).await
     }
+}
+
+/// A queued caller's budget ran out while the server owed an answer about its key.
+fn no_answer(budget: Duration) -> LockError {
+    LockError::backend_msg(format!(
+        "no answer from the PostgreSQL server about this key: the task ahead in this process \
+         sent a statement that was not answered within the waiting budget of {budget:?} and \
+         the command timeout"
+    ))
 }
 
 /// Why one wait for a lock ended without it.

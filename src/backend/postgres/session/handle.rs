@@ -89,11 +89,12 @@ impl SessionHandle {
     /// With `flag`, a successful attempt also drops that waiter flag.
     pub(crate) async fn try_lock(
         &self,
-        claim: KeyClaim,
+        mut claim: KeyClaim,
         flag: Option<&WaitFlag>,
         ttl: Duration,
         sent_at: Instant,
     ) -> Result<TryOutcome, LockError> {
+        claim.asking_server();
         let (reply, answer) = oneshot::channel();
         let command = Command::TryLock {
             claim,

@@ -279,6 +279,7 @@ impl Session {
     ) {
         if reply.is_closed() {
             // The caller gave up before its turn; dropping the claim lets the next one in.
+            claim.not_asked();
             return;
         }
         let key = claim.key();
@@ -289,7 +290,11 @@ impl Session {
                 .is_some_and(|ids| ids.len() == 1 && ids.contains(id))
         });
         let token = match self.run_try_lock(key, unflag.is_some()).await {
-            Ok(token) => token,
+            Ok(token) => {
+                claim.answered();
+                token
+            }
+            // The claim passes on with the answer still owed (see `ClaimTable::overdue`).
             Err(failure) => {
                 if let Failure::Statement(_) = &failure {
                     // A session lock taken before the error would survive it.
