@@ -347,7 +347,11 @@ impl PostgresDistributedLock {
             // broke): nothing was lost, so wait on with a fresh session, once. A server that is
             // really gone fails that second attempt at its first statement.
             Err(WaitError::SessionLostWhileWaiting(error)) if Instant::now() < deadline => {
-                tracing::debug!(%error, key, "lock session lost while waiting; waiting on with a new one");
+                tracing::debug!(
+                    error = &error as &dyn std::error::Error,
+                    key,
+                    "lock session lost while waiting; waiting on with a new one"
+                );
                 self.wait_for_lock(key, advisory, deadline)
                     .await
                     .map_err(WaitError::into_lock_error)
@@ -401,7 +405,10 @@ impl PostgresDistributedLock {
         let listening = match tokio::time::timeout_at(deadline, self.listener()).await {
             Ok(Ok(())) => true,
             Ok(Err(error)) => {
-                tracing::warn!(%error, "cannot LISTEN for lock releases; waiting by polling");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "cannot LISTEN for lock releases; waiting by polling"
+                );
                 false
             }
             Err(_) => {

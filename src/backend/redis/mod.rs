@@ -331,7 +331,7 @@ impl PendingAcquire<'_> {
         };
         let lock = self.lock_ref(self.keys.clone());
         if let Err(error) = lock.abandon(connection).await {
-            tracing::debug!(key = %self.key, %error, "could not leave the wait queue; the entry times out");
+            tracing::debug!(key = %self.key, error = &error as &dyn std::error::Error, "could not leave the wait queue; the entry times out");
         }
         self.connection = None;
     }
@@ -364,7 +364,7 @@ impl Drop for PendingAcquire<'_> {
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::debug!(key = %lock.key, %error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
+                    tracing::debug!(key = %lock.key, error = &error as &dyn std::error::Error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
                 }
             }
         });
