@@ -45,7 +45,8 @@ pub trait DistributedLock: Send + Sync + 'static {
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
 
     /// Takes the lock, waiting up to the configured budget
-    /// (`retry_interval * max_retries`) for it to come free; then [`LockError::Timeout`].
+    /// ([`LockConfig::wait_budget`](crate::LockConfig::wait_budget): the `wait_timeout`, or
+    /// `retry_interval * max_retries`) for it to come free; then [`LockError::Timeout`].
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
 
     /// Gives the lock back; [`LockError::LockLost`] if it had expired or was taken over.

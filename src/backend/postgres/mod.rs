@@ -90,7 +90,8 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   out. A waiter whose key is held by another process flags the key (a shared advisory lock
 ///   in the two-integer key space); a release that finds the flag sends `pg_notify` in the same
 ///   statement, and the waiter retries at once. Retries every `retry_interval` (with jitter)
-///   cover lost notifications. After `retry_interval * max_retries`: [`LockError::Timeout`].
+///   cover lost notifications. After the waiting budget ([`LockConfig::wait_budget`]):
+///   [`LockError::Timeout`].
 /// * **Leases.** A lock not extended within its TTL is unlocked by the session and its guard
 ///   reports [`is_lost`](LockGuard::is_lost). A session that fails (terminated backend, broken
 ///   network, timed-out statement) is closed and all its guards report lost. A process cut off
