@@ -28,7 +28,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 ///
 /// Nonsense (a zero TTL, a zero retry interval with a non-zero budget, durations beyond
 /// [`MAX_DURATION`]) is reported by [`validate`](Self::validate) as
-/// [`LockError::InvalidConfig`].
+/// [`LockError::InvalidConfig`], and refused when a lock is built with it (for example by
+/// [`InMemoryDistributedLock::try_new`](crate::InMemoryDistributedLock::try_new)).
 ///
 /// ```
 /// use std::time::Duration;
@@ -151,8 +152,9 @@ impl LockConfig {
 
     /// Checks the configuration, so that an application can refuse to start with a bad one.
     ///
-    /// Every backend also calls this before each acquire, so a bad configuration never yields a
-    /// lock (let alone one that never expires).
+    /// The built-in backends call it when a lock is built (`try_new` and the builders' `build`
+    /// return its error, `new` panics with it), so a bad configuration never yields a lock
+    /// object, let alone a lock that never expires.
     pub fn validate(&self) -> Result<(), LockError> {
         validate_ttl(self.ttl)?;
         validate_duration(

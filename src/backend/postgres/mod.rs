@@ -193,8 +193,13 @@ impl PostgresDistributedLockBuilder {
         self
     }
 
-    /// Checks the options and builds the lock service. Connections are opened on first use.
+    /// Checks the options and the [`LockConfig`] and builds the lock service. Connections are
+    /// opened on first use.
+    ///
+    /// Returns [`LockError::InvalidConfig`] for an invalid [`LockConfig`] or an option out of
+    /// its range.
     pub fn build(self) -> Result<PostgresDistributedLock, LockError> {
+        self.config.validate()?;
         if !(1..=MAX_SESSIONS).contains(&self.sessions) {
             return Err(LockError::invalid_config(format!(
                 "sessions must be between 1 and {MAX_SESSIONS}, not {}",
@@ -244,10 +249,32 @@ impl PostgresDistributedLock {
     /// A lock service on `pool` with the default options (2 lock sessions, 5 s command
     /// timeout, 10 s network timeout, sequence `k1s0_lock_fencing_seq`). Nothing is opened
     /// until the first lock operation, so this may run outside a runtime.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration is invalid ([`LockConfig::validate`] refuses it), with the reason.
+    /// Use [`try_new`](Self::try_new) to get the error instead.
+    #[track_caller]
     pub fn new(pool: PgPool, config: LockConfig) -> Self {
-        Self::builder(pool, config)
-            .build()
-            .expect("the default options are valid")
+        Self::try_new(pool, config).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Like [`new`](Self::new), but an invalid configuration is returned as
+    /// [`LockError::InvalidConfig`] instead of a panic.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::{LockConfig, LockError, PostgresDistributedLock};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = sqlx::PgPool::connect_lazy("postgres://postgres@127.0.0.1:5432/test").unwrap();
+    /// let refused = PostgresDistributedLock::try_new(pool, LockConfig::new().ttl(Duration::ZERO));
+    /// assert!(matches!(refused, Err(LockError::InvalidConfig { .. })));
+    /// # }
+    /// ```
+    pub fn try_new(pool: PgPool, config: LockConfig) -> Result<Self, LockError> {
+        Self::builder(pool, config).build()
     }
 
     /// Starts building a lock service with non-default options.
