@@ -49,6 +49,10 @@ use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGua
 /// * **Every command has a timeout** ([`command_timeout`](RedisDistributedLockBuilder::command_timeout),
 ///   default 1 s): Redis being down gives [`LockError::BackendError`], never a hang.
 /// * **Auto-extension** is opt-in: [`AutoExtend`].
+/// * **Dropping a guard** releases its lock in a task on the current Tokio runtime. Outside a
+///   runtime, or while that runtime shuts down (the task is dropped before it sends the
+///   release), the lock stays until its TTL runs out and a warning names the key: release
+///   guards explicitly before shutting a runtime down.
 ///
 /// Clones share the connection and the pub/sub subscriber.
 ///
