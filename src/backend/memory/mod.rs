@@ -177,19 +177,19 @@ impl std::fmt::Debug for InMemoryDistributedLock {
 }
 
 impl DistributedLock for InMemoryDistributedLock {
-    fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        // `async`, not `ready(..)`: the lock is taken when the future is polled, so a future
-        // that is created and dropped unpolled takes nothing (as on the other backends).
-        async move { self.try_acquire_now(key) }
+    // `async fn`, not `ready(..)`: the lock is taken when the future is polled, so a future
+    // that is created and dropped unpolled takes nothing (as on the other backends).
+    async fn try_acquire(&self, key: &str) -> Result<LockGuard, LockError> {
+        self.try_acquire_now(key)
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
         self.acquire_waiting(key)
     }
 
-    fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
-        // Looks when polled, not when called (see `try_acquire`).
-        async move { validate_key(key).map(|()| self.table.is_held(key)) }
+    // Looks when polled, not when called (see `try_acquire`).
+    async fn is_locked(&self, key: &str) -> Result<bool, LockError> {
+        validate_key(key).map(|()| self.table.is_held(key))
     }
 
     fn validate(&self) -> Result<(), LockError> {
