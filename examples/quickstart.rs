@@ -9,7 +9,10 @@
 //! order exactly one runs (200) and the others are refused (409 Conflict), while payments of
 //! different orders run side by side.
 //!
-//! The same demo runs on a server backend when built with its feature and pointed at a server:
+//! The backend is chosen when the demo starts, and the rest of it sees only an
+//! `Arc<dyn DynDistributedLock>`: PostgreSQL if `DATABASE_URL` is set and the `postgres`
+//! feature is compiled in, else Redis if `REDIS_URL` is set and the `redis` feature is, else
+//! in-memory. A URL whose backend is not compiled in is reported and left aside.
 //!
 //! ```text
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo run --features postgres --example quickstart
@@ -17,6 +20,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::Path;
@@ -27,8 +31,10 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use k1s0_distributed_lock::{
-    DistributedLock, InMemoryDistributedLock, LockConfig, LockInfo, LockLayer,
+    DynDistributedLock, InMemoryDistributedLock, LockConfig, LockInfo, LockLayer,
 };
+
+type Error = Box<dyn std::error::Error>;
 
 /// Pays an order; takes a while, as real payment providers do.
 async fn pay(Path(order): Path<u32>, Extension(lock): Extension<LockInfo>) -> String {
@@ -40,7 +46,7 @@ async fn pay(Path(order): Path<u32>, Extension(lock): Extension<LockInfo>) -> St
     )
 }
 
-fn app<B: DistributedLock>(lock: B) -> Router {
+fn app(lock: Arc<dyn DynDistributedLock>) -> Router {
     Router::new()
         .route("/orders/{id}/pay", post(pay))
         .layer(LockLayer::new(lock, |req| {
@@ -49,35 +55,59 @@ fn app<B: DistributedLock>(lock: B) -> Router {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), Error> {
     let config = LockConfig::new().ttl(Duration::from_secs(30));
-    #[cfg(feature = "postgres")]
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        let pool = sqlx::PgPool::connect(&url).await?;
-        println!("backend: PostgreSQL at {url}");
-        return demo(k1s0_distributed_lock::PostgresDistributedLock::new(
-            pool, config,
-        ))
-        .await;
-    }
-    #[cfg(feature = "redis")]
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
-        let pool = bb8::Pool::builder()
-            .build(RedisConnectionManager::new(url.as_str())?)
-            .await?;
-        let lock = k1s0_distributed_lock::RedisDistributedLock::builder(pool)
-            .config(config)
-            .wake_on_release(redis::Client::open(url.as_str())?)
-            .build()?;
-        println!("backend: Redis at {url}");
-        return demo(lock).await;
-    }
-    println!("backend: in-memory");
-    demo(InMemoryDistributedLock::new(config)).await
+    let (backend, lock) = lock_from_environment(config).await?;
+    println!("backend: {backend}");
+    demo(lock).await
 }
 
-async fn demo<B: DistributedLock>(lock: B) -> Result<(), Box<dyn std::error::Error>> {
+/// A set, non-empty environment variable.
+fn variable(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+/// The lock named by the environment, its description, behind one trait object type.
+async fn lock_from_environment(
+    config: LockConfig,
+) -> Result<(String, Arc<dyn DynDistributedLock>), Error> {
+    if let Some(url) = variable("DATABASE_URL") {
+        #[cfg(feature = "postgres")]
+        {
+            let pool = sqlx::PgPool::connect(&url).await?;
+            let lock = k1s0_distributed_lock::PostgresDistributedLock::try_new(pool, config)?;
+            return Ok((format!("PostgreSQL at {url}"), Arc::new(lock)));
+        }
+        #[cfg(not(feature = "postgres"))]
+        eprintln!(
+            "DATABASE_URL is set ({url}), but this build has no PostgreSQL backend: ignoring it \
+             (run with --features postgres to use it)"
+        );
+    }
+    if let Some(url) = variable("REDIS_URL") {
+        #[cfg(feature = "redis")]
+        {
+            use k1s0_distributed_lock::bb8_redis::{bb8, redis, RedisConnectionManager};
+            let pool = bb8::Pool::builder()
+                .build(RedisConnectionManager::new(url.as_str())?)
+                .await?;
+            let lock = k1s0_distributed_lock::RedisDistributedLock::builder(pool)
+                .config(config)
+                .wake_on_release(redis::Client::open(url.as_str())?)
+                .build()?;
+            return Ok((format!("Redis at {url}"), Arc::new(lock)));
+        }
+        #[cfg(not(feature = "redis"))]
+        eprintln!(
+            "REDIS_URL is set ({url}), but this build has no Redis backend: ignoring it \
+             (run with --features redis to use it)"
+        );
+    }
+    let lock = InMemoryDistributedLock::try_new(config)?;
+    Ok(("in-memory".to_owned(), Arc::new(lock)))
+}
+
+async fn demo(lock: Arc<dyn DynDistributedLock>) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app(lock)).await });

@@ -14,14 +14,22 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 ///
 /// * `ttl` — how long a lock lives unless it is released or extended (default 30 s). A holder
 ///   that crashes frees its lock after at most this long.
-/// * `retry_interval` and `max_retries` — the waiting budget of `acquire` is
-///   `retry_interval * max_retries` (defaults 100 ms and 10, so 1 s). Backends that can wake
-///   waiters on release do so at once; `retry_interval` is then only the budget's unit and the
+/// * `wait_timeout` — how long `acquire` waits for a held lock before it returns
+///   [`LockError::Timeout`]: the plain way to set the waiting budget. Zero means a single
+///   attempt.
+/// * `retry_interval` — how often a waiter looks again when no release wakes it (default
+///   100 ms). Backends that can wake waiters on release do so at once; this is then only the
 ///   fallback polling period.
+/// * `max_retries` — the older way to set the budget: without a `wait_timeout`, `acquire`
+///   waits `retry_interval * max_retries` (defaults 100 ms and 10, so 1 s). Once
+///   `wait_timeout` is set it is the budget, whatever `max_retries` says.
 ///
-/// Nonsense (a zero TTL, a zero retry interval with retries, durations beyond
-/// [`MAX_DURATION`]) is reported by [`validate`](Self::validate), and by the first acquire at
-/// the latest, as [`LockError::InvalidConfig`].
+/// [`wait_budget`](Self::wait_budget) tells the budget that results.
+///
+/// Nonsense (a zero TTL, a zero retry interval with a non-zero budget, durations beyond
+/// [`MAX_DURATION`]) is reported by [`validate`](Self::validate) as
+/// [`LockError::InvalidConfig`], and refused when a lock is built with it (for example by
+/// [`InMemoryDistributedLock::try_new`](crate::InMemoryDistributedLock::try_new)).
 ///
 /// ```
 /// use std::time::Duration;
@@ -29,10 +37,15 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 ///
 /// let config = LockConfig::new()
 ///     .ttl(Duration::from_secs(10))
+///     .wait_timeout(Duration::from_secs(2));
+/// assert_eq!(config.wait_budget(), Duration::from_secs(2));
+/// config.validate().expect("a sane configuration");
+///
+/// // The same budget, the older way.
+/// let config = LockConfig::new()
 ///     .retry_interval(Duration::from_millis(50))
 ///     .max_retries(40);
 /// assert_eq!(config.wait_budget(), Duration::from_secs(2));
-/// config.validate().expect("a sane configuration");
 ///
 /// assert!(LockConfig::new().ttl(Duration::ZERO).validate().is_err());
 /// ```
@@ -41,6 +54,8 @@ pub struct LockConfig {
     ttl: Duration,
     retry_interval: Duration,
     max_retries: u32,
+    /// When set, the waiting budget (and `max_retries` has no effect).
+    wait_timeout: Option<Duration>,
 }
 
 impl Default for LockConfig {
@@ -50,12 +65,14 @@ impl Default for LockConfig {
 }
 
 impl LockConfig {
-    /// The defaults: TTL 30 s, retry interval 100 ms, 10 retries.
+    /// The defaults: TTL 30 s, retry interval 100 ms, 10 retries (a 1 s waiting budget), no
+    /// `wait_timeout`.
     pub const fn new() -> Self {
         LockConfig {
             ttl: Duration::from_secs(30),
             retry_interval: Duration::from_millis(100),
             max_retries: 10,
+            wait_timeout: None,
         }
     }
 
@@ -65,15 +82,39 @@ impl LockConfig {
         self
     }
 
-    /// Sets the unit of the waiting budget (and the fallback polling period).
+    /// Sets how often a waiter looks again when no release wakes it, and the unit of the
+    /// budget `retry_interval * max_retries` when no [`wait_timeout`](Self::wait_timeout) is
+    /// set.
     pub const fn retry_interval(mut self, interval: Duration) -> Self {
         self.retry_interval = interval;
         self
     }
 
-    /// Sets how many retry intervals `acquire` may wait in all.
+    /// Sets how many retry intervals `acquire` may wait in all, when no
+    /// [`wait_timeout`](Self::wait_timeout) is set (it has no effect once one is).
     pub const fn max_retries(mut self, retries: u32) -> Self {
         self.max_retries = retries;
+        self
+    }
+
+    /// Sets how long `acquire` waits for a held lock before it gives up with
+    /// [`LockError::Timeout`]; zero means a single attempt.
+    ///
+    /// This is the waiting budget from now on, in place of `retry_interval * max_retries`
+    /// (`max_retries` is then ignored). `retry_interval` stays the fallback polling period, so
+    /// a non-zero timeout needs a non-zero `retry_interval` (the default 100 ms is fine). At
+    /// most [`MAX_DURATION`]; [`validate`](Self::validate) refuses more.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::LockConfig;
+    ///
+    /// let config = LockConfig::new().max_retries(3).wait_timeout(Duration::from_secs(5));
+    /// assert_eq!(config.wait_budget(), Duration::from_secs(5));
+    /// assert_eq!(config.get_wait_timeout(), Some(Duration::from_secs(5)));
+    /// ```
+    pub const fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = Some(timeout);
         self
     }
 
@@ -92,17 +133,28 @@ impl LockConfig {
         self.max_retries
     }
 
-    /// How long `acquire` waits in all: `retry_interval * max_retries`, saturating.
+    /// The wait timeout, if one was set with [`wait_timeout`](Self::wait_timeout).
+    pub const fn get_wait_timeout(&self) -> Option<Duration> {
+        self.wait_timeout
+    }
+
+    /// How long `acquire` waits in all: the [`wait_timeout`](Self::wait_timeout) if one is
+    /// set, else `retry_interval * max_retries` (saturating).
     pub fn wait_budget(&self) -> Duration {
-        self.retry_interval
-            .checked_mul(self.max_retries)
-            .unwrap_or(Duration::MAX)
+        match self.wait_timeout {
+            Some(timeout) => timeout,
+            None => self
+                .retry_interval
+                .checked_mul(self.max_retries)
+                .unwrap_or(Duration::MAX),
+        }
     }
 
     /// Checks the configuration, so that an application can refuse to start with a bad one.
     ///
-    /// Every backend also calls this before each acquire, so a bad configuration never yields a
-    /// lock (let alone one that never expires).
+    /// The built-in backends call it when a lock is built (`try_new` and the builders' `build`
+    /// return its error, `new` panics with it), so a bad configuration never yields a lock
+    /// object, let alone a lock that never expires.
     pub fn validate(&self) -> Result<(), LockError> {
         validate_ttl(self.ttl)?;
         validate_duration(
@@ -111,10 +163,21 @@ impl LockConfig {
             Duration::ZERO,
             MAX_DURATION,
         )?;
-        if self.max_retries > 0 && self.retry_interval.is_zero() {
-            return Err(LockError::invalid_config(
-                "retry_interval is zero while max_retries is not: the waiting budget would be empty",
-            ));
+        match self.wait_timeout {
+            Some(timeout) => {
+                validate_duration("wait_timeout", timeout, Duration::ZERO, MAX_DURATION)?;
+                if !timeout.is_zero() && self.retry_interval.is_zero() {
+                    return Err(LockError::invalid_config(
+                        "retry_interval is zero while wait_timeout is not: waiters would poll without pause",
+                    ));
+                }
+            }
+            None if self.max_retries > 0 && self.retry_interval.is_zero() => {
+                return Err(LockError::invalid_config(
+                    "retry_interval is zero while max_retries is not: the waiting budget would be empty",
+                ));
+            }
+            None => {}
         }
         if self.wait_budget() > MAX_DURATION {
             return Err(LockError::invalid_config(format!(
@@ -177,6 +240,48 @@ mod tests {
                 matches!(config.validate(), Err(LockError::InvalidConfig { .. })),
                 "{config:?} was accepted"
             );
+        }
+    }
+
+    #[test]
+    fn wait_timeout_is_the_budget_and_overrides_max_retries() {
+        let config = LockConfig::new()
+            .retry_interval(Duration::from_millis(10))
+            .max_retries(3)
+            .wait_timeout(Duration::from_secs(7));
+        assert_eq!(config.wait_budget(), Duration::from_secs(7));
+        assert!(config.validate().is_ok());
+        // Whatever the order of the calls.
+        let config = LockConfig::new()
+            .wait_timeout(Duration::from_secs(7))
+            .max_retries(u32::MAX);
+        assert_eq!(config.wait_budget(), Duration::from_secs(7));
+        assert!(config.validate().is_ok());
+        // Zero: a single attempt, with any retry interval.
+        let config = LockConfig::new()
+            .retry_interval(Duration::ZERO)
+            .wait_timeout(Duration::ZERO);
+        assert_eq!(config.wait_budget(), Duration::ZERO);
+        assert!(config.validate().is_ok());
+        assert_eq!(LockConfig::new().get_wait_timeout(), None);
+    }
+
+    #[test]
+    fn a_bad_wait_timeout_is_refused() {
+        for config in [
+            LockConfig::new().wait_timeout(MAX_DURATION + Duration::from_nanos(1)),
+            LockConfig::new().wait_timeout(Duration::MAX),
+            LockConfig::new()
+                .retry_interval(Duration::ZERO)
+                .max_retries(0)
+                .wait_timeout(Duration::from_millis(1)),
+        ] {
+            match config.validate() {
+                Err(LockError::InvalidConfig { reason }) => {
+                    assert!(reason.contains("wait_timeout"), "{reason}")
+                }
+                other => panic!("{config:?}: {other:?}"),
+            }
         }
     }
 

@@ -20,32 +20,43 @@ use std::sync::Arc;
 /// }
 /// # }
 /// ```
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum LockError {
     /// The key is held by another holder (`try_acquire`).
-    #[error("the lock is already held")]
     AlreadyLocked,
     /// The key stayed held by another holder for the whole waiting budget of `acquire`
-    /// (`retry_interval * max_retries`): the backend's last answer said it was held. A backend
-    /// that did not answer in that time gives [`LockError::BackendError`], not this.
-    #[error("timed out waiting for the lock")]
+    /// ([`LockConfig::wait_budget`](crate::LockConfig::wait_budget)): the backend's last answer
+    /// said it was held. A backend that did not answer in that time gives
+    /// [`LockError::BackendError`], not this.
     Timeout,
-    /// The backend failed or could not be reached. The source error says why.
-    #[error("lock backend error: {0}")]
-    BackendError(#[source] Arc<dyn StdError + Send + Sync + 'static>),
+    /// The backend failed or could not be reached.
+    ///
+    /// The error inside is the driver's own (a `sqlx::Error`, a `redis::RedisError`, ...) or a
+    /// message: it is this error's [`source`](StdError::source), so walking the source chain
+    /// reaches it and `downcast_ref` works on it. This error's own text only says that the
+    /// backend failed; print the chain (as error reporters do) to see why.
+    ///
+    /// ```
+    /// use std::error::Error;
+    /// use k1s0_distributed_lock::LockError;
+    ///
+    /// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+    /// let err = LockError::backend(io);
+    /// assert_eq!(err.to_string(), "the lock backend failed");
+    /// let cause = err.source().unwrap().downcast_ref::<std::io::Error>().unwrap();
+    /// assert_eq!(cause.kind(), std::io::ErrorKind::ConnectionRefused);
+    /// ```
+    BackendError(Arc<dyn StdError + Send + Sync + 'static>),
     /// The guard's lock expired or now belongs to someone else. Returned by `release` and
     /// `extend` of such a guard; the current holder's lock is left untouched.
-    #[error("the lock was lost: it expired or was taken over")]
     LockLost,
     /// The key cannot be used: it is empty or longer than [`MAX_KEY_LEN`](crate::MAX_KEY_LEN).
-    #[error("invalid lock key: {reason}")]
     InvalidKey {
         /// Why the key was refused.
         reason: String,
     },
     /// The configuration makes no sense (for example a zero TTL).
-    #[error("invalid lock configuration: {reason}")]
     InvalidConfig {
         /// Which setting is wrong and why.
         reason: String,
@@ -61,7 +72,7 @@ impl LockError {
     /// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
     /// let err = LockError::backend(io);
     /// assert!(matches!(err, LockError::BackendError(_)));
-    /// assert!(err.to_string().contains("refused"));
+    /// assert!(std::error::Error::source(&err).unwrap().to_string().contains("refused"));
     /// ```
     pub fn backend<E>(error: E) -> Self
     where
@@ -85,6 +96,34 @@ impl LockError {
     pub(crate) fn invalid_key(reason: impl Into<String>) -> Self {
         LockError::InvalidKey {
             reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for LockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::AlreadyLocked => f.write_str("the lock is already held"),
+            LockError::Timeout => f.write_str("timed out waiting for the lock"),
+            // Not the source's text: it is `source()`, and error reporters print the chain.
+            LockError::BackendError(_) => f.write_str("the lock backend failed"),
+            LockError::LockLost => f.write_str("the lock was lost: it expired or was taken over"),
+            LockError::InvalidKey { reason } => write!(f, "invalid lock key: {reason}"),
+            LockError::InvalidConfig { reason } => {
+                write!(f, "invalid lock configuration: {reason}")
+            }
+        }
+    }
+}
+
+impl StdError for LockError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            // The error inside the `Arc`, not the `Arc`: `Arc<E>`'s own `Error` impl forwards
+            // `source()` to `E`'s, which would skip the driver's error and make it impossible
+            // to downcast.
+            LockError::BackendError(source) => Some(&**source),
+            _ => None,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Distributed locks with fencing tokens, and a Tower layer that takes one per request.
 //!
-//! * [`DistributedLock`] — `try_acquire`, `acquire` (bounded waiting), `release`, `is_locked`.
+//! * [`DistributedLock`] — `try_acquire`, `acquire` (bounded waiting), `release`, `is_locked`;
+//!   [`DynDistributedLock`] is its object-safe form, for a backend chosen at run time
+//!   (`Arc<dyn DynDistributedLock>` is a `DistributedLock` too).
 //! * [`LockGuard`] — the held lock: released on drop, with a TTL ([`LockGuard::extend`],
 //!   [`LockGuard::is_lost`]) and a [`fencing token`](LockGuard::fencing_token) that strictly
 //!   increases per key.
@@ -40,6 +42,7 @@ mod key;
 pub mod layer;
 mod lease;
 
+pub use backend::dynamic::DynDistributedLock;
 pub use backend::memory::InMemoryDistributedLock;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

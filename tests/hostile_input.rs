@@ -24,9 +24,9 @@ backend_tests!(
     any_configuration_works_or_is_refused_on_every_backend,
 );
 
-/// Hostile configurations against a real backend: an acquire either works (and its lock
-/// expires within the TTL) or is refused with InvalidConfig exactly when validate() says so,
-/// and a refused configuration leaves the key free.
+/// Hostile configurations against a real backend: building the lock is refused with
+/// InvalidConfig exactly when validate() refuses the configuration, and nothing is touched;
+/// a lock that was built works on the key and its lock expires within the TTL.
 async fn any_configuration_works_or_is_refused_on_every_backend(backend: Backend) {
     let prefix = common::unique_prefix(&format!("hostile-config-{backend:?}"));
     let runtime = tokio::runtime::Handle::current();
@@ -39,24 +39,32 @@ async fn any_configuration_works_or_is_refused_on_every_backend(backend: Backend
                 let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let key = format!("{prefix}{n}");
                 runtime.block_on(async {
-                    let lock = backend.lock(config).await;
-                    let valid = config.validate().is_ok();
-                    match lock.try_acquire(&key).await {
-                        Ok(guard) => {
-                            assert!(valid, "{config:?} accepted");
+                    let valid = config.validate();
+                    match backend.try_lock(config).await {
+                        Ok(lock) => {
+                            assert!(
+                                valid.is_ok(),
+                                "{config:?} built, but validate() says {valid:?}"
+                            );
+                            let guard = lock.try_acquire(&key).await.unwrap_or_else(|error| {
+                                panic!("{config:?}: a lock that was built refused: {error:?}")
+                            });
                             assert!(guard.remaining().unwrap_or_default() <= config.get_ttl());
-                            drop(guard);
+                            assert!(lock.is_locked(&key).await.unwrap());
+                            guard.release().await.unwrap();
+                            assert!(!lock.is_locked(&key).await.unwrap());
                         }
-                        Err(LockError::InvalidConfig { .. }) => {
-                            assert!(!valid, "{config:?} refused");
-                            assert!(matches!(
-                                lock.acquire(&key).await,
-                                Err(LockError::InvalidConfig { .. })
-                            ));
-                            assert!(!observer.is_locked(&key).await.unwrap());
+                        Err(LockError::InvalidConfig { reason }) => {
+                            let Err(LockError::InvalidConfig { reason: expected }) = valid else {
+                                panic!("{config:?} refused ({reason}) but validate() accepts it");
+                            };
+                            assert_eq!(reason, expected, "{config:?}");
                         }
                         Err(other) => panic!("{config:?}: unexpected {other:?}"),
                     }
+                    // Nothing is left on the server (for the in-memory backend the observer is a
+                    // table of its own, and the checks above are the ones that count).
+                    assert!(!observer.is_locked(&key).await.unwrap());
                 });
                 Ok(())
             })
@@ -94,29 +102,38 @@ proptest! {
     }
 
     #[test]
-    fn any_configuration_works_or_is_refused_before_anything_changes(config in hostile_config()) {
-        let lock = InMemoryDistributedLock::new(config);
-        let valid = config.validate().is_ok();
-        runtime().block_on(async {
-            match lock.try_acquire("k").await {
-                Ok(guard) => {
-                    assert!(valid, "{config:?} was refused by validate() but accepted by try_acquire");
+    fn any_configuration_is_built_or_refused_exactly_as_validate_says(config in hostile_config()) {
+        let valid = config.validate();
+        match InMemoryDistributedLock::try_new(config) {
+            Ok(lock) => {
+                prop_assert!(valid.is_ok(), "{:?} built, but validate() says {:?}", config, valid);
+                runtime().block_on(async {
+                    let guard = lock.try_acquire("k").await.unwrap();
                     // A valid TTL always expires: it is bounded.
                     assert!(guard.remaining().unwrap_or_default() <= config.get_ttl());
-                    // Zero retries or a budget: acquire on a held key ends (Timeout), never hangs.
+                    // A short budget: acquire on a held key ends (Timeout), never hangs.
                     if config.wait_budget() <= Duration::from_millis(50) {
-                        assert!(matches!(lock.acquire("k").await, Err(LockError::Timeout) | Ok(_)));
+                        assert!(matches!(lock.acquire("k").await, Err(LockError::Timeout)));
                     }
                     drop(guard);
-                }
-                Err(LockError::InvalidConfig { reason }) => {
-                    assert!(!valid, "{config:?} passed validate() but try_acquire refused it");
-                    assert!(!reason.is_empty());
-                    assert!(matches!(lock.acquire("k").await, Err(LockError::InvalidConfig { .. })));
-                }
-                Err(other) => panic!("{config:?}: unexpected {other:?}"),
+                });
+                prop_assert_eq!(lock.tracked_keys(), 0);
             }
-        });
-        prop_assert_eq!(lock.tracked_keys(), 0);
+            Err(LockError::InvalidConfig { reason }) => {
+                prop_assert!(!reason.is_empty());
+                prop_assert!(
+                    matches!(&valid, Err(LockError::InvalidConfig { reason: expected }) if *expected == reason),
+                    "{:?} refused ({}) but validate() says {:?}", config, reason, valid
+                );
+                // `new` panics with the same reason.
+                let panicked = std::panic::catch_unwind(|| InMemoryDistributedLock::new(config))
+                    .expect_err("new accepted a configuration try_new refused");
+                let message = panicked
+                    .downcast_ref::<String>()
+                    .expect("a formatted panic message");
+                prop_assert!(message.contains(&reason), "{}", message);
+            }
+            Err(other) => panic!("{config:?}: unexpected {other:?}"),
+        }
     }
 }

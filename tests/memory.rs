@@ -290,16 +290,16 @@ async fn bad_keys_and_bad_configurations_are_refused_and_change_nothing() {
         LockConfig::new().retry_interval(Duration::ZERO),
         LockConfig::new().ttl(Duration::MAX),
     ] {
-        let lock = lock_with(config);
-        assert!(matches!(
-            lock.try_acquire("k").await,
-            Err(LockError::InvalidConfig { .. })
-        ));
-        assert!(matches!(
-            lock.acquire("k").await,
-            Err(LockError::InvalidConfig { .. })
-        ));
-        assert_eq!(lock.tracked_keys(), 0);
+        let Err(LockError::InvalidConfig { reason }) = InMemoryDistributedLock::try_new(config)
+        else {
+            panic!("{config:?} was accepted");
+        };
+        let panic = std::panic::catch_unwind(|| InMemoryDistributedLock::new(config))
+            .expect_err("new() took a bad configuration");
+        assert_eq!(
+            panic.downcast_ref::<String>().unwrap(),
+            &format!("invalid lock configuration: {reason}")
+        );
     }
 }
 
@@ -406,4 +406,30 @@ async fn waiters_descheduled_past_the_ttl_neither_panic_nor_get_expired_locks() 
     }
     assert!(granted > 0);
     assert_eq!(lock.tracked_keys(), 0);
+}
+
+#[tokio::test]
+async fn try_acquire_and_is_locked_act_when_polled_not_when_called() {
+    let lock = lock_with(LockConfig::new());
+
+    // A try_acquire future that is never polled takes nothing.
+    let unpolled = lock.try_acquire("lazy");
+    assert!(!lock.is_locked("lazy").await.unwrap());
+    let holder = lock.try_acquire("lazy").await.unwrap();
+    // Polled now, it sees the key as it is now: held.
+    assert!(matches!(unpolled.await, Err(LockError::AlreadyLocked)));
+    drop(holder);
+
+    // Dropped unpolled, it leaves no trace: the next holder's fencing token follows the
+    // previous holder's directly.
+    let before = lock.try_acquire("lazy").await.unwrap().fencing_token();
+    drop(lock.try_acquire("lazy"));
+    let after = lock.try_acquire("lazy").await.unwrap().fencing_token();
+    assert_eq!(after, before + 1);
+    assert_eq!(lock.tracked_keys(), 0);
+
+    // is_locked answers for the moment it is polled.
+    let asked_early = lock.is_locked("lazy");
+    let _held = lock.try_acquire("lazy").await.unwrap();
+    assert!(asked_early.await.unwrap());
 }

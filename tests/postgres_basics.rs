@@ -51,19 +51,31 @@ async fn bad_keys_and_bad_config_are_refused_without_locking() {
     common::suites::assert_bad_keys_refused(&lock).await;
     let prefix = common::unique_prefix("pg_bad_config");
     let key = format!("{prefix}k");
-    let zero_ttl = pg_support::lock(LockConfig::new().ttl(Duration::ZERO)).await;
+    let pool = pg_support::pool(2).await;
+    // A bad configuration is refused when the lock is built: try_new and build() return the
+    // error, new() panics with it.
+    let zero_ttl = LockConfig::new().ttl(Duration::ZERO);
     assert!(matches!(
-        zero_ttl.try_acquire(&key).await,
+        PostgresDistributedLock::try_new(pool.clone(), zero_ttl),
         Err(LockError::InvalidConfig { .. })
     ));
     assert!(matches!(
-        zero_ttl.acquire(&key).await,
+        PostgresDistributedLock::builder(pool.clone(), zero_ttl).build(),
         Err(LockError::InvalidConfig { .. })
     ));
+    let for_new = pool.clone();
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        PostgresDistributedLock::new(for_new, zero_ttl)
+    }))
+    .expect_err("new() took a zero TTL");
+    let message = panic.downcast_ref::<String>().unwrap();
+    assert!(
+        message.contains("invalid lock configuration: ttl"),
+        "{message}"
+    );
     let mut admin = pg_support::admin().await;
     assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
 
-    let pool = pg_support::pool(2).await;
     for builder in [
         PostgresDistributedLock::builder(pool.clone(), LockConfig::new()).sessions(0),
         PostgresDistributedLock::builder(pool.clone(), LockConfig::new()).sessions(65),

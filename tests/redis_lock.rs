@@ -246,23 +246,30 @@ async fn bad_keys_and_configurations_are_refused_and_write_nothing() {
     let prefix = common::unique_prefix("redis_bad");
     let lock = lock_with(&prefix, LockConfig::new()).await;
     common::suites::assert_bad_keys_refused(&lock).await;
-    // `new` accepts any configuration; every acquire refuses a bad one.
-    let zero_ttl = RedisDistributedLock::builder(pool().await)
-        .key_prefix(prefix.clone())
-        .config(LockConfig::new().ttl(Duration::ZERO));
+    // A bad configuration is refused when the lock is built: build() and try_new return the
+    // error, new() panics with it.
+    let zero_ttl = LockConfig::new().ttl(Duration::ZERO);
     assert!(matches!(
-        zero_ttl.build(),
-        Err(LockError::InvalidConfig { .. })
-    ));
-    let zero = RedisDistributedLock::new(pool().await, LockConfig::new().ttl(Duration::ZERO));
-    assert!(matches!(
-        zero.try_acquire("k").await,
+        RedisDistributedLock::builder(pool().await)
+            .key_prefix(prefix.clone())
+            .config(zero_ttl)
+            .build(),
         Err(LockError::InvalidConfig { .. })
     ));
     assert!(matches!(
-        zero.acquire("k").await,
+        RedisDistributedLock::try_new(pool().await, zero_ttl),
         Err(LockError::InvalidConfig { .. })
     ));
+    let pool_for_new = pool().await;
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        RedisDistributedLock::new(pool_for_new, zero_ttl)
+    }))
+    .expect_err("new() took a zero TTL");
+    let message = panic.downcast_ref::<String>().unwrap();
+    assert!(
+        message.contains("invalid lock configuration: ttl"),
+        "{message}"
+    );
 
     for builder in [
         RedisDistributedLock::builder(pool().await).key_prefix("a{b"),

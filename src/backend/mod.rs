@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::{LockError, LockGuard};
 
+pub(crate) mod dynamic;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub(crate) mod jitter;
 pub(crate) mod memory;
@@ -16,8 +17,11 @@ pub(crate) mod redis;
 /// A lock service: takes, tests and gives back named locks.
 ///
 /// Implemented by [`InMemoryDistributedLock`](crate::InMemoryDistributedLock) and the
-/// PostgreSQL and Redis backends (features `postgres` and `redis`), and by `Arc<T>` of any of
-/// them. Every future is `Send`, so the trait works from spawned tasks and in Tower services.
+/// PostgreSQL and Redis backends (features `postgres` and `redis`), by `Arc<T>` of any of
+/// them, and by `Arc<dyn DynDistributedLock>` and `Box<dyn DynDistributedLock>`: this trait
+/// returns `impl Future` and cannot be a trait object, so use
+/// [`DynDistributedLock`](crate::DynDistributedLock) to pick a backend at run time. Every
+/// future is `Send`, so the trait works from spawned tasks and in Tower services.
 ///
 /// ```
 /// use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockError};
@@ -45,7 +49,8 @@ pub trait DistributedLock: Send + Sync + 'static {
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send;
 
     /// Takes the lock, waiting up to the configured budget
-    /// (`retry_interval * max_retries`) for it to come free.
+    /// ([`LockConfig::wait_budget`](crate::LockConfig::wait_budget): the `wait_timeout`, or
+    /// `retry_interval * max_retries`) for it to come free.
     ///
     /// [`LockError::Timeout`] means the key was held by another holder for the whole budget:
     /// the backend's last answer before the budget ran out said so. When the backend could not

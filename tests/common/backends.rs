@@ -73,6 +73,12 @@ impl Backend {
         self.lock_at(None, config, None).await
     }
 
+    /// A fresh lock object of this backend with `config`, or the error its constructor gives
+    /// for it (`InvalidConfig` for a configuration that `validate()` refuses).
+    pub async fn try_lock(self, config: LockConfig) -> Result<AnyLock, LockError> {
+        self.try_lock_at(None, config, None).await
+    }
+
     /// A fresh lock object talking to the server at `url` (the test server if `None`), with a
     /// command timeout of its own if given.
     pub async fn lock_at(
@@ -81,21 +87,29 @@ impl Backend {
         config: LockConfig,
         command_timeout: Option<std::time::Duration>,
     ) -> AnyLock {
-        match self {
-            Backend::Memory => AnyLock::Memory(InMemoryDistributedLock::new(config)),
+        self.try_lock_at(url, config, command_timeout)
+            .await
+            .expect("a lock with a valid configuration")
+    }
+
+    /// [`lock_at`](Self::lock_at), or the error the backend's builder gives.
+    pub async fn try_lock_at(
+        self,
+        url: Option<String>,
+        config: LockConfig,
+        command_timeout: Option<std::time::Duration>,
+    ) -> Result<AnyLock, LockError> {
+        Ok(match self {
+            Backend::Memory => AnyLock::Memory(InMemoryDistributedLock::try_new(config)?),
             #[cfg(feature = "postgres")]
             Backend::Postgres => {
                 use k1s0_distributed_lock::PostgresDistributedLock;
                 let pool = postgres_pool(url).await;
-                let mut builder = PostgresDistributedLock::builder(pool.clone(), config);
+                let mut builder = PostgresDistributedLock::builder(pool, config);
                 if let Some(timeout) = command_timeout {
                     builder = builder.command_timeout(timeout);
                 }
-                AnyLock::Postgres(match config.validate() {
-                    Ok(()) => builder.build().unwrap(),
-                    // As for Redis: new() takes a bad configuration and reports it at acquire.
-                    Err(_) => PostgresDistributedLock::new(pool, config),
-                })
+                AnyLock::Postgres(builder.build()?)
             }
             #[cfg(feature = "redis")]
             Backend::Redis => {
@@ -110,17 +124,9 @@ impl Backend {
                 if let Some(timeout) = command_timeout {
                     builder = builder.command_timeout(timeout);
                 }
-                AnyLock::Redis(match config.validate() {
-                    Ok(()) => builder.build().unwrap(),
-                    // build() refuses a bad configuration; new() takes it and reports it at
-                    // the first acquire, which is what the bad-configuration tests look at.
-                    Err(_) => k1s0_distributed_lock::RedisDistributedLock::new(
-                        super::redis_conn::pool(&url, 10).await,
-                        config,
-                    ),
-                })
+                AnyLock::Redis(builder.build()?)
             }
-        }
+        })
     }
 
     /// The test server's URL with its address replaced by `address` (a proxy's).

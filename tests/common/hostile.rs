@@ -31,17 +31,23 @@ fn duration() -> impl Strategy<Value = Duration> {
     ]
 }
 
-/// Configurations with zero, tiny, normal and huge durations and any retry count.
+/// Configurations with zero, tiny, normal and huge durations, any retry count, and a wait
+/// timeout or none.
 pub fn hostile_config() -> impl Strategy<Value = LockConfig> {
     (
         duration(),
         duration(),
         prop_oneof![Just(0u32), 1u32..50, any::<u32>()],
+        proptest::option::of(duration()),
     )
-        .prop_map(|(ttl, retry_interval, max_retries)| {
-            LockConfig::new()
+        .prop_map(|(ttl, retry_interval, max_retries, wait_timeout)| {
+            let config = LockConfig::new()
                 .ttl(ttl)
                 .retry_interval(retry_interval)
-                .max_retries(max_retries)
+                .max_retries(max_retries);
+            match wait_timeout {
+                Some(timeout) => config.wait_timeout(timeout),
+                None => config,
+            }
         })
 }

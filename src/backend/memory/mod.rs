@@ -55,13 +55,44 @@ pub struct InMemoryDistributedLock {
 impl InMemoryDistributedLock {
     /// A new, empty lock table with this configuration.
     ///
-    /// The configuration is checked by every acquire; call [`LockConfig::validate`] to check it
-    /// at start-up.
+    /// # Panics
+    ///
+    /// If the configuration is invalid ([`LockConfig::validate`] refuses it), with the reason.
+    /// Use [`try_new`](Self::try_new) to get the error instead.
+    ///
+    /// ```should_panic
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::{InMemoryDistributedLock, LockConfig};
+    ///
+    /// // panics: "invalid lock configuration: ttl 0ns must lie between 1ms and ..."
+    /// let lock = InMemoryDistributedLock::new(LockConfig::new().ttl(Duration::ZERO));
+    /// ```
+    #[track_caller]
     pub fn new(config: LockConfig) -> Self {
-        InMemoryDistributedLock {
+        Self::try_new(config).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// A new, empty lock table with this configuration, or [`LockError::InvalidConfig`] if
+    /// [`LockConfig::validate`] refuses it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::{InMemoryDistributedLock, LockConfig, LockError};
+    ///
+    /// let lock = InMemoryDistributedLock::try_new(LockConfig::new())?;
+    /// assert!(matches!(
+    ///     InMemoryDistributedLock::try_new(LockConfig::new().ttl(Duration::ZERO)),
+    ///     Err(LockError::InvalidConfig { .. })
+    /// ));
+    /// # drop(lock);
+    /// # Ok::<(), LockError>(())
+    /// ```
+    pub fn try_new(config: LockConfig) -> Result<Self, LockError> {
+        config.validate()?;
+        Ok(InMemoryDistributedLock {
             config,
             table: Arc::new(LockTable::new()),
-        }
+        })
     }
 
     /// The configuration this lock was built with.
@@ -146,16 +177,19 @@ impl std::fmt::Debug for InMemoryDistributedLock {
 }
 
 impl DistributedLock for InMemoryDistributedLock {
-    fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        ready(self.try_acquire_now(key))
+    // `async fn`, not `ready(..)`: the lock is taken when the future is polled, so a future
+    // that is created and dropped unpolled takes nothing (as on the other backends).
+    async fn try_acquire(&self, key: &str) -> Result<LockGuard, LockError> {
+        self.try_acquire_now(key)
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
         self.acquire_waiting(key)
     }
 
-    fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
-        ready(validate_key(key).map(|()| self.table.is_held(key)))
+    // Looks when polled, not when called (see `try_acquire`).
+    async fn is_locked(&self, key: &str) -> Result<bool, LockError> {
+        validate_key(key).map(|()| self.table.is_held(key))
     }
 
     fn validate(&self) -> Result<(), LockError> {

@@ -90,7 +90,8 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   out. A waiter whose key is held by another process flags the key (a shared advisory lock
 ///   in the two-integer key space); a release that finds the flag sends `pg_notify` in the same
 ///   statement, and the waiter retries at once. Retries every `retry_interval` (with jitter)
-///   cover lost notifications. After `retry_interval * max_retries`: [`LockError::Timeout`].
+///   cover lost notifications. After the waiting budget ([`LockConfig::wait_budget`]):
+///   [`LockError::Timeout`].
 /// * **Leases.** A lock not extended within its TTL is unlocked by the session and its guard
 ///   reports [`is_lost`](LockGuard::is_lost). A session that fails (terminated backend, broken
 ///   network, timed-out statement) is closed and all its guards report lost. A process cut off
@@ -192,8 +193,13 @@ impl PostgresDistributedLockBuilder {
         self
     }
 
-    /// Checks the options and builds the lock service. Connections are opened on first use.
+    /// Checks the options and the [`LockConfig`] and builds the lock service. Connections are
+    /// opened on first use.
+    ///
+    /// Returns [`LockError::InvalidConfig`] for an invalid [`LockConfig`] or an option out of
+    /// its range.
     pub fn build(self) -> Result<PostgresDistributedLock, LockError> {
+        self.config.validate()?;
         if !(1..=MAX_SESSIONS).contains(&self.sessions) {
             return Err(LockError::invalid_config(format!(
                 "sessions must be between 1 and {MAX_SESSIONS}, not {}",
@@ -243,10 +249,32 @@ impl PostgresDistributedLock {
     /// A lock service on `pool` with the default options (2 lock sessions, 5 s command
     /// timeout, 10 s network timeout, sequence `k1s0_lock_fencing_seq`). Nothing is opened
     /// until the first lock operation, so this may run outside a runtime.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration is invalid ([`LockConfig::validate`] refuses it), with the reason.
+    /// Use [`try_new`](Self::try_new) to get the error instead.
+    #[track_caller]
     pub fn new(pool: PgPool, config: LockConfig) -> Self {
-        Self::builder(pool, config)
-            .build()
-            .expect("the default options are valid")
+        Self::try_new(pool, config).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Like [`new`](Self::new), but an invalid configuration is returned as
+    /// [`LockError::InvalidConfig`] instead of a panic.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::{LockConfig, LockError, PostgresDistributedLock};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = sqlx::PgPool::connect_lazy("postgres://postgres@127.0.0.1:5432/test").unwrap();
+    /// let refused = PostgresDistributedLock::try_new(pool, LockConfig::new().ttl(Duration::ZERO));
+    /// assert!(matches!(refused, Err(LockError::InvalidConfig { .. })));
+    /// # }
+    /// ```
+    pub fn try_new(pool: PgPool, config: LockConfig) -> Result<Self, LockError> {
+        Self::builder(pool, config).build()
     }
 
     /// Starts building a lock service with non-default options.
@@ -347,7 +375,11 @@ impl PostgresDistributedLock {
             // broke): nothing was lost, so wait on with a fresh session, once. A server that is
             // really gone fails that second attempt at its first statement.
             Err(WaitError::SessionLostWhileWaiting(error)) if Instant::now() < deadline => {
-                tracing::debug!(%error, key, "lock session lost while waiting; waiting on with a new one");
+                tracing::debug!(
+                    error = &error as &dyn std::error::Error,
+                    key,
+                    "lock session lost while waiting; waiting on with a new one"
+                );
                 self.wait_for_lock(key, advisory, deadline)
                     .await
                     .map_err(WaitError::into_lock_error)
@@ -410,7 +442,10 @@ impl PostgresDistributedLock {
         let listening = match tokio::time::timeout_at(deadline, self.listener()).await {
             Ok(Ok(())) => true,
             Ok(Err(error)) => {
-                tracing::warn!(%error, "cannot LISTEN for lock releases; waiting by polling");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "cannot LISTEN for lock releases; waiting by polling"
+                );
                 false
             }
             Err(_) => {

@@ -133,7 +133,10 @@ async fn forward(mut listener: PgListener, hub: Arc<WakeHub>, mut stopped: onesh
                 hub.wake_all();
             }
             Err(error) => {
-                tracing::warn!(%error, "lock notification listener failed; retrying in 1 s");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "lock notification listener failed; retrying in 1 s"
+                );
                 hub.wake_all();
                 tokio::select! {
                     _ = &mut stopped => return,

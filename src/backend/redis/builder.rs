@@ -111,12 +111,6 @@ impl RedisDistributedLockBuilder {
     /// an invalid [`LockConfig`].
     pub fn build(self) -> Result<RedisDistributedLock, LockError> {
         self.config.validate()?;
-        self.build_with_any_config()
-    }
-
-    /// Builds without checking the [`LockConfig`]: every acquire checks it anyway, and
-    /// [`RedisDistributedLock::new`] must accept any configuration.
-    pub(crate) fn build_with_any_config(self) -> Result<RedisDistributedLock, LockError> {
         validate_prefix(&self.key_prefix)?;
         for (name, value) in [
             ("command_timeout", self.command_timeout),

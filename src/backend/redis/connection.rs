@@ -58,6 +58,8 @@ impl Connections {
         }
         let pooled = match tokio::time::timeout(self.timeout, self.pool.get()).await {
             Ok(Ok(pooled)) => pooled,
+            // The redis client's own error, not bb8's wrapper (which would show it twice).
+            Ok(Err(bb8::RunError::User(error))) => return Err(LockError::backend(error)),
             Ok(Err(error)) => return Err(LockError::backend(error)),
             Err(_) => {
                 tracing::warn!(timeout = ?self.timeout, "no redis connection within the command timeout");

@@ -114,6 +114,63 @@ impl LockHandle for RedisHandle {
     fn extend(&self, ttl: Duration) -> BoxFuture<'_, Result<(), LockError>> {
         Box::pin(self.lock.extend(ttl))
     }
+
+    /// Releases in a task on the current runtime, like the default, but says so when that
+    /// task is dropped before its release went out: a guard dropped while its runtime shuts
+    /// down spawns onto a runtime that runs nothing any more, and the lock then stays until its
+    /// TTL. Nothing in the process can send the command at that point, so the warning is what
+    /// is left.
+    fn release_on_drop(self: Arc<Self>) {
+        self.stop_watchdog();
+        let ttl = self.lock.shared.config.get_ttl();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                key = %self.lock.key,
+                ?ttl,
+                "lock guard dropped outside a tokio runtime: the lock stays until its TTL runs out"
+            );
+            return;
+        };
+        let pending = PendingDropRelease {
+            key: Arc::clone(&self.lock.key),
+            ttl,
+            done: false,
+        };
+        runtime.spawn(async move {
+            // The whole struct moves into the task (a closure would capture only the field),
+            // so it is dropped with the task.
+            let mut pending = pending;
+            if let Err(error) = self.lock.release().await {
+                tracing::debug!(
+                    key = %self.lock.key,
+                    error = &error as &dyn std::error::Error,
+                    "background release of a dropped lock guard failed"
+                );
+            }
+            pending.done = true;
+        });
+    }
+}
+
+/// Armed while the background release of a dropped guard has not finished; warns if the task
+/// is dropped before that (its runtime shut down, or was shutting down when it was spawned).
+struct PendingDropRelease {
+    key: Arc<str>,
+    ttl: Duration,
+    done: bool,
+}
+
+impl Drop for PendingDropRelease {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::warn!(
+                key = %self.key,
+                ttl = ?self.ttl,
+                "the release of a dropped lock guard did not run (its runtime is shutting down): \
+                 the lock stays until its TTL runs out"
+            );
+        }
+    }
 }
 
 impl Drop for RedisHandle {

@@ -49,6 +49,10 @@ use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGua
 /// * **Every command has a timeout** ([`command_timeout`](RedisDistributedLockBuilder::command_timeout),
 ///   default 1 s): Redis being down gives [`LockError::BackendError`], never a hang.
 /// * **Auto-extension** is opt-in: [`AutoExtend`].
+/// * **Dropping a guard** releases its lock in a task on the current Tokio runtime. Outside a
+///   runtime, or while that runtime shuts down (the task is dropped before it sends the
+///   release), the lock stays until its TTL runs out and a warning names the key: release
+///   guards explicitly before shutting a runtime down.
 ///
 /// Clones share the connection and the pub/sub subscriber.
 ///
@@ -106,13 +110,39 @@ impl RedisDistributedLock {
     /// [`wake_on_release`](RedisDistributedLockBuilder::wake_on_release) for hand-offs in
     /// about a tenth of a millisecond.
     ///
-    /// The configuration is checked by every acquire; call [`LockConfig::validate`] to check it
-    /// at start-up. Use [`builder`](Self::builder) for the other settings.
+    /// Use [`builder`](Self::builder) for the other settings.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration is invalid ([`LockConfig::validate`] refuses it), with the reason.
+    /// Use [`try_new`](Self::try_new) to get the error instead.
+    #[track_caller]
     pub fn new(pool: Pool<RedisConnectionManager>, config: LockConfig) -> Self {
-        Self::builder(pool)
-            .config(config)
-            .build_with_any_config()
-            .expect("the default settings are valid")
+        Self::try_new(pool, config).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Like [`new`](Self::new), but an invalid configuration is returned as
+    /// [`LockError::InvalidConfig`] instead of a panic.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::bb8_redis::{bb8, RedisConnectionManager};
+    /// use k1s0_distributed_lock::{LockConfig, LockError, RedisDistributedLock};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let manager = RedisConnectionManager::new("redis://127.0.0.1:6379")?;
+    /// let pool = bb8::Pool::builder().build_unchecked(manager);
+    /// let refused = RedisDistributedLock::try_new(pool, LockConfig::new().ttl(Duration::ZERO));
+    /// assert!(matches!(refused, Err(LockError::InvalidConfig { .. })));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn try_new(
+        pool: Pool<RedisConnectionManager>,
+        config: LockConfig,
+    ) -> Result<Self, LockError> {
+        Self::builder(pool).config(config).build()
     }
 
     /// Starts building a lock on this pool with further settings.
@@ -331,7 +361,7 @@ impl PendingAcquire<'_> {
         };
         let lock = self.lock_ref(self.keys.clone());
         if let Err(error) = lock.abandon(connection).await {
-            tracing::debug!(key = %self.key, %error, "could not leave the wait queue; the entry times out");
+            tracing::debug!(key = %self.key, error = &error as &dyn std::error::Error, "could not leave the wait queue; the entry times out");
         }
         self.connection = None;
     }
@@ -364,7 +394,7 @@ impl Drop for PendingAcquire<'_> {
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::debug!(key = %lock.key, %error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
+                    tracing::debug!(key = %lock.key, error = &error as &dyn std::error::Error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
                 }
             }
         });

@@ -125,7 +125,7 @@ impl Registration {
             match tokio::time::timeout(hub.timeout, hub.subscribe(&channel)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
-                    tracing::debug!(%error, %channel, "could not subscribe to the release channel; polling");
+                    tracing::debug!(error = &error as &dyn std::error::Error, %channel, "could not subscribe to the release channel; polling");
                 }
                 Err(_) => {
                     tracing::debug!(%channel, "subscribing to the release channel timed out; polling");
@@ -209,7 +209,10 @@ impl HubInner {
                     return Ok(());
                 }
                 Ok(Err(error)) => {
-                    tracing::debug!(%error, "the pub/sub connection failed; reconnecting");
+                    tracing::debug!(
+                        error = &error as &dyn std::error::Error,
+                        "the pub/sub connection failed; reconnecting"
+                    );
                     *sink = None;
                 }
                 Err(_) => {
@@ -255,7 +258,10 @@ impl HubInner {
         }
         if let Some(current) = sink.as_mut() {
             if let Err(error) = current.unsubscribe(channel).await {
-                tracing::debug!(%error, "unsubscribing a release channel failed");
+                tracing::debug!(
+                    error = &error as &dyn std::error::Error,
+                    "unsubscribing a release channel failed"
+                );
                 *sink = None;
             }
         }

@@ -123,11 +123,11 @@ async fn renew_until_stopped(
             }
             Err(error) => {
                 if lease.is_lost() {
-                    tracing::warn!(key = %lock.key, %error, "auto-extension failed until the lease ran out");
+                    tracing::warn!(key = %lock.key, error = &error as &dyn std::error::Error, "auto-extension failed until the lease ran out");
                     lease.mark_lost();
                     return;
                 }
-                tracing::debug!(key = %lock.key, %error, "auto-extension failed; retrying");
+                tracing::debug!(key = %lock.key, error = &error as &dyn std::error::Error, "auto-extension failed; retrying");
                 next = Instant::now() + (period / 4).max(Duration::from_millis(1));
             }
         }

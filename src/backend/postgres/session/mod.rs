@@ -499,7 +499,11 @@ impl Session {
         if let Err(Failure::Statement(error)) = result {
             // A stale flag only costs other processes a needless notification; closing the
             // session to drop it would cost every lock on it.
-            tracing::warn!(%error, key, "could not clear a lock waiter flag");
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                key,
+                "could not clear a lock waiter flag"
+            );
         }
     }
 
@@ -550,7 +554,11 @@ impl Session {
                 Err(LockError::LockLost)
             }
             Err(Failure::Statement(error)) => {
-                tracing::warn!(%error, key, "unlock failed; closing the session to free the lock");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    key,
+                    "unlock failed; closing the session to free the lock"
+                );
                 self.lose_session(LockError::backend(error));
                 Err(LockError::LockLost)
             }
@@ -579,7 +587,11 @@ impl Session {
             })
             .await;
         if let Err(Failure::Statement(error)) = result {
-            tracing::warn!(%error, key, "cleanup unlock failed; closing the session");
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                key,
+                "cleanup unlock failed; closing the session"
+            );
             self.lose_session(LockError::backend(error));
         }
     }
@@ -625,7 +637,10 @@ impl Session {
             })
             .await
         {
-            tracing::warn!(%error, "lock session ping failed");
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "lock session ping failed"
+            );
         }
     }
 
@@ -864,7 +879,7 @@ fn check_fencing_epoch<'a>(
                 Err(error) if is_concurrent_creation(&error) => {}
                 Err(error) => {
                     tracing::warn!(
-                        %error,
+                        error = &error as &dyn std::error::Error,
                         sequence = sql.sequence,
                         "cannot create the fencing sequence; create it beforehand (docs/postgres.md)"
                     );
@@ -889,7 +904,7 @@ fn check_fencing_epoch<'a>(
                 Err(error) if is_concurrent_creation(&error) => true,
                 Err(error) => {
                     tracing::warn!(
-                        %error,
+                        error = &error as &dyn std::error::Error,
                         "cannot create the fencing epoch table; drawing fencing tokens with \
                          synchronous_commit = on instead (create it beforehand: docs/postgres.md)"
                     );
@@ -907,7 +922,7 @@ fn check_fencing_epoch<'a>(
                 Ok(jumped) => Some(jumped),
                 Err(error) if is_statement_error(&error) => {
                     tracing::warn!(
-                        %error,
+                        error = &error as &dyn std::error::Error,
                         "the fencing epoch check failed; drawing fencing tokens with \
                          synchronous_commit = on instead"
                     );
