@@ -1,5 +1,6 @@
 //! [`KeepAlive`]: extends a held lock from a task of its own while the work it protects runs.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -20,6 +21,9 @@ use crate::{Lease, LockError, LockHandle};
 #[derive(Debug)]
 pub(crate) struct KeepAlive {
     task: Option<JoinHandle<()>>,
+    /// Set when the work is over: an extension still in flight then (the abort takes effect
+    /// at the task's next await) may find the lock released, which is no loss to report.
+    stopped: Arc<AtomicBool>,
 }
 
 impl KeepAlive {
@@ -31,15 +35,23 @@ impl KeepAlive {
         key: Arc<str>,
         max_hold: Duration,
     ) -> Self {
-        let task = tokio::runtime::Handle::try_current()
-            .ok()
-            .map(|runtime| runtime.spawn(keep_alive(handle, lease, key, max_hold)));
-        KeepAlive { task }
+        let stopped = Arc::new(AtomicBool::new(false));
+        let task = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            runtime.spawn(keep_alive(
+                handle,
+                lease,
+                key,
+                max_hold,
+                Arc::clone(&stopped),
+            ))
+        });
+        KeepAlive { task, stopped }
     }
 }
 
 impl Drop for KeepAlive {
     fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Release);
         if let Some(task) = self.task.take() {
             task.abort();
         }
@@ -51,6 +63,7 @@ async fn keep_alive(
     lease: Arc<Lease>,
     key: Arc<str>,
     max_hold: Duration,
+    stopped: Arc<AtomicBool>,
 ) {
     let term = lease.term();
     let give_up_at = Instant::now() + max_hold;
@@ -87,5 +100,7 @@ async fn keep_alive(
             ),
         }
     }
-    tracing::warn!(key = ?key, "the lock was lost while the work it protects was still running");
+    if !stopped.load(Ordering::Acquire) {
+        tracing::warn!(key = ?key, "the lock was lost while the work it protects was still running");
+    }
 }

@@ -21,8 +21,10 @@ use http_body_util::BodyExt;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockInfo, LockLayer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
+use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tower::Layer;
 
 const TTL: Duration = Duration::from_millis(400);
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -180,6 +182,63 @@ async fn a_body_complete_at_once_is_released_before_the_head_is_sent() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("content-length: 4"), "{answer}");
     assert!(!lock.is_locked("order:1").await.unwrap());
+}
+
+#[tokio::test]
+async fn an_empty_answer_waits_for_its_release() {
+    let lock = SlowReleaseLock::new(Some(Duration::from_millis(100)));
+    let app = Router::new()
+        .route("/pay", post(|| async { StatusCode::NO_CONTENT }))
+        .layer(LockLayer::new(lock.clone(), |_req| "order:3"));
+    let address = serve(app).await;
+    let answer = first_bytes_of_answer(address, "/pay").await;
+    assert!(
+        lock.released.load(Ordering::SeqCst),
+        "the answer went out before the release finished"
+    );
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    assert!(!lock.is_locked("order:3").await.unwrap());
+}
+
+#[tokio::test]
+async fn trailers_end_the_body_and_release_the_lock_before_they_are_passed_on() {
+    use http_body_util::StreamBody;
+    use tower::{Service, ServiceExt};
+
+    let lock = k1s0_distributed_lock::InMemoryDistributedLock::new(LockConfig::new());
+    let mut service = LockLayer::new(lock.clone(), |_req| "stream").layer(tower::service_fn(
+        |_req: http::Request<String>| async {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            // Data, then trailers, and a stream that never says it has ended (as a stream
+            // body does): hyper stops polling after the trailers.
+            let frames = futures::stream::iter([
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(
+                    b"message",
+                ))),
+                Ok(http_body::Frame::trailers(trailers)),
+            ])
+            .chain(futures::stream::pending());
+            Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(frames)))
+        },
+    ));
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(http::Request::new(String::new()))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let data = body.frame().await.unwrap().unwrap();
+    assert!(data.is_data());
+    assert!(lock.is_locked("stream").await.unwrap());
+    let trailers = body.frame().await.unwrap().unwrap();
+    assert!(trailers.is_trailers());
+    assert!(
+        !lock.is_locked("stream").await.unwrap(),
+        "the trailers were passed on with the lock still held"
+    );
 }
 
 #[tokio::test]

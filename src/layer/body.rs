@@ -81,15 +81,17 @@ impl<B: Body<Data = Bytes>> ResponseBody<B> {
 
     /// Takes the first frame ahead while the lock is held, and finishes the release if that
     /// frame ends the body. Ready once there is nothing more to gain before the head goes out:
-    /// the frame is in hand (and the lock released if it was the last), or the body is not
+    /// the release (if one started) has finished and a frame is in hand, or the body is not
     /// ready yet.
     pub(crate) fn poll_ahead(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Kind::Inner(inner) = &mut self.kind else {
             return Poll::Ready(());
         };
-        if inner.ahead.is_some() || (inner.lock.is_none() && inner.releasing.is_none()) {
+        let reading = inner.lock.is_some() && inner.ahead.is_none();
+        if inner.releasing.is_none() && !reading {
             return Poll::Ready(());
         }
+        // Drives the release under way, or reads one frame (which may start one).
         match inner.poll_frame(cx) {
             Poll::Ready(frame) => {
                 inner.ahead = Some(frame);
@@ -123,7 +125,7 @@ impl<B: Body<Data = Bytes>> Inner<B> {
                     drop(lock);
                     return Poll::Ready(frame);
                 }
-                Some(Ok(_)) if !self.inner_finished() => {
+                Some(Ok(next)) if !next.is_trailers() && !self.inner_finished() => {
                     self.lock = Some(lock);
                     return Poll::Ready(frame);
                 }
@@ -137,7 +139,8 @@ impl<B: Body<Data = Bytes>> Inner<B> {
 
     /// The inner body has no more data: it says so, or its exact size is used up (hyper stops
     /// polling a body whose `Content-Length` has been sent). Frames that may still follow
-    /// (trailers) are passed on after the release.
+    /// (trailers) are passed on after the release. Trailers end a body too: hyper stops
+    /// polling after them.
     fn inner_finished(&self) -> bool {
         self.body.is_end_stream() || self.body.size_hint().exact() == Some(0)
     }
@@ -162,6 +165,8 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
+            // Not finished while the release runs: the end waits for it.
+            Kind::Inner(inner) if inner.releasing.is_some() => false,
             Kind::Inner(inner) => match &inner.ahead {
                 Some(frame) => frame.is_none(),
                 None => {
@@ -180,10 +185,17 @@ where
             }
         };
         let ahead_len = match &inner.ahead {
-            Some(None) => return SizeHint::with_exact(0),
             Some(Some(Ok(frame))) => frame.data_ref().map_or(0, |data| data.len() as u64),
-            Some(Some(Err(_))) | None => 0,
+            Some(None) if inner.releasing.is_none() => return SizeHint::with_exact(0),
+            Some(_) | None => 0,
         };
+        if inner.releasing.is_some() {
+            // Never an exact size while the release runs: hyper would stop polling a body
+            // whose length is used up, and the release would miss the end it must come before.
+            let mut hint = SizeHint::new();
+            hint.set_lower(ahead_len);
+            return hint;
+        }
         let rest = inner.body.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower().saturating_add(ahead_len));

@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::held::HeldLock;
-use super::rejection::{Outcome, Rejection};
+use super::rejection::{Outcome, Rejection, RejectionKind};
 use super::settings::Settings;
 use super::ResponseBody;
 use crate::{LockError, LockGuard};
@@ -59,6 +59,8 @@ pin_project! {
             service: S,
             request: Option<Request<ReqBody>>,
             lock: Option<HeldLock>,
+            settings: Arc<Settings>,
+            grpc: bool,
         },
         // Field order matters: the inner future is dropped before the lock, so a cancelled
         // handler stops before its lock is released.
@@ -134,18 +136,17 @@ where
                     let (key, result) = ready!(acquire.as_mut().poll(cx));
                     let service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
+                    let (settings, grpc) = (Arc::clone(settings), *grpc);
                     let lock = match Outcome::of(result, settings.fail_open) {
                         Outcome::Locked(guard) => {
-                            let lock = HeldLock::new(guard, settings);
+                            let lock = HeldLock::new(guard, &settings);
                             request.extensions_mut().insert(lock.info().clone());
                             Some(lock)
                         }
                         Outcome::Unlocked => None,
                         Outcome::Refused(kind, error) => {
-                            let rejection = Rejection::new(kind, key, error, *grpc, settings);
-                            let response = settings.respond(&rejection);
                             state.set(State::Done);
-                            return Poll::Ready(Ok(response.map(ResponseBody::rejection)));
+                            return Poll::Ready(Ok(refusal(kind, key, error, grpc, &settings)));
                         }
                     };
                     match service {
@@ -157,6 +158,8 @@ where
                             service,
                             request: Some(request),
                             lock,
+                            settings,
+                            grpc,
                         }),
                     }
                 }
@@ -164,10 +167,21 @@ where
                     service,
                     request,
                     lock,
+                    settings,
+                    grpc,
                 } => {
                     if let Err(error) = ready!(service.poll_ready(cx)) {
                         state.set(State::Done);
                         return Poll::Ready(Err(error));
+                    }
+                    if let Some(lost) = lock.as_ref().filter(|lock| lock.is_lost()) {
+                        // Readying outlasted the lock (past max_hold): the handler must not
+                        // run unprotected.
+                        let key = lost.info().key().to_owned();
+                        let kind = RejectionKind::Locked;
+                        let response = refusal(kind, key, LockError::LockLost, *grpc, settings);
+                        state.set(State::Done);
+                        return Poll::Ready(Ok(response));
                     }
                     let request = request.take().expect("polled after completion");
                     let lock = lock.take();
@@ -207,6 +221,21 @@ where
             }
         }
     }
+}
+
+/// The answer to a refused request: the configured responder's, or the default.
+fn refusal<B>(
+    kind: RejectionKind,
+    key: String,
+    error: LockError,
+    grpc: bool,
+    settings: &Settings,
+) -> Response<ResponseBody<B>>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let rejection = Rejection::new(kind, key, error, grpc, settings);
+    settings.respond(&rejection).map(ResponseBody::rejection)
 }
 
 impl<S, ReqBody, ResBody> fmt::Debug for ResponseFuture<S, ReqBody, ResBody>

@@ -56,6 +56,10 @@ struct SlowHandle {
 impl LockHandle for SlowHandle {
     fn release(&self) -> BoxFuture<'_, Result<(), LockError>> {
         Box::pin(async move {
+            // Woken several times along the way, as a release driven over a socket is.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
             match self.release_delay {
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => std::future::pending().await,
