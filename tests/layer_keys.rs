@@ -5,6 +5,7 @@ mod common;
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::routing::post;
@@ -14,12 +15,12 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use k1s0_distributed_lock::layer::key;
 use k1s0_distributed_lock::{
-    DistributedLock, InMemoryDistributedLock, LockConfig, LockError, LockGuard, LockInfo,
-    LockLayer,
+    DistributedLock, InMemoryDistributedLock, LockConfig, LockError, LockGuard, LockInfo, LockLayer,
 };
 use tokio::sync::{mpsc, Semaphore};
 
-/// An app whose handler holds its request (and so its lock) until the test lets it go.
+/// An app whose handler holds its first request (and so its lock) until the test lets it go;
+/// a request that gets in meanwhile is answered at once, so that the test sees it.
 struct Held {
     entered: mpsc::UnboundedReceiver<()>,
     gate: Arc<Semaphore>,
@@ -29,11 +30,16 @@ fn gated_route(path: &str) -> (Router, Held) {
     let (entered_tx, entered) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(0));
     let open = gate.clone();
+    let inside = Arc::new(AtomicBool::new(false));
     let router = Router::new().route(
         path,
         post(move || async move {
+            if inside.swap(true, Ordering::SeqCst) {
+                return "got in beside the holder";
+            }
             entered_tx.send(()).unwrap();
             open.acquire().await.unwrap().forget();
+            inside.store(false, Ordering::SeqCst);
             "done"
         }),
     );
@@ -105,6 +111,7 @@ async fn a_header_that_is_not_ascii_locks_and_a_repeated_one_is_refused() {
     // Without the header the request passes unlocked.
     held.gate.add_permits(1);
     assert_eq!(post_with(address, "/pay", &[]).await, StatusCode::OK);
+    assert!(!lock.is_locked("idempotency-key:caf%C3%A9").await.unwrap());
 }
 
 #[tokio::test]
@@ -145,7 +152,10 @@ async fn an_unlocked_request_has_no_lock_info() {
             (req.uri.path() == "/locked").then_some("the-key")
         }));
     let address = serve(app).await;
-    assert_eq!(fetch(&client(), address, "/locked").await.2, "locked the-key");
+    assert_eq!(
+        fetch(&client(), address, "/locked").await.2,
+        "locked the-key"
+    );
     assert_eq!(fetch(&client(), address, "/free").await.2, "unlocked");
 }
 
