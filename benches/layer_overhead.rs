@@ -5,8 +5,22 @@
 //!   way the layer runs in production.
 //! * `layer_in_process`: one request through the router in-process (no sockets), which shows
 //!   the layer's own cost with nothing to hide it.
+//! * `layer_wrk` (after criterion, not a criterion group): the layer as users run it, under a
+//!   real HTTP client. `axum::serve` serves `POST /orders/{id}/pay` on loopback; `wrk -t2 -c64`
+//!   loads it with a distinct id, hence a distinct lock key, per request. It measures bare axum
+//!   and the layer on every backend this build has (in-memory; Redis and PostgreSQL with
+//!   `--all-features`, at `REDIS_URL` / `DATABASE_URL` or the local defaults), each on two
+//!   servers: the default listener, and one that sets `TCP_NODELAY` on accepted sockets. A
+//!   response written in pieces meets Nagle's algorithm and the client's delayed ACK only on
+//!   the default server, so the pair shows whether the layer does that. `LAYER_WRK_SECS` sets
+//!   the seconds per configuration (default 6, after a 1 s warm-up; 0 leaves the scenario out).
+//!   Needs `wrk` on the `PATH`; without it the scenario says how to install it and is skipped.
+//!   It runs under `cargo bench` only (not `cargo test --benches`), and a criterion filter
+//!   leaves it out unless the filter is part of `layer_wrk`.
 //!
-//! `cargo bench --bench layer_overhead` prints a RATIO line per group at the end.
+//! `cargo bench --bench layer_overhead` prints a RATIO line per group at the end, and
+//! `cargo bench --all-features --bench layer_overhead` includes the server backends in
+//! `layer_wrk`.
 
 mod support;
 
@@ -17,6 +31,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Path;
 use axum::routing::post;
+use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use criterion::{criterion_group, Criterion, Throughput};
@@ -24,7 +39,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use k1s0_distributed_lock::{InMemoryDistributedLock, LockConfig, LockLayer};
+use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockLayer};
+use support::wrk::{self, Figures, Wrk};
 use tower::ServiceExt;
 
 const CONCURRENCY: u64 = 32;
@@ -111,9 +127,246 @@ fn layer_in_process(c: &mut Criterion) {
 
 criterion_group!(benches, layer_http, layer_in_process);
 
+// layer_wrk: the layer under wrk, on the default server and on a TCP_NODELAY one.
+
+/// The two servers every app runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// `axum::serve` on a plain `TcpListener`, as most applications start it.
+    Default,
+    /// The same with `TCP_NODELAY` set on every accepted socket.
+    NoDelay,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Default => "default",
+            Server::NoDelay => "nodelay",
+        }
+    }
+}
+
+async fn pay(Path(order): Path<String>) -> String {
+    format!("order {order} paid")
+}
+
+fn pay_route() -> Router {
+    Router::new().route("/orders/{id}/pay", post(pay))
+}
+
+/// The route behind the layer, locking one key per path (the path holds the order id).
+fn behind_layer<B: DistributedLock>(lock: B) -> Router {
+    let prefix = format!("wrk:{}:", uuid::Uuid::new_v4().simple());
+    pay_route().layer(LockLayer::new(lock, move |req| {
+        format!("{prefix}{}", req.uri.path())
+    }))
+}
+
+#[cfg(feature = "redis")]
+async fn redis_lock() -> k1s0_distributed_lock::RedisDistributedLock {
+    use k1s0_distributed_lock::bb8_redis::{bb8::Pool, RedisConnectionManager};
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let pool = Pool::builder()
+        .max_size(10)
+        .build(RedisConnectionManager::new(url).expect("redis url"))
+        .await
+        .expect("redis pool");
+    k1s0_distributed_lock::RedisDistributedLock::builder(pool)
+        .build()
+        .unwrap()
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_lock() -> k1s0_distributed_lock::PostgresDistributedLock {
+    let url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .connect(&url)
+        .await
+        .expect("connect to PostgreSQL");
+    k1s0_distributed_lock::PostgresDistributedLock::new(pool, LockConfig::new())
+}
+
+/// The apps to measure, by name: bare axum, then the layer on each backend of this build.
+async fn wrk_apps() -> Vec<(&'static str, Router)> {
+    vec![
+        ("bare", pay_route()),
+        (
+            "memory",
+            behind_layer(InMemoryDistributedLock::new(LockConfig::new())),
+        ),
+        #[cfg(feature = "redis")]
+        ("redis", behind_layer(redis_lock().await)),
+        #[cfg(feature = "postgres")]
+        ("postgres", behind_layer(postgres_lock().await)),
+    ]
+}
+
+async fn serve_on(server: Server, app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    match server {
+        Server::Default => tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+        Server::NoDelay => {
+            let listener = listener.tap_io(|tcp| {
+                if let Err(error) = tcp.set_nodelay(true) {
+                    eprintln!("layer_wrk: cannot set TCP_NODELAY: {error}");
+                }
+            });
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() })
+        }
+    };
+    address
+}
+
+/// One request, to find a broken setup (a backend that answers 503) before measuring it.
+async fn check(address: SocketAddr) -> Result<(), String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let request = http::Request::post(format!("http://{address}/orders/check/pay"))
+        .body(Empty::new())
+        .unwrap();
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    match status {
+        http::StatusCode::OK => Ok(()),
+        _ => Err(format!("{status} {}", String::from_utf8_lossy(&body))),
+    }
+}
+
+/// Whether this run measures and its filter (if any) takes `layer_wrk`. `cargo bench` passes
+/// `--bench`; `cargo test --benches` does not, and criterion then only checks each benchmark
+/// once, which is no place for a minute of load.
+fn wrk_wanted() -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let has = |flag: &str| args.iter().any(|arg| arg == flag);
+    if !has("--bench") || has("--test") || has("--list") {
+        return false;
+    }
+    let filters: Vec<&String> = args.iter().filter(|arg| !arg.starts_with('-')).collect();
+    let wanted = filters.is_empty() || filters.iter().any(|f| "layer_wrk".contains(f.as_str()));
+    if !wanted {
+        println!("layer_wrk: not run (the filter {filters:?} leaves it out)");
+    }
+    wanted
+}
+
+fn layer_wrk() {
+    let seconds: u64 = match std::env::var("LAYER_WRK_SECS") {
+        Ok(value) => value.parse().expect("LAYER_WRK_SECS: whole seconds"),
+        Err(_) => 6,
+    };
+    if seconds == 0 {
+        println!("layer_wrk: not run (LAYER_WRK_SECS=0)");
+        return;
+    }
+    let Some(mut wrk) = Wrk::new(2, 64) else {
+        println!("layer_wrk: skipped: {}", wrk::INSTALL_HINT);
+        return;
+    };
+    let runtime = support::runtime();
+    let apps = runtime.block_on(wrk_apps());
+    println!(
+        "layer_wrk: wrk -t{} -c{} -d{seconds}s per configuration, after a 1 s warm-up; load average {}",
+        wrk.threads,
+        wrk.connections,
+        wrk::load_average()
+    );
+    let mut results: Vec<(&str, Server, Figures)> = Vec::new();
+    for (name, app) in apps {
+        for server in [Server::Default, Server::NoDelay] {
+            let address = runtime.block_on(serve_on(server, app.clone()));
+            if let Err(problem) = runtime.block_on(check(address)) {
+                println!(
+                    "layer_wrk/{name}/{}: skipped: answered {problem}",
+                    server.name()
+                );
+                continue;
+            }
+            wrk.run(address, Duration::from_secs(1));
+            let figures = wrk.run(address, Duration::from_secs(seconds));
+            print_figures(name, server, &figures);
+            results.push((name, server, figures));
+        }
+    }
+    println!("layer_wrk: load average {}", wrk::load_average());
+
+    let throughput = |name: &str, server: Server| {
+        results
+            .iter()
+            .find(|(n, s, _)| *n == name && *s == server)
+            .map(|(_, _, figures)| figures.requests_per_sec())
+    };
+    for (name, target) in [
+        ("bare", None),
+        ("memory", None),
+        ("redis", Some(0.9)),
+        ("postgres", Some(0.9)),
+    ] {
+        if let (Some(default), Some(nodelay)) = (
+            throughput(name, Server::Default),
+            throughput(name, Server::NoDelay),
+        ) {
+            print_ratio(
+                &format!("{name}: default server vs TCP_NODELAY server"),
+                default,
+                nodelay,
+                target,
+            );
+        }
+    }
+    if let (Some(memory), Some(bare)) = (
+        throughput("memory", Server::Default),
+        throughput("bare", Server::Default),
+    ) {
+        print_ratio(
+            "default server: in-memory layer vs bare axum",
+            memory,
+            bare,
+            Some(0.85),
+        );
+    }
+}
+
+fn print_figures(name: &str, server: Server, figures: &Figures) {
+    let mut problems = String::new();
+    if figures.non_2xx > 0 {
+        problems += &format!(", {} non-2xx responses", figures.non_2xx);
+    }
+    if figures.socket_errors > 0 {
+        problems += &format!(", {} socket errors", figures.socket_errors);
+    }
+    println!(
+        "layer_wrk/{name}/{}: {:.0} req/s, mean latency {:.2} ms, p99 {:.2} ms ({} requests in {:.1} s{problems})",
+        server.name(),
+        figures.requests_per_sec(),
+        figures.mean_latency.as_secs_f64() * 1e3,
+        figures.p99_latency.as_secs_f64() * 1e3,
+        figures.requests,
+        figures.duration.as_secs_f64(),
+    );
+}
+
+fn print_ratio(what: &str, measured: f64, baseline: f64, target: Option<f64>) {
+    let ratio = measured / baseline;
+    let verdict = match target {
+        Some(target) if ratio >= target => format!(" (target >= {target}: met)"),
+        Some(target) => format!(" (target >= {target}: MISSED)"),
+        None => String::new(),
+    };
+    println!("RATIO layer_wrk {what}: {measured:.0} / {baseline:.0} req/s = {ratio:.3}{verdict}");
+}
+
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
     support::print_ratio("layer_http", "with_layer", "bare", "bare");
     support::print_ratio("layer_in_process", "with_layer", "bare", "bare");
+    if wrk_wanted() {
+        layer_wrk();
+    }
 }

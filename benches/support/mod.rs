@@ -1,5 +1,8 @@
-//! Shared by the benchmarks: reading criterion's estimates back to print ratios.
+//! Shared by the benchmarks: reading criterion's estimates back to print ratios, and running
+//! wrk.
 #![allow(dead_code)]
+
+pub mod wrk;
 
 use std::path::PathBuf;
 
