@@ -5,6 +5,9 @@
 //!   way the layer runs in production.
 //! * `layer_in_process`: one request through the router in-process (no sockets), which shows
 //!   the layer's own cost with nothing to hide it.
+//! * `layer_keep_alive`: the same with a handler that awaits once, so that the layer starts its
+//!   keep-alive task, against the layer without keep-alive: what the keep-alive costs a request
+//!   that waits (one that runs to its end in one go never starts one).
 //! * `layer_wrk` (after criterion, not a criterion group): the layer as users run it, under a
 //!   real HTTP client. `axum::serve` serves `POST /orders/{id}/pay` on loopback; `wrk -t2 -c64`
 //!   loads it with a distinct id, hence a distinct lock key, per request. It measures bare axum
@@ -125,7 +128,47 @@ fn layer_in_process(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, layer_http, layer_in_process);
+/// What the keep-alive costs a request that waits (its handler awaits once, so the keep-alive
+/// task starts): the layer with keep-alive against the same layer without.
+fn layer_keep_alive(c: &mut Criterion) {
+    async fn waits_once(Path(order): Path<u64>) -> String {
+        tokio::task::yield_now().await;
+        format!("order {order} ok")
+    }
+    let route = || Router::new().route("/orders/{id}", post(waits_once));
+    let lock = || InMemoryDistributedLock::new(LockConfig::new());
+    let key = |req: &http::request::Parts| format!("order:{}", req.uri.path());
+    let runtime = support::runtime();
+    let mut group = c.benchmark_group("layer_keep_alive");
+    group.throughput(Throughput::Elements(1));
+    for (name, app) in [
+        (
+            "with_keep_alive",
+            route().layer(LockLayer::new(lock(), key)),
+        ),
+        (
+            "without_keep_alive",
+            route().layer(LockLayer::new(lock(), key).without_keep_alive()),
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter(|| {
+                let app = app.clone();
+                async move {
+                    let request = http::Request::post(next_path())
+                        .body(Body::empty())
+                        .unwrap();
+                    let response = app.oneshot(request).await.unwrap();
+                    assert_eq!(response.status(), 200);
+                    response.into_body().collect().await.unwrap();
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, layer_http, layer_in_process, layer_keep_alive);
 
 // layer_wrk: the layer under wrk, on the default server and on a TCP_NODELAY one.
 
@@ -157,10 +200,12 @@ fn pay_route() -> Router {
 
 /// The route behind the layer, locking one key per path (the path holds the order id).
 fn behind_layer<B: DistributedLock>(lock: B) -> Router {
+    pay_route().layer(lock_layer(lock))
+}
+
+fn lock_layer<B: DistributedLock>(lock: B) -> LockLayer<B> {
     let prefix = format!("wrk:{}:", uuid::Uuid::new_v4().simple());
-    pay_route().layer(LockLayer::new(lock, move |req| {
-        format!("{prefix}{}", req.uri.path())
-    }))
+    LockLayer::new(lock, move |req| format!("{prefix}{}", req.uri.path()))
 }
 
 #[cfg(feature = "redis")]
@@ -198,6 +243,12 @@ async fn wrk_apps() -> Vec<(&'static str, Router)> {
         (
             "memory",
             behind_layer(InMemoryDistributedLock::new(LockConfig::new())),
+        ),
+        (
+            "memory-without-keep-alive",
+            pay_route().layer(
+                lock_layer(InMemoryDistributedLock::new(LockConfig::new())).without_keep_alive(),
+            ),
         ),
         #[cfg(feature = "redis")]
         ("redis", behind_layer(redis_lock().await)),
@@ -330,6 +381,17 @@ fn layer_wrk() {
             Some(0.85),
         );
     }
+    if let (Some(with), Some(without)) = (
+        throughput("memory", Server::Default),
+        throughput("memory-without-keep-alive", Server::Default),
+    ) {
+        print_ratio(
+            "default server: in-memory layer, keep-alive on vs off",
+            with,
+            without,
+            None,
+        );
+    }
 }
 
 fn print_figures(name: &str, server: Server, figures: &Figures) {
@@ -366,6 +428,12 @@ fn main() {
     Criterion::default().configure_from_args().final_summary();
     support::print_ratio("layer_http", "with_layer", "bare", "bare");
     support::print_ratio("layer_in_process", "with_layer", "bare", "bare");
+    support::print_ratio(
+        "layer_keep_alive",
+        "with_keep_alive",
+        "without_keep_alive",
+        "without_keep_alive",
+    );
     if wrk_wanted() {
         layer_wrk();
     }

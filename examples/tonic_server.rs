@@ -6,9 +6,10 @@
 //! cargo run --example tonic_server
 //! ```
 //!
-//! Every call locks the key `grpc:health`. A `Watch` call is a server stream and holds the lock
-//! while the stream is open, so a `Check` meanwhile is refused with `ABORTED`; once the stream
-//! is cancelled the lock is free again.
+//! Every call locks the key `grpc:health`, with a TTL of 500 ms. A `Watch` call is a server
+//! stream and holds the lock while the stream is open, however long: the layer extends the lock
+//! every third of its TTL. A `Check` meanwhile is refused with `ABORTED`, three TTLs into the
+//! stream as at its start; once the stream is cancelled the lock is free again.
 
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ const KEY: &str = "grpc:health";
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let lock = InMemoryDistributedLock::new(LockConfig::new());
+    let ttl = Duration::from_millis(500);
+    let lock = InMemoryDistributedLock::new(LockConfig::new().ttl(ttl));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (_reporter, health) = tonic_health::server::health_reporter();
@@ -51,13 +53,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         lock.is_locked(KEY).await?
     );
 
-    let status = client
-        .check(request())
-        .await
-        .expect_err("the key is locked");
-    println!("Check  -> {:?}: {}", status.code(), status.message());
-    if status.code() != tonic::Code::Aborted {
-        return Err(format!("expected ABORTED, got {:?}", status.code()).into());
+    for moment in ["at once", "three TTLs later"] {
+        if moment != "at once" {
+            tokio::time::sleep(3 * ttl).await;
+        }
+        let status = client
+            .check(request())
+            .await
+            .expect_err("the key is locked");
+        println!(
+            "Check {moment} -> {:?}: {}",
+            status.code(),
+            status.message()
+        );
+        if status.code() != tonic::Code::Aborted {
+            return Err(format!("expected ABORTED, got {:?}", status.code()).into());
+        }
     }
 
     drop(watch);

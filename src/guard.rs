@@ -70,7 +70,7 @@ pub trait LockHandle: Send + Sync + 'static {
             Ok(runtime) => {
                 runtime.spawn(async move {
                     if let Err(error) = self.release().await {
-                        tracing::debug!(%error, "background release of a dropped lock guard failed");
+                        tracing::debug!(error = &error as &dyn std::error::Error, "background release of a dropped lock guard failed");
                     }
                 });
             }
@@ -265,7 +265,9 @@ impl LockGuard {
                 self.lease.mark_lost();
                 tracing::warn!(key = ?self.info.key, "released a lock that was already lost");
             }
-            Err(error) => tracing::warn!(key = ?self.info.key, %error, "lock release failed"),
+            Err(error) => {
+                tracing::warn!(key = ?self.info.key, error = error as &dyn std::error::Error, "lock release failed")
+            }
         }
         result
     }

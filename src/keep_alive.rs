@@ -95,7 +95,7 @@ async fn keep_alive(
             Err(LockError::LockLost) => {}
             Err(error) => tracing::warn!(
                 key = ?key,
-                %error,
+                error = &error as &dyn std::error::Error,
                 "extending the lock failed; trying again a third of its term later"
             ),
         }

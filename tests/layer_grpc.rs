@@ -4,14 +4,46 @@ mod common;
 
 use std::time::Duration;
 
+use common::backends::Backend;
 use common::failing::FlakyLock;
 use common::grpc::{health_client, serve_health};
 use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockLayer};
+use tokio::time::Instant;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 
 const KEY: &str = "grpc:health";
+
+backend_tests!(a_stream_longer_than_the_ttl_keeps_its_lock_until_it_ends);
+
+async fn a_stream_longer_than_the_ttl_keeps_its_lock_until_it_ends(backend: Backend) {
+    const TTL: Duration = Duration::from_millis(400);
+    let key = format!("{}grpc:health", common::unique_prefix("grpc-stream"));
+    let lock = backend.lock(LockConfig::new().ttl(TTL)).await;
+    let layer_key = key.clone();
+    let address = serve_health(LockLayer::new(lock.clone(), move |_req| layer_key.clone())).await;
+    let mut client = health_client(address).await;
+
+    let mut watch = client.watch(request()).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    // The stream stays open for four TTLs; every call meanwhile is refused.
+    let until = Instant::now() + 4 * TTL;
+    let mut probes = 0;
+    while Instant::now() < until {
+        let refused = client.check(request()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Aborted, "probe {probes} got in");
+        probes += 1;
+        tokio::time::sleep(TTL / 2).await;
+    }
+    assert!(probes >= 6, "only {probes} probes");
+    drop(watch);
+    assert!(
+        common::suites::becomes_free(&lock, &key, Duration::from_secs(5)).await,
+        "the cancelled stream kept the lock"
+    );
+}
 
 fn whole_service_key(_req: &http::request::Parts) -> String {
     KEY.to_owned()

@@ -95,7 +95,8 @@ async fn dropped_guards_release_at_once() {
 }
 
 /// `pg_terminate_backend` on the session: the key is free at once, every guard of that session
-/// learns it is lost (by the session's next ping at the latest), and locking works again.
+/// learns it is lost (by the session's next ping at the latest; `lost()` completes then), and
+/// locking works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_session_frees_the_key_and_its_guards_know() {
     let prefix = common::unique_prefix("pg_terminate");
@@ -121,12 +122,13 @@ async fn a_terminated_session_frees_the_key_and_its_guards_know() {
     let taken = other.try_acquire(&first).await.expect("the key is free");
     taken.release().await.unwrap();
 
-    // Without any call, the session's ping (every 0.5 s here) finds the session dead.
-    common::wait::assert_eventually("the guard learns its session died", || async {
-        guard_a.is_lost()
-    })
-    .await;
+    // Without any call, the session's ping (every 0.5 s here) finds the session dead, and
+    // lost() hears it: the lease itself runs for 30 s more.
+    tokio::time::timeout(Duration::from_secs(5), guard_a.lost())
+        .await
+        .expect("the guard was never told its session died");
     assert!(guard_b.is_lost());
+    assert!(guard_a.remaining().is_none());
     assert!(matches!(
         guard_b.extend(Duration::from_secs(5)).await,
         Err(LockError::LockLost)

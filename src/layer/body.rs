@@ -79,6 +79,16 @@ impl<B: Body<Data = Bytes>> ResponseBody<B> {
         }
     }
 
+    /// Starts keeping the lock alive, if the body still holds it.
+    pub(crate) fn keep_lock_alive(&mut self) {
+        if let Kind::Inner(Inner {
+            lock: Some(lock), ..
+        }) = &mut self.kind
+        {
+            lock.keep_alive();
+        }
+    }
+
     /// Takes the first frame ahead while the lock is held, and finishes the release if that
     /// frame ends the body. Ready once there is nothing more to gain before the head goes out:
     /// the release (if one started) has finished and a frame is in hand, or the body is not

@@ -170,7 +170,13 @@ where
                     settings,
                     grpc,
                 } => {
-                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                    let readied = service.poll_ready(cx);
+                    if readied.is_pending() {
+                        if let Some(lock) = lock {
+                            lock.keep_alive();
+                        }
+                    }
+                    if let Err(error) = ready!(readied) {
                         state.set(State::Done);
                         return Poll::Ready(Err(error));
                     }
@@ -189,11 +195,17 @@ where
                     state.set(State::Calling { future, lock });
                 }
                 StateProj::Calling { future, lock } => {
-                    let response = match ready!(future.poll(cx)) {
-                        Ok(response) => response,
-                        Err(error) => {
+                    let response = match future.poll(cx) {
+                        Poll::Ready(Ok(response)) => response,
+                        Poll::Ready(Err(error)) => {
                             state.set(State::Done);
                             return Poll::Ready(Err(error));
+                        }
+                        Poll::Pending => {
+                            if let Some(lock) = lock {
+                                lock.keep_alive();
+                            }
+                            return Poll::Pending;
                         }
                     };
                     let lock = lock.take();
@@ -213,6 +225,8 @@ where
                         .expect("polled after completion")
                         .body_mut();
                     ready!(body.poll_ahead(cx));
+                    // From here on nobody may poll the body for a while (a slow client).
+                    body.keep_lock_alive();
                     let response = response.take().expect("polled after completion");
                     state.set(State::Done);
                     return Poll::Ready(Ok(response));

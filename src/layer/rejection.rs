@@ -56,10 +56,10 @@ impl Rejection {
             }
             // The client's doing: nothing for an operator to act on.
             RejectionKind::InvalidKey => {
-                tracing::debug!(key = ?key, %error, "request refused: no lockable key")
+                tracing::debug!(key = ?key, error = &error as &dyn std::error::Error, "request refused: no lockable key")
             }
             _ => {
-                tracing::warn!(key = ?key, %error, ?kind, "request refused: the lock could not be taken")
+                tracing::warn!(key = ?key, error = &error as &dyn std::error::Error, ?kind, "request refused: the lock could not be taken")
             }
         }
         Rejection {
@@ -191,7 +191,10 @@ impl Outcome {
             LockError::InvalidKey { .. } => RejectionKind::InvalidKey,
             LockError::InvalidConfig { .. } => RejectionKind::Misconfigured,
             _ if fail_open => {
-                tracing::warn!(%error, "lock backend failed; letting the request through unlocked (fail-open)");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "lock backend failed; letting the request through unlocked (fail-open)"
+                );
                 return Outcome::Unlocked;
             }
             _ => RejectionKind::BackendUnavailable,

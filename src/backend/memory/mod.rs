@@ -156,7 +156,7 @@ impl InMemoryDistributedLock {
                 id,
                 receiver: Some(receiver),
             };
-            tracing::trace!(key = %waiter.key, "waiting for the lock");
+            tracing::trace!(key = ?waiter.key, "waiting for the lock");
             match waiter.wait(holder_expires_at, deadline).await {
                 Waited::Granted(grant) => return Ok(self.guard(Arc::clone(&waiter.key), grant)),
                 Waited::GaveUp => return Err(LockError::Timeout),
@@ -254,7 +254,7 @@ impl QueuedWaiter {
     /// descheduled for longer than the TTL): that lock is given back and the caller queues again.
     fn accept(&self, grant: Grant) -> Waited {
         if grant.lease.is_lost() {
-            tracing::debug!(key = %self.key, "a lock handed over expired before the waiter woke; queueing again");
+            tracing::debug!(key = ?self.key, "a lock handed over expired before the waiter woke; queueing again");
             let _ = self.table.release(&self.key, grant.token);
             return Waited::LostPlace;
         }

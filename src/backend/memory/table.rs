@@ -177,7 +177,7 @@ impl LockTable {
         // Under the shard lock no grant can be in flight: it was either sent already or the
         // waiter is still queued.
         if let Ok(grant) = receiver.try_recv() {
-            tracing::debug!(%key, "an acquire was cancelled just as it was granted; passing the lock on");
+            tracing::debug!(key = ?key, "an acquire was cancelled just as it was granted; passing the lock on");
             let _ = shard.release(self, key, grant.token, now);
             return;
         }

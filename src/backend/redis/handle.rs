@@ -125,7 +125,7 @@ impl LockHandle for RedisHandle {
         let ttl = self.lock.shared.config.get_ttl();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(
-                key = %self.lock.key,
+                key = ?self.lock.key,
                 ?ttl,
                 "lock guard dropped outside a tokio runtime: the lock stays until its TTL runs out"
             );
@@ -142,7 +142,7 @@ impl LockHandle for RedisHandle {
             let mut pending = pending;
             if let Err(error) = self.lock.release().await {
                 tracing::debug!(
-                    key = %self.lock.key,
+                    key = ?self.lock.key,
                     error = &error as &dyn std::error::Error,
                     "background release of a dropped lock guard failed"
                 );
@@ -164,7 +164,7 @@ impl Drop for PendingDropRelease {
     fn drop(&mut self) {
         if !self.done {
             tracing::warn!(
-                key = %self.key,
+                key = ?self.key,
                 ttl = ?self.ttl,
                 "the release of a dropped lock guard did not run (its runtime is shutting down): \
                  the lock stays until its TTL runs out"

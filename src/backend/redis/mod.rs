@@ -361,7 +361,7 @@ impl PendingAcquire<'_> {
         };
         let lock = self.lock_ref(self.keys.clone());
         if let Err(error) = lock.abandon(connection).await {
-            tracing::debug!(key = %self.key, error = &error as &dyn std::error::Error, "could not leave the wait queue; the entry times out");
+            tracing::debug!(key = ?self.key, error = &error as &dyn std::error::Error, "could not leave the wait queue; the entry times out");
         }
         self.connection = None;
     }
@@ -386,15 +386,15 @@ impl Drop for PendingAcquire<'_> {
         };
         let keys = std::mem::take(&mut self.keys);
         let lock = self.lock_ref(keys);
-        tracing::debug!(key = %lock.key, "acquire interrupted; cleaning up in the background");
+        tracing::debug!(key = ?lock.key, "acquire interrupted; cleaning up in the background");
         runtime.spawn(async move {
             match lock.abandon(connection).await {
                 Ok(true) => {
-                    tracing::debug!(key = %lock.key, "freed a lock taken by an interrupted acquire")
+                    tracing::debug!(key = ?lock.key, "freed a lock taken by an interrupted acquire")
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::debug!(key = %lock.key, error = &error as &dyn std::error::Error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
+                    tracing::debug!(key = ?lock.key, error = &error as &dyn std::error::Error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
                 }
             }
         });

@@ -103,7 +103,7 @@ async fn renew_until_stopped(
         tokio::time::sleep_until(next).await;
         let now = Instant::now();
         let Some(hold_left) = hold_until.checked_duration_since(now) else {
-            tracing::debug!(key = %lock.key, "auto-extension reached max_hold; letting the lock expire");
+            tracing::debug!(key = ?lock.key, "auto-extension reached max_hold; letting the lock expire");
             return;
         };
         let renew_for = ttl.min(hold_left);
@@ -113,21 +113,21 @@ async fn renew_until_stopped(
         match lock.extend(renew_for).await {
             Ok(()) => {
                 lease.renew(now, renew_for);
-                tracing::trace!(key = %lock.key, "lock auto-extended");
+                tracing::trace!(key = ?lock.key, "lock auto-extended");
                 next = now + period;
             }
             Err(LockError::LockLost) => {
-                tracing::warn!(key = %lock.key, "auto-extension found the lock gone; marking it lost");
+                tracing::warn!(key = ?lock.key, "auto-extension found the lock gone; marking it lost");
                 lease.mark_lost();
                 return;
             }
             Err(error) => {
                 if lease.is_lost() {
-                    tracing::warn!(key = %lock.key, error = &error as &dyn std::error::Error, "auto-extension failed until the lease ran out");
+                    tracing::warn!(key = ?lock.key, error = &error as &dyn std::error::Error, "auto-extension failed until the lease ran out");
                     lease.mark_lost();
                     return;
                 }
-                tracing::debug!(key = %lock.key, error = &error as &dyn std::error::Error, "auto-extension failed; retrying");
+                tracing::debug!(key = ?lock.key, error = &error as &dyn std::error::Error, "auto-extension failed; retrying");
                 next = Instant::now() + (period / 4).max(Duration::from_millis(1));
             }
         }
