@@ -7,6 +7,7 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 
 use super::held::HeldLock;
 
@@ -27,8 +28,8 @@ pub struct ResponseBody<B: Body> {
 }
 
 enum Kind<B: Body> {
-    /// The inner service's body, with the lock (if any).
-    Inner(Inner<B>),
+    /// The inner service's body, with the lock (if any), in one allocation.
+    Inner(Pin<Box<Inner<B>>>),
     /// The layer's own answer to a refused request.
     Rejection { data: Option<Bytes> },
 }
@@ -36,28 +37,28 @@ enum Kind<B: Body> {
 /// One frame as the body passes it on; `None` is the end of the stream.
 type Polled<B> = Option<Result<Frame<Bytes>, <B as Body>::Error>>;
 
-struct Inner<B: Body> {
-    body: Pin<Box<B>>,
-    lock: Option<HeldLock>,
-    /// The release under way; the frame that ended the body waits in `ahead` for it.
-    releasing: Option<BoxFuture<'static, ()>>,
-    /// A frame already taken from `body` and not yet passed on.
-    ahead: Option<Polled<B>>,
+pin_project! {
+    struct Inner<B: Body> {
+        #[pin]
+        body: B,
+        lock: Option<HeldLock>,
+        // The release under way; the frame that ended the body waits in `ahead` for it.
+        releasing: Option<BoxFuture<'static, ()>>,
+        // A frame already taken from `body` and not yet passed on.
+        ahead: Option<Polled<B>>,
+    }
 }
-
-// No field is pinned in place: the inner body lives in its own box.
-impl<B: Body> Unpin for ResponseBody<B> {}
 
 impl<B: Body<Data = Bytes>> ResponseBody<B> {
     /// A body holding `lock` until it is finished.
     pub(crate) fn new(body: B, lock: Option<HeldLock>) -> Self {
         ResponseBody {
-            kind: Kind::Inner(Inner {
-                body: Box::pin(body),
+            kind: Kind::Inner(Box::pin(Inner {
+                body,
                 lock,
                 releasing: None,
                 ahead: None,
-            }),
+            })),
         }
     }
 
@@ -81,11 +82,10 @@ impl<B: Body<Data = Bytes>> ResponseBody<B> {
 
     /// Starts keeping the lock alive, if the body still holds it.
     pub(crate) fn keep_lock_alive(&mut self) {
-        if let Kind::Inner(Inner {
-            lock: Some(lock), ..
-        }) = &mut self.kind
-        {
-            lock.keep_alive();
+        if let Kind::Inner(inner) = &mut self.kind {
+            if let Some(lock) = inner.as_mut().project().lock {
+                lock.keep_alive();
+            }
         }
     }
 
@@ -102,9 +102,9 @@ impl<B: Body<Data = Bytes>> ResponseBody<B> {
             return Poll::Ready(());
         }
         // Drives the release under way, or reads one frame (which may start one).
-        match inner.poll_frame(cx) {
+        match inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
-                inner.ahead = Some(frame);
+                *inner.as_mut().project().ahead = Some(frame);
                 Poll::Ready(())
             }
             Poll::Pending if inner.releasing.is_some() => Poll::Pending,
@@ -116,17 +116,18 @@ impl<B: Body<Data = Bytes>> ResponseBody<B> {
 impl<B: Body<Data = Bytes>> Inner<B> {
     /// The one release mechanism: passes frames on while holding the lock; at the end of the
     /// inner body, releases before passing the last frame (or the end) on.
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Polled<B>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Polled<B>> {
+        let mut this = self.project();
         loop {
-            if let Some(release) = &mut self.releasing {
+            if let Some(release) = this.releasing {
                 ready!(release.as_mut().poll(cx));
-                self.releasing = None;
+                *this.releasing = None;
             }
-            if let Some(frame) = self.ahead.take() {
+            if let Some(frame) = this.ahead.take() {
                 return Poll::Ready(frame);
             }
-            let frame = ready!(self.body.as_mut().poll_frame(cx));
-            let Some(lock) = self.lock.take() else {
+            let frame = ready!(this.body.as_mut().poll_frame(cx));
+            let Some(lock) = this.lock.take() else {
                 return Poll::Ready(frame);
             };
             match &frame {
@@ -135,25 +136,25 @@ impl<B: Body<Data = Bytes>> Inner<B> {
                     drop(lock);
                     return Poll::Ready(frame);
                 }
-                Some(Ok(next)) if !next.is_trailers() && !self.inner_finished() => {
-                    self.lock = Some(lock);
+                Some(Ok(next)) if !next.is_trailers() && !inner_finished(this.body.as_ref()) => {
+                    *this.lock = Some(lock);
                     return Poll::Ready(frame);
                 }
                 _ => {
-                    self.releasing = Some(lock.release());
-                    self.ahead = Some(frame);
+                    *this.releasing = Some(lock.release());
+                    *this.ahead = Some(frame);
                 }
             }
         }
     }
+}
 
-    /// The inner body has no more data: it says so, or its exact size is used up (hyper stops
-    /// polling a body whose `Content-Length` has been sent). Frames that may still follow
-    /// (trailers) are passed on after the release. Trailers end a body too: hyper stops
-    /// polling after them.
-    fn inner_finished(&self) -> bool {
-        self.body.is_end_stream() || self.body.size_hint().exact() == Some(0)
-    }
+/// The inner body has no more data: it says so, or its exact size is used up (hyper stops
+/// polling a body whose `Content-Length` has been sent). Frames that may still follow
+/// (trailers) are passed on after the release. Trailers end a body too: hyper stops polling
+/// after them.
+fn inner_finished<B: Body>(body: Pin<&B>) -> bool {
+    body.is_end_stream() || body.size_hint().exact() == Some(0)
 }
 
 impl<B> Body for ResponseBody<B>
@@ -168,7 +169,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match &mut self.get_mut().kind {
-            Kind::Inner(inner) => inner.poll_frame(cx),
+            Kind::Inner(inner) => inner.as_mut().poll_frame(cx),
             Kind::Rejection { data } => Poll::Ready(data.take().map(|data| Ok(Frame::data(data)))),
         }
     }
@@ -220,11 +221,11 @@ impl<B: Body> fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.kind {
             Kind::Inner(inner) if inner.releasing.is_some() => "releasing the lock",
-            Kind::Inner(Inner {
-                lock: Some(lock), ..
-            }) if lock.is_lost() => "streaming; the lock was lost",
-            Kind::Inner(Inner { lock: Some(_), .. }) => "streaming with the lock held",
-            Kind::Inner(_) => "streaming unlocked",
+            Kind::Inner(inner) => match &inner.lock {
+                Some(lock) if lock.is_lost() => "streaming; the lock was lost",
+                Some(_) => "streaming with the lock held",
+                None => "streaming unlocked",
+            },
             Kind::Rejection { .. } => "rejection",
         };
         f.debug_struct("ResponseBody")
