@@ -117,7 +117,7 @@ async fn lock_semantics(
 backend_tests!(a_lock_layer_over_a_trait_object_locks_each_request);
 
 /// `LockLayer::new(Arc<dyn DynDistributedLock>, ..)`: a request on a held key is refused, one
-/// on a free key holds the lock until its body is read, then frees it.
+/// on a free key runs its handler under the lock, which is free once the response is read.
 async fn a_lock_layer_over_a_trait_object_locks_each_request(backend: Backend) {
     let lock = as_dyn(backend.lock(config()).await);
     let path = format!(
@@ -129,9 +129,18 @@ async fn a_lock_layer_over_a_trait_object_locks_each_request(backend: Backend) {
             .body(Full::new(Bytes::new()))
             .unwrap()
     };
+    let handler_lock = Arc::clone(&lock);
     let service = LockLayer::new(Arc::clone(&lock), key::path()).layer(service_fn(
-        |_req: Request<Full<Bytes>>| async {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+        move |req: Request<Full<Bytes>>| {
+            let lock = Arc::clone(&handler_lock);
+            async move {
+                // The handler reports whether its own key is held while it runs.
+                let held = lock.is_locked(req.uri().path()).await.unwrap();
+                let answer = if held { "held" } else { "free" };
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                    answer.as_bytes(),
+                ))))
+            }
         },
     ));
 
@@ -142,13 +151,10 @@ async fn a_lock_layer_over_a_trait_object_locks_each_request(backend: Backend) {
 
     let response = service.oneshot(request()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(
-        lock.is_locked(&path).await.unwrap(),
-        "the body holds the lock"
-    );
     assert_eq!(
         response.into_body().collect().await.unwrap().to_bytes(),
-        "done"
+        "held",
+        "the handler runs under the lock"
     );
     assert!(!lock.is_locked(&path).await.unwrap());
 }
