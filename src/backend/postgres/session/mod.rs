@@ -805,13 +805,16 @@ impl Session {
                 "PostgreSQL lock session lost; its locks are gone"
             );
         }
-        for (_, held) in self.held.drain() {
-            held.lease.mark_lost();
-            drop(held.claim);
-        }
+        // Every claim is let go before any guard hears of the loss, so a guard that reacts
+        // (takes its key again, checks its neighbours) finds the session's state settled.
+        let lost: Vec<Held> = self.held.drain().map(|(_, held)| held).collect();
         self.expiries.clear();
         self.flags.clear();
         self.idle_since = Instant::now();
+        let leases: Vec<Arc<Lease>> = lost.into_iter().map(|held| held.lease).collect();
+        for lease in leases {
+            lease.mark_lost();
+        }
     }
 
     async fn close_gracefully(&mut self) {
