@@ -377,16 +377,19 @@ async fn cancelled_acquires_leave_no_lock_and_no_queue_entry() {
         .await
         .unwrap();
 
-    // Cancel acquires and tries at every point in their life: nothing may stay behind.
+    // Cancel acquires and tries at every point in their life (each suspension in turn, the
+    // last counts beyond the end): nothing may stay behind.
     let (mut cancelled, mut completed) = (0, 0);
-    for round in 0..120u64 {
-        let cut = Duration::from_micros((round * 53) % 1_500);
+    for round in 0..120usize {
+        let suspensions = round / 2 % 12 + 1;
         let finished = if round % 2 == 0 {
-            tokio::time::timeout(cut, lock.try_acquire(key))
+            common::cancel::drop_at_suspension(lock.try_acquire(key), suspensions)
                 .await
-                .is_ok()
+                .is_some()
         } else {
-            tokio::time::timeout(cut, lock.acquire(key)).await.is_ok()
+            common::cancel::drop_at_suspension(lock.acquire(key), suspensions)
+                .await
+                .is_some()
         };
         if finished {
             completed += 1;
