@@ -15,8 +15,11 @@
 //!   `--all-features`, at `REDIS_URL` / `DATABASE_URL` or the local defaults), each on two
 //!   servers: the default listener, and one that sets `TCP_NODELAY` on accepted sockets. A
 //!   response written in pieces meets Nagle's algorithm and the client's delayed ACK only on
-//!   the default server, so the pair shows whether the layer does that. `LAYER_WRK_SECS` sets
-//!   the seconds per configuration (default 6, after a 1 s warm-up; 0 leaves the scenario out).
+//!   the default server, so the pair shows whether the layer does that. The configurations run
+//!   in interleaved rounds (`LAYER_WRK_ROUNDS`, default 5, of `LAYER_WRK_SECS`, default 3 s,
+//!   each; 0 s leaves the scenario out), and each ratio is the median of the per-round ratios,
+//!   so that a drift of the machine during the run touches both sides of a ratio alike.
+//!   `LAYER_WRK_ONLY=bare,memory` measures only the apps it names.
 //!   Needs `wrk` on the `PATH`; without it the scenario says how to install it and is skipped.
 //!   It runs under `cargo bench` only (not `cargo test --benches`), and a criterion filter
 //!   leaves it out unless the filter is part of `layer_wrk`.
@@ -306,11 +309,27 @@ fn wrk_wanted() -> bool {
     wanted
 }
 
+/// Whole seconds from the environment variable `name`, or `default`.
+fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// One app on one server, with what each round measured.
+struct Configuration {
+    name: &'static str,
+    server: Server,
+    address: SocketAddr,
+    rounds: Vec<Figures>,
+}
+
 fn layer_wrk() {
-    let seconds: u64 = match std::env::var("LAYER_WRK_SECS") {
-        Ok(value) => value.parse().expect("LAYER_WRK_SECS: whole seconds"),
-        Err(_) => 6,
-    };
+    let seconds = env_number("LAYER_WRK_SECS", 3);
+    let rounds = env_number("LAYER_WRK_ROUNDS", 5).max(1);
     if seconds == 0 {
         println!("layer_wrk: not run (LAYER_WRK_SECS=0)");
         return;
@@ -320,37 +339,53 @@ fn layer_wrk() {
         return;
     };
     let runtime = support::runtime();
-    let apps = runtime.block_on(wrk_apps());
+    let mut configurations = Vec::new();
+    let only = std::env::var("LAYER_WRK_ONLY").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|wanted| wanted == name);
+    for (name, app) in runtime.block_on(wrk_apps()) {
+        if !wanted(name) {
+            continue;
+        }
+        for server in [Server::Default, Server::NoDelay] {
+            let address = runtime.block_on(serve_on(server, app.clone()));
+            match runtime.block_on(check(address)) {
+                Ok(()) => configurations.push(Configuration {
+                    name,
+                    server,
+                    address,
+                    rounds: Vec::new(),
+                }),
+                Err(problem) => println!(
+                    "layer_wrk/{name}/{}: skipped: answered {problem}",
+                    server.name()
+                ),
+            }
+        }
+    }
     println!(
-        "layer_wrk: wrk -t{} -c{} -d{seconds}s per configuration, after a 1 s warm-up; load average {}",
+        "layer_wrk: wrk -t{} -c{}, {rounds} rounds of {seconds} s per configuration, interleaved (each round runs every configuration once, after a 1 s warm-up each); load average {}",
         wrk.threads,
         wrk.connections,
         wrk::load_average()
     );
-    let mut results: Vec<(&str, Server, Figures)> = Vec::new();
-    for (name, app) in apps {
-        for server in [Server::Default, Server::NoDelay] {
-            let address = runtime.block_on(serve_on(server, app.clone()));
-            if let Err(problem) = runtime.block_on(check(address)) {
-                println!(
-                    "layer_wrk/{name}/{}: skipped: answered {problem}",
-                    server.name()
-                );
-                continue;
-            }
-            wrk.run(address, Duration::from_secs(1));
-            let figures = wrk.run(address, Duration::from_secs(seconds));
-            print_figures(name, server, &figures);
-            results.push((name, server, figures));
+    for configuration in &configurations {
+        wrk.run(configuration.address, Duration::from_secs(1));
+    }
+    for _ in 0..rounds {
+        for configuration in &mut configurations {
+            let figures = wrk.run(configuration.address, Duration::from_secs(seconds));
+            configuration.rounds.push(figures);
         }
     }
     println!("layer_wrk: load average {}", wrk::load_average());
+    for configuration in &configurations {
+        print_figures(configuration);
+    }
 
-    let throughput = |name: &str, server: Server| {
-        results
+    let find = |name: &str, server: Server| {
+        configurations
             .iter()
-            .find(|(n, s, _)| *n == name && *s == server)
-            .map(|(_, _, figures)| figures.requests_per_sec())
+            .find(|c| c.name == name && c.server == server)
     };
     for (name, target) in [
         ("bare", None),
@@ -358,10 +393,9 @@ fn layer_wrk() {
         ("redis", Some(0.9)),
         ("postgres", Some(0.9)),
     ] {
-        if let (Some(default), Some(nodelay)) = (
-            throughput(name, Server::Default),
-            throughput(name, Server::NoDelay),
-        ) {
+        if let (Some(default), Some(nodelay)) =
+            (find(name, Server::Default), find(name, Server::NoDelay))
+        {
             print_ratio(
                 &format!("{name}: default server vs TCP_NODELAY server"),
                 default,
@@ -371,8 +405,8 @@ fn layer_wrk() {
         }
     }
     if let (Some(memory), Some(bare)) = (
-        throughput("memory", Server::Default),
-        throughput("bare", Server::Default),
+        find("memory", Server::Default),
+        find("bare", Server::Default),
     ) {
         print_ratio(
             "default server: in-memory layer vs bare axum",
@@ -382,8 +416,8 @@ fn layer_wrk() {
         );
     }
     if let (Some(with), Some(without)) = (
-        throughput("memory", Server::Default),
-        throughput("memory-without-keep-alive", Server::Default),
+        find("memory", Server::Default),
+        find("memory-without-keep-alive", Server::Default),
     ) {
         print_ratio(
             "default server: in-memory layer, keep-alive on vs off",
@@ -394,33 +428,68 @@ fn layer_wrk() {
     }
 }
 
-fn print_figures(name: &str, server: Server, figures: &Figures) {
-    let mut problems = String::new();
-    if figures.non_2xx > 0 {
-        problems += &format!(", {} non-2xx responses", figures.non_2xx);
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
     }
-    if figures.socket_errors > 0 {
-        problems += &format!(", {} socket errors", figures.socket_errors);
+}
+
+/// The median round of a configuration (by throughput), its range, and any errors seen.
+fn print_figures(configuration: &Configuration) {
+    let mut rounds: Vec<&Figures> = configuration.rounds.iter().collect();
+    rounds.sort_by(|a, b| a.requests_per_sec().total_cmp(&b.requests_per_sec()));
+    let middle = rounds[rounds.len() / 2];
+    let (non_2xx, socket_errors) = rounds.iter().fold((0, 0), |(n, s), figures| {
+        (n + figures.non_2xx, s + figures.socket_errors)
+    });
+    let mut problems = String::new();
+    if non_2xx > 0 {
+        problems += &format!(", {non_2xx} non-2xx responses");
+    }
+    if socket_errors > 0 {
+        problems += &format!(", {socket_errors} socket errors");
     }
     println!(
-        "layer_wrk/{name}/{}: {:.0} req/s, mean latency {:.2} ms, p99 {:.2} ms ({} requests in {:.1} s{problems})",
-        server.name(),
-        figures.requests_per_sec(),
-        figures.mean_latency.as_secs_f64() * 1e3,
-        figures.p99_latency.as_secs_f64() * 1e3,
-        figures.requests,
-        figures.duration.as_secs_f64(),
+        "layer_wrk/{}/{}: median {:.0} req/s (rounds {:.0}..{:.0}), mean latency {:.2} ms, p99 {:.2} ms{problems}",
+        configuration.name,
+        configuration.server.name(),
+        middle.requests_per_sec(),
+        rounds[0].requests_per_sec(),
+        rounds[rounds.len() - 1].requests_per_sec(),
+        middle.mean_latency.as_secs_f64() * 1e3,
+        middle.p99_latency.as_secs_f64() * 1e3,
     );
 }
 
-fn print_ratio(what: &str, measured: f64, baseline: f64, target: Option<f64>) {
-    let ratio = measured / baseline;
+/// The median over rounds of `measured / baseline`, each round's pair measured back to back.
+fn print_ratio(
+    what: &str,
+    measured: &Configuration,
+    baseline: &Configuration,
+    target: Option<f64>,
+) {
+    let ratios: Vec<f64> = measured
+        .rounds
+        .iter()
+        .zip(&baseline.rounds)
+        .map(|(m, b)| m.requests_per_sec() / b.requests_per_sec())
+        .collect();
+    let (lowest, highest) = ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    let ratio = median(ratios);
     let verdict = match target {
         Some(target) if ratio >= target => format!(" (target >= {target}: met)"),
         Some(target) => format!(" (target >= {target}: MISSED)"),
         None => String::new(),
     };
-    println!("RATIO layer_wrk {what}: {measured:.0} / {baseline:.0} req/s = {ratio:.3}{verdict}");
+    println!(
+        "RATIO layer_wrk {what}: median of per-round ratios {ratio:.3} (rounds {lowest:.3}..{highest:.3}){verdict}"
+    );
 }
 
 fn main() {
