@@ -109,23 +109,23 @@ fn layer_http(c: &mut Criterion) {
     group.finish();
 }
 
+/// One request through `app` in-process, its body read to the end.
+async fn one_request(app: Router) {
+    let request = http::Request::post(next_path())
+        .body(Body::empty())
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+}
+
 fn layer_in_process(c: &mut Criterion) {
     let runtime = support::runtime();
     let mut group = c.benchmark_group("layer_in_process");
     group.throughput(Throughput::Elements(1));
     for (name, app) in [("bare", bare()), ("with_layer", locked())] {
         group.bench_function(name, |b| {
-            b.to_async(&runtime).iter(|| {
-                let app = app.clone();
-                async move {
-                    let request = http::Request::post(next_path())
-                        .body(Body::empty())
-                        .unwrap();
-                    let response = app.oneshot(request).await.unwrap();
-                    assert_eq!(response.status(), 200);
-                    response.into_body().collect().await.unwrap();
-                }
-            })
+            b.to_async(&runtime).iter(|| one_request(app.clone()))
         });
     }
     group.finish();
@@ -155,17 +155,7 @@ fn layer_keep_alive(c: &mut Criterion) {
         ),
     ] {
         group.bench_function(name, |b| {
-            b.to_async(&runtime).iter(|| {
-                let app = app.clone();
-                async move {
-                    let request = http::Request::post(next_path())
-                        .body(Body::empty())
-                        .unwrap();
-                    let response = app.oneshot(request).await.unwrap();
-                    assert_eq!(response.status(), 200);
-                    response.into_body().collect().await.unwrap();
-                }
-            })
+            b.to_async(&runtime).iter(|| one_request(app.clone()))
         });
     }
     group.finish();

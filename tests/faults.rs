@@ -32,15 +32,24 @@ fn config() -> LockConfig {
         .max_retries(10)
 }
 
-async fn through_proxy(
+/// A lock on `backend` whose every connection goes through a fault proxy of its own.
+async fn lock_through_proxy(
     backend: Backend,
+    config: LockConfig,
+    command_timeout: Duration,
 ) -> (std::sync::Arc<FaultProxy>, common::backends::AnyLock) {
     let proxy = FaultProxy::start(backend.server_address().await).await;
     let url = backend.url_via(proxy.address()).await;
     let lock = backend
-        .lock_at(Some(url), config(), Some(COMMAND_TIMEOUT))
+        .lock_at(Some(url), config, Some(command_timeout))
         .await;
     (proxy, lock)
+}
+
+async fn through_proxy(
+    backend: Backend,
+) -> (std::sync::Arc<FaultProxy>, common::backends::AnyLock) {
+    lock_through_proxy(backend, config(), COMMAND_TIMEOUT).await
 }
 
 server_backend_tests!(
@@ -228,12 +237,7 @@ fn stall_limit() -> Duration {
 async fn stall_through_proxy(
     backend: Backend,
 ) -> (std::sync::Arc<FaultProxy>, common::backends::AnyLock) {
-    let proxy = FaultProxy::start(backend.server_address().await).await;
-    let url = backend.url_via(proxy.address()).await;
-    let lock = backend
-        .lock_at(Some(url), stall_config(), Some(STALL_COMMAND_TIMEOUT))
-        .await;
-    (proxy, lock)
+    lock_through_proxy(backend, stall_config(), STALL_COMMAND_TIMEOUT).await
 }
 
 server_backend_tests!(

@@ -13,7 +13,7 @@ use axum::{Extension, Router};
 use bytes::Bytes;
 use common::backends::Backend;
 use common::failing::FlakyLock;
-use common::http::{client, fetch, send, serve};
+use common::http::{client, fetch, prefixed_path, send, serve};
 use common::suites::becomes_free;
 use http::StatusCode;
 use http_body_util::BodyExt;
@@ -31,12 +31,6 @@ fn config() -> LockConfig {
     LockConfig::new()
         .retry_interval(Duration::from_millis(100))
         .max_retries(100)
-}
-
-/// A key extractor that locks `{prefix}{path}`, so that tests sharing a server never collide.
-fn prefixed_path(prefix: &str) -> impl Fn(&http::request::Parts) -> String + Send + Sync + 'static {
-    let prefix = prefix.to_owned();
-    move |req| format!("{prefix}{}", req.uri.path())
 }
 
 backend_tests!(

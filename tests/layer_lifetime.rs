@@ -14,7 +14,7 @@ use axum::routing::post;
 use axum::{Extension, Router};
 use bytes::Bytes;
 use common::backends::Backend;
-use common::http::{client, fetch, send, serve};
+use common::http::{client, fetch, prefixed_path, send, serve};
 use common::slow_release::SlowReleaseLock;
 use futures::StreamExt;
 use http::StatusCode;
@@ -31,11 +31,6 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 fn short_ttl() -> LockConfig {
     LockConfig::new().ttl(TTL)
-}
-
-fn prefixed_path(prefix: &str) -> impl Fn(&http::request::Parts) -> String + Send + Sync + 'static {
-    let prefix = prefix.to_owned();
-    move |req| format!("{prefix}{}", req.uri.path())
 }
 
 backend_tests!(

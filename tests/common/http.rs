@@ -53,3 +53,12 @@ pub async fn fetch(
         String::from_utf8_lossy(&body).into_owned(),
     )
 }
+
+/// A key extractor that locks `{prefix}{path}`, so that tests sharing a server never collide.
+#[allow(dead_code)]
+pub fn prefixed_path(
+    prefix: &str,
+) -> impl Fn(&http::request::Parts) -> String + Send + Sync + 'static {
+    let prefix = prefix.to_owned();
+    move |req| format!("{prefix}{}", req.uri.path())
+}
