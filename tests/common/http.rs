@@ -55,7 +55,6 @@ pub async fn fetch(
 }
 
 /// A key extractor that locks `{prefix}{path}`, so that tests sharing a server never collide.
-#[allow(dead_code)]
 pub fn prefixed_path(
     prefix: &str,
 ) -> impl Fn(&http::request::Parts) -> String + Send + Sync + 'static {
