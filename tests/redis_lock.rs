@@ -136,7 +136,7 @@ async fn an_expired_guard_cannot_release_or_extend_the_new_holders_lock() {
 #[tokio::test]
 async fn extend_renews_and_a_vanished_lock_is_reported_lost() {
     let prefix = common::unique_prefix("redis_extend");
-    let lock = lock_with(&prefix, LockConfig::new().ttl(Duration::from_millis(400))).await;
+    let lock = lock_with(&prefix, LockConfig::new().ttl(Duration::from_secs(2))).await;
     let guard = lock.try_acquire("extend-me").await.unwrap();
     guard.extend(Duration::from_secs(20)).await.unwrap();
     let mut conn = raw().await;
