@@ -14,9 +14,11 @@
 //! * `sql` — statement text and the fencing sequence name.
 
 mod claims;
+mod fencing;
 mod key_hash;
 mod notify;
 mod session;
+mod setup;
 mod sql;
 
 use std::future::Future;

@@ -83,7 +83,7 @@ impl Drop for SessionConnection {
 }
 
 /// Errors after which the session is known to be intact: the statement failed on its own.
-pub(super) fn is_statement_error(error: &sqlx::Error) -> bool {
+pub(in crate::backend::postgres) fn is_statement_error(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(database) => database.code().is_some_and(|code| {
             // syntax/undefined objects, data, integrity, object state, transaction rollback,
@@ -106,7 +106,7 @@ pub(super) fn is_statement_error(error: &sqlx::Error) -> bool {
 /// What `CREATE ... IF NOT EXISTS` raises when another session creates the same object at the
 /// same moment: a unique violation in the catalog (23505), duplicate_table (42P07), or, for a
 /// table, duplicate_object (42710) on its row type.
-pub(super) fn is_concurrent_creation(error: &sqlx::Error) -> bool {
+pub(in crate::backend::postgres) fn is_concurrent_creation(error: &sqlx::Error) -> bool {
     matches!(
         error,
         sqlx::Error::Database(database)
