@@ -46,7 +46,9 @@ pub use backend::dynamic::DynDistributedLock;
 pub use backend::memory::InMemoryDistributedLock;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use backend::postgres::{PostgresDistributedLock, PostgresDistributedLockBuilder};
+pub use backend::postgres::{
+    PostgresDistributedLock, PostgresDistributedLockBuilder, TransactionLock,
+};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use backend::redis::{AutoExtend, RedisDistributedLock, RedisDistributedLockBuilder};

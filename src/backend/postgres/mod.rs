@@ -12,6 +12,7 @@
 //!   classes).
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
 //! * `sql` — statement text and the fencing sequence name.
+//! * `transaction` — transaction-scoped locks on the caller's own transaction.
 
 mod claims;
 mod fencing;
@@ -20,8 +21,10 @@ mod notify;
 mod session;
 mod setup;
 mod sql;
+mod transaction;
 
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -38,6 +41,8 @@ use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
 use super::jitter::Jitter;
 use crate::config::validate_duration;
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
+
+pub use self::transaction::TransactionLock;
 
 /// Default number of lock sessions (connections holding advisory locks).
 const DEFAULT_SESSIONS: usize = 2;
@@ -119,6 +124,8 @@ struct Inner {
     sessions: Box<[OnceLock<SessionHandle>]>,
     hub: Arc<WakeHub>,
     listener: OnceCell<Listener>,
+    /// The fencing objects that transaction locks rely on were found (see `transaction`).
+    transaction_fencing_ready: AtomicBool,
 }
 
 /// Options of a [`PostgresDistributedLock`] beyond [`new`](PostgresDistributedLock::new).
@@ -242,6 +249,7 @@ impl PostgresDistributedLockBuilder {
                 sessions: (0..self.sessions).map(|_| OnceLock::new()).collect(),
                 hub: Arc::new(WakeHub::default()),
                 listener: OnceCell::new(),
+                transaction_fencing_ready: AtomicBool::new(false),
             }),
         })
     }

@@ -88,6 +88,13 @@ pub(super) struct Statements {
     /// `$1` key → (released, notified). Notifies [`NOTIFY_CHANNEL`] with the key in decimal
     /// when some session holds the key's waiter flag (the halves of `$1`, see [`FLAG_HIGH`]).
     pub(super) unlock: String,
+    /// `$1` advisory key → (the fencing epoch is current, the fencing token if the lock was
+    /// taken, else NULL), run on the caller's own transaction: `pg_try_advisory_xact_lock` on
+    /// the same advisory key as [`try_lock`](Self::try_lock), released when that transaction
+    /// ends. Neither locks nor draws when the sequence's epoch row is missing (the first
+    /// session since a crash has not moved the sequence on yet), so a token is never drawn
+    /// from a sequence that a crash may have taken back.
+    pub(super) transaction_try_lock: String,
     /// `$1`/`$2` flag halves.
     pub(super) set_flag: &'static str,
     /// `$1`/`$2` flag halves.
@@ -130,6 +137,16 @@ impl Statements {
                  THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END \
                  FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END AS token \
                  OFFSET 0) AS t"
+            ),
+            // CASE, not AND: its branches are evaluated in order, so a missing epoch row takes
+            // no lock and draws no token.
+            transaction_try_lock: format!(
+                "SELECT e.current, CASE WHEN NOT e.current THEN NULL \
+                 WHEN pg_try_advisory_xact_lock($1) THEN nextval('{seq}') END \
+                 FROM (SELECT EXISTS (SELECT 1 FROM {epochs} WHERE sequence = '{name}') AS current \
+                 OFFSET 0) AS e",
+                epochs = sequence.epochs_quoted,
+                name = sequence.quoted.replace('\'', "''")
             ),
             // Flat (no subquery): the cheapest form, measured. Whatever order the server
             // evaluates the two columns in, a flagged key is notified at commit, and a key that
