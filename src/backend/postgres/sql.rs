@@ -197,6 +197,36 @@ impl Statements {
 mod tests {
     use super::*;
 
+    /// docs/postgres.md ("A client in another language", "Locks inside your own
+    /// transaction") shows the statements a client in another language must run: they must
+    /// be the crate's own, to the character (whitespace aside).
+    #[test]
+    fn the_foreign_client_section_shows_the_statements_the_crate_runs() {
+        let normalize = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let doc = include_str!("../../../docs/postgres.md");
+        let start = doc
+            .find("## Locks inside your own transaction")
+            .expect("the transaction locks section");
+        let end = doc[start..].find("## Errors").expect("the Errors section") + start;
+        let doc = normalize(&doc[start..end]);
+        let sql = Statements::new(&SequenceName::parse(DEFAULT_SEQUENCE).unwrap());
+        for (name, statement) in [
+            ("epoch_check", sql.epoch_check.as_str()),
+            ("try_lock", &sql.try_lock),
+            ("unlock", &sql.unlock),
+            ("set_flag", sql.set_flag),
+            ("try_lock_unflag", &sql.try_lock_unflag),
+            ("clear_flag", sql.clear_flag),
+            ("is_locked", sql.is_locked),
+            ("transaction_try_lock", &sql.transaction_try_lock),
+        ] {
+            assert!(
+                doc.contains(&normalize(statement)),
+                "docs/postgres.md does not show the {name} statement as the crate runs it:\n{statement}"
+            );
+        }
+    }
+
     #[test]
     fn sequence_names_are_checked_and_quoted() {
         assert_eq!(
