@@ -9,6 +9,7 @@ mod pg_support;
 
 use std::time::Duration;
 
+use common::cancel::drop_at_suspension;
 use common::counter::postgres::PostgresCounter;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDistributedLock};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
@@ -337,6 +338,54 @@ async fn a_missing_epoch_row_moves_the_sequence_on_before_a_token_is_drawn() {
         after.fencing_token(),
         before.fencing_token()
     );
+}
+
+/// `acquire_in` dropped at each of its await points in turn: the transaction stays usable,
+/// the key is held by nobody but that transaction, and ending the transaction frees it.
+#[tokio::test]
+async fn a_dropped_acquire_in_leaves_at_most_its_own_transaction_holding_the_key() {
+    let key = format!("{}order", common::unique_prefix("pg_tx_cancel"));
+    let (lock, pool) = setup(config()).await;
+    let mut admin = pg_support::admin().await;
+
+    // On a free key, until the future completes.
+    for n in 1.. {
+        let mut tx = pool.begin().await.unwrap();
+        let pid = backend_pid(&mut tx).await;
+        let outcome = drop_at_suspension(lock.acquire_in(&mut tx, &key), n).await;
+        sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+        let holders = pg_support::holders(&mut admin, &key).await;
+        assert!(
+            holders.is_empty() || holders == vec![pid],
+            "n = {n}: {holders:?}"
+        );
+        tx.rollback().await.unwrap();
+        assert!(pg_support::holders(&mut admin, &key).await.is_empty());
+        lock.try_acquire(&key)
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        if let Some(result) = outcome {
+            result.unwrap();
+            break;
+        }
+    }
+
+    // On a key another holder keeps: dropped while trying or while pausing between tries.
+    let holder = lock.try_acquire(&key).await.unwrap();
+    for n in 1..=8 {
+        let mut tx = pool.begin().await.unwrap();
+        let pid = backend_pid(&mut tx).await;
+        assert!(drop_at_suspension(lock.acquire_in(&mut tx, &key), n)
+            .await
+            .is_none());
+        sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+        assert_eq!(advisory_locks_of(&mut admin, pid).await, 0, "n = {n}");
+        tx.rollback().await.unwrap();
+    }
+    holder.release().await.unwrap();
 }
 
 /// A PgBouncer (the Debian package's binary) in transaction mode on a free loopback port, in
