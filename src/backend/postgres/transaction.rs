@@ -48,8 +48,9 @@ impl PostgresDistributedLock {
     /// key, [`LockError::InvalidKey`] (before anything reaches the server) for a key that
     /// [`validate_key`](crate::validate_key) refuses, and [`LockError::BackendError`] if a
     /// statement fails. A failed statement aborts `tx`, as any failed statement does; the
-    /// statements here fail only when the server does, or when `tx` cannot write (a
-    /// `READ ONLY` transaction or a standby: the token is drawn with `nextval`).
+    /// statements here fail only when the server or the connection does, when `tx` was
+    /// already aborted by an earlier error, or when `tx` cannot write (a `READ ONLY`
+    /// transaction or a standby: the token is drawn with `nextval`).
     ///
     /// Advisory locks are re-entrant within a server session: a second lock of the same key
     /// in the same transaction succeeds too. The first use of a lock service checks, on its
