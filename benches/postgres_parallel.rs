@@ -1,0 +1,222 @@
+//! Parallel throughput of the PostgreSQL backend: 32 tasks locking and releasing distinct keys
+//! through one `PostgresDistributedLock` with default settings on a pool of 10 connections,
+//! against what 10 connections give without the library, in the same process.
+//!
+//! * `ten_connections` — the floor: 10 plain connections, each driven by its own task in a loop
+//!   of `pg_try_advisory_lock($1)` + `pg_advisory_unlock($1)`.
+//! * `sqlx_pool` — the same two statements from 32 tasks through a sqlx pool of 10, one
+//!   connection taken from the pool per cycle.
+//! * `backend` — `try_acquire` + `release` from 32 tasks, each on a key of its own, through
+//!   one lock built with `PostgresDistributedLock::new(pool of 10, LockConfig::new())`.
+//!
+//! The three sides run in interleaved rounds (`PG_PARALLEL_ROUNDS`, default 5, of
+//! `PG_PARALLEL_SECS`, default 2 s, each); each ratio is the median of the per-round ratios.
+//! Target: `backend` at least 0.8x `ten_connections`. `PG_PARALLEL_SESSIONS=n` builds the lock
+//! with `n` sessions instead of the default.
+//!
+//! Run: `cargo bench --all-features --bench postgres_parallel`
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+const TASKS: usize = 32;
+const CONNECTIONS: u32 = 10;
+
+fn url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+async fn pool() -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(CONNECTIONS)
+        .connect(&url())
+        .await
+        .expect("connect to PostgreSQL")
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|value| {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: a whole number"))
+        })
+        .unwrap_or(default)
+}
+
+/// A random advisory key per task, far from any other bench's or test's.
+fn advisory_key() -> i64 {
+    rand::random::<i64>()
+}
+
+async fn raw_cycle(conn: &mut PgConnection, key: i64) {
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(taken);
+    let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(released);
+}
+
+/// The sides, each ready to run for a while and count its cycles.
+struct Sides {
+    connections: Vec<PgConnection>,
+    pool: PgPool,
+    lock: PostgresDistributedLock,
+}
+
+impl Sides {
+    async fn new() -> Sides {
+        let mut connections = Vec::new();
+        for _ in 0..CONNECTIONS {
+            connections.push(PgConnection::connect(&url()).await.expect("connect"));
+        }
+        Sides {
+            connections,
+            pool: pool().await,
+            lock: match std::env::var("PG_PARALLEL_SESSIONS") {
+                // To see what each session adds: `PG_PARALLEL_SESSIONS=4`.
+                Ok(sessions) => PostgresDistributedLock::builder(pool().await, LockConfig::new())
+                    .sessions(sessions.parse().expect("PG_PARALLEL_SESSIONS: a number"))
+                    .build()
+                    .expect("lock"),
+                Err(_) => PostgresDistributedLock::new(pool().await, LockConfig::new()),
+            },
+        }
+    }
+
+    /// Cycles per second of the floor: each connection in a loop of its own.
+    async fn ten_connections(&mut self, run: Duration) -> f64 {
+        let count = Arc::new(AtomicU64::new(0));
+        let until = Instant::now() + run;
+        let tasks: Vec<_> = std::mem::take(&mut self.connections)
+            .into_iter()
+            .map(|mut conn| {
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    let key = advisory_key();
+                    while Instant::now() < until {
+                        raw_cycle(&mut conn, key).await;
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    conn
+                })
+            })
+            .collect();
+        for task in tasks {
+            self.connections.push(task.await.unwrap());
+        }
+        count.load(Ordering::Relaxed) as f64 / run.as_secs_f64()
+    }
+
+    /// Cycles per second of 32 tasks through the sqlx pool.
+    async fn sqlx_pool(&self, run: Duration) -> f64 {
+        let count = Arc::new(AtomicU64::new(0));
+        let until = Instant::now() + run;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (count, pool) = (Arc::clone(&count), self.pool.clone());
+                tokio::spawn(async move {
+                    let key = advisory_key();
+                    while Instant::now() < until {
+                        let mut conn = pool.acquire().await.unwrap();
+                        raw_cycle(&mut conn, key).await;
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        count.load(Ordering::Relaxed) as f64 / run.as_secs_f64()
+    }
+
+    /// Cycles per second of 32 tasks through the lock.
+    async fn backend(&self, run: Duration) -> f64 {
+        let count = Arc::new(AtomicU64::new(0));
+        let until = Instant::now() + run;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (count, lock) = (Arc::clone(&count), self.lock.clone());
+                tokio::spawn(async move {
+                    let key = format!("bench:parallel:{}", uuid::Uuid::new_v4().simple());
+                    while Instant::now() < until {
+                        let guard = lock.try_acquire(&key).await.unwrap();
+                        guard.release().await.unwrap();
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        count.load(Ordering::Relaxed) as f64 / run.as_secs_f64()
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs each bench binary without `--bench`: nothing to measure then.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        return;
+    }
+    let run = Duration::from_secs(env_number("PG_PARALLEL_SECS", 2));
+    let rounds = env_number("PG_PARALLEL_ROUNDS", 5).max(1);
+    let runtime = support::runtime();
+    runtime.block_on(async {
+        let mut sides = Sides::new().await;
+        // Warm-up: every connection opened, every statement prepared.
+        sides.ten_connections(Duration::from_millis(300)).await;
+        sides.sqlx_pool(Duration::from_millis(300)).await;
+        sides.backend(Duration::from_millis(300)).await;
+        let (mut floor, mut pooled, mut backend) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            floor.push(sides.ten_connections(run).await);
+            pooled.push(sides.sqlx_pool(run).await);
+            backend.push(sides.backend(run).await);
+        }
+        let ratio = |side: &[f64], base: &[f64]| {
+            median(side.iter().zip(base).map(|(s, b)| s / b).collect())
+        };
+        println!(
+            "postgres_parallel: {TASKS} tasks, {rounds} interleaved rounds of {run:?}; cycles/s (median): ten_connections {:.0}, sqlx_pool {:.0}, backend {:.0}",
+            median(floor.clone()),
+            median(pooled.clone()),
+            median(backend.clone()),
+        );
+        let against_floor = ratio(&backend, &floor);
+        println!(
+            "RATIO postgres_parallel: backend vs ten_connections {against_floor:.3} (target >= 0.8: {}), backend vs sqlx_pool {:.3}, sqlx_pool vs ten_connections {:.3}",
+            if against_floor >= 0.8 { "met" } else { "MISSED" },
+            ratio(&backend, &pooled),
+            ratio(&pooled, &floor),
+        );
+    });
+}
