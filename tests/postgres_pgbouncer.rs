@@ -124,10 +124,34 @@ async fn application_uses(bouncer: &PgBouncer) -> sqlx::PgPool {
     app
 }
 
-async fn refused_behind(pool_mode: &str) {
+/// What an earlier lock session of another process leaves on its server backend behind a
+/// transaction-mode pooler: its session marker. Set here by a plain client with the simple
+/// query protocol (no prepared statement), which then disconnects.
+async fn earlier_lock_session_marks_backend(bouncer: &PgBouncer) {
+    use sqlx::Connection;
+    let mut earlier = sqlx::PgConnection::connect(&bouncer.url()).await.unwrap();
+    sqlx::Executor::execute(
+        &mut earlier,
+        sqlx::raw_sql("SELECT set_config('k1s0.session_marker', 'earlier', false)"),
+    )
+    .await
+    .unwrap();
+    earlier.close().await.unwrap();
+}
+
+/// Another client of `bouncer` used it first, then a lock service on its own pool tries a
+/// key: refused with a clear error, nothing locked.
+async fn refused_behind(pool_mode: &str, earlier_client: Earlier) {
     let bouncer = PgBouncer::start(pool_mode).await;
     let key = format!("{}k", common::unique_prefix("pg_bouncer"));
-    let _app = application_uses(&bouncer).await;
+    let _app = match earlier_client {
+        Earlier::Application => Some(application_uses(&bouncer).await),
+        Earlier::LockSession => {
+            earlier_lock_session_marks_backend(&bouncer).await;
+            None
+        }
+        Earlier::Nobody => None,
+    };
     let pool = common::backends::postgres_pool_of(Some(bouncer.url()), 3).await;
     let lock = PostgresDistributedLock::new(pool, LockConfig::new());
 
@@ -159,14 +183,34 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// Who used the PgBouncer before the lock service.
+enum Earlier {
+    /// An application querying with sqlx (its prepared statements stay on the backend).
+    Application,
+    /// A lock session of another process (its marker stays on the backend).
+    LockSession,
+    /// Nobody: the lock session is PgBouncer's first client.
+    Nobody,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_pool_mode_is_refused_with_a_clear_error() {
-    refused_behind("transaction").await;
+    refused_behind("transaction", Earlier::Application).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_pool_mode_after_an_earlier_lock_session_is_refused() {
+    refused_behind("transaction", Earlier::LockSession).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statement_pool_mode_is_refused_with_a_clear_error() {
-    refused_behind("statement").await;
+    refused_behind("statement", Earlier::Application).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_pool_mode_is_refused_even_for_its_first_client() {
+    refused_behind("statement", Earlier::Nobody).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,10 @@ use super::sql::Statements;
 /// The session-level setting that marks a server backend as serving a lock session.
 const SESSION_MARKER: &str = "k1s0.session_marker";
 
-/// Read-backs of the marker after setting it, each its own transaction.
-const MARKER_READ_BACKS: usize = 2;
+/// What precedes each read-back of the marker: each is its own transaction, the second a
+/// transaction block (ended by a `ROLLBACK`), which PgBouncer in statement mode refuses
+/// whatever other clients do.
+const READ_BACK_OPENINGS: [&str; 2] = ["", "BEGIN; "];
 
 /// Checks that the connection has a server session of its own ([`check_own_server_session`]),
 /// then sets the session's server settings (`names[i] = values[i]`, skipping any the server
@@ -55,15 +57,23 @@ pub(super) async fn prepare_session(
 ///    backend served an earlier lock session of another client without a reset. Likewise, a
 ///    named prepared statement on the server that this connection's statement cache does not
 ///    hold was prepared by another client.
-/// 2. Reads the marker and `pg_backend_pid()` back, [`MARKER_READ_BACKS`] times: a different
-///    value or process means that another client's transaction ran on our backend in
-///    between, or that ours moved to another backend.
+/// 2. Reads the marker and `pg_backend_pid()` back, twice ([`READ_BACK_OPENINGS`]): a
+///    different value or process means that another client's transaction ran on our backend
+///    in between, or that ours moved to another backend.
+/// 3. The second read-back opens a transaction block, and a `ROLLBACK` ends it: PgBouncer in
+///    statement mode closes the connection with "transaction blocks not allowed in statement
+///    pooling mode", deterministically.
 ///
 /// Comparing `pg_backend_pid()` alone is not enough: the pooler can hand the same backend to
 /// another client in between and back. What no single client can see: PgBouncer in
 /// transaction mode, with no other client using the backend before or during the check,
 /// gives the backend back each time, exactly as session mode does; the check then passes.
 /// The marker it leaves makes the next lock session on that backend fail.
+///
+/// A false alarm on a direct connection is possible in one case: a pool connection whose
+/// earlier user dropped a query future after sqlx had sent the `Parse` of a named statement
+/// but before sqlx cached it. The session then fails to open and closes that connection; the
+/// next attempt takes another.
 async fn check_own_server_session(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let cached = connection.cached_statements_size() as i64;
@@ -93,14 +103,15 @@ async fn check_own_server_session(connection: &mut PgConnection) -> Result<(), s
              connection made {cached}"
         )));
     }
-    for _ in 0..MARKER_READ_BACKS {
+    for opening in READ_BACK_OPENINGS {
         let row = sqlx::Executor::fetch_one(
             &mut *connection,
             sqlx::raw_sql(&format!(
-                "SELECT current_setting('{SESSION_MARKER}', true), pg_backend_pid()"
+                "{opening}SELECT current_setting('{SESSION_MARKER}', true), pg_backend_pid()"
             )),
         )
-        .await?;
+        .await
+        .map_err(statement_pooling_or)?;
         let (now_marker, now_pid): (Option<String>, i32) = (row.try_get(0)?, row.try_get(1)?);
         if now_marker.as_deref() != Some(marker.as_str()) || now_pid != pid {
             return Err(shared_backend(
@@ -108,7 +119,21 @@ async fn check_own_server_session(connection: &mut PgConnection) -> Result<(), s
             ));
         }
     }
+    sqlx::Executor::execute(&mut *connection, sqlx::raw_sql("ROLLBACK"))
+        .await
+        .map_err(statement_pooling_or)?;
     Ok(())
+}
+
+/// PgBouncer's refusal of a transaction block in statement mode becomes the pooler error; any
+/// other error stays as it is.
+fn statement_pooling_or(error: sqlx::Error) -> sqlx::Error {
+    match &error {
+        sqlx::Error::Database(database) if database.message().contains("pooling mode") => {
+            shared_backend(&format!("the pooler said: {}", database.message()))
+        }
+        _ => error,
+    }
 }
 
 /// The error for a connection that shares its server backend, with the evidence.
