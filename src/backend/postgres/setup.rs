@@ -1,6 +1,7 @@
 //! What a connection goes through before it serves as a lock session: the check that it has a
 //! server session of its own (no pooler in transaction or statement mode), its server
-//! settings, then the fencing checks.
+//! settings, then the fencing checks. Everything up to the settings runs on the simple query
+//! protocol (see [`check_own_server_session`]), in three round trips.
 
 use sqlx::{Connection, PgConnection, Row};
 
@@ -9,11 +10,6 @@ use super::sql::Statements;
 
 /// The session-level setting that marks a server backend as serving a lock session.
 const SESSION_MARKER: &str = "k1s0.session_marker";
-
-/// What precedes each read-back of the marker: each is its own transaction, the second a
-/// transaction block (ended by a `ROLLBACK`), which PgBouncer in statement mode refuses
-/// whatever other clients do.
-const READ_BACK_OPENINGS: [&str; 2] = ["", "BEGIN; "];
 
 /// Checks that the connection has a server session of its own ([`check_own_server_session`]),
 /// then sets the session's server settings (`names[i] = values[i]`, skipping any the server
@@ -25,15 +21,7 @@ pub(super) async fn prepare_session(
     sql: &Statements,
 ) -> Result<(), sqlx::Error> {
     check_own_server_session(connection).await?;
-    sqlx::query(
-        "SELECT count(set_config(s.name, s.value, false)) \
-         FROM unnest($1::text[], $2::text[]) AS s(name, value) \
-         WHERE s.name IN (SELECT name FROM pg_settings)",
-    )
-    .bind(names)
-    .bind(values)
-    .execute(&mut *connection)
-    .await?;
+    end_probe_and_apply_settings(connection, names, values).await?;
     check_fencing_epoch(connection, sql).await
 }
 
@@ -48,21 +36,22 @@ pub(super) async fn prepare_session(
 /// first prepared statement already fails (`prepared statement "sqlx_s_1" already exists`) and
 /// would hide the cause.
 ///
-/// What it detects, one round trip each, in separate transactions (autocommit):
+/// What it detects, one round trip each:
 /// 1. Reads [`SESSION_MARKER`] and sets it to a fresh random value, and counts the named
-///    protocol-level prepared statements of the server backend. The marker is only ever set
-///    here, on connections that are closed, never returned to a pool: on a direct connection
-///    or behind PgBouncer in session mode (whose `server_reset_query`, `DISCARD ALL` by
-///    default, resets it) a new connection never finds one. Finding one means this server
-///    backend served an earlier lock session of another client without a reset. Likewise, a
-///    named prepared statement on the server that this connection's statement cache does not
-///    hold was prepared by another client.
-/// 2. Reads the marker and `pg_backend_pid()` back, twice ([`READ_BACK_OPENINGS`]): a
-///    different value or process means that another client's transaction ran on our backend
-///    in between, or that ours moved to another backend.
-/// 3. The second read-back opens a transaction block, and a `ROLLBACK` ends it: PgBouncer in
-///    statement mode closes the connection with "transaction blocks not allowed in statement
-///    pooling mode", deterministically.
+///    protocol-level prepared statements of the server backend (autocommit). The marker is
+///    only ever set here, on connections that are closed, never returned to a pool: on a
+///    direct connection or behind PgBouncer in session mode (whose `server_reset_query`,
+///    `DISCARD ALL` by default, resets it) a new connection never finds one. Finding one means
+///    this server backend served an earlier lock session of another client without a reset.
+///    Likewise, a named prepared statement on the server that this connection's statement
+///    cache does not hold was prepared by another client.
+/// 2. Opens a transaction block and reads the marker and `pg_backend_pid()` back: a different
+///    value or process means that another client's transaction ran on our backend in
+///    between, or that ours moved to another backend.
+/// 3. The block stays open to the next round trip, which [`end_probe_and_apply_settings`]
+///    starts with `ROLLBACK`: PgBouncer in statement mode refuses a transaction block that
+///    outlives a round trip ("transaction blocks not allowed in statement pooling mode"),
+///    whatever other clients do.
 ///
 /// Comparing `pg_backend_pid()` alone is not enough: the pooler can hand the same backend to
 /// another client in between and back. What no single client can see: PgBouncer in
@@ -103,25 +92,51 @@ async fn check_own_server_session(connection: &mut PgConnection) -> Result<(), s
              connection made {cached}"
         )));
     }
-    for opening in READ_BACK_OPENINGS {
-        let row = sqlx::Executor::fetch_one(
-            &mut *connection,
-            sqlx::raw_sql(&format!(
-                "{opening}SELECT current_setting('{SESSION_MARKER}', true), pg_backend_pid()"
-            )),
-        )
-        .await
-        .map_err(statement_pooling_or)?;
-        let (now_marker, now_pid): (Option<String>, i32) = (row.try_get(0)?, row.try_get(1)?);
-        if now_marker.as_deref() != Some(marker.as_str()) || now_pid != pid {
-            return Err(shared_backend(
-                "its server session changed between two of its own statements",
-            ));
-        }
+    let row = sqlx::Executor::fetch_one(
+        &mut *connection,
+        sqlx::raw_sql(&format!(
+            "BEGIN; SELECT current_setting('{SESSION_MARKER}', true), pg_backend_pid()"
+        )),
+    )
+    .await
+    .map_err(statement_pooling_or)?;
+    let (now_marker, now_pid): (Option<String>, i32) = (row.try_get(0)?, row.try_get(1)?);
+    if now_marker.as_deref() != Some(marker.as_str()) || now_pid != pid {
+        return Err(shared_backend(
+            "its server session changed between two of its own statements",
+        ));
     }
-    sqlx::Executor::execute(&mut *connection, sqlx::raw_sql("ROLLBACK"))
-        .await
-        .map_err(statement_pooling_or)?;
+    Ok(())
+}
+
+/// Ends the transaction block that [`check_own_server_session`] left open, then sets the
+/// session's server settings, in one round trip. The names and values are the backend's own
+/// (no user input), spliced as quoted literals to stay on the simple query protocol.
+async fn end_probe_and_apply_settings(
+    connection: &mut PgConnection,
+    names: &[String],
+    values: &[String],
+) -> Result<(), sqlx::Error> {
+    let literals = |items: &[String]| {
+        items
+            .iter()
+            .map(|item| format!("'{}'", item.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    sqlx::Executor::execute(
+        &mut *connection,
+        sqlx::raw_sql(&format!(
+            "ROLLBACK; \
+             SELECT count(set_config(s.name, s.value, false)) \
+             FROM unnest(ARRAY[{}]::text[], ARRAY[{}]::text[]) AS s(name, value) \
+             WHERE s.name IN (SELECT name FROM pg_settings)",
+            literals(names),
+            literals(values)
+        )),
+    )
+    .await
+    .map_err(statement_pooling_or)?;
     Ok(())
 }
 
