@@ -124,6 +124,18 @@ async fn the_default_sequence_is_in_public_and_an_earlier_one_elsewhere_is_not_r
             .unwrap();
     assert_eq!(public, None, "no new sequence was created");
 
+    // A sequence in public as well does not make the earlier one go away.
+    sqlx::query("CREATE SEQUENCE public.k1s0_lock_fencing_seq")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let both = PostgresDistributedLock::new(pool.clone(), LockConfig::new());
+    assert_refused(&both, &key, &["\"app\"", "fencing_sequence"]).await;
+    sqlx::query("DROP SEQUENCE public.k1s0_lock_fencing_seq")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
     let named = lock_with_sequence(pool.clone(), "app.k1s0_lock_fencing_seq").await;
     let guard = named.try_acquire(&key).await.unwrap();
     assert!(guard.fencing_token() > 1000);
@@ -148,7 +160,7 @@ async fn the_default_sequence_is_in_public_and_an_earlier_one_elsewhere_is_not_r
             .await
             .unwrap();
     assert!(public.is_some(), "the default sequence is in public");
-    drop((default, named, fresh, admin));
+    drop((default, both, named, fresh, admin));
 }
 
 /// A role that may draw tokens but cannot make the crash-epoch jump (no `INSERT` on the epoch

@@ -158,17 +158,23 @@ impl FencingObjects {
     /// sequence that would replace one of an earlier version in another schema.
     fn refuse_unfit_sequence(&self, sql: &Statements) -> Result<(), sqlx::Error> {
         let sequence = &sql.sequence;
+        // An earlier version, under this role's search_path, used a sequence in another
+        // schema: a process of that version (or this one with the default) would draw from a
+        // different sequence for the same keys, or a new one would restart the tokens.
+        if let Some(schema) = &self.unqualified_default_schema {
+            if sql.default_sequence && schema != "public" {
+                return Err(unfit(format!(
+                    "the default fencing sequence is {sequence}, but k1s0_lock_fencing_seq \
+                     resolves through this role's search_path to schema {schema:?}, where an \
+                     earlier version of this crate created and used it; tokens from two \
+                     sequences would not be ordered, and a new one would restart them. Name it \
+                     with fencing_sequence(\"{schema}.k1s0_lock_fencing_seq\") in every \
+                     process, or move it to public"
+                )));
+            }
+        }
         if !self.sequence_exists {
-            return match &self.unqualified_default_schema {
-                Some(schema) if sql.default_sequence && schema != "public" => Err(unfit(format!(
-                    "the default fencing sequence is {sequence}, which does not exist, and \
-                     k1s0_lock_fencing_seq resolves through this role's search_path to schema \
-                     {schema:?}, where an earlier version created it; creating a new sequence \
-                     would restart the tokens. Name it with fencing_sequence(\"{schema}.\
-                     k1s0_lock_fencing_seq\") in every process, or move it to public"
-                ))),
-                _ => Ok(()),
-            };
+            return Ok(());
         }
         let Some((cache, increment, cycle)) = self.options else {
             return Err(unfit(format!(
