@@ -2,6 +2,8 @@
 //! `common::postgres_url()` finds, and `pg_locks` inspection from an independent connection.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::time::Duration;
 
 use k1s0_distributed_lock::{LockConfig, PostgresDistributedLock, PostgresDistributedLockBuilder};

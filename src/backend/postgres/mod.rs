@@ -104,7 +104,7 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   network, timed-out statement) is closed and all its guards report lost. A process cut off
 ///   from the server loses its locks after about the
 ///   [`network_timeout`](PostgresDistributedLockBuilder::network_timeout) (10 s by default).
-/// * **Fencing tokens** come from one sequence (`k1s0_lock_fencing_seq`, created on first use,
+/// * **Fencing tokens** come from one sequence (`public.k1s0_lock_fencing_seq`, created on first use,
 ///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
 ///   disk. They still increase across a server crash: the first lock session after crash
 ///   recovery (or a failover, or a restore) moves the sequence 2^40 ahead before any token is
@@ -191,12 +191,13 @@ impl PostgresDistributedLockBuilder {
     }
 
     /// The sequence that fencing tokens come from: `name` or `schema.name` (ASCII letters,
-    /// digits, `_`). Default `k1s0_lock_fencing_seq`, in the first schema of the
-    /// `search_path`. Created with `CACHE 1` on first use if missing, together with the
-    /// unlogged table `k1s0_lock_fencing_epochs` in the same schema that keeps tokens
-    /// increasing across a server crash (see the crate's `docs/postgres.md`). A sequence
-    /// created beforehand must also have `CACHE 1`, or tokens would not increase across
-    /// sessions. Every process locking the same keys must use the same sequence.
+    /// digits, `_`). Default `public.k1s0_lock_fencing_seq`; a `name` without schema resolves
+    /// through each role's `search_path`. Created with `CACHE 1` on first use if missing,
+    /// together with the unlogged table `k1s0_lock_fencing_epochs` in the same schema that
+    /// keeps tokens increasing across a server crash (see the crate's `docs/postgres.md`). A
+    /// sequence created beforehand with `CACHE` above 1, a non-positive increment or `CYCLE` is
+    /// refused when a lock session opens ([`LockError::BackendError`], nothing locked). Every
+    /// process locking the same keys must use the same sequence.
     pub fn fencing_sequence(mut self, name: impl Into<String>) -> Self {
         self.sequence = name.into();
         self
@@ -257,7 +258,7 @@ impl PostgresDistributedLockBuilder {
 
 impl PostgresDistributedLock {
     /// A lock service on `pool` with the default options (2 lock sessions, 5 s command
-    /// timeout, 10 s network timeout, sequence `k1s0_lock_fencing_seq`). Nothing is opened
+    /// timeout, 10 s network timeout, sequence `public.k1s0_lock_fencing_seq`). Nothing is opened
     /// until the first lock operation, so this may run outside a runtime.
     ///
     /// # Panics

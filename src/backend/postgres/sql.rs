@@ -8,8 +8,14 @@ use crate::LockError;
 /// flagged. The payload is the advisory key in decimal.
 pub(super) const NOTIFY_CHANNEL: &str = "k1s0_distributed_lock";
 
-/// The default fencing sequence.
-pub(super) const DEFAULT_SEQUENCE: &str = "k1s0_lock_fencing_seq";
+/// The default fencing sequence, schema-qualified so that every role uses the same one
+/// whatever its `search_path`.
+pub(super) const DEFAULT_SEQUENCE: &str = "public.k1s0_lock_fencing_seq";
+
+/// The default fencing sequence's name before it was schema-qualified: it resolved through
+/// each role's `search_path`. A deployment whose sequence lives under it in another schema is
+/// refused rather than given a new sequence (see [`Statements::fencing_objects`]).
+const UNQUALIFIED_DEFAULT_SEQUENCE: &str = "k1s0_lock_fencing_seq";
 
 /// The unlogged table, in the sequence's schema, whose row for a sequence says that the
 /// sequence was moved past every token of the previous crash epoch (see
@@ -80,6 +86,8 @@ const FLAG_LOW: &str = "(($1 << 32) >> 32)::int4";
 pub(super) struct Statements {
     /// The fencing sequence's quoted name, as the epoch table stores it.
     pub(super) sequence: String,
+    /// Whether the sequence is [`DEFAULT_SEQUENCE`].
+    pub(super) default_sequence: bool,
     /// `$1` advisory key → the fencing token if the lock was taken, else NULL.
     pub(super) try_lock: String,
     /// Like `try_lock`, and on success also drops this session's waiter flag (the halves of
@@ -107,9 +115,13 @@ pub(super) struct Statements {
     pub(super) create_sequence: String,
     /// Creates the epoch table if it does not exist.
     pub(super) create_epoch_table: String,
-    /// → (the sequence exists, the epoch table's `relpersistence` or NULL if it is missing). No
-    /// parameters: one round trip as a simple query.
+    /// → (the relation named as the sequence exists, the epoch table's `relpersistence` or
+    /// NULL if it is missing, the sequence's `CACHE`, `INCREMENT` and `CYCLE` or NULLs if it is
+    /// not a sequence, the schema in which [`UNQUALIFIED_DEFAULT_SEQUENCE`] resolves through
+    /// the `search_path` or NULL). No parameters: one round trip as a simple query.
     pub(super) fencing_objects: String,
+    /// → whether the epoch table has the sequence's row (this crash epoch's jump is done).
+    pub(super) epoch_row_exists: String,
     /// Run once per connection, before its first token. Returns a row (the sequence's new
     /// value) only if it moved the sequence on.
     ///
@@ -120,7 +132,10 @@ pub(super) struct Statements {
     /// keeps them. So the first session of a new crash epoch finds no row for the sequence,
     /// inserts one and jumps the sequence [`EPOCH_JUMP`] ahead, in one transaction that does
     /// wait for the disk. Concurrent first sessions queue on the row's primary key; the later
-    /// ones find it and draw no token until the jump is committed.
+    /// ones find it and draw no token until the jump is committed. The jump waits for the
+    /// local disk only (`synchronous_commit = local`): with a synchronous standby down, `on`
+    /// would wait for ever; a standby promoted without the jump starts with an empty epoch
+    /// table and jumps again.
     pub(super) epoch_check: String,
 }
 
@@ -129,6 +144,7 @@ impl Statements {
         let seq = &sequence.quoted;
         Statements {
             sequence: sequence.quoted().to_owned(),
+            default_sequence: *sequence == SequenceName::parse(DEFAULT_SEQUENCE).expect("valid"),
             try_lock: format!(
                 "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END"
             ),
@@ -171,9 +187,20 @@ impl Statements {
             ),
             fencing_objects: format!(
                 "SELECT to_regclass('{seq}') IS NOT NULL, \
-                 (SELECT relpersistence::text FROM pg_class WHERE oid = to_regclass('{epochs}'))",
+                 (SELECT relpersistence::text FROM pg_class WHERE oid = to_regclass('{epochs}')), \
+                 s.seqcache, s.seqincrement, s.seqcycle, \
+                 (SELECT n.nspname::text FROM pg_class c \
+                  JOIN pg_namespace n ON n.oid = c.relnamespace \
+                  WHERE c.oid = to_regclass('{UNQUALIFIED_DEFAULT_SEQUENCE}')) \
+                 FROM (SELECT 1) AS one \
+                 LEFT JOIN pg_sequence s ON s.seqrelid = to_regclass('{seq}')",
                 seq = seq.replace('\'', "''"),
                 epochs = sequence.epochs_quoted.replace('\'', "''")
+            ),
+            epoch_row_exists: format!(
+                "SELECT EXISTS (SELECT 1 FROM {epochs} WHERE sequence = '{name}')",
+                epochs = sequence.epochs_quoted,
+                name = sequence.quoted.replace('\'', "''")
             ),
             create_epoch_table: format!(
                 "CREATE UNLOGGED TABLE IF NOT EXISTS {epochs} (sequence text PRIMARY KEY)",
@@ -185,7 +212,7 @@ impl Statements {
                 "WITH marked AS (INSERT INTO {epochs} (sequence) VALUES ('{name}') \
                  ON CONFLICT DO NOTHING RETURNING 1) \
                  SELECT setval('{seq}', nextval('{seq}') + {EPOCH_JUMP}) \
-                 FROM marked WHERE set_config('synchronous_commit', 'on', true) = 'on'",
+                 FROM marked WHERE set_config('synchronous_commit', 'local', true) = 'local'",
                 epochs = sequence.epochs_quoted,
                 name = sequence.quoted.replace('\'', "''")
             ),
@@ -235,7 +262,7 @@ mod tests {
         );
         assert_eq!(
             SequenceName::parse(DEFAULT_SEQUENCE).unwrap().quoted,
-            "\"k1s0_lock_fencing_seq\""
+            "\"public\".\"k1s0_lock_fencing_seq\""
         );
         assert_eq!(
             SequenceName::parse("locks.fencing").unwrap().epochs_quoted,
@@ -243,7 +270,7 @@ mod tests {
         );
         assert_eq!(
             SequenceName::parse(DEFAULT_SEQUENCE).unwrap().epochs_quoted,
-            "\"k1s0_lock_fencing_epochs\""
+            "\"public\".\"k1s0_lock_fencing_epochs\""
         );
         for bad in [
             "",
