@@ -9,108 +9,9 @@
 mod common;
 mod pg_support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use pg_support::pgbouncer::PgBouncer;
 
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDistributedLock};
-
-/// A PgBouncer process in front of the test server's `test` database; killed on drop.
-struct PgBouncer {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl PgBouncer {
-    async fn start(pool_mode: &str) -> PgBouncer {
-        let dir =
-            std::env::temp_dir().join(format!("k1s0-pgbouncer-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let auth_file = dir.join("users.txt");
-        std::fs::write(&auth_file, "\"postgres\" \"\"\n").unwrap();
-        let ini = dir.join("pgbouncer.ini");
-        std::fs::write(
-            &ini,
-            format!(
-                "[databases]\n\
-                 test = host=127.0.0.1 port=5432 dbname=test\n\
-                 [pgbouncer]\n\
-                 listen_addr = 127.0.0.1\n\
-                 listen_port = {port}\n\
-                 unix_socket_dir =\n\
-                 auth_type = trust\n\
-                 auth_file = {auth}\n\
-                 pool_mode = {pool_mode}\n\
-                 ignore_startup_parameters = extra_float_digits\n",
-                auth = auth_file.display()
-            ),
-        )
-        .unwrap();
-        let as_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
-            .unwrap_or(false);
-        let mut command = Command::new(pgbouncer_binary());
-        if as_root {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres", dir.to_str().unwrap()])
-                .status()
-                .unwrap();
-            command.args(["-u", "postgres"]);
-        }
-        let child = command
-            .arg(&ini)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pgbouncer");
-        let bouncer = PgBouncer { child, dir, port };
-        bouncer.wait_until_listening().await;
-        bouncer
-    }
-
-    async fn wait_until_listening(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "pgbouncer did not listen on {} within 10 s",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/test", self.port)
-    }
-}
-
-impl Drop for PgBouncer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn pgbouncer_binary() -> PathBuf {
-    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|path| path.exists())
-        .expect("pgbouncer not installed (apt-get install pgbouncer; .ci/run does)")
-}
 
 /// Another client of the same PgBouncer, an application using it with sqlx as usual: its
 /// statements are prepared on the server backend that the lock session gets next.
@@ -142,7 +43,7 @@ async fn earlier_lock_session_marks_backend(bouncer: &PgBouncer) {
 /// Another client of `bouncer` used it first, then a lock service on its own pool tries a
 /// key: refused with a clear error, nothing locked.
 async fn refused_behind(pool_mode: &str, earlier_client: Earlier) {
-    let bouncer = PgBouncer::start(pool_mode).await;
+    let bouncer = PgBouncer::start(pool_mode, 20).await;
     let key = format!("{}k", common::unique_prefix("pg_bouncer"));
     let _app = match earlier_client {
         Earlier::Application => Some(application_uses(&bouncer).await),
@@ -215,7 +116,7 @@ async fn statement_pool_mode_is_refused_even_for_its_first_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_pool_mode_locks_exclude_direct_clients_and_release() {
-    let bouncer = PgBouncer::start("session").await;
+    let bouncer = PgBouncer::start("session", 20).await;
     let key = format!("{}k", common::unique_prefix("pg_bouncer"));
     let _app = application_uses(&bouncer).await;
     let pool = common::backends::postgres_pool_of(Some(bouncer.url()), 3).await;

@@ -388,97 +388,6 @@ async fn a_dropped_acquire_in_leaves_at_most_its_own_transaction_holding_the_key
     holder.release().await.unwrap();
 }
 
-/// A PgBouncer (the Debian package's binary) in transaction mode on a free loopback port, in
-/// front of the test server; stopped when dropped.
-struct PgBouncer {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl PgBouncer {
-    async fn start_in_transaction_mode() -> Self {
-        use std::str::FromStr;
-        let server = sqlx::postgres::PgConnectOptions::from_str(&common::postgres_url().await)
-            .expect("test server URL");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("free port")
-            .port();
-        let dir = std::env::temp_dir().join(format!("k1s0-pgbouncer-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("pgbouncer.ini");
-        std::fs::write(
-            &config,
-            format!(
-                "[databases]\n\
-                 test = host={host} port={server_port} dbname={db} user={user}\n\
-                 [pgbouncer]\n\
-                 listen_addr = 127.0.0.1\n\
-                 listen_port = {port}\n\
-                 unix_socket_dir =\n\
-                 auth_type = any\n\
-                 pool_mode = transaction\n\
-                 default_pool_size = 3\n\
-                 max_client_conn = 50\n\
-                 ignore_startup_parameters = extra_float_digits, options\n",
-                host = server.get_host(),
-                server_port = server.get_port(),
-                db = server.get_database().unwrap_or("test"),
-                user = server.get_username(),
-            ),
-        )
-        .unwrap();
-        let mut command = std::process::Command::new("pgbouncer");
-        // PgBouncer refuses to run as root: as root, it switches to the `postgres` user.
-        if std::env::var("USER").as_deref() == Ok("root") || is_root() {
-            command.args(["-u", "postgres"]);
-        }
-        let child = command
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("pgbouncer (Debian package `pgbouncer`) must be installed");
-        let bouncer = PgBouncer { child, dir, port };
-        // Ready once it accepts connections.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "pgbouncer did not listen on {port}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        bouncer
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/test", self.port)
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|status| {
-            status
-                .lines()
-                .any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-impl Drop for PgBouncer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Behind PgBouncer in transaction mode (where session locks cannot work), transaction locks
 /// exclude each other and a direct session lock, are freed by commit, and keep a counter
 /// exact over transactions that PgBouncer puts on whichever server connection is free. The
@@ -487,7 +396,7 @@ impl Drop for PgBouncer {
 async fn transaction_locks_work_behind_pgbouncer_in_transaction_mode() {
     const TASKS: usize = 4;
     const ROUNDS: usize = 10;
-    let bouncer = PgBouncer::start_in_transaction_mode().await;
+    let bouncer = pg_support::pgbouncer::PgBouncer::start("transaction", 3).await;
     let pool = common::backends::postgres_pool_of(Some(bouncer.url()), 6).await;
     let lock = PostgresDistributedLock::new(pool.clone(), config());
     let direct = pg_support::lock(config()).await;
