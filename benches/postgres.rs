@@ -17,6 +17,8 @@
 //! Run: `cargo bench --all-features --bench postgres`
 mod support;
 
+use support::pg::raw_cycle;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,21 +47,6 @@ async fn pool() -> PgPool {
 
 fn unique_key(name: &str) -> String {
     format!("bench:{name}:{}", uuid::Uuid::new_v4().simple())
-}
-
-async fn raw_cycle(conn: &mut PgConnection, key: i64) {
-    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(key)
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    assert!(taken);
-    let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
-        .bind(key)
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    assert!(released);
 }
 
 /// The backend's lock and unlock statements (as docs/postgres.md gives them), on the fencing

@@ -17,6 +17,10 @@
 //! Run: `cargo bench --all-features --bench postgres_parallel`
 mod support;
 
+use support::median;
+
+use support::pg::raw_cycle;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,21 +61,6 @@ fn env_number(name: &str, default: u64) -> u64 {
 /// A random advisory key per task, far from any other bench's or test's.
 fn advisory_key() -> i64 {
     rand::random::<i64>()
-}
-
-async fn raw_cycle(conn: &mut PgConnection, key: i64) {
-    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(key)
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    assert!(taken);
-    let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
-        .bind(key)
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    assert!(released);
 }
 
 /// The sides, each ready to run for a while and count its cycles.
@@ -169,16 +158,6 @@ impl Sides {
             task.await.unwrap();
         }
         count.load(Ordering::Relaxed) as f64 / run.as_secs_f64()
-    }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[middle]
-    } else {
-        (values[middle - 1] + values[middle]) / 2.0
     }
 }
 

@@ -2,6 +2,8 @@
 //! wrk.
 #![allow(dead_code)]
 
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod wrk;
 
 use std::path::PathBuf;
@@ -45,4 +47,15 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
 }
