@@ -302,6 +302,9 @@ impl Session {
                     // A session lock taken before the error would survive it.
                     Box::pin(self.force_unlock(key)).await;
                 }
+                // Let go of the key before answering, so that the caller's next attempt finds
+                // it free in this process.
+                drop(claim);
                 let _ = reply.send(Err(failure.into_error()));
                 return;
             }
