@@ -154,7 +154,10 @@ pub struct PostgresDistributedLockBuilder {
 impl PostgresDistributedLockBuilder {
     /// How many lock sessions (pool connections that hold advisory locks) to use, 1 to 64
     /// (default 2). Each runs one statement at a time, so more sessions allow more lock
-    /// operations in flight; any number of locks fits on one session.
+    /// operations in flight. Every lock takes an entry in the server's lock table, shared by
+    /// all sessions and clients (about `max_locks_per_transaction × (max_connections +
+    /// background processes)`); when it is full an acquire fails with
+    /// [`LockError::BackendError`] and the locks already held stay.
     pub fn sessions(mut self, sessions: usize) -> Self {
         self.sessions = sessions;
         self

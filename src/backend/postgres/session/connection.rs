@@ -85,10 +85,25 @@ impl Drop for SessionConnection {
 /// Errors after which the session is known to be intact: the statement failed on its own.
 pub(in crate::backend::postgres) fn is_statement_error(error: &sqlx::Error) -> bool {
     match error {
+        // A FATAL error (53200 at connection start, say) ends the server's session, whatever
+        // its class.
+        sqlx::Error::Database(database)
+            if database
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|error| {
+                    matches!(
+                        error.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                }) =>
+        {
+            false
+        }
         sqlx::Error::Database(database) => database.code().is_some_and(|code| {
             // syntax/undefined objects, data, integrity, object state, transaction rollback,
-            // insufficient privilege, and a statement_timeout cancel.
-            ["42", "22", "23", "55", "40"]
+            // insufficient privilege, insufficient resources (53200: the server's lock table
+            // is full), program limits, and a statement_timeout cancel.
+            ["42", "22", "23", "55", "40", "53", "54"]
                 .iter()
                 .any(|class| code.starts_with(class))
                 || code == "57014"
