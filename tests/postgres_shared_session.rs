@@ -384,56 +384,57 @@ fn a_first_operation_outside_any_runtime_is_refused_cleanly() {
     );
 }
 
-/// A caller that drove the session once and was then parked must not hold up another caller
-/// that waits for its own statement. Here the other caller's statement is one that waits on
-/// the server: its `acquire` flags the key as awaited, and an admin connection holds that flag
-/// exclusively, so the statement blocks. The parked acquire then takes over as the session's
-/// driver. When the admin lets go, the waiting `acquire` must get its answer at once (the
-/// command timeout is 60 s: a wake-up that went only to the parked caller would leave it
-/// waiting that long).
+/// A caller that was polled once and then parked must not hold up another caller that waits
+/// for its own statement. Here the other caller's statement is one that waits on the server: an
+/// admin connection blocks the lock's fencing sequence (an open `ALTER SEQUENCE`), so the lock
+/// statement waits for it. The parked acquire's statement queues behind it. When the admin lets
+/// go, the waiting `acquire` must get its answer at once (the command timeout is 60 s: a
+/// wake-up that went only to the parked caller would leave it waiting that long).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
+async fn a_parked_caller_does_not_hold_up_another_waiting_caller() {
     let prefix = common::unique_prefix("pg_parked_driver");
     let awaited = format!("{prefix}awaited");
-    let config = LockConfig::new()
-        .retry_interval(Duration::from_millis(500))
-        .max_retries(120);
-    let lock = pg_support::one_session_lock(config, |builder| {
-        builder.command_timeout(Duration::from_secs(60))
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = sequence_cleanup(&sequence);
+    let lock = pg_support::one_session_lock(LockConfig::new(), |builder| {
+        builder
+            .command_timeout(Duration::from_secs(60))
+            .fencing_sequence(sequence.clone())
     })
     .await;
     pg_support::take_and_release(&lock, &format!("{prefix}warm")).await;
 
-    // Another process holds the key and, exclusively, its waiter flag.
-    let advisory = PostgresDistributedLock::advisory_key(&awaited);
     let mut holder = pg_support::admin().await;
-    on_key_and_flag(
-        &mut holder,
-        "SELECT pg_advisory_lock($1), pg_advisory_lock($2, $3)",
-        advisory,
-    )
-    .await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(&format!("ALTER SEQUENCE \"{sequence}\" CACHE 1"))
+        .execute(&mut holder)
+        .await
+        .unwrap();
     let waiting = tokio::spawn({
         let (lock, awaited) = (lock.clone(), awaited.clone());
         async move { lock.acquire(&awaited).await }
     });
     let admin = tokio::sync::Mutex::new(pg_support::admin().await);
+    let blocked = format!(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass('\"{sequence}\"')"
+    );
     common::wait::assert_eventually(
-        "the acquire's flag statement waits on the server",
-        || async { pg_support::queued_flags(&mut *admin.lock().await, &awaited).await == 1 },
+        "the acquire's lock statement waits on the server",
+        || async {
+            sqlx::query_scalar::<_, i64>(&blocked)
+                .fetch_one(&mut *admin.lock().await)
+                .await
+                .unwrap()
+                == 1
+        },
     )
     .await;
 
-    // A second caller drives the session (still inside the blocked statement), then is kept
-    // without being polled.
+    // A second caller's statement queues behind the blocked one; it is then kept without
+    // being polled.
     let (parked_key, parked) = parked_acquire(&lock, &prefix).await;
 
-    on_key_and_flag(
-        &mut holder,
-        "SELECT pg_advisory_unlock($1), pg_advisory_unlock($2, $3)",
-        advisory,
-    )
-    .await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     let let_go = std::time::Instant::now();
     let guard = waiting
         .await
@@ -455,6 +456,14 @@ async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
         .unwrap();
 }
 
+/// Removes a test's own fencing sequence and its epoch row when the test ends, however it ends.
+fn sequence_cleanup(sequence: &str) -> pg_support::DropOnExit {
+    pg_support::DropOnExit::new(vec![
+        format!("DELETE FROM k1s0_lock_fencing_epochs WHERE sequence = '\"{sequence}\"'"),
+        format!("DROP SEQUENCE IF EXISTS \"{sequence}\""),
+    ])
+}
+
 /// Runs `sql` on `conn` with `$1` the advisory key `advisory` and `$2`/`$3` its waiter flag.
 async fn on_key_and_flag(conn: &mut sqlx::PgConnection, sql: &str, advisory: i64) {
     let (high, low) = ((advisory >> 32) as i32, advisory as i32);
@@ -465,4 +474,104 @@ async fn on_key_and_flag(conn: &mut sqlx::PgConnection, sql: &str, advisory: i64
         .execute(conn)
         .await
         .unwrap();
+}
+
+/// A statement that runs past the command timeout is an ordinary statement error, not a lost
+/// session: the server's own `lock_timeout` / `statement_timeout` fire before the client's
+/// deadline. Here another connection blocks the fencing sequence (an open `ALTER SEQUENCE`), so
+/// the lock statement of one key waits inside the server; the acquire fails, and every other
+/// lock on the session stays held. Then another process holds a key and, exclusively, its
+/// waiter flag: the waiter's flag statement must not wait inside the server either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_that_overruns_keeps_the_other_locks_on_the_session() {
+    let prefix = common::unique_prefix("pg_overrun");
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = sequence_cleanup(&sequence);
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(20))
+        .max_retries(10);
+    let lock = pg_support::one_session_lock(config, |builder| {
+        builder
+            .command_timeout(Duration::from_millis(800))
+            .fencing_sequence(sequence.clone())
+    })
+    .await;
+    let bystanders: Vec<String> = (0..3).map(|i| format!("{prefix}bystander{i}")).collect();
+    let mut guards = Vec::new();
+    for key in &bystanders {
+        guards.push(lock.try_acquire(key).await.unwrap());
+    }
+    let mut admin = pg_support::admin().await;
+    let check_bystanders = |round: usize, guards: &[LockGuard]| {
+        assert!(
+            guards.iter().all(|guard| !guard.is_lost()),
+            "round {round}: a bystander guard was lost"
+        );
+    };
+
+    let victim = format!("{prefix}victim");
+    let mut blocker = pg_support::admin().await;
+    for round in 0..3 {
+        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+        sqlx::query(&format!("ALTER SEQUENCE \"{sequence}\" CACHE 1"))
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        let refused = lock.try_acquire(&victim).await;
+        sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+        assert!(
+            matches!(refused, Err(LockError::BackendError(_))),
+            "round {round}: {refused:?}"
+        );
+        check_bystanders(round, &guards);
+        for key in &bystanders {
+            assert_eq!(pg_support::advisory_locks(&mut admin, key).await, 1);
+        }
+        assert_eq!(pg_support::advisory_locks(&mut admin, &victim).await, 0);
+    }
+
+    let advisory = PostgresDistributedLock::advisory_key(&victim);
+    on_key_and_flag(
+        &mut blocker,
+        "SELECT pg_advisory_lock($1), pg_advisory_lock($2, $3)",
+        advisory,
+    )
+    .await;
+    // The waiter's flag statement is a try: it never queues on the server (which would hold
+    // up every other key of the session until the server's timeout).
+    let waiting = tokio::spawn({
+        let (lock, victim) = (lock.clone(), victim.clone());
+        async move { lock.acquire(&victim).await }
+    });
+    while !waiting.is_finished() {
+        assert_eq!(
+            pg_support::queued_flags(&mut admin, &victim).await,
+            0,
+            "a flag statement waits inside the server"
+        );
+    }
+    let waited = waiting.await.unwrap();
+    assert!(
+        matches!(waited, Err(LockError::Timeout | LockError::BackendError(_))),
+        "{waited:?}"
+    );
+    check_bystanders(3, &guards);
+    for key in &bystanders {
+        assert_eq!(pg_support::advisory_locks(&mut admin, key).await, 1);
+    }
+    on_key_and_flag(
+        &mut blocker,
+        "SELECT pg_advisory_unlock($1), pg_advisory_unlock($2, $3)",
+        advisory,
+    )
+    .await;
+    lock.acquire(&victim)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
 }

@@ -164,8 +164,10 @@ impl PostgresDistributedLockBuilder {
     }
 
     /// Bound on taking a connection from the pool and on every statement (default 5 s).
-    /// A statement that overruns it closes its session (its locks are then lost) and the
-    /// operation fails with [`LockError::BackendError`].
+    /// The server cancels a statement a little earlier (its `statement_timeout` and
+    /// `lock_timeout` are this less a quarter, at most 1 s): that operation fails with
+    /// [`LockError::BackendError`] and the session keeps its other locks. A statement with no
+    /// answer at all by this deadline closes its session (its locks are then lost).
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
@@ -459,39 +461,45 @@ impl PostgresDistributedLock {
             }
         };
         let flag_sent_at = Instant::now();
-        claim.asking_server();
-        let flag = session
-            .set_flag(advisory)
-            .await
-            .map_err(WaitError::while_waiting)?;
-        claim.answered();
+        let mut flag = Self::flag(session, &mut claim).await?;
         // Long enough for a notified waiter elsewhere to retry (about a round trip after the
         // notification), short enough to cost little if none does.
         let head_start = (flag_sent_at.elapsed() * YIELD_ROUND_TRIPS)
             .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
             .min(config.get_retry_interval());
         let mut jitter = Jitter::new(uuid::Uuid::new_v4());
-        if yield_first {
+        if yield_first && flag.is_some() {
             let retry_at = (Instant::now() + head_start).min(deadline);
             tokio::select! {
                 () = woken.woken() => {}
                 () = tokio::time::sleep_until(retry_at) => {}
             }
         }
+        // The flag was refused because a release was in progress: retry at once, once.
+        let mut retry_now = flag.is_none();
         loop {
             match session
-                .try_lock(claim, Some(&flag), ttl, Instant::now())
+                .try_lock(claim, flag.as_ref(), ttl, Instant::now())
                 .await
                 .map_err(WaitError::while_waiting)?
             {
                 TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
                 TryOutcome::Busy(returned) => claim = returned,
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Err(LockError::Timeout.into());
             }
-            let retry_at = (now + self.poll_interval(listening, &mut jitter)).min(deadline);
+            if flag.is_none() {
+                flag = Self::flag(session, &mut claim).await?;
+                if flag.is_none() && !std::mem::replace(&mut retry_now, true) {
+                    continue;
+                }
+            }
+            retry_now = false;
+            // Without a flag no release notifies this process: poll.
+            let notifiable = listening && flag.is_some();
+            let now = Instant::now();
+            let retry_at = (now + self.poll_interval(notifiable, &mut jitter)).min(deadline);
             let notified = tokio::select! {
                 () = woken.woken() => true,
                 () = tokio::time::sleep_until(retry_at) => false,
@@ -505,6 +513,21 @@ impl PostgresDistributedLock {
                 tokio::time::sleep_until((Instant::now() + draw).min(deadline)).await;
             }
         }
+    }
+
+    /// Flags the claimed key as awaited (see [`SessionHandle::set_flag`]); `None` while a
+    /// release of it is in progress.
+    async fn flag(
+        session: &SessionHandle,
+        claim: &mut claims::KeyClaim,
+    ) -> Result<Option<session::WaitFlag>, WaitError> {
+        claim.asking_server();
+        let flag = session
+            .set_flag(claim.key())
+            .await
+            .map_err(WaitError::while_waiting)?;
+        claim.answered();
+        Ok(flag)
     }
 
     /// The fallback retry period while waiting for another process: `retry_interval` with

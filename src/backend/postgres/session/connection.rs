@@ -25,11 +25,20 @@ impl SessionSettings {
         self.network_timeout / 4
     }
 
+    /// The server's own bound on a statement (`statement_timeout`, `lock_timeout`): below the
+    /// client's `command_timeout` by a quarter of it (at most 1 s), so that a statement that
+    /// runs long is cancelled by the server (an ordinary statement error, the session and its
+    /// locks stay) before the client would have to give up on the connection.
+    pub(super) fn server_statement_timeout(&self) -> Duration {
+        let margin = (self.command_timeout / 4).min(Duration::from_secs(1));
+        (self.command_timeout - margin).max(Duration::from_millis(1))
+    }
+
     /// The `(name, value)` server settings of a lock session.
     pub(super) fn server_settings(&self) -> (Vec<String>, Vec<String>) {
         let network_ms = self.network_timeout.as_millis().max(1);
         let network_s = self.network_timeout.as_secs().max(2);
-        let command_ms = self.command_timeout.as_millis().max(1);
+        let statement_ms = self.server_statement_timeout().as_millis().max(1);
         let settings = [
             ("application_name", "k1s0-distributed-lock".to_owned()),
             ("idle_session_timeout", format!("{network_ms}ms")),
@@ -40,8 +49,8 @@ impl SessionSettings {
             ),
             ("tcp_keepalives_count", "4".to_owned()),
             ("tcp_user_timeout", network_ms.to_string()),
-            ("statement_timeout", format!("{command_ms}ms")),
-            ("lock_timeout", format!("{command_ms}ms")),
+            ("statement_timeout", format!("{statement_ms}ms")),
+            ("lock_timeout", format!("{statement_ms}ms")),
             // Drawing a fencing token does not wait for the disk; the crash epoch check at
             // connect keeps tokens increasing across a crash (see `Statements::epoch_check`).
             ("synchronous_commit", "off".to_owned()),

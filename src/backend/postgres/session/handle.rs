@@ -107,7 +107,8 @@ impl SessionHandle {
     }
 
     /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
-    pub(crate) async fn set_flag(&self, key: i64) -> Result<WaitFlag, LockError> {
+    /// `None` if a release of the key was in progress (the key is likely free: try again).
+    pub(crate) async fn set_flag(&self, key: i64) -> Result<Option<WaitFlag>, LockError> {
         let (reply, answer) = oneshot::channel();
         self.call(Command::SetFlag { key, reply }, answer).await
     }
@@ -228,7 +229,7 @@ pub(super) enum Command {
     },
     SetFlag {
         key: i64,
-        reply: oneshot::Sender<Result<WaitFlag, LockError>>,
+        reply: oneshot::Sender<Result<Option<WaitFlag>, LockError>>,
     },
     ClearFlag {
         key: i64,

@@ -428,7 +428,11 @@ impl Session {
         .map_err(Failure::into_error)
     }
 
-    async fn set_flag(&mut self, key: i64, reply: oneshot::Sender<Result<WaitFlag, LockError>>) {
+    async fn set_flag(
+        &mut self,
+        key: i64,
+        reply: oneshot::Sender<Result<Option<WaitFlag>, LockError>>,
+    ) {
         if reply.is_closed() {
             return;
         }
@@ -441,22 +445,25 @@ impl Session {
             let result = self
                 .statement(move |conn| {
                     Box::pin(async move {
-                        sqlx::query(sql.set_flag)
+                        sqlx::query_scalar::<_, bool>(sql.set_flag)
                             .bind(high)
                             .bind(low)
-                            .execute(conn)
+                            .fetch_one(conn)
                             .await
                     })
                 })
                 .await;
-            if let Err(failure) = result {
-                if let Failure::Statement(_) = &failure {
-                    // A lock_timeout can fire just as the lock is granted (55P03 with the lock
-                    // held): make sure no flag is left that nobody tracks.
-                    self.server_clear_flag(key).await;
+            match result {
+                Ok(true) => {}
+                // A release of the key holds the flag for its statement.
+                Ok(false) => {
+                    let _ = reply.send(Ok(None));
+                    return;
                 }
-                let _ = reply.send(Err(failure.into_error()));
-                return;
+                Err(failure) => {
+                    let _ = reply.send(Err(failure.into_error()));
+                    return;
+                }
             }
         }
         let id = self.next_flag_id;
@@ -468,7 +475,7 @@ impl Session {
             id,
             armed: true,
         };
-        if let Err(Ok(mut unwanted)) = reply.send(Ok(flag)) {
+        if let Err(Ok(Some(mut unwanted))) = reply.send(Ok(Some(flag))) {
             unwanted.armed = false;
             self.clear_flag(key, id).await;
         }
