@@ -3,9 +3,8 @@
 //! run on a runtime that goes away, or dropped with their runtime mid-statement. Each case
 //! reads the server's lock table (`pg_locks`) afterwards.
 //!
-//! Callers run the session themselves while they wait for a reply and nobody else runs it
-//! (`session::drive`; docs/postgres.md, "Who runs a session"): these are that design's
-//! acceptance tests. Every lock here has one session, so all of its keys share it.
+//! Each session is one task that runs its commands one at a time (docs/postgres.md, "Who runs
+//! a session"). Every lock here has one session, so all of its keys share it.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -272,7 +271,7 @@ fn a_runtime_shutdown_mid_statement_frees_every_lock() {
 /// operation that takes this long waited for a timer instead of being woken.
 const NO_LOST_WAKE_UP: Duration = Duration::from_secs(2);
 
-/// Callers drive the session while they wait for their replies. Here many of them, on several
+/// Callers send commands and wait for their replies. Here many of them, on several
 /// threads at once (the workers of the session's runtime, a second runtime's thread, and plain
 /// threads outside any runtime), take, check and release their own keys on one session. Every
 /// operation succeeds, none waits for a timer to wake it (the command timeout is raised far
@@ -574,4 +573,112 @@ async fn a_statement_that_overruns_keeps_the_other_locks_on_the_session() {
     for guard in guards {
         guard.release().await.unwrap();
     }
+}
+
+/// Lease expiry runs whatever the load on the session: with 128 tasks taking and releasing
+/// other keys on the same session, a lock whose lease ran out is unlocked on the server within
+/// its TTL plus one statement or so, not once the command queue happens to be empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_expires_on_time_while_the_session_is_busy() {
+    /// Far above one statement here (well under a millisecond), far below the load's length.
+    const LATE: Duration = Duration::from_millis(250);
+    let ttl = Duration::from_millis(300);
+    let prefix = common::unique_prefix("pg_busy_expiry");
+    let leased_key = format!("{prefix}leased");
+    let lock = pg_support::one_session_lock(LockConfig::new().ttl(ttl), |builder| {
+        builder.network_timeout(Duration::from_secs(120))
+    })
+    .await;
+    let mut admin = pg_support::admin().await;
+    let sent_at = tokio::time::Instant::now();
+    let leased = lock.try_acquire(&leased_key).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..128)
+        .map(|task| {
+            let (lock, stop) = (lock.clone(), stop.clone());
+            let key = format!("{prefix}load{task}");
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(guard) = lock.try_acquire(&key).await {
+                        guard.release().await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let give_up = sent_at + ttl + Duration::from_secs(3);
+    while pg_support::advisory_locks(&mut admin, &leased_key).await == 1 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the expired lock stayed on the server"
+        );
+    }
+    let freed_after = sent_at.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(leased.is_lost());
+    assert!(
+        freed_after < ttl + LATE,
+        "the lock left the server {freed_after:?} after it was taken, with a TTL of {ttl:?}"
+    );
+}
+
+/// A lock service first used on a runtime that then shut down: its sessions and its LISTEN
+/// connection went with that runtime, and are started again on the runtime of the next
+/// operations. Every attempt on the new runtime works, and a waiter there is woken by the
+/// release of another process (the retry interval is far longer than the test's patience).
+#[test]
+fn a_lock_first_used_on_a_runtime_that_shut_down_works_on_a_new_one() {
+    let prefix = common::unique_prefix("pg_new_runtime");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_secs(30))
+        .max_retries(2);
+    let first = runtime();
+    let lock = first.block_on(async {
+        let lock = one_session_lock(config).await;
+        // Starts the session and, with a wait on a key another process holds, the listener.
+        let key = format!("{prefix}warm");
+        let other = pg_support::lock(LockConfig::new()).await;
+        let held = other.try_acquire(&key).await.unwrap();
+        let waiting = tokio::spawn({
+            let (lock, key) = (lock.clone(), key.clone());
+            async move { lock.acquire(&key).await }
+        });
+        let mut admin = pg_support::admin().await;
+        pg_support::wait_for_flag(&mut admin, &key, NO_DEADLOCK).await;
+        held.release().await.unwrap();
+        waiting.await.unwrap().unwrap().release().await.unwrap();
+        lock
+    });
+    drop(first);
+
+    let second = runtime();
+    second.block_on(async {
+        for attempt in 0..3 {
+            let key = format!("{prefix}again{attempt}");
+            match lock.try_acquire(&key).await {
+                Ok(guard) => guard.release().await.unwrap(),
+                Err(error) => panic!("attempt {attempt} on the new runtime: {error:?}"),
+            }
+        }
+        let key = format!("{prefix}notified");
+        let other = pg_support::lock(LockConfig::new()).await;
+        let held = other.try_acquire(&key).await.unwrap();
+        let waiting = tokio::spawn({
+            let (lock, key) = (lock.clone(), key.clone());
+            async move { lock.acquire(&key).await }
+        });
+        let mut admin = pg_support::admin().await;
+        pg_support::wait_for_flag(&mut admin, &key, NO_DEADLOCK).await;
+        held.release().await.unwrap();
+        let let_go = std::time::Instant::now();
+        waiting.await.unwrap().unwrap().release().await.unwrap();
+        assert!(
+            let_go.elapsed() < NO_LOST_WAKE_UP,
+            "the waiter took {:?}: no LISTEN connection woke it",
+            let_go.elapsed()
+        );
+    });
 }

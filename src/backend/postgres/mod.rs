@@ -4,10 +4,9 @@
 //! Modules, one job each:
 //! * `key_hash` — key → 64-bit advisory key (SHA-256 prefix).
 //! * `claims` — in-process exclusion per advisory key, FIFO.
-//! * `session` — the future that owns one connection and every statement on it (locks,
-//!   unlocks, lease expiry, pings, closing a doubtful connection); `session::drive` says who
-//!   polls it (its task, or a caller waiting for a reply) and routes its wake-ups,
-//!   `session::handle` is the callers' side (command channel, guard and waiter links),
+//! * `session` — the task that owns one connection and every statement on it (locks,
+//!   unlocks, lease expiry, pings, closing a doubtful connection); `session::handle` is the
+//!   callers' side (command channel, guard and waiter links),
 //!   `session::connection` the connection itself (server settings, close-never-return, error
 //!   classes).
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
@@ -22,12 +21,11 @@ mod setup;
 mod sql;
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use self::claims::{Claim, ClaimTable, Overdue};
@@ -82,12 +80,12 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   key by an in-process FIFO, because advisory locks are re-entrant within a session. A lock
 ///   session's connection is **never returned to the pool**: it is closed once it has held
 ///   nothing for a minute, when it fails, or when this lock service and its guards are gone.
-/// * **Cancellation.** Every statement belongs to the session, not to the caller that asked
-///   for it: an uncontended caller runs the session in its own task while it waits (no task
-///   switch), but a caller that stops being polled or is dropped leaves the statement to the
-///   session's task. So a dropped `acquire` future cannot leave a statement half done; a lock
-///   granted to a caller that is gone is unlocked before the session runs anything else. Nothing ever waits inside the server
-///   (`pg_advisory_lock` is never used), so no queued request can be granted later to nobody.
+/// * **Cancellation.** Every statement belongs to the session's task, not to the caller that
+///   asked for it: a dropped `acquire` future cannot leave a statement half done; a lock
+///   granted to a caller that is gone is unlocked before the session runs anything else.
+///   Nothing ever waits inside the server (`pg_advisory_lock` is never used), so no queued
+///   request can be granted later to nobody. A session whose task ended (its runtime shut
+///   down) is started again on the runtime of the next operation.
 /// * **Waiting.** Waiters in this process are woken directly by the release, first in first
 ///   out. A waiter whose key is held by another process flags the key (a shared advisory lock
 ///   in the two-integer key space); a release that finds the flag sends `pg_notify` in the same
@@ -116,9 +114,11 @@ struct Inner {
     sql: Arc<Statements>,
     claims: Arc<ClaimTable>,
     key_cache: AdvisoryKeyCache,
-    sessions: Box<[OnceLock<SessionHandle>]>,
+    /// The lock sessions; one whose task has ended is started again on next use.
+    sessions: Box<[Mutex<Option<SessionHandle>>]>,
     hub: Arc<WakeHub>,
-    listener: OnceCell<Listener>,
+    /// The LISTEN connection, started on first need and again if its task has ended.
+    listener: tokio::sync::Mutex<Option<Listener>>,
 }
 
 /// Options of a [`PostgresDistributedLock`] beyond [`new`](PostgresDistributedLock::new).
@@ -244,9 +244,9 @@ impl PostgresDistributedLockBuilder {
                 sql: Arc::new(Statements::new(&sequence)),
                 claims: Arc::new(ClaimTable::default()),
                 key_cache: AdvisoryKeyCache::default(),
-                sessions: (0..self.sessions).map(|_| OnceLock::new()).collect(),
+                sessions: (0..self.sessions).map(|_| Mutex::new(None)).collect(),
                 hub: Arc::new(WakeHub::default()),
-                listener: OnceCell::new(),
+                listener: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -316,13 +316,16 @@ impl PostgresDistributedLock {
         advisory_key(key)
     }
 
-    /// The session of `key`, started on the current Tokio runtime if this is its first use
-    /// (an error outside any runtime: the session's task and connection need one).
-    fn session_for(&self, key: i64) -> Result<&SessionHandle, LockError> {
+    /// The session of `key`, started on the current Tokio runtime if this is its first use or
+    /// its task has ended (its runtime shut down): an error outside any runtime, as the
+    /// session's task and connection need one.
+    fn session_for(&self, key: i64) -> Result<SessionHandle, LockError> {
         let index = (key as u64 % self.inner.sessions.len() as u64) as usize;
-        let slot = &self.inner.sessions[index];
-        if let Some(session) = slot.get() {
-            return Ok(session);
+        let mut slot = self.inner.sessions[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(session) = slot.as_ref().filter(|session| session.is_running()) {
+            return Ok(session.clone());
         }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(LockError::backend_msg(
@@ -330,13 +333,12 @@ impl PostgresDistributedLock {
                  and this operation runs outside any",
             ));
         }
-        Ok(slot.get_or_init(|| {
-            SessionHandle::spawn(
-                self.inner.pool.clone(),
-                Arc::clone(&self.inner.sql),
-                self.inner.settings,
-            )
-        }))
+        let session = SessionHandle::spawn(
+            self.inner.pool.clone(),
+            Arc::clone(&self.inner.sql),
+            self.inner.settings,
+        );
+        Ok(slot.insert(session).clone())
     }
 
     fn guard(&self, key: &str, granted: Granted) -> LockGuard {
@@ -461,7 +463,7 @@ impl PostgresDistributedLock {
             }
         };
         let flag_sent_at = Instant::now();
-        let mut flag = Self::flag(session, &mut claim).await?;
+        let mut flag = Self::flag(&session, &mut claim).await?;
         // Long enough for a notified waiter elsewhere to retry (about a round trip after the
         // notification), short enough to cost little if none does.
         let head_start = (flag_sent_at.elapsed() * YIELD_ROUND_TRIPS)
@@ -490,7 +492,7 @@ impl PostgresDistributedLock {
                 return Err(LockError::Timeout.into());
             }
             if flag.is_none() {
-                flag = Self::flag(session, &mut claim).await?;
+                flag = Self::flag(&session, &mut claim).await?;
                 if flag.is_none() && !std::mem::replace(&mut retry_now, true) {
                     continue;
                 }
@@ -542,18 +544,20 @@ impl PostgresDistributedLock {
         jitter.between(base / 2, base).max(Duration::from_millis(1))
     }
 
+    /// Makes sure the LISTEN connection runs, starting it (again) on the current runtime.
     async fn listener(&self) -> Result<(), LockError> {
-        self.inner
-            .listener
-            .get_or_try_init(|| {
-                Listener::start(
-                    &self.inner.pool,
-                    Arc::clone(&self.inner.hub),
-                    self.inner.settings.command_timeout,
-                )
-            })
-            .await
-            .map(|_| ())
+        let mut listener = self.inner.listener.lock().await;
+        if listener.as_ref().is_some_and(Listener::is_running) {
+            return Ok(());
+        }
+        let started = Listener::start(
+            &self.inner.pool,
+            Arc::clone(&self.inner.hub),
+            self.inner.settings.command_timeout,
+        )
+        .await?;
+        *listener = Some(started);
+        Ok(())
     }
 
     async fn is_locked_now(&self, key: &str) -> Result<bool, LockError> {
