@@ -83,6 +83,10 @@ async fn bad_keys_and_bad_config_are_refused_without_locking() {
             .command_timeout(Duration::ZERO),
         PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
             .network_timeout(Duration::from_millis(500)),
+        // A cut would reach the client (ping interval + command timeout: 2.5 s + 8 s) after
+        // the server had freed the locks (10 s).
+        PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
+            .command_timeout(Duration::from_secs(8)),
         PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
             .fencing_sequence("x'; DROP TABLE y; --"),
     ] {

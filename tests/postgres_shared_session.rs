@@ -283,7 +283,9 @@ fn callers_on_many_threads_share_one_session() {
     let prefix = common::unique_prefix("pg_many_threads");
     let home = runtime();
     let lock = home.block_on(pg_support::one_session_lock(LockConfig::new(), |builder| {
-        builder.command_timeout(Duration::from_secs(60))
+        builder
+            .command_timeout(Duration::from_secs(60))
+            .network_timeout(Duration::from_secs(300))
     }));
     // The session task starts on the runtime of the first operation: make that this one.
     home.block_on(pg_support::take_and_release(
@@ -398,6 +400,7 @@ async fn a_parked_caller_does_not_hold_up_another_waiting_caller() {
     let lock = pg_support::one_session_lock(LockConfig::new(), |builder| {
         builder
             .command_timeout(Duration::from_secs(60))
+            .network_timeout(Duration::from_secs(300))
             .fencing_sequence(sequence.clone())
     })
     .await;

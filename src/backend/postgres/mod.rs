@@ -93,7 +93,11 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   cover lost notifications. After the waiting budget ([`LockConfig::wait_budget`]):
 ///   [`LockError::Timeout`].
 /// * **Leases.** A lock not extended within its TTL is unlocked by the session and its guard
-///   reports [`is_lost`](LockGuard::is_lost). A session that fails (terminated backend, broken
+///   reports [`is_lost`](LockGuard::is_lost). A session lock lasts only as long as its
+///   connection, which can end at any moment (`pg_terminate_backend`, a crash, a failover, a
+///   cut network): a guard also reports lost once its session has gone without an answer for
+///   about the `network_timeout`, when the server may have freed it, but nothing can warn of
+///   an abrupt end. Fencing tokens are the real protection. A session that fails (terminated backend, broken
 ///   network, timed-out statement) is closed and all its guards report lost. A process cut off
 ///   from the server loses its locks after about the
 ///   [`network_timeout`](PostgresDistributedLockBuilder::network_timeout) (10 s by default).
@@ -176,6 +180,10 @@ impl PostgresDistributedLockBuilder {
     /// How long the server keeps the session (and the locks) of a client it no longer hears
     /// from (default 10 s, at least 2 s). Sets the lock sessions' `idle_session_timeout`,
     /// `tcp_user_timeout` and TCP keepalives from it; the sessions ping every quarter of it.
+    /// A guard counts its lock as lost (without a network call) once its session has had no
+    /// answer to a statement sent in the last nine tenths of it. A quarter of it plus the
+    /// [`command_timeout`](Self::command_timeout) must stay below those nine tenths
+    /// ([`build`](Self::build) refuses other combinations).
     pub fn network_timeout(mut self, timeout: Duration) -> Self {
         self.network_timeout = timeout;
         self
@@ -232,15 +240,28 @@ impl PostgresDistributedLockBuilder {
             crate::MAX_DURATION,
         )?;
         let sequence = SequenceName::parse(&self.sequence)?;
+        let settings = SessionSettings {
+            command_timeout: self.command_timeout,
+            network_timeout: self.network_timeout,
+            idle_close: self.idle_close,
+        };
+        if settings.ping_interval() + settings.command_timeout >= settings.connection_bound() {
+            return Err(LockError::invalid_config(format!(
+                "command_timeout {:?} plus the ping interval {:?} (a quarter of \
+                 network_timeout) must stay below {:?} (network_timeout {:?} less a tenth): \
+                 otherwise the server may free the locks of a cut-off session before this \
+                 process can know",
+                settings.command_timeout,
+                settings.ping_interval(),
+                settings.connection_bound(),
+                settings.network_timeout
+            )));
+        }
         Ok(PostgresDistributedLock {
             inner: Arc::new(Inner {
                 pool: self.pool,
                 config: self.config,
-                settings: SessionSettings {
-                    command_timeout: self.command_timeout,
-                    network_timeout: self.network_timeout,
-                    idle_close: self.idle_close,
-                },
+                settings,
                 sql: Arc::new(Statements::new(&sequence)),
                 claims: Arc::new(ClaimTable::default()),
                 key_cache: AdvisoryKeyCache::default(),

@@ -21,8 +21,16 @@ pub(crate) struct SessionSettings {
 impl SessionSettings {
     /// Pings come this often when nothing else reaches the server, well inside the server's
     /// `idle_session_timeout`.
-    pub(super) fn ping_interval(&self) -> Duration {
+    pub(crate) fn ping_interval(&self) -> Duration {
         self.network_timeout / 4
+    }
+
+    /// How long after the send time of a statement the server answered the connection is sure
+    /// to keep its locks: the server ends a session it has not heard from for
+    /// `network_timeout` (`idle_session_timeout`, `tcp_user_timeout`), less a tenth for timer
+    /// slack. A lock is not counted on past this without a newer answer.
+    pub(crate) fn connection_bound(&self) -> Duration {
+        self.network_timeout - self.network_timeout / 10
     }
 
     /// The server's own bound on a statement (`statement_timeout`, `lock_timeout`): below the

@@ -40,6 +40,7 @@ use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
 use super::setup::prepare_session;
 use super::sql::Statements;
+use crate::lease::ConnectionBound;
 use crate::{Lease, LockError};
 
 /// A lock this session holds for a guard.
@@ -101,6 +102,10 @@ struct Session {
     /// Since when the session holds nothing (no lock, no waiter flag), for closing an unused
     /// connection.
     idle_since: Instant,
+    /// Until when the server keeps this connection's locks for sure: the send time of its last
+    /// answered statement plus the server's bound (see [`SessionSettings::connection_bound`]).
+    /// Every lease on the session runs out when it passes.
+    bound: Arc<ConnectionBound>,
 }
 
 /// Waits until `at`, or for ever.
@@ -132,6 +137,7 @@ impl Session {
             next_flag_id: 0,
             last_used: Instant::now(),
             idle_since: Instant::now(),
+            bound: ConnectionBound::new(Instant::now()),
         }
     }
 
@@ -273,7 +279,7 @@ impl Session {
         if let Some(id) = flag {
             self.forget_flag(key, id, unflag.is_some());
         }
-        let lease = Lease::new(sent_at, ttl);
+        let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
         let id = Uuid::new_v4();
         let expires_at = lease.deadline();
         self.expiries.insert((expires_at, key));
@@ -560,7 +566,8 @@ impl Session {
             .as_mut()
             .and_then(SessionConnection::get_mut)
             .expect("connected above");
-        self.last_used = Instant::now();
+        let sent_at = Instant::now();
+        self.last_used = sent_at;
         let statements = Arc::clone(&self.sql);
         let query = sqlx::query_as::<_, T>(sql(&statements));
         let query = match args {
@@ -571,6 +578,11 @@ impl Session {
         };
         let timeout = self.settings.command_timeout;
         let outcome = tokio::time::timeout(timeout, query.fetch_one(connection)).await;
+        if let Ok(Ok(_)) | Ok(Err(sqlx::Error::Database(_))) = &outcome {
+            // The server answered: it had this connection (and its locks) at `sent_at`.
+            self.bound
+                .confirm(sent_at + self.settings.connection_bound());
+        }
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
@@ -596,6 +608,7 @@ impl Session {
     async fn connect(&mut self) -> Result<SessionConnection, LockError> {
         let timeout = self.settings.command_timeout;
         let (names, values) = self.settings.server_settings();
+        let started = Instant::now();
         let mut connection = match tokio::time::timeout(timeout, self.pool.acquire()).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => return Err(LockError::backend(error)),
@@ -613,6 +626,8 @@ impl Session {
         match tokio::time::timeout(timeout, set_up).await {
             Ok(Ok(())) => {
                 tracing::debug!("opened a PostgreSQL lock session");
+                self.bound
+                    .confirm(started + self.settings.connection_bound());
                 self.last_used = Instant::now();
                 self.idle_since = Instant::now();
                 Ok(connection)
