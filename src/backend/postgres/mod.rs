@@ -97,9 +97,9 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   connection, which can end at any moment (`pg_terminate_backend`, a crash, a failover, a
 ///   cut network): a guard also reports lost once its session has gone without an answer for
 ///   about the `network_timeout`, when the server may have freed it, but nothing can warn of
-///   an abrupt end. Fencing tokens are the real protection. A session that fails (terminated backend, broken
-///   network, timed-out statement) is closed and all its guards report lost. A process cut off
-///   from the server loses its locks after about the
+///   an abrupt end. Fencing tokens are the real protection. A session that fails (terminated
+///   backend, broken network, timed-out statement) is closed and all its guards report lost.
+///   A process cut off from the server loses its locks after about the
 ///   [`network_timeout`](PostgresDistributedLockBuilder::network_timeout) (10 s by default).
 /// * **Fencing tokens** come from one sequence (`k1s0_lock_fencing_seq`, created on first use,
 ///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
