@@ -24,9 +24,42 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub struct Lease {
     term: Mutex<Term>,
+    /// For a lock that lasts only as long as its connection: how long that connection is
+    /// known to keep it.
+    bound: Option<Arc<ConnectionBound>>,
     lost: AtomicBool,
     /// Wakes the [`lost`](Self::lost) futures when the deadline moves or the lease is lost.
     changed: Notify,
+}
+
+/// A second deadline shared by every lease on one connection, for locks that last only as long
+/// as their connection: the server can end that connection (and free the locks) once it has
+/// not heard from the client for a while, so a lock is only known to be held until the send
+/// time of the connection's last confirmed round trip plus that while. The backend moves it
+/// forward after every answer.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) struct ConnectionBound {
+    until: Mutex<Instant>,
+}
+
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+impl ConnectionBound {
+    pub(crate) fn new(until: Instant) -> Arc<Self> {
+        Arc::new(ConnectionBound {
+            until: Mutex::new(until),
+        })
+    }
+
+    /// Moves the bound to `until`, if that is later.
+    pub(crate) fn confirm(&self, until: Instant) {
+        let mut current = self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        *current = (*current).max(until);
+    }
+
+    fn until(&self) -> Instant {
+        *self.until.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The latest grant or renewal: when it was sent and the deadline it set.
@@ -39,11 +72,30 @@ struct Term {
 impl Lease {
     /// A lease that runs out `ttl` after `sent_at`, the moment the acquire request was sent.
     pub fn new(sent_at: Instant, ttl: Duration) -> Arc<Self> {
+        Self::with_bound(sent_at, ttl, None)
+    }
+
+    /// A lease that also runs out when `bound` passes (see [`ConnectionBound`]).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn bounded(
+        sent_at: Instant,
+        ttl: Duration,
+        bound: Arc<ConnectionBound>,
+    ) -> Arc<Self> {
+        Self::with_bound(sent_at, ttl, Some(bound))
+    }
+
+    fn with_bound(
+        sent_at: Instant,
+        ttl: Duration,
+        bound: Option<Arc<ConnectionBound>>,
+    ) -> Arc<Self> {
         Arc::new(Lease {
             term: Mutex::new(Term {
                 sent_at,
                 deadline: deadline_after(sent_at, ttl),
             }),
+            bound,
             lost: AtomicBool::new(false),
             changed: Notify::new(),
         })
@@ -145,12 +197,18 @@ impl Lease {
             .sent_at
     }
 
-    /// The moment the lease runs out unless renewed.
+    /// The moment the lease runs out unless renewed (or, for a lock that lasts only as long as
+    /// its connection, unless the connection is heard from again, whichever comes first).
     pub fn deadline(&self) -> Instant {
-        self.term
+        let deadline = self
+            .term
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .deadline
+            .deadline;
+        match &self.bound {
+            Some(bound) => deadline.min(bound.until()),
+            None => deadline,
+        }
     }
 
     /// How long the lease has left, or `None` once it is lost.
@@ -174,6 +232,22 @@ fn deadline_after(sent_at: Instant, ttl: Duration) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bounded_lease_runs_out_at_its_connection_bound_unless_confirmed() {
+        let start = Instant::now();
+        let bound = ConnectionBound::new(start + Duration::from_secs(2));
+        let lease = Lease::bounded(start, Duration::from_secs(30), Arc::clone(&bound));
+        assert_eq!(lease.deadline(), start + Duration::from_secs(2));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        bound.confirm(start + Duration::from_secs(3));
+        bound.confirm(start + Duration::from_secs(2)); // older: ignored
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(!lease.is_lost());
+        lease.lost().await;
+        assert_eq!(Instant::now(), start + Duration::from_secs(3));
+        assert!(lease.is_lost() && lease.remaining().is_none());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn runs_out_at_the_deadline_of_the_latest_renewal() {

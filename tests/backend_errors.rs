@@ -92,6 +92,7 @@ async fn a_postgres_failure_carries_the_sqlx_error() {
         .unwrap();
     let lock = PostgresDistributedLock::builder(pool, LockConfig::new())
         .command_timeout(std::time::Duration::from_secs(10))
+        .network_timeout(std::time::Duration::from_secs(60))
         .build()
         .unwrap();
     let error = lock.try_acquire("k").await.unwrap_err();

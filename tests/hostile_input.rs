@@ -50,8 +50,16 @@ async fn any_configuration_works_or_is_refused_on_every_backend(backend: Backend
                                 panic!("{config:?}: a lock that was built refused: {error:?}")
                             });
                             assert!(guard.remaining().unwrap_or_default() <= config.get_ttl());
-                            assert!(lock.is_locked(&key).await.unwrap());
-                            guard.release().await.unwrap();
+                            // A TTL of a few milliseconds may run out before the next call:
+                            // then the lock is gone and the guard knows it.
+                            assert!(lock.is_locked(&key).await.unwrap() || guard.is_lost());
+                            match guard.release().await {
+                                Ok(()) => {}
+                                Err(LockError::LockLost) => {
+                                    assert!(config.get_ttl() < std::time::Duration::from_secs(1))
+                                }
+                                Err(other) => panic!("{config:?}: release failed: {other:?}"),
+                            }
                             assert!(!lock.is_locked(&key).await.unwrap());
                         }
                         Err(LockError::InvalidConfig { reason }) => {

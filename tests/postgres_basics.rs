@@ -83,6 +83,10 @@ async fn bad_keys_and_bad_config_are_refused_without_locking() {
             .command_timeout(Duration::ZERO),
         PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
             .network_timeout(Duration::from_millis(500)),
+        // A cut would reach the client (ping interval + command timeout: 2.5 s + 8 s) after
+        // the server had freed the locks (10 s).
+        PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
+            .command_timeout(Duration::from_secs(8)),
         PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
             .fencing_sequence("x'; DROP TABLE y; --"),
     ] {
@@ -514,4 +518,30 @@ async fn a_role_that_cannot_create_objects_still_locks_with_a_prepared_sequence(
     assert_eq!(pg_support::advisory_locks(&mut admin, &other_key).await, 0);
     drop((lock, without_sequence));
     pool.close().await;
+}
+
+/// A `try_acquire` that failed with `BackendError` has let go of the key in this process by the
+/// time it returns: the next `try_acquire` on the free key never sees it claimed
+/// (`AlreadyLocked`). Here every lock statement fails (the fencing sequence was dropped after
+/// the session opened), so every attempt must be a `BackendError`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_try_acquire_leaves_the_key_free_for_the_next() {
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = sequence_cleanup(&sequence);
+    let key = format!("{}k", common::unique_prefix("pg_failed_try"));
+    let lock = lock_on_sequence(&sequence).await;
+    token_of(&lock, &key).await;
+    let mut admin = pg_support::admin().await;
+    sqlx::query(&format!("DROP SEQUENCE \"{sequence}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    for attempt in 0..2000 {
+        match lock.try_acquire(&key).await {
+            Err(LockError::BackendError(_)) => {}
+            Err(other) => panic!("attempt {attempt}: {other:?}"),
+            Ok(_) => panic!("attempt {attempt}: locked without a fencing sequence"),
+        }
+    }
+    assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
 }

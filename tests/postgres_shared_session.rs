@@ -3,9 +3,8 @@
 //! run on a runtime that goes away, or dropped with their runtime mid-statement. Each case
 //! reads the server's lock table (`pg_locks`) afterwards.
 //!
-//! Callers run the session themselves while they wait for a reply and nobody else runs it
-//! (`session::drive`; docs/postgres.md, "Who runs a session"): these are that design's
-//! acceptance tests. Every lock here has one session, so all of its keys share it.
+//! Each session is one task that runs its commands one at a time (docs/postgres.md, "Who runs
+//! a session"). Every lock here has one session, so all of its keys share it.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -272,7 +271,7 @@ fn a_runtime_shutdown_mid_statement_frees_every_lock() {
 /// operation that takes this long waited for a timer instead of being woken.
 const NO_LOST_WAKE_UP: Duration = Duration::from_secs(2);
 
-/// Callers drive the session while they wait for their replies. Here many of them, on several
+/// Callers send commands and wait for their replies. Here many of them, on several
 /// threads at once (the workers of the session's runtime, a second runtime's thread, and plain
 /// threads outside any runtime), take, check and release their own keys on one session. Every
 /// operation succeeds, none waits for a timer to wake it (the command timeout is raised far
@@ -284,7 +283,9 @@ fn callers_on_many_threads_share_one_session() {
     let prefix = common::unique_prefix("pg_many_threads");
     let home = runtime();
     let lock = home.block_on(pg_support::one_session_lock(LockConfig::new(), |builder| {
-        builder.command_timeout(Duration::from_secs(60))
+        builder
+            .command_timeout(Duration::from_secs(60))
+            .network_timeout(Duration::from_secs(300))
     }));
     // The session task starts on the runtime of the first operation: make that this one.
     home.block_on(pg_support::take_and_release(
@@ -384,56 +385,58 @@ fn a_first_operation_outside_any_runtime_is_refused_cleanly() {
     );
 }
 
-/// A caller that drove the session once and was then parked must not hold up another caller
-/// that waits for its own statement. Here the other caller's statement is one that waits on
-/// the server: its `acquire` flags the key as awaited, and an admin connection holds that flag
-/// exclusively, so the statement blocks. The parked acquire then takes over as the session's
-/// driver. When the admin lets go, the waiting `acquire` must get its answer at once (the
-/// command timeout is 60 s: a wake-up that went only to the parked caller would leave it
-/// waiting that long).
+/// A caller that was polled once and then parked must not hold up another caller that waits
+/// for its own statement. Here the other caller's statement is one that waits on the server: an
+/// admin connection blocks the lock's fencing sequence (an open `ALTER SEQUENCE`), so the lock
+/// statement waits for it. The parked acquire's statement queues behind it. When the admin lets
+/// go, the waiting `acquire` must get its answer at once (the command timeout is 60 s: a
+/// wake-up that went only to the parked caller would leave it waiting that long).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
+async fn a_parked_caller_does_not_hold_up_another_waiting_caller() {
     let prefix = common::unique_prefix("pg_parked_driver");
     let awaited = format!("{prefix}awaited");
-    let config = LockConfig::new()
-        .retry_interval(Duration::from_millis(500))
-        .max_retries(120);
-    let lock = pg_support::one_session_lock(config, |builder| {
-        builder.command_timeout(Duration::from_secs(60))
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = sequence_cleanup(&sequence);
+    let lock = pg_support::one_session_lock(LockConfig::new(), |builder| {
+        builder
+            .command_timeout(Duration::from_secs(60))
+            .network_timeout(Duration::from_secs(300))
+            .fencing_sequence(sequence.clone())
     })
     .await;
     pg_support::take_and_release(&lock, &format!("{prefix}warm")).await;
 
-    // Another process holds the key and, exclusively, its waiter flag.
-    let advisory = PostgresDistributedLock::advisory_key(&awaited);
     let mut holder = pg_support::admin().await;
-    on_key_and_flag(
-        &mut holder,
-        "SELECT pg_advisory_lock($1), pg_advisory_lock($2, $3)",
-        advisory,
-    )
-    .await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(&format!("ALTER SEQUENCE \"{sequence}\" CACHE 1"))
+        .execute(&mut holder)
+        .await
+        .unwrap();
     let waiting = tokio::spawn({
         let (lock, awaited) = (lock.clone(), awaited.clone());
         async move { lock.acquire(&awaited).await }
     });
     let admin = tokio::sync::Mutex::new(pg_support::admin().await);
+    let blocked = format!(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass('\"{sequence}\"')"
+    );
     common::wait::assert_eventually(
-        "the acquire's flag statement waits on the server",
-        || async { pg_support::queued_flags(&mut *admin.lock().await, &awaited).await == 1 },
+        "the acquire's lock statement waits on the server",
+        || async {
+            sqlx::query_scalar::<_, i64>(&blocked)
+                .fetch_one(&mut *admin.lock().await)
+                .await
+                .unwrap()
+                == 1
+        },
     )
     .await;
 
-    // A second caller drives the session (still inside the blocked statement), then is kept
-    // without being polled.
+    // A second caller's statement queues behind the blocked one; it is then kept without
+    // being polled.
     let (parked_key, parked) = parked_acquire(&lock, &prefix).await;
 
-    on_key_and_flag(
-        &mut holder,
-        "SELECT pg_advisory_unlock($1), pg_advisory_unlock($2, $3)",
-        advisory,
-    )
-    .await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     let let_go = std::time::Instant::now();
     let guard = waiting
         .await
@@ -455,6 +458,14 @@ async fn a_parked_driver_does_not_hold_up_another_waiting_caller() {
         .unwrap();
 }
 
+/// Removes a test's own fencing sequence and its epoch row when the test ends, however it ends.
+fn sequence_cleanup(sequence: &str) -> pg_support::DropOnExit {
+    pg_support::DropOnExit::new(vec![
+        format!("DELETE FROM k1s0_lock_fencing_epochs WHERE sequence = '\"{sequence}\"'"),
+        format!("DROP SEQUENCE IF EXISTS \"{sequence}\""),
+    ])
+}
+
 /// Runs `sql` on `conn` with `$1` the advisory key `advisory` and `$2`/`$3` its waiter flag.
 async fn on_key_and_flag(conn: &mut sqlx::PgConnection, sql: &str, advisory: i64) {
     let (high, low) = ((advisory >> 32) as i32, advisory as i32);
@@ -465,4 +476,212 @@ async fn on_key_and_flag(conn: &mut sqlx::PgConnection, sql: &str, advisory: i64
         .execute(conn)
         .await
         .unwrap();
+}
+
+/// A statement that runs past the command timeout is an ordinary statement error, not a lost
+/// session: the server's own `lock_timeout` / `statement_timeout` fire before the client's
+/// deadline. Here another connection blocks the fencing sequence (an open `ALTER SEQUENCE`), so
+/// the lock statement of one key waits inside the server; the acquire fails, and every other
+/// lock on the session stays held. Then another process holds a key and, exclusively, its
+/// waiter flag: the waiter's flag statement must not wait inside the server either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_that_overruns_keeps_the_other_locks_on_the_session() {
+    let prefix = common::unique_prefix("pg_overrun");
+    let sequence = format!("k1s0_test_seq_{}", uuid::Uuid::new_v4().simple());
+    let _cleanup = sequence_cleanup(&sequence);
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_millis(20))
+        .max_retries(10);
+    let lock = pg_support::one_session_lock(config, |builder| {
+        builder
+            .command_timeout(Duration::from_millis(800))
+            .fencing_sequence(sequence.clone())
+    })
+    .await;
+    let bystanders: Vec<String> = (0..3).map(|i| format!("{prefix}bystander{i}")).collect();
+    let mut guards = Vec::new();
+    for key in &bystanders {
+        guards.push(lock.try_acquire(key).await.unwrap());
+    }
+    let mut admin = pg_support::admin().await;
+    let check_bystanders = |round: usize, guards: &[LockGuard]| {
+        assert!(
+            guards.iter().all(|guard| !guard.is_lost()),
+            "round {round}: a bystander guard was lost"
+        );
+    };
+
+    let victim = format!("{prefix}victim");
+    let mut blocker = pg_support::admin().await;
+    for round in 0..3 {
+        sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+        sqlx::query(&format!("ALTER SEQUENCE \"{sequence}\" CACHE 1"))
+            .execute(&mut blocker)
+            .await
+            .unwrap();
+        let refused = lock.try_acquire(&victim).await;
+        sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+        assert!(
+            matches!(refused, Err(LockError::BackendError(_))),
+            "round {round}: {refused:?}"
+        );
+        check_bystanders(round, &guards);
+        for key in &bystanders {
+            assert_eq!(pg_support::advisory_locks(&mut admin, key).await, 1);
+        }
+        assert_eq!(pg_support::advisory_locks(&mut admin, &victim).await, 0);
+    }
+
+    let advisory = PostgresDistributedLock::advisory_key(&victim);
+    on_key_and_flag(
+        &mut blocker,
+        "SELECT pg_advisory_lock($1), pg_advisory_lock($2, $3)",
+        advisory,
+    )
+    .await;
+    // The waiter's flag statement is a try: it never queues on the server (which would hold
+    // up every other key of the session until the server's timeout).
+    let waiting = tokio::spawn({
+        let (lock, victim) = (lock.clone(), victim.clone());
+        async move { lock.acquire(&victim).await }
+    });
+    while !waiting.is_finished() {
+        assert_eq!(
+            pg_support::queued_flags(&mut admin, &victim).await,
+            0,
+            "a flag statement waits inside the server"
+        );
+    }
+    let waited = waiting.await.unwrap();
+    assert!(
+        matches!(waited, Err(LockError::Timeout | LockError::BackendError(_))),
+        "{waited:?}"
+    );
+    check_bystanders(3, &guards);
+    for key in &bystanders {
+        assert_eq!(pg_support::advisory_locks(&mut admin, key).await, 1);
+    }
+    on_key_and_flag(
+        &mut blocker,
+        "SELECT pg_advisory_unlock($1), pg_advisory_unlock($2, $3)",
+        advisory,
+    )
+    .await;
+    lock.acquire(&victim)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+}
+
+/// Lease expiry runs whatever the load on the session: with 128 tasks taking and releasing
+/// other keys on the same session, a lock whose lease ran out is unlocked on the server within
+/// its TTL plus one statement or so, not once the command queue happens to be empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_expires_on_time_while_the_session_is_busy() {
+    /// Far above one statement here (well under a millisecond), far below the load's length.
+    const LATE: Duration = Duration::from_millis(250);
+    let ttl = Duration::from_millis(300);
+    let prefix = common::unique_prefix("pg_busy_expiry");
+    let leased_key = format!("{prefix}leased");
+    let lock = pg_support::one_session_lock(LockConfig::new().ttl(ttl), |builder| {
+        builder.network_timeout(Duration::from_secs(120))
+    })
+    .await;
+    let mut admin = pg_support::admin().await;
+    let sent_at = tokio::time::Instant::now();
+    let leased = lock.try_acquire(&leased_key).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..128)
+        .map(|task| {
+            let (lock, stop) = (lock.clone(), stop.clone());
+            let key = format!("{prefix}load{task}");
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(guard) = lock.try_acquire(&key).await {
+                        guard.release().await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let give_up = sent_at + ttl + Duration::from_secs(3);
+    while pg_support::advisory_locks(&mut admin, &leased_key).await == 1 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the expired lock stayed on the server"
+        );
+    }
+    let freed_after = sent_at.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(leased.is_lost());
+    assert!(
+        freed_after < ttl + LATE,
+        "the lock left the server {freed_after:?} after it was taken, with a TTL of {ttl:?}"
+    );
+}
+
+/// A lock service first used on a runtime that then shut down: its sessions and its LISTEN
+/// connection went with that runtime, and are started again on the runtime of the next
+/// operations. Every attempt on the new runtime works, and a waiter there is woken by the
+/// release of another process (the retry interval is far longer than the test's patience).
+#[test]
+fn a_lock_first_used_on_a_runtime_that_shut_down_works_on_a_new_one() {
+    let prefix = common::unique_prefix("pg_new_runtime");
+    let config = LockConfig::new()
+        .retry_interval(Duration::from_secs(30))
+        .max_retries(2);
+    let first = runtime();
+    let lock = first.block_on(async {
+        let lock = one_session_lock(config).await;
+        // Starts the session and, with a wait on a key another process holds, the listener.
+        let key = format!("{prefix}warm");
+        let other = pg_support::lock(LockConfig::new()).await;
+        let held = other.try_acquire(&key).await.unwrap();
+        let waiting = tokio::spawn({
+            let (lock, key) = (lock.clone(), key.clone());
+            async move { lock.acquire(&key).await }
+        });
+        let mut admin = pg_support::admin().await;
+        pg_support::wait_for_flag(&mut admin, &key, NO_DEADLOCK).await;
+        held.release().await.unwrap();
+        waiting.await.unwrap().unwrap().release().await.unwrap();
+        lock
+    });
+    drop(first);
+
+    let second = runtime();
+    second.block_on(async {
+        for attempt in 0..3 {
+            let key = format!("{prefix}again{attempt}");
+            match lock.try_acquire(&key).await {
+                Ok(guard) => guard.release().await.unwrap(),
+                Err(error) => panic!("attempt {attempt} on the new runtime: {error:?}"),
+            }
+        }
+        let key = format!("{prefix}notified");
+        let other = pg_support::lock(LockConfig::new()).await;
+        let held = other.try_acquire(&key).await.unwrap();
+        let waiting = tokio::spawn({
+            let (lock, key) = (lock.clone(), key.clone());
+            async move { lock.acquire(&key).await }
+        });
+        let mut admin = pg_support::admin().await;
+        pg_support::wait_for_flag(&mut admin, &key, NO_DEADLOCK).await;
+        held.release().await.unwrap();
+        let let_go = std::time::Instant::now();
+        waiting.await.unwrap().unwrap().release().await.unwrap();
+        assert!(
+            let_go.elapsed() < NO_LOST_WAKE_UP,
+            "the waiter took {:?}: no LISTEN connection woke it",
+            let_go.elapsed()
+        );
+    });
 }

@@ -4,10 +4,9 @@
 //! Modules, one job each:
 //! * `key_hash` — key → 64-bit advisory key (SHA-256 prefix).
 //! * `claims` — in-process exclusion per advisory key, FIFO.
-//! * `session` — the future that owns one connection and every statement on it (locks,
-//!   unlocks, lease expiry, pings, closing a doubtful connection); `session::drive` says who
-//!   polls it (its task, or a caller waiting for a reply) and routes its wake-ups,
-//!   `session::handle` is the callers' side (command channel, guard and waiter links),
+//! * `session` — the task that owns one connection and every statement on it (locks,
+//!   unlocks, lease expiry, pings, closing a doubtful connection); `session::handle` is the
+//!   callers' side (command channel, guard and waiter links),
 //!   `session::connection` the connection itself (server settings, close-never-return, error
 //!   classes).
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
@@ -25,12 +24,11 @@ mod transaction;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use self::claims::{Claim, ClaimTable, Overdue};
@@ -87,12 +85,12 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   key by an in-process FIFO, because advisory locks are re-entrant within a session. A lock
 ///   session's connection is **never returned to the pool**: it is closed once it has held
 ///   nothing for a minute, when it fails, or when this lock service and its guards are gone.
-/// * **Cancellation.** Every statement belongs to the session, not to the caller that asked
-///   for it: an uncontended caller runs the session in its own task while it waits (no task
-///   switch), but a caller that stops being polled or is dropped leaves the statement to the
-///   session's task. So a dropped `acquire` future cannot leave a statement half done; a lock
-///   granted to a caller that is gone is unlocked before the session runs anything else. Nothing ever waits inside the server
-///   (`pg_advisory_lock` is never used), so no queued request can be granted later to nobody.
+/// * **Cancellation.** Every statement belongs to the session's task, not to the caller that
+///   asked for it: a dropped `acquire` future cannot leave a statement half done; a lock
+///   granted to a caller that is gone is unlocked before the session runs anything else.
+///   Nothing ever waits inside the server (`pg_advisory_lock` is never used), so no queued
+///   request can be granted later to nobody. A session whose task ended (its runtime shut
+///   down) is started again on the runtime of the next operation.
 /// * **Waiting.** Waiters in this process are woken directly by the release, first in first
 ///   out. A waiter whose key is held by another process flags the key (a shared advisory lock
 ///   in the two-integer key space); a release that finds the flag sends `pg_notify` in the same
@@ -100,9 +98,13 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   cover lost notifications. After the waiting budget ([`LockConfig::wait_budget`]):
 ///   [`LockError::Timeout`].
 /// * **Leases.** A lock not extended within its TTL is unlocked by the session and its guard
-///   reports [`is_lost`](LockGuard::is_lost). A session that fails (terminated backend, broken
-///   network, timed-out statement) is closed and all its guards report lost. A process cut off
-///   from the server loses its locks after about the
+///   reports [`is_lost`](LockGuard::is_lost). A session lock lasts only as long as its
+///   connection, which can end at any moment (`pg_terminate_backend`, a crash, a failover, a
+///   cut network): a guard also reports lost once its session has gone without an answer for
+///   about the `network_timeout`, when the server may have freed it, but nothing can warn of
+///   an abrupt end. Fencing tokens are the real protection. A session that fails (terminated
+///   backend, broken network, timed-out statement) is closed and all its guards report lost.
+///   A process cut off from the server loses its locks after about the
 ///   [`network_timeout`](PostgresDistributedLockBuilder::network_timeout) (10 s by default).
 /// * **Fencing tokens** come from one sequence (`public.k1s0_lock_fencing_seq`, created on first use,
 ///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
@@ -121,9 +123,11 @@ struct Inner {
     sql: Arc<Statements>,
     claims: Arc<ClaimTable>,
     key_cache: AdvisoryKeyCache,
-    sessions: Box<[OnceLock<SessionHandle>]>,
+    /// The lock sessions; one whose task has ended is started again on next use.
+    sessions: Box<[Mutex<Option<SessionHandle>>]>,
     hub: Arc<WakeHub>,
-    listener: OnceCell<Listener>,
+    /// The LISTEN connection, started on first need and again if its task has ended.
+    listener: tokio::sync::Mutex<Option<Listener>>,
     /// The fencing objects that transaction locks rely on were found (see `transaction`).
     transaction_fencing_ready: AtomicBool,
 }
@@ -161,15 +165,20 @@ pub struct PostgresDistributedLockBuilder {
 impl PostgresDistributedLockBuilder {
     /// How many lock sessions (pool connections that hold advisory locks) to use, 1 to 64
     /// (default 2). Each runs one statement at a time, so more sessions allow more lock
-    /// operations in flight; any number of locks fits on one session.
+    /// operations in flight. Every lock takes an entry in the server's lock table, shared by
+    /// all sessions and clients (about `max_locks_per_transaction × (max_connections +
+    /// background processes)`); when it is full an acquire fails with
+    /// [`LockError::BackendError`] and the locks already held stay.
     pub fn sessions(mut self, sessions: usize) -> Self {
         self.sessions = sessions;
         self
     }
 
     /// Bound on taking a connection from the pool and on every statement (default 5 s).
-    /// A statement that overruns it closes its session (its locks are then lost) and the
-    /// operation fails with [`LockError::BackendError`].
+    /// The server cancels a statement a little earlier (its `statement_timeout` and
+    /// `lock_timeout` are this less a quarter, at most 1 s): that operation fails with
+    /// [`LockError::BackendError`] and the session keeps its other locks. A statement with no
+    /// answer at all by this deadline closes its session (its locks are then lost).
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
@@ -178,6 +187,10 @@ impl PostgresDistributedLockBuilder {
     /// How long the server keeps the session (and the locks) of a client it no longer hears
     /// from (default 10 s, at least 2 s). Sets the lock sessions' `idle_session_timeout`,
     /// `tcp_user_timeout` and TCP keepalives from it; the sessions ping every quarter of it.
+    /// A guard counts its lock as lost (without a network call) once its session has had no
+    /// answer to a statement sent in the last nine tenths of it. A quarter of it plus the
+    /// [`command_timeout`](Self::command_timeout) must stay below those nine tenths
+    /// ([`build`](Self::build) refuses other combinations).
     pub fn network_timeout(mut self, timeout: Duration) -> Self {
         self.network_timeout = timeout;
         self
@@ -235,21 +248,34 @@ impl PostgresDistributedLockBuilder {
             crate::MAX_DURATION,
         )?;
         let sequence = SequenceName::parse(&self.sequence)?;
+        let settings = SessionSettings {
+            command_timeout: self.command_timeout,
+            network_timeout: self.network_timeout,
+            idle_close: self.idle_close,
+        };
+        if settings.ping_interval() + settings.command_timeout >= settings.connection_bound() {
+            return Err(LockError::invalid_config(format!(
+                "command_timeout {:?} plus the ping interval {:?} (a quarter of \
+                 network_timeout) must stay below {:?} (network_timeout {:?} less a tenth): \
+                 otherwise the server may free the locks of a cut-off session before this \
+                 process can know",
+                settings.command_timeout,
+                settings.ping_interval(),
+                settings.connection_bound(),
+                settings.network_timeout
+            )));
+        }
         Ok(PostgresDistributedLock {
             inner: Arc::new(Inner {
                 pool: self.pool,
                 config: self.config,
-                settings: SessionSettings {
-                    command_timeout: self.command_timeout,
-                    network_timeout: self.network_timeout,
-                    idle_close: self.idle_close,
-                },
+                settings,
                 sql: Arc::new(Statements::new(&sequence)),
                 claims: Arc::new(ClaimTable::default()),
                 key_cache: AdvisoryKeyCache::default(),
-                sessions: (0..self.sessions).map(|_| OnceLock::new()).collect(),
+                sessions: (0..self.sessions).map(|_| Mutex::new(None)).collect(),
                 hub: Arc::new(WakeHub::default()),
-                listener: OnceCell::new(),
+                listener: tokio::sync::Mutex::new(None),
                 transaction_fencing_ready: AtomicBool::new(false),
             }),
         })
@@ -320,13 +346,16 @@ impl PostgresDistributedLock {
         advisory_key(key)
     }
 
-    /// The session of `key`, started on the current Tokio runtime if this is its first use
-    /// (an error outside any runtime: the session's task and connection need one).
-    fn session_for(&self, key: i64) -> Result<&SessionHandle, LockError> {
+    /// The session of `key`, started on the current Tokio runtime if this is its first use or
+    /// its task has ended (its runtime shut down): an error outside any runtime, as the
+    /// session's task and connection need one.
+    fn session_for(&self, key: i64) -> Result<SessionHandle, LockError> {
         let index = (key as u64 % self.inner.sessions.len() as u64) as usize;
-        let slot = &self.inner.sessions[index];
-        if let Some(session) = slot.get() {
-            return Ok(session);
+        let mut slot = self.inner.sessions[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(session) = slot.as_ref().filter(|session| session.is_running()) {
+            return Ok(session.clone());
         }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(LockError::backend_msg(
@@ -334,13 +363,12 @@ impl PostgresDistributedLock {
                  and this operation runs outside any",
             ));
         }
-        Ok(slot.get_or_init(|| {
-            SessionHandle::spawn(
-                self.inner.pool.clone(),
-                Arc::clone(&self.inner.sql),
-                self.inner.settings,
-            )
-        }))
+        let session = SessionHandle::spawn(
+            self.inner.pool.clone(),
+            Arc::clone(&self.inner.sql),
+            self.inner.settings,
+        );
+        Ok(slot.insert(session).clone())
     }
 
     fn guard(&self, key: &str, granted: Granted) -> LockGuard {
@@ -465,39 +493,45 @@ impl PostgresDistributedLock {
             }
         };
         let flag_sent_at = Instant::now();
-        claim.asking_server();
-        let flag = session
-            .set_flag(advisory)
-            .await
-            .map_err(WaitError::while_waiting)?;
-        claim.answered();
+        let mut flag = Self::flag(&session, &mut claim).await?;
         // Long enough for a notified waiter elsewhere to retry (about a round trip after the
         // notification), short enough to cost little if none does.
         let head_start = (flag_sent_at.elapsed() * YIELD_ROUND_TRIPS)
             .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
             .min(config.get_retry_interval());
         let mut jitter = Jitter::new(uuid::Uuid::new_v4());
-        if yield_first {
+        if yield_first && flag.is_some() {
             let retry_at = (Instant::now() + head_start).min(deadline);
             tokio::select! {
                 () = woken.woken() => {}
                 () = tokio::time::sleep_until(retry_at) => {}
             }
         }
+        // The flag was refused because a release was in progress: retry at once, once.
+        let mut retry_now = flag.is_none();
         loop {
             match session
-                .try_lock(claim, Some(&flag), ttl, Instant::now())
+                .try_lock(claim, flag.as_ref(), ttl, Instant::now())
                 .await
                 .map_err(WaitError::while_waiting)?
             {
                 TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
                 TryOutcome::Busy(returned) => claim = returned,
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Err(LockError::Timeout.into());
             }
-            let retry_at = (now + self.poll_interval(listening, &mut jitter)).min(deadline);
+            if flag.is_none() {
+                flag = Self::flag(&session, &mut claim).await?;
+                if flag.is_none() && !std::mem::replace(&mut retry_now, true) {
+                    continue;
+                }
+            }
+            retry_now = false;
+            // Without a flag no release notifies this process: poll.
+            let notifiable = listening && flag.is_some();
+            let now = Instant::now();
+            let retry_at = (now + self.poll_interval(notifiable, &mut jitter)).min(deadline);
             let notified = tokio::select! {
                 () = woken.woken() => true,
                 () = tokio::time::sleep_until(retry_at) => false,
@@ -513,6 +547,21 @@ impl PostgresDistributedLock {
         }
     }
 
+    /// Flags the claimed key as awaited (see [`SessionHandle::set_flag`]); `None` while a
+    /// release of it is in progress.
+    async fn flag(
+        session: &SessionHandle,
+        claim: &mut claims::KeyClaim,
+    ) -> Result<Option<session::WaitFlag>, WaitError> {
+        claim.asking_server();
+        let flag = session
+            .set_flag(claim.key())
+            .await
+            .map_err(WaitError::while_waiting)?;
+        claim.answered();
+        Ok(flag)
+    }
+
     /// The fallback retry period while waiting for another process: `retry_interval` with
     /// ±50 % jitter (so waiters of several processes spread out), shorter without a listener.
     fn poll_interval(&self, listening: bool, jitter: &mut Jitter) -> Duration {
@@ -525,18 +574,20 @@ impl PostgresDistributedLock {
         jitter.between(base / 2, base).max(Duration::from_millis(1))
     }
 
+    /// Makes sure the LISTEN connection runs, starting it (again) on the current runtime.
     async fn listener(&self) -> Result<(), LockError> {
-        self.inner
-            .listener
-            .get_or_try_init(|| {
-                Listener::start(
-                    &self.inner.pool,
-                    Arc::clone(&self.inner.hub),
-                    self.inner.settings.command_timeout,
-                )
-            })
-            .await
-            .map(|_| ())
+        let mut listener = self.inner.listener.lock().await;
+        if listener.as_ref().is_some_and(Listener::is_running) {
+            return Ok(());
+        }
+        let started = Listener::start(
+            &self.inner.pool,
+            Arc::clone(&self.inner.hub),
+            self.inner.settings.command_timeout,
+        )
+        .await?;
+        *listener = Some(started);
+        Ok(())
     }
 
     async fn is_locked_now(&self, key: &str) -> Result<bool, LockError> {

@@ -111,6 +111,11 @@ impl Listener {
         tokio::spawn(forward(listener, hub, stopped));
         Ok(Listener { _stop: stop })
     }
+
+    /// Whether its task still runs (it ends with its runtime).
+    pub(super) fn is_running(&self) -> bool {
+        !self._stop.is_closed()
+    }
 }
 
 async fn forward(mut listener: PgListener, hub: Arc<WakeHub>, mut stopped: oneshot::Receiver<()>) {

@@ -175,7 +175,9 @@ impl Statements {
                  ELSE (set_config('synchronous_commit', 'off', true) \
                  || pg_notify('{NOTIFY_CHANNEL}', $1::text)::text) IS NOT NULL END"
             ),
-            set_flag: "SELECT pg_advisory_lock_shared($1, $2)",
+            // A try: the flag is held exclusively only by a release in progress (for the length of
+            // its statement), and nothing ever waits inside the server.
+            set_flag: "SELECT pg_try_advisory_lock_shared($1, $2)",
             clear_flag: "SELECT pg_advisory_unlock_shared($1, $2)",
             is_locked: "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
                         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \

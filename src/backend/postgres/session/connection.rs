@@ -21,15 +21,32 @@ pub(crate) struct SessionSettings {
 impl SessionSettings {
     /// Pings come this often when nothing else reaches the server, well inside the server's
     /// `idle_session_timeout`.
-    pub(super) fn ping_interval(&self) -> Duration {
+    pub(crate) fn ping_interval(&self) -> Duration {
         self.network_timeout / 4
+    }
+
+    /// How long after the send time of a statement the server answered the connection is sure
+    /// to keep its locks: the server ends a session it has not heard from for
+    /// `network_timeout` (`idle_session_timeout`, `tcp_user_timeout`), less a tenth for timer
+    /// slack. A lock is not counted on past this without a newer answer.
+    pub(crate) fn connection_bound(&self) -> Duration {
+        self.network_timeout - self.network_timeout / 10
+    }
+
+    /// The server's own bound on a statement (`statement_timeout`, `lock_timeout`): below the
+    /// client's `command_timeout` by a quarter of it (at most 1 s), so that a statement that
+    /// runs long is cancelled by the server (an ordinary statement error, the session and its
+    /// locks stay) before the client would have to give up on the connection.
+    pub(super) fn server_statement_timeout(&self) -> Duration {
+        let margin = (self.command_timeout / 4).min(Duration::from_secs(1));
+        (self.command_timeout - margin).max(Duration::from_millis(1))
     }
 
     /// The `(name, value)` server settings of a lock session.
     pub(super) fn server_settings(&self) -> (Vec<String>, Vec<String>) {
         let network_ms = self.network_timeout.as_millis().max(1);
         let network_s = self.network_timeout.as_secs().max(2);
-        let command_ms = self.command_timeout.as_millis().max(1);
+        let statement_ms = self.server_statement_timeout().as_millis().max(1);
         let settings = [
             ("application_name", "k1s0-distributed-lock".to_owned()),
             ("idle_session_timeout", format!("{network_ms}ms")),
@@ -40,8 +57,8 @@ impl SessionSettings {
             ),
             ("tcp_keepalives_count", "4".to_owned()),
             ("tcp_user_timeout", network_ms.to_string()),
-            ("statement_timeout", format!("{command_ms}ms")),
-            ("lock_timeout", format!("{command_ms}ms")),
+            ("statement_timeout", format!("{statement_ms}ms")),
+            ("lock_timeout", format!("{statement_ms}ms")),
             // Drawing a fencing token does not wait for the disk; the crash epoch check at
             // connect keeps tokens increasing across a crash (see `Statements::epoch_check`).
             ("synchronous_commit", "off".to_owned()),
@@ -85,10 +102,25 @@ impl Drop for SessionConnection {
 /// Errors after which the session is known to be intact: the statement failed on its own.
 pub(in crate::backend::postgres) fn is_statement_error(error: &sqlx::Error) -> bool {
     match error {
+        // A FATAL error (53200 at connection start, say) ends the server's session, whatever
+        // its class.
+        sqlx::Error::Database(database)
+            if database
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|error| {
+                    matches!(
+                        error.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                }) =>
+        {
+            false
+        }
         sqlx::Error::Database(database) => database.code().is_some_and(|code| {
             // syntax/undefined objects, data, integrity, object state, transaction rollback,
-            // insufficient privilege, and a statement_timeout cancel.
-            ["42", "22", "23", "55", "40"]
+            // insufficient privilege, insufficient resources (53200: the server's lock table
+            // is full), program limits, and a statement_timeout cancel.
+            ["42", "22", "23", "55", "40", "53", "54"]
                 .iter()
                 .any(|class| code.starts_with(class))
                 || code == "57014"

@@ -1,6 +1,5 @@
-//! The callers' side of a lock session: the command channel (whose callers drive the session
-//! while they wait, see [`drive`](super::drive)), and the links a guard or a waiter keeps to
-//! what the session holds for it.
+//! The callers' side of a lock session: the command channel, and the links a guard or a waiter
+//! keeps to what the session holds for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,7 +12,6 @@ use uuid::Uuid;
 
 use super::super::claims::KeyClaim;
 use super::super::sql::Statements;
-use super::drive::{SessionCell, SessionLink};
 use super::{Session, SessionSettings};
 use crate::{Lease, LockError};
 
@@ -31,58 +29,24 @@ pub(crate) enum TryOutcome {
     Busy(KeyClaim),
 }
 
-/// The command channel of a session, with the link that lets a waiting caller drive it.
-#[derive(Clone)]
-pub(crate) struct Commands {
-    sender: mpsc::UnboundedSender<Command>,
-    link: SessionLink,
-}
-
-impl Commands {
-    pub(super) fn new(sender: mpsc::UnboundedSender<Command>, link: SessionLink) -> Self {
-        Commands { sender, link }
-    }
-
-    /// Sends `command` and waits for its reply on `answer`, driving the session meanwhile.
-    /// `None` if the session stopped first.
-    async fn call<T>(&self, command: Command, answer: oneshot::Receiver<T>) -> Option<T> {
-        self.link.before_call();
-        if self.sender.send(command).is_err() {
-            // The session is gone: failing at once, without ever awaiting anything, would let
-            // a caller retrying in a loop hold its runtime's thread for ever (even through the
-            // runtime's shutdown). Count it against the task's budget, as a channel would.
-            tokio::task::coop::consume_budget().await;
-            return None;
-        }
-        self.link.reply(answer).await.ok()
-    }
-
-    /// Sends a command that nobody waits for; the session task runs it.
-    fn send_detached(&self, command: Command) {
-        if self.sender.send(command).is_ok() {
-            self.link.wake_task();
-        }
-    }
-}
-
-/// The caller's side of a session.
+/// The caller's side of a session: sends commands to its task and waits for the replies.
 #[derive(Clone)]
 pub(crate) struct SessionHandle {
-    commands: Commands,
+    sender: mpsc::UnboundedSender<Command>,
 }
 
 impl SessionHandle {
-    /// Starts the session task. It opens its connection on first use.
+    /// Starts the session task on the current runtime. It opens its connection on first use.
     pub(crate) fn spawn(pool: PgPool, sql: Arc<Statements>, settings: SessionSettings) -> Self {
         let (sender, receiver) = mpsc::unbounded_channel();
-        let weak_sender = sender.downgrade();
-        let (link, task) = SessionCell::with_session(|router, link| {
-            Session::new(pool, sql, settings, weak_sender, link, router, receiver).run()
-        });
-        tokio::spawn(task);
-        SessionHandle {
-            commands: Commands::new(sender, link),
-        }
+        let session = Session::new(pool, sql, settings, sender.downgrade(), receiver);
+        tokio::spawn(session.run());
+        SessionHandle { sender }
+    }
+
+    /// Whether the session task still runs (it ends with its runtime, or on a panic).
+    pub(crate) fn is_running(&self) -> bool {
+        !self.sender.is_closed()
     }
 
     /// Tries to take the claimed key on this session, with a lease of `ttl` from `sent_at`.
@@ -96,48 +60,62 @@ impl SessionHandle {
     ) -> Result<TryOutcome, LockError> {
         claim.asking_server();
         let (reply, answer) = oneshot::channel();
+        let flag = flag.map(|flag| flag.id);
         let command = Command::TryLock {
             claim,
-            flag: flag.map(|flag| flag.id),
+            flag,
             ttl,
             sent_at,
             reply,
         };
-        self.call(command, answer).await
+        ask(&self.sender, command, answer).await
     }
 
     /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
-    pub(crate) async fn set_flag(&self, key: i64) -> Result<WaitFlag, LockError> {
+    /// `None` if a release of the key was in progress (the key is likely free: try again).
+    pub(crate) async fn set_flag(&self, key: i64) -> Result<Option<WaitFlag>, LockError> {
         let (reply, answer) = oneshot::channel();
-        self.call(Command::SetFlag { key, reply }, answer).await
+        ask(&self.sender, Command::SetFlag { key, reply }, answer).await
     }
 
     /// Whether any session (of any process) holds the key.
     pub(crate) async fn is_locked(&self, key: i64) -> Result<bool, LockError> {
         let (reply, answer) = oneshot::channel();
-        self.call(Command::IsLocked { key, reply }, answer).await
-    }
-
-    async fn call<T>(
-        &self,
-        command: Command,
-        answer: oneshot::Receiver<Result<T, LockError>>,
-    ) -> Result<T, LockError> {
-        self.commands
-            .call(command, answer)
-            .await
-            .unwrap_or_else(|| Err(session_stopped()))
+        ask(&self.sender, Command::IsLocked { key, reply }, answer).await
     }
 }
 
-fn session_stopped() -> LockError {
-    LockError::backend_msg("the PostgreSQL lock session stopped")
+/// Sends `command` and waits for its reply on `answer`; `None` if the session stopped first.
+async fn call<T>(
+    sender: &mpsc::UnboundedSender<Command>,
+    command: Command,
+    answer: oneshot::Receiver<T>,
+) -> Option<T> {
+    if sender.send(command).is_err() {
+        // Failing at once, without ever awaiting anything, would let a caller retrying in a
+        // loop hold its runtime's thread for ever: count it against the task's budget.
+        tokio::task::coop::consume_budget().await;
+    }
+    answer.await.ok()
+}
+
+/// [`call`] for a caller that holds nothing on the session.
+async fn ask<T>(
+    sender: &mpsc::UnboundedSender<Command>,
+    command: Command,
+    answer: oneshot::Receiver<Result<T, LockError>>,
+) -> Result<T, LockError> {
+    call(sender, command, answer).await.unwrap_or_else(|| {
+        Err(LockError::backend_msg(
+            "the PostgreSQL lock session stopped",
+        ))
+    })
 }
 
 /// The guard's link to its lock on the session. Dropping it releases the lock (in the
 /// background, without needing a runtime: it only queues a command).
 pub(crate) struct HeldLockRef {
-    pub(super) commands: Commands,
+    pub(super) sender: mpsc::UnboundedSender<Command>,
     pub(super) key: i64,
     pub(super) id: Uuid,
     /// True once a release or loss was confirmed, so the drop has nothing left to do.
@@ -150,36 +128,27 @@ impl HeldLockRef {
         self.id
     }
 
+    /// The session answers Ok or LockLost: a failed unlock closes the session, which frees the
+    /// lock. A session that is gone took its connection with it, and so the lock.
     pub(crate) async fn release(&self) -> Result<(), LockError> {
         let (reply, answer) = oneshot::channel();
-        let command = Command::Release {
-            key: self.key,
-            id: self.id,
-            reply: Some(reply),
-        };
-        // The session answers Ok or LockLost: a failed unlock closes the session, which frees
-        // the lock. Either way nothing is left to release. A session that is gone took its
-        // connection with it: so is the lock.
-        let result = self
-            .commands
-            .call(command, answer)
-            .await
-            .unwrap_or(Err(LockError::LockLost));
+        let (key, id, reply) = (self.key, self.id, Some(reply));
+        let result = call(&self.sender, Command::Release { key, id, reply }, answer).await;
         self.settled.store(true, Ordering::Release);
-        result
+        result.unwrap_or(Err(LockError::LockLost))
     }
 
     pub(crate) async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
         let (reply, answer) = oneshot::channel();
+        let (key, id, sent_at) = (self.key, self.id, Instant::now());
         let command = Command::Extend {
-            key: self.key,
-            id: self.id,
+            key,
+            id,
             ttl,
-            sent_at: Instant::now(),
+            sent_at,
             reply,
         };
-        self.commands
-            .call(command, answer)
+        call(&self.sender, command, answer)
             .await
             .unwrap_or(Err(LockError::LockLost))
     }
@@ -188,9 +157,10 @@ impl HeldLockRef {
 impl Drop for HeldLockRef {
     fn drop(&mut self) {
         if !self.settled.load(Ordering::Acquire) {
-            self.commands.send_detached(Command::Release {
-                key: self.key,
-                id: self.id,
+            let (key, id) = (self.key, self.id);
+            let _ = self.sender.send(Command::Release {
+                key,
+                id,
                 reply: None,
             });
         }
@@ -201,7 +171,7 @@ impl Drop for HeldLockRef {
 /// space, which a release elsewhere tests to decide whether to `pg_notify`. Dropping it clears
 /// the flag.
 pub(crate) struct WaitFlag {
-    pub(super) commands: Commands,
+    pub(super) sender: mpsc::UnboundedSender<Command>,
     pub(super) key: i64,
     pub(super) id: u64,
     pub(super) armed: bool,
@@ -210,10 +180,8 @@ pub(crate) struct WaitFlag {
 impl Drop for WaitFlag {
     fn drop(&mut self) {
         if self.armed {
-            self.commands.send_detached(Command::ClearFlag {
-                key: self.key,
-                id: self.id,
-            });
+            let (key, id) = (self.key, self.id);
+            let _ = self.sender.send(Command::ClearFlag { key, id });
         }
     }
 }
@@ -228,7 +196,7 @@ pub(super) enum Command {
     },
     SetFlag {
         key: i64,
-        reply: oneshot::Sender<Result<WaitFlag, LockError>>,
+        reply: oneshot::Sender<Result<Option<WaitFlag>, LockError>>,
     },
     ClearFlag {
         key: i64,

@@ -1,46 +1,46 @@
-//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, driven
-//! by one task that runs every statement for the locks it holds.
+//! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, owned
+//! by one task (an actor) that runs every statement for them.
 //!
-//! Callers talk to the session over a channel ([`SessionHandle`]). The session is one future,
-//! polled by its task and, while nobody else polls it, by a caller waiting for a reply (see
-//! [`drive`]): either way each statement belongs to the session, not to the caller, so a
-//! caller that gives up (a dropped `acquire` future) can never leave a statement half-done: the
-//! session sees the caller is gone when it tries to answer and undoes a lock it just took.
-//! Commands run in arrival order, and every key always uses the same session, so an undo always
-//! runs before the next local attempt on that key.
+//! Callers send commands over a channel ([`SessionHandle`]) and wait for the replies. The task
+//! runs lease expiry first (a lock whose lease ran out is unlocked and its lease marked lost),
+//! then one command at a time under the command timeout, in arrival order. Every statement
+//! belongs to the task, not to the caller, so a caller that gives up (a dropped `acquire`
+//! future) can never leave a statement half done: the task sees the caller is gone when it
+//! answers and undoes a lock it just took, before its next command. Every key always uses the
+//! same session, so that undo runs before the next local attempt on the key.
 //!
-//! The task also enforces leases (a lock whose lease ran out is unlocked and its lease marked
-//! lost), pings an idle connection so the server's `idle_session_timeout` only fires when this
-//! process is cut off, and treats any doubt about the connection (an I/O error, a timeout, a
-//! fatal server error) by closing it, which frees every lock it held, and marking those leases
-//! lost. A connection is never given back to the pool: it is closed when the session has held
-//! nothing for a while or when the lock service and all its guards are gone.
+//! The task also pings an idle connection so the server's `idle_session_timeout` only fires
+//! when this process is cut off, and treats any doubt about the connection (an I/O error, no
+//! answer in time, a fatal server error) by closing it, which frees every lock it held, and
+//! marking those leases lost. A connection is never given back to the pool: it is closed when
+//! the session has held nothing for a while or when the lock service and all its guards are
+//! gone. The task ends with its runtime; the lock service then starts a new one on the runtime
+//! of the next operation.
 
 mod connection;
-mod drive;
 mod handle;
 
 use std::collections::{BTreeSet, HashSet};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgPool};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use self::connection::SessionConnection;
 pub(super) use self::connection::SessionSettings;
 pub(super) use self::connection::{is_concurrent_creation, is_statement_error};
-use self::drive::{Router, SessionLink};
-use self::handle::{Command, Commands};
+use self::handle::Command;
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
 use super::setup::prepare_session;
 use super::sql::Statements;
+use crate::lease::ConnectionBound;
 use crate::{Lease, LockError};
 
 /// A lock this session holds for a guard.
@@ -71,12 +71,16 @@ impl Failure {
     }
 }
 
-/// What woke the session task.
-enum Event {
-    Command(Command),
-    Stopped,
-    LeaseDue,
-    Tick,
+/// The bound parameters of a statement.
+#[derive(Clone, Copy)]
+enum Args {
+    None,
+    /// An advisory key.
+    Key(i64),
+    /// The two halves of a waiter flag's key.
+    Flag(i32, i32),
+    /// The halves of an advisory key as `pg_locks` shows them (`classid`, `objid`).
+    Oids(i64, i64),
 }
 
 struct Session {
@@ -85,10 +89,6 @@ struct Session {
     settings: SessionSettings,
     /// To build guard links and flags; weak so that the task stops once every handle is gone.
     sender: mpsc::WeakUnboundedSender<Command>,
-    /// Goes with `sender` in the links.
-    link: SessionLink,
-    /// Who polls the session, and where its wake-ups go.
-    router: Arc<Router>,
     commands: mpsc::UnboundedReceiver<Command>,
     connection: Option<SessionConnection>,
     held: AdvisoryKeyMap<Held>,
@@ -102,35 +102,19 @@ struct Session {
     /// Since when the session holds nothing (no lock, no waiter flag), for closing an unused
     /// connection.
     idle_since: Instant,
-    /// The three timers of the session, kept (not re-created per command) because arming a
-    /// timer per statement costs more than the statement on a virtual machine; each is moved
-    /// only when it must fire earlier, and a timer that fires early is simply re-armed.
-    timers: Timers,
+    /// Until when the server keeps this connection's locks for sure: the send time of its last
+    /// answered statement plus the server's bound (see [`SessionSettings::connection_bound`]).
+    /// Every lease on the session runs out when it passes.
+    bound: Arc<ConnectionBound>,
 }
 
-struct Timers {
-    /// Fires at (or before) the earliest lease deadline.
-    lease: Pin<Box<Sleep>>,
-    /// Fires at (or before) the next ping or idle close.
-    tick: Pin<Box<Sleep>>,
-    /// Fires at (or before) the deadline of the statement in flight.
-    statement: Pin<Box<Sleep>>,
-}
-
-impl Timers {
-    fn new() -> Self {
-        let far = Instant::now() + FAR_FUTURE;
-        Timers {
-            lease: Box::pin(tokio::time::sleep_until(far)),
-            tick: Box::pin(tokio::time::sleep_until(far)),
-            statement: Box::pin(tokio::time::sleep_until(far)),
-        }
+/// Waits until `at`, or for ever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
-
-/// A deadline that never comes in practice, for an idle timer: the longest duration the
-/// crate accepts anywhere.
-const FAR_FUTURE: Duration = crate::MAX_DURATION;
 
 impl Session {
     fn new(
@@ -138,8 +122,6 @@ impl Session {
         sql: Arc<Statements>,
         settings: SessionSettings,
         sender: mpsc::WeakUnboundedSender<Command>,
-        link: SessionLink,
-        router: Arc<Router>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Self {
         Session {
@@ -147,8 +129,6 @@ impl Session {
             sql,
             settings,
             sender,
-            link,
-            router,
             commands,
             connection: None,
             held: AdvisoryKeyMap::default(),
@@ -157,52 +137,24 @@ impl Session {
             next_flag_id: 0,
             last_used: Instant::now(),
             idle_since: Instant::now(),
-            timers: Timers::new(),
+            bound: ConnectionBound::new(Instant::now()),
         }
     }
 
+    /// Expiry first, then one command (or a ping, or the idle close) at a time.
     async fn run(mut self) {
         loop {
-            // Move a timer only if it must fire earlier; one that fires early is re-armed.
-            if let Some(&(at, _)) = self.expiries.first() {
-                if at < self.timers.lease.deadline() {
-                    self.timers.lease.as_mut().reset(at);
-                }
-            }
-            let tick_at = self.next_tick();
-            if let Some(at) = tick_at {
-                if at < self.timers.tick.deadline() {
-                    self.timers.tick.as_mut().reset(at);
-                }
-            }
-            let leases_pending = !self.expiries.is_empty();
-            // The timers wake the task, never a caller (see `drive`).
-            let router = &self.router;
-            let event = tokio::select! {
+            self.expire_due().await;
+            let expiry = self.expiries.first().map(|&(at, _)| at);
+            let tick = self.next_tick();
+            tokio::select! {
                 biased;
+                () = sleep_until(expiry) => {}
                 command = self.commands.recv() => match command {
-                    Some(command) => Event::Command(command),
-                    None => Event::Stopped,
+                    Some(command) => self.handle(command).await,
+                    None => break,
                 },
-                () = router.on_task_waker(self.timers.lease.as_mut()), if leases_pending => Event::LeaseDue,
-                () = router.on_task_waker(self.timers.tick.as_mut()), if tick_at.is_some() => Event::Tick,
-            };
-            match event {
-                Event::Command(command) => self.handle(command).await,
-                Event::LeaseDue => {
-                    self.timers
-                        .lease
-                        .as_mut()
-                        .reset(Instant::now() + FAR_FUTURE);
-                    self.expire_due().await;
-                }
-                Event::Tick => {
-                    self.timers.tick.as_mut().reset(Instant::now() + FAR_FUTURE);
-                    if self.next_tick().is_some_and(|at| at <= Instant::now()) {
-                        self.tick().await;
-                    }
-                }
-                Event::Stopped => break,
+                () = sleep_until(tick) => self.tick().await,
             }
         }
         debug_assert!(self.held.is_empty(), "every guard link releases on drop");
@@ -232,8 +184,6 @@ impl Session {
         }
     }
 
-    /// The hot commands (lock, release) run inline; the others are boxed, so that they do not
-    /// enlarge the future of every command (its size is the largest path's).
     async fn handle(&mut self, command: Command) {
         match command {
             Command::TryLock {
@@ -243,8 +193,8 @@ impl Session {
                 sent_at,
                 reply,
             } => self.try_lock(claim, flag, ttl, sent_at, reply).await,
-            Command::SetFlag { key, reply } => Box::pin(self.set_flag(key, reply)).await,
-            Command::ClearFlag { key, id } => Box::pin(self.clear_flag(key, id)).await,
+            Command::SetFlag { key, reply } => self.set_flag(key, reply).await,
+            Command::ClearFlag { key, id } => self.clear_flag(key, id).await,
             Command::Release { key, id, reply } => {
                 let result = self.release(key, id).await;
                 if let Some(reply) = reply {
@@ -258,15 +208,17 @@ impl Session {
                 sent_at,
                 reply,
             } => {
-                let result = Box::pin(self.extend(key, id, ttl, sent_at)).await;
+                let result = self.extend(key, id, ttl, sent_at).await;
                 let _ = reply.send(result);
             }
             Command::IsLocked { key, reply } => {
-                if reply.is_closed() {
-                    return;
+                if !reply.is_closed() {
+                    let (high, low) = pg_locks_halves(key);
+                    let result = self
+                        .query::<(bool,)>(|sql| sql.is_locked, Args::Oids(high, low))
+                        .await;
+                    let _ = reply.send(result.map(|(locked,)| locked).map_err(Failure::into_error));
                 }
-                let result = Box::pin(self.is_locked(key)).await;
-                let _ = reply.send(result);
             }
         }
     }
@@ -291,7 +243,18 @@ impl Session {
                 .get(&key)
                 .is_some_and(|ids| ids.len() == 1 && ids.contains(id))
         });
-        let token = match self.run_try_lock(key, unflag.is_some()).await {
+        // The fencing sequence was created (if missing) when the connection opened; if it has
+        // been dropped since, this fails rather than silently restarting the tokens from 1.
+        let token = if unflag.is_some() {
+            self.query::<(Option<i64>, Option<bool>)>(|sql| &sql.try_lock_unflag, Args::Key(key))
+                .await
+                .map(|(token, _)| token)
+        } else {
+            self.query::<(Option<i64>,)>(|sql| &sql.try_lock, Args::Key(key))
+                .await
+                .map(|(token,)| token)
+        };
+        let token = match token {
             Ok(token) => {
                 claim.answered();
                 token
@@ -300,8 +263,11 @@ impl Session {
             Err(failure) => {
                 if let Failure::Statement(_) = &failure {
                     // A session lock taken before the error would survive it.
-                    Box::pin(self.force_unlock(key)).await;
+                    self.force_unlock(key).await;
                 }
+                // Let go of the key before answering, so that the caller's next attempt finds
+                // it free in this process.
+                drop(claim);
                 let _ = reply.send(Err(failure.into_error()));
                 return;
             }
@@ -313,19 +279,29 @@ impl Session {
         if let Some(id) = flag {
             self.forget_flag(key, id, unflag.is_some());
         }
+        let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
+        let id = Uuid::new_v4();
+        let expires_at = lease.deadline();
+        self.expiries.insert((expires_at, key));
+        let lease_for_guard = Arc::clone(&lease);
+        let held = Held {
+            id,
+            claim,
+            lease,
+            expires_at,
+        };
+        let previous = self.held.insert(key, held);
+        debug_assert!(previous.is_none(), "a claim is exclusive per key");
         let Some(sender) = self.sender.upgrade() else {
             // Nobody can release it any more: do it now.
-            self.held_insert(key, claim, Lease::new(sent_at, ttl));
             let _ = self.unlock_held(key).await;
             return;
         };
-        let lease = Lease::new(sent_at, ttl);
-        let id = self.held_insert(key, claim, Arc::clone(&lease));
         let granted = Granted {
             fencing_token: u64::try_from(token).unwrap_or(0),
-            lease,
+            lease: lease_for_guard,
             lock: HeldLockRef {
-                commands: Commands::new(sender, self.link.clone()),
+                sender,
                 key,
                 id,
                 settled: AtomicBool::new(false),
@@ -338,23 +314,6 @@ impl Session {
             tracing::debug!(key, "acquire cancelled as the lock was granted; unlocking");
             let _ = self.unlock_held(key).await;
         }
-    }
-
-    fn held_insert(&mut self, key: i64, claim: KeyClaim, lease: Arc<Lease>) -> Uuid {
-        let id = Uuid::new_v4();
-        let expires_at = lease.deadline();
-        self.expiries.insert((expires_at, key));
-        let previous = self.held.insert(
-            key,
-            Held {
-                id,
-                claim,
-                lease,
-                expires_at,
-            },
-        );
-        debug_assert!(previous.is_none(), "a claim is exclusive per key");
-        id
     }
 
     async fn release(&mut self, key: i64, id: Uuid) -> Result<(), LockError> {
@@ -385,13 +344,7 @@ impl Session {
             return Err(LockError::LockLost);
         }
         // A live connection still holds every lock it took: proving it alive proves the lock.
-        let sql = Arc::clone(&self.sql);
-        match self
-            .statement(move |conn| {
-                Box::pin(async move { sqlx::query(sql.ping).execute(conn).await })
-            })
-            .await
-        {
+        match self.query::<(i32,)>(|sql| sql.ping, Args::None).await {
             Ok(_) => {}
             Err(Failure::Statement(error)) => return Err(LockError::backend(error)),
             Err(Failure::SessionLost(_)) => return Err(LockError::LockLost),
@@ -409,23 +362,11 @@ impl Session {
         Ok(())
     }
 
-    async fn is_locked(&mut self, key: i64) -> Result<bool, LockError> {
-        let (high, low) = pg_locks_halves(key);
-        let sql = Arc::clone(&self.sql);
-        self.statement(move |conn| {
-            Box::pin(async move {
-                sqlx::query_scalar::<_, bool>(sql.is_locked)
-                    .bind(high)
-                    .bind(low)
-                    .fetch_one(conn)
-                    .await
-            })
-        })
-        .await
-        .map_err(Failure::into_error)
-    }
-
-    async fn set_flag(&mut self, key: i64, reply: oneshot::Sender<Result<WaitFlag, LockError>>) {
+    async fn set_flag(
+        &mut self,
+        key: i64,
+        reply: oneshot::Sender<Result<Option<WaitFlag>, LockError>>,
+    ) {
         if reply.is_closed() {
             return;
         }
@@ -434,38 +375,32 @@ impl Session {
         };
         if !self.flags.contains_key(&key) {
             let (high, low) = flag_key(key);
-            let sql = Arc::clone(&self.sql);
-            let result = self
-                .statement(move |conn| {
-                    Box::pin(async move {
-                        sqlx::query(sql.set_flag)
-                            .bind(high)
-                            .bind(low)
-                            .execute(conn)
-                            .await
-                    })
-                })
-                .await;
-            if let Err(failure) = result {
-                if let Failure::Statement(_) = &failure {
-                    // A lock_timeout can fire just as the lock is granted (55P03 with the lock
-                    // held): make sure no flag is left that nobody tracks.
-                    self.server_clear_flag(key).await;
+            match self
+                .query::<(bool,)>(|sql| sql.set_flag, Args::Flag(high, low))
+                .await
+            {
+                Ok((true,)) => {}
+                // A release of the key holds the flag for its statement.
+                Ok((false,)) => {
+                    let _ = reply.send(Ok(None));
+                    return;
                 }
-                let _ = reply.send(Err(failure.into_error()));
-                return;
+                Err(failure) => {
+                    let _ = reply.send(Err(failure.into_error()));
+                    return;
+                }
             }
         }
         let id = self.next_flag_id;
         self.next_flag_id += 1;
         self.flags.entry(key).or_default().insert(id);
         let flag = WaitFlag {
-            commands: Commands::new(sender, self.link.clone()),
+            sender,
             key,
             id,
             armed: true,
         };
-        if let Err(Ok(mut unwanted)) = reply.send(Ok(flag)) {
+        if let Err(Ok(Some(mut unwanted))) = reply.send(Ok(Some(flag))) {
             unwanted.armed = false;
             self.clear_flag(key, id).await;
         }
@@ -480,23 +415,9 @@ impl Session {
         }
         self.flags.remove(&key);
         self.note_if_idle();
-        self.server_clear_flag(key).await;
-    }
-
-    /// Drops this session's waiter flag on `key` on the server (a no-op if it holds none).
-    async fn server_clear_flag(&mut self, key: i64) {
         let (high, low) = flag_key(key);
-        let sql = Arc::clone(&self.sql);
         let result = self
-            .statement(move |conn| {
-                Box::pin(async move {
-                    sqlx::query(sql.clear_flag)
-                        .bind(high)
-                        .bind(low)
-                        .execute(conn)
-                        .await
-                })
-            })
+            .query::<(bool,)>(|sql| sql.clear_flag, Args::Flag(high, low))
             .await;
         if let Err(Failure::Statement(error)) = result {
             // A stale flag only costs other processes a needless notification; closing the
@@ -524,16 +445,8 @@ impl Session {
     /// Unlocks a held key (notifying other processes' waiters), removes it from the session
     /// and passes its claim on. On any failure the session is closed, which frees the lock too.
     async fn unlock_held(&mut self, key: i64) -> Result<(), LockError> {
-        let sql = Arc::clone(&self.sql);
         let result = self
-            .statement(move |conn| {
-                Box::pin(async move {
-                    sqlx::query_as::<_, (bool, bool)>(&sql.unlock)
-                        .bind(key)
-                        .fetch_one(conn)
-                        .await
-                })
-            })
+            .query::<(bool, bool)>(|sql| &sql.unlock, Args::Key(key))
             .await;
         match result {
             Ok((true, notified)) => {
@@ -564,7 +477,7 @@ impl Session {
                 self.lose_session(LockError::backend(error));
                 Err(LockError::LockLost)
             }
-            // `statement` closed the session and marked every lease lost.
+            // `query` closed the session and marked every lease lost.
             Err(Failure::SessionLost(_)) => Err(LockError::LockLost),
         }
     }
@@ -579,14 +492,7 @@ impl Session {
     /// After a failed lock statement: makes sure the key is not left locked on this session.
     async fn force_unlock(&mut self, key: i64) {
         let result = self
-            .statement(move |conn| {
-                Box::pin(async move {
-                    sqlx::query("SELECT pg_advisory_unlock($1)")
-                        .bind(key)
-                        .execute(conn)
-                        .await
-                })
-            })
+            .query::<(bool,)>(|_| "SELECT pg_advisory_unlock($1)", Args::Key(key))
             .await;
         if let Err(Failure::Statement(error)) = result {
             tracing::warn!(
@@ -626,18 +532,13 @@ impl Session {
         if self.connection.is_none() {
             return;
         }
-        let now = Instant::now();
-        if self.holds_nothing() && now >= self.idle_since + self.settings.idle_close {
+        if self.holds_nothing() && Instant::now() >= self.idle_since + self.settings.idle_close {
             tracing::debug!("closing an unused lock session");
             self.close_gracefully().await;
             return;
         }
-        let sql = Arc::clone(&self.sql);
-        if let Err(Failure::Statement(error)) = self
-            .statement(move |conn| {
-                Box::pin(async move { sqlx::query(sql.ping).execute(conn).await })
-            })
-            .await
+        if let Err(Failure::Statement(error)) =
+            self.query::<(i32,)>(|sql| sql.ping, Args::None).await
         {
             tracing::warn!(
                 error = &error as &dyn std::error::Error,
@@ -646,82 +547,42 @@ impl Session {
         }
     }
 
-    /// The lock statement. The fencing sequence was created (if missing) when the connection
-    /// opened; if it has been dropped since, this fails rather than silently restarting the
-    /// tokens from 1.
-    async fn run_try_lock(&mut self, key: i64, unflag: bool) -> Result<Option<i64>, Failure> {
-        let sql = Arc::clone(&self.sql);
-        if unflag {
-            self.statement(move |conn| {
-                Box::pin(async move {
-                    sqlx::query_as::<_, (Option<i64>, Option<bool>)>(&sql.try_lock_unflag)
-                        .bind(key)
-                        .fetch_one(conn)
-                        .await
-                })
-            })
-            .await
-            .map(|(token, _)| token)
-        } else {
-            self.statement(move |conn| {
-                Box::pin(async move {
-                    sqlx::query_scalar::<_, Option<i64>>(&sql.try_lock)
-                        .bind(key)
-                        .fetch_one(conn)
-                        .await
-                })
-            })
-            .await
-        }
-    }
-
-    /// Runs one statement on the session's connection (opening it if needed) under the
-    /// command timeout. Any doubt about the connection closes it: see [`Failure`].
-    async fn statement<T>(
+    /// Runs one statement (the text `sql` picks, with `args`) on the session's connection,
+    /// opening it if needed, under the command timeout. Any doubt about the connection closes
+    /// it: see [`Failure`].
+    async fn query<T>(
         &mut self,
-        run: impl for<'c> FnOnce(
-            &'c mut PgConnection,
-        ) -> futures_util::future::BoxFuture<'c, Result<T, sqlx::Error>>,
-    ) -> Result<T, Failure> {
-        let timeout = self.settings.command_timeout;
+        sql: for<'s> fn(&'s Statements) -> &'s str,
+        args: Args,
+    ) -> Result<T, Failure>
+    where
+        T: for<'r> FromRow<'r, PgRow> + Send + Unpin + 'static,
+    {
         if self.connection.is_none() {
-            let router = Arc::clone(&self.router);
-            let connection = router
-                .in_own_task(Box::pin(self.connect()))
-                .await
-                .map_err(Failure::SessionLost)?;
-            self.connection = Some(connection);
+            self.connection = Some(self.connect().await.map_err(Failure::SessionLost)?);
         }
         let connection = self
             .connection
             .as_mut()
             .and_then(SessionConnection::get_mut)
             .expect("connected above");
-        let started = Instant::now();
-        self.last_used = started;
-        let deadline = started + timeout;
-        let armed = self.timers.statement.deadline();
-        if armed > deadline || armed + timeout / 2 < deadline {
-            self.timers.statement.as_mut().reset(deadline);
-        }
-        let outcome = {
-            let statement = run(connection);
-            tokio::pin!(statement);
-            let router = &self.router;
-            loop {
-                tokio::select! {
-                    biased;
-                    result = &mut statement => break Ok(result),
-                    () = router.on_task_waker(self.timers.statement.as_mut()) => {
-                        if Instant::now() >= deadline {
-                            break Err(());
-                        }
-                        // Armed for an earlier statement: wait out this one's own deadline.
-                        self.timers.statement.as_mut().reset(deadline);
-                    }
-                }
-            }
+        let sent_at = Instant::now();
+        self.last_used = sent_at;
+        let statements = Arc::clone(&self.sql);
+        let query = sqlx::query_as::<_, T>(sql(&statements));
+        let query = match args {
+            Args::None => query,
+            Args::Key(key) => query.bind(key),
+            Args::Flag(high, low) => query.bind(high).bind(low),
+            Args::Oids(high, low) => query.bind(high).bind(low),
         };
+        let timeout = self.settings.command_timeout;
+        let outcome = tokio::time::timeout(timeout, query.fetch_one(connection)).await;
+        if let Ok(Ok(_)) | Ok(Err(sqlx::Error::Database(_))) = &outcome {
+            // The server answered: it had this connection (and its locks) at `sent_at`.
+            self.bound
+                .confirm(sent_at + self.settings.connection_bound());
+        }
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
@@ -747,7 +608,8 @@ impl Session {
     async fn connect(&mut self) -> Result<SessionConnection, LockError> {
         let timeout = self.settings.command_timeout;
         let (names, values) = self.settings.server_settings();
-        let connection = match tokio::time::timeout(timeout, self.pool.acquire()).await {
+        let started = Instant::now();
+        let mut connection = match tokio::time::timeout(timeout, self.pool.acquire()).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => return Err(LockError::backend(error)),
             Err(_) => {
@@ -757,16 +619,15 @@ impl Session {
             }
         };
         // Whatever happens from here on, this connection is never returned to the pool.
-        let mut connection = connection;
         connection.close_on_drop();
         let mut connection = SessionConnection(Some(connection));
-        let set_up = async {
-            let conn = connection.get_mut().expect("just stored");
-            prepare_session(conn, &names, &values, &self.sql).await
-        };
+        let conn = connection.get_mut().expect("just stored");
+        let set_up = prepare_session(conn, &names, &values, &self.sql);
         match tokio::time::timeout(timeout, set_up).await {
             Ok(Ok(())) => {
                 tracing::debug!("opened a PostgreSQL lock session");
+                self.bound
+                    .confirm(started + self.settings.connection_bound());
                 self.last_used = Instant::now();
                 self.idle_since = Instant::now();
                 Ok(connection)
@@ -783,13 +644,7 @@ impl Session {
     /// in.
     fn lose_session(&mut self, cause: LockError) {
         if let Some(connection) = self.connection.take() {
-            if self.router.polled_by_task() {
-                connection.close_hard();
-            } else {
-                // Closing it tells its pool, on the runtime of whoever closes it: leave that to
-                // the task, which runs at once.
-                self.router.close_later(connection);
-            }
+            connection.close_hard();
         }
         if !self.held.is_empty() {
             tracing::warn!(
@@ -811,19 +666,16 @@ impl Session {
     }
 
     async fn close_gracefully(&mut self) {
-        let router = Arc::clone(&self.router);
-        router.in_own_task(self.close_in_task()).await;
-    }
-
-    async fn close_in_task(&mut self) {
         if !self.holds_nothing() {
             self.lose_session(LockError::backend_msg("lock session closed"));
             return;
         }
-        if let Some(mut connection) = self.connection.take() {
-            if let Some(inner) = connection.0.take() {
-                let _ = tokio::time::timeout(self.settings.command_timeout, inner.close()).await;
-            }
+        if let Some(inner) = self
+            .connection
+            .take()
+            .and_then(|mut connection| connection.0.take())
+        {
+            let _ = tokio::time::timeout(self.settings.command_timeout, inner.close()).await;
         }
     }
 }
