@@ -42,8 +42,10 @@ use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, Loc
 
 pub use self::transaction::TransactionLock;
 
-/// Default number of lock sessions (connections holding advisory locks).
-const DEFAULT_SESSIONS: usize = 2;
+/// Without `sessions(n)`, a lock service uses half its pool's connections as lock sessions,
+/// within these bounds.
+const MIN_DEFAULT_SESSIONS: usize = 1;
+const MAX_DEFAULT_SESSIONS: usize = 8;
 /// Most lock sessions one lock service may open.
 const MAX_SESSIONS: usize = 64;
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,8 +80,8 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 /// * **Keys.** A key maps to the advisory key `i64::from_be_bytes(sha256(key)[..8])`; only
 ///   that number reaches the server (docs/postgres.md has test vectors and the SQL to compute
 ///   it elsewhere).
-/// * **Connections.** Locks are multiplexed over a few *lock sessions* (2 by default,
-///   [`PostgresDistributedLockBuilder::sessions`]), each a connection taken from the pool on
+/// * **Connections.** Locks are multiplexed over a few *lock sessions* (half the pool by
+///   default, [`PostgresDistributedLockBuilder::sessions`]), each a connection taken from the pool on
 ///   first use, plus one `LISTEN` connection once some `acquire` had to wait for another
 ///   process. A key always uses the same session; tasks of this process are kept apart on a
 ///   key by an in-process FIFO, because advisory locks are re-entrant within a session. A lock
@@ -155,7 +157,8 @@ struct Inner {
 pub struct PostgresDistributedLockBuilder {
     pool: PgPool,
     config: LockConfig,
-    sessions: usize,
+    /// `None`: half the pool's `max_connections` (see [`Self::sessions`]).
+    sessions: Option<usize>,
     command_timeout: Duration,
     network_timeout: Duration,
     idle_close: Duration,
@@ -163,14 +166,16 @@ pub struct PostgresDistributedLockBuilder {
 }
 
 impl PostgresDistributedLockBuilder {
-    /// How many lock sessions (pool connections that hold advisory locks) to use, 1 to 64
-    /// (default 2). Each runs one statement at a time, so more sessions allow more lock
-    /// operations in flight. Every lock takes an entry in the server's lock table, shared by
+    /// How many lock sessions (pool connections that hold advisory locks) to use, 1 to 64.
+    /// Default: half the pool's `max_connections`, from 1 to 8 (5 on a pool of 10), so that
+    /// the other half stays for the application. Each session runs one statement at a time, so
+    /// more sessions allow more lock operations in flight; a session takes its connection on
+    /// first use and gives it up once it has held nothing for `idle_session_close`. Every lock takes an entry in the server's lock table, shared by
     /// all sessions and clients (about `max_locks_per_transaction × (max_connections +
     /// background processes)`); when it is full an acquire fails with
     /// [`LockError::BackendError`] and the locks already held stay.
     pub fn sessions(mut self, sessions: usize) -> Self {
-        self.sessions = sessions;
+        self.sessions = Some(sessions);
         self
     }
 
@@ -223,10 +228,13 @@ impl PostgresDistributedLockBuilder {
     /// its range.
     pub fn build(self) -> Result<PostgresDistributedLock, LockError> {
         self.config.validate()?;
-        if !(1..=MAX_SESSIONS).contains(&self.sessions) {
+        let sessions = self.sessions.unwrap_or_else(|| {
+            let half_the_pool = self.pool.options().get_max_connections() as usize / 2;
+            half_the_pool.clamp(MIN_DEFAULT_SESSIONS, MAX_DEFAULT_SESSIONS)
+        });
+        if !(1..=MAX_SESSIONS).contains(&sessions) {
             return Err(LockError::invalid_config(format!(
-                "sessions must be between 1 and {MAX_SESSIONS}, not {}",
-                self.sessions
+                "sessions must be between 1 and {MAX_SESSIONS}, not {sessions}"
             )));
         }
         validate_duration(
@@ -273,7 +281,7 @@ impl PostgresDistributedLockBuilder {
                 sql: Arc::new(Statements::new(&sequence)),
                 claims: Arc::new(ClaimTable::default()),
                 key_cache: AdvisoryKeyCache::default(),
-                sessions: (0..self.sessions).map(|_| Mutex::new(None)).collect(),
+                sessions: (0..sessions).map(|_| Mutex::new(None)).collect(),
                 hub: Arc::new(WakeHub::default()),
                 listener: tokio::sync::Mutex::new(None),
                 transaction_fencing_ready: AtomicBool::new(false),
@@ -319,7 +327,7 @@ impl PostgresDistributedLock {
         PostgresDistributedLockBuilder {
             pool,
             config,
-            sessions: DEFAULT_SESSIONS,
+            sessions: None,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             network_timeout: DEFAULT_NETWORK_TIMEOUT,
             idle_close: DEFAULT_IDLE_CLOSE,
