@@ -27,14 +27,14 @@ use std::time::Duration;
 
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgPool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use self::connection::SessionConnection;
 pub(super) use self::connection::SessionSettings;
 pub(super) use self::connection::{is_concurrent_creation, is_statement_error};
-use self::handle::Command;
+use self::handle::{Command, Reply};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
@@ -186,37 +186,24 @@ impl Session {
 
     async fn handle(&mut self, command: Command) {
         match command {
-            Command::TryLock {
-                claim,
-                flag,
-                ttl,
-                sent_at,
-                reply,
-            } => self.try_lock(claim, flag, ttl, sent_at, reply).await,
-            Command::SetFlag { key, reply } => self.set_flag(key, reply).await,
-            Command::ClearFlag { key, id } => self.clear_flag(key, id).await,
-            Command::Release { key, id, reply } => {
+            Command::TryLock(claim, flag, ttl, sent_at, reply) => {
+                self.try_lock(claim, flag, ttl, sent_at, reply).await;
+            }
+            Command::SetFlag(key, reply) => self.set_flag(key, reply).await,
+            Command::ClearFlag(key, id) => self.clear_flag(key, id).await,
+            Command::Release(key, id, reply) => {
                 let result = self.release(key, id).await;
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
             }
-            Command::Extend {
-                key,
-                id,
-                ttl,
-                sent_at,
-                reply,
-            } => {
-                let result = self.extend(key, id, ttl, sent_at).await;
-                let _ = reply.send(result);
+            Command::Extend(key, id, ttl, sent_at, reply) => {
+                let _ = reply.send(self.extend(key, id, ttl, sent_at).await);
             }
-            Command::IsLocked { key, reply } => {
+            Command::IsLocked(key, reply) => {
                 if !reply.is_closed() {
                     let (high, low) = pg_locks_halves(key);
-                    let result = self
-                        .query::<(bool,)>(|sql| sql.is_locked, Args::Oids(high, low))
-                        .await;
+                    let result = self.query(|sql| sql.is_locked, Args::Oids(high, low)).await;
                     let _ = reply.send(result.map(|(locked,)| locked).map_err(Failure::into_error));
                 }
             }
@@ -229,7 +216,7 @@ impl Session {
         flag: Option<u64>,
         ttl: Duration,
         sent_at: Instant,
-        reply: oneshot::Sender<Result<TryOutcome, LockError>>,
+        reply: Reply<TryOutcome>,
     ) {
         if reply.is_closed() {
             // The caller gave up before its turn; dropping the claim lets the next one in.
@@ -243,22 +230,15 @@ impl Session {
                 .get(&key)
                 .is_some_and(|ids| ids.len() == 1 && ids.contains(id))
         });
+        let sql: fn(&Statements) -> &str = if unflag.is_some() {
+            |sql| &sql.try_lock_unflag
+        } else {
+            |sql| &sql.try_lock
+        };
         // The fencing sequence was created (if missing) when the connection opened; if it has
         // been dropped since, this fails rather than silently restarting the tokens from 1.
-        let token = if unflag.is_some() {
-            self.query::<(Option<i64>, Option<bool>)>(|sql| &sql.try_lock_unflag, Args::Key(key))
-                .await
-                .map(|(token, _)| token)
-        } else {
-            self.query::<(Option<i64>,)>(|sql| &sql.try_lock, Args::Key(key))
-                .await
-                .map(|(token,)| token)
-        };
-        let token = match token {
-            Ok(token) => {
-                claim.answered();
-                token
-            }
+        let token = match self.query::<(Option<i64>,)>(sql, Args::Key(key)).await {
+            Ok((token,)) => token,
             // The claim passes on with the answer still owed (see `ClaimTable::overdue`).
             Err(failure) => {
                 if let Failure::Statement(_) = &failure {
@@ -272,22 +252,22 @@ impl Session {
                 return;
             }
         };
+        claim.answered();
         let Some(token) = token else {
             let _ = reply.send(Ok(TryOutcome::Busy(claim)));
             return;
         };
         if let Some(id) = flag {
-            self.forget_flag(key, id, unflag.is_some());
+            // The statement dropped the server flag iff this was its last waiter (`unflag`).
+            self.forget_flag(key, id);
         }
         let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
-        let id = Uuid::new_v4();
-        let expires_at = lease.deadline();
+        let (id, expires_at) = (Uuid::new_v4(), lease.deadline());
         self.expiries.insert((expires_at, key));
-        let lease_for_guard = Arc::clone(&lease);
         let held = Held {
             id,
             claim,
-            lease,
+            lease: Arc::clone(&lease),
             expires_at,
         };
         let previous = self.held.insert(key, held);
@@ -299,7 +279,7 @@ impl Session {
         };
         let granted = Granted {
             fencing_token: u64::try_from(token).unwrap_or(0),
-            lease: lease_for_guard,
+            lease,
             lock: HeldLockRef {
                 sender,
                 key,
@@ -362,11 +342,7 @@ impl Session {
         Ok(())
     }
 
-    async fn set_flag(
-        &mut self,
-        key: i64,
-        reply: oneshot::Sender<Result<Option<WaitFlag>, LockError>>,
-    ) {
+    async fn set_flag(&mut self, key: i64, reply: Reply<Option<WaitFlag>>) {
         if reply.is_closed() {
             return;
         }
@@ -407,14 +383,9 @@ impl Session {
     }
 
     async fn clear_flag(&mut self, key: i64, id: u64) {
-        let Some(ids) = self.flags.get_mut(&key) else {
-            return;
-        };
-        if !ids.remove(&id) || !ids.is_empty() {
+        if !self.forget_flag(key, id) {
             return;
         }
-        self.flags.remove(&key);
-        self.note_if_idle();
         let (high, low) = flag_key(key);
         let result = self
             .query::<(bool,)>(|sql| sql.clear_flag, Args::Flag(high, low))
@@ -430,16 +401,17 @@ impl Session {
         }
     }
 
-    /// Removes a flag id after a successful `try_lock`; `cleared` says whether the statement
-    /// dropped the server flag too.
-    fn forget_flag(&mut self, key: i64, id: u64, cleared: bool) {
-        if let Some(ids) = self.flags.get_mut(&key) {
-            ids.remove(&id);
-            if cleared {
-                debug_assert!(ids.is_empty());
-                self.flags.remove(&key);
-            }
+    /// Forgets waiter `id` of `key`; true if it was the last, so the server flag is to go.
+    fn forget_flag(&mut self, key: i64, id: u64) -> bool {
+        let Some(ids) = self.flags.get_mut(&key) else {
+            return false;
+        };
+        if !ids.remove(&id) || !ids.is_empty() {
+            return false;
         }
+        self.flags.remove(&key);
+        self.note_if_idle();
+        true
     }
 
     /// Unlocks a held key (notifying other processes' waiters), removes it from the session
@@ -568,8 +540,7 @@ impl Session {
             .expect("connected above");
         let sent_at = Instant::now();
         self.last_used = sent_at;
-        let statements = Arc::clone(&self.sql);
-        let query = sqlx::query_as::<_, T>(sql(&statements));
+        let query = sqlx::query_as::<_, T>(sql(&self.sql));
         let query = match args {
             Args::None => query,
             Args::Key(key) => query.bind(key),
@@ -655,11 +626,10 @@ impl Session {
         }
         // Every claim is let go before any guard hears of the loss, so a guard that reacts
         // (takes its key again, checks its neighbours) finds the session's state settled.
-        let lost: Vec<Held> = self.held.drain().map(|(_, held)| held).collect();
+        let leases: Vec<Arc<Lease>> = self.held.drain().map(|(_, held)| held.lease).collect();
         self.expiries.clear();
         self.flags.clear();
         self.idle_since = Instant::now();
-        let leases: Vec<Arc<Lease>> = lost.into_iter().map(|held| held.lease).collect();
         for lease in leases {
             lease.mark_lost();
         }
