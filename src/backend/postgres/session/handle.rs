@@ -1,6 +1,7 @@
 //! The callers' side of a lock session: the command channel, and the links a guard or a waiter
 //! keeps to what the session holds for it.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +12,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::super::claims::KeyClaim;
+use super::super::key_hash::AdvisoryKeyMap;
 use super::super::sql::Statements;
 use super::{Session, SessionSettings};
+use crate::lease::ConnectionBound;
 use crate::{Lease, LockError};
 
 /// A lock taken by [`SessionHandle::try_lock`].
@@ -38,8 +41,22 @@ pub(crate) struct SessionHandle {
 impl SessionHandle {
     /// Starts the session task on the current runtime. It opens its connection on first use.
     pub(crate) fn spawn(pool: PgPool, sql: Arc<Statements>, settings: SessionSettings) -> Self {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let session = Session::new(pool, sql, settings, sender.downgrade(), receiver);
+        let (sender, commands) = mpsc::unbounded_channel();
+        let session = Session {
+            pool,
+            sql,
+            settings,
+            sender: sender.downgrade(),
+            commands,
+            connection: None,
+            held: AdvisoryKeyMap::default(),
+            expiries: BTreeSet::new(),
+            flags: AdvisoryKeyMap::default(),
+            next_flag_id: 0,
+            last_used: Instant::now(),
+            idle_since: Instant::now(),
+            bound: ConnectionBound::new(Instant::now()),
+        };
         tokio::spawn(session.run());
         SessionHandle { sender }
     }

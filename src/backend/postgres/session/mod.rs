@@ -32,8 +32,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use self::connection::SessionConnection;
-pub(super) use self::connection::SessionSettings;
-pub(super) use self::connection::{is_concurrent_creation, is_statement_error};
+pub(super) use self::connection::{is_statement_error, SessionSettings};
 use self::handle::{Command, Reply};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
@@ -117,30 +116,6 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Session {
-    fn new(
-        pool: PgPool,
-        sql: Arc<Statements>,
-        settings: SessionSettings,
-        sender: mpsc::WeakUnboundedSender<Command>,
-        commands: mpsc::UnboundedReceiver<Command>,
-    ) -> Self {
-        Session {
-            pool,
-            sql,
-            settings,
-            sender,
-            commands,
-            connection: None,
-            held: AdvisoryKeyMap::default(),
-            expiries: BTreeSet::new(),
-            flags: AdvisoryKeyMap::default(),
-            next_flag_id: 0,
-            last_used: Instant::now(),
-            idle_since: Instant::now(),
-            bound: ConnectionBound::new(Instant::now()),
-        }
-    }
-
     /// Expiry first, then one command (or a ping, or the idle close) at a time.
     async fn run(mut self) {
         loop {
@@ -580,43 +555,28 @@ impl Session {
         let timeout = self.settings.command_timeout;
         let (names, values) = self.settings.server_settings();
         let started = Instant::now();
-        let mut connection = match tokio::time::timeout(timeout, self.pool.acquire()).await {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => return Err(LockError::backend(error)),
-            Err(_) => {
-                return Err(LockError::backend_msg(format!(
-                    "taking a connection for a PostgreSQL lock session took longer than {timeout:?}"
-                )))
-            }
-        };
+        let what = "taking a connection for a PostgreSQL lock session";
+        let mut connection = within(timeout, what, self.pool.acquire()).await?;
         // Whatever happens from here on, this connection is never returned to the pool.
         connection.close_on_drop();
         let mut connection = SessionConnection(Some(connection));
         let conn = connection.get_mut().expect("just stored");
         let set_up = prepare_session(conn, &names, &values, &self.sql);
-        match tokio::time::timeout(timeout, set_up).await {
-            Ok(Ok(())) => {
-                tracing::debug!("opened a PostgreSQL lock session");
-                self.bound
-                    .confirm(started + self.settings.connection_bound());
-                self.last_used = Instant::now();
-                self.idle_since = Instant::now();
-                Ok(connection)
-            }
-            Ok(Err(error)) => Err(LockError::backend(error)),
-            Err(_) => Err(LockError::backend_msg(format!(
-                "setting up a PostgreSQL lock session took longer than {timeout:?}"
-            ))),
-        }
+        within(timeout, "setting up a PostgreSQL lock session", set_up).await?;
+        tracing::debug!("opened a PostgreSQL lock session");
+        self.bound
+            .confirm(started + self.settings.connection_bound());
+        self.last_used = Instant::now();
+        self.idle_since = Instant::now();
+        Ok(connection)
     }
 
     /// The connection broke or is in doubt: close it at once (the server then drops every
     /// lock and flag it held), mark every lease lost and let the waiting tasks of this process
     /// in.
     fn lose_session(&mut self, cause: LockError) {
-        if let Some(connection) = self.connection.take() {
-            connection.close_hard();
-        }
+        // Dropping the connection closes its socket at once, without a goodbye to the server.
+        self.connection = None;
         if !self.held.is_empty() {
             tracing::warn!(
                 locks = self.held.len(),
@@ -654,14 +614,25 @@ impl Session {
 /// closes with it, and so every lock it held is gone; its guards must say so.
 impl Drop for Session {
     fn drop(&mut self) {
-        if !self.held.is_empty() {
-            tracing::warn!(
-                locks = self.held.len(),
-                "a PostgreSQL lock session was dropped with its runtime; its locks are gone"
-            );
-        }
-        for held in self.held.values() {
-            held.lease.mark_lost();
-        }
+        self.lose_session(LockError::backend_msg(
+            "the lock session was dropped with its runtime",
+        ));
+    }
+}
+
+/// Runs `work` within `timeout`, else fails saying that `what` took longer.
+async fn within<T, E>(
+    timeout: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, LockError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result.map_err(LockError::backend),
+        Err(_) => Err(LockError::backend_msg(format!(
+            "{what} took longer than {timeout:?}"
+        ))),
     }
 }
