@@ -271,11 +271,14 @@ impl Session {
         }
     }
 
+    /// The hold `id` on `key`, or `LockLost` if it is gone.
+    fn hold(&mut self, key: i64, id: Uuid) -> Result<&mut Held, LockError> {
+        let held = self.held.get_mut(&key).filter(|held| held.id == id);
+        held.ok_or(LockError::LockLost)
+    }
+
     async fn release(&mut self, key: i64, id: Uuid) -> Result<(), LockError> {
-        let Some(held) = self.held.get(&key).filter(|held| held.id == id) else {
-            return Err(LockError::LockLost);
-        };
-        let expired = held.lease.is_lost();
+        let expired = self.hold(key, id)?.lease.is_lost();
         let result = self.unlock_held(key).await;
         if expired {
             Err(LockError::LockLost)
@@ -291,10 +294,7 @@ impl Session {
         ttl: Duration,
         sent_at: Instant,
     ) -> Result<(), LockError> {
-        let Some(held) = self.held.get(&key).filter(|held| held.id == id) else {
-            return Err(LockError::LockLost);
-        };
-        if held.lease.is_lost() {
+        if self.hold(key, id)?.lease.is_lost() {
             let _ = self.unlock_held(key).await;
             return Err(LockError::LockLost);
         }
@@ -304,16 +304,12 @@ impl Session {
             Err(Failure::Statement(error)) => return Err(LockError::backend(error)),
             Err(Failure::SessionLost(_)) => return Err(LockError::LockLost),
         }
-        let Some(held) = self.held.get_mut(&key).filter(|held| held.id == id) else {
-            return Err(LockError::LockLost);
-        };
+        let held = self.hold(key, id)?;
         held.lease.renew(sent_at, ttl);
-        let expires_at = held.lease.deadline();
-        if expires_at != held.expires_at {
-            self.expiries.remove(&(held.expires_at, key));
-            held.expires_at = expires_at;
-            self.expiries.insert((expires_at, key));
-        }
+        let (scheduled, expires_at) = (held.expires_at, held.lease.deadline());
+        held.expires_at = expires_at;
+        self.expiries.remove(&(scheduled, key));
+        self.expiries.insert((expires_at, key));
         Ok(())
     }
 
@@ -326,20 +322,11 @@ impl Session {
         };
         if !self.flags.contains_key(&key) {
             let (high, low) = flag_key(key);
-            match self
-                .query::<(bool,)>(|sql| sql.set_flag, Args::Flag(high, low))
-                .await
-            {
-                Ok((true,)) => {}
-                // A release of the key holds the flag for its statement.
-                Ok((false,)) => {
-                    let _ = reply.send(Ok(None));
-                    return;
-                }
-                Err(failure) => {
-                    let _ = reply.send(Err(failure.into_error()));
-                    return;
-                }
+            let set = self.query(|sql| sql.set_flag, Args::Flag(high, low)).await;
+            // Not set: a release of the key holds the flag for its statement.
+            if !matches!(set, Ok((true,))) {
+                let _ = reply.send(set.map(|_| None).map_err(Failure::into_error));
+                return;
             }
         }
         let id = self.next_flag_id;
@@ -529,22 +516,16 @@ impl Session {
             self.bound
                 .confirm(sent_at + self.settings.connection_bound());
         }
-        match outcome {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
-            Ok(Err(error)) => {
-                let error = LockError::backend(error);
-                self.lose_session(error.clone());
-                Err(Failure::SessionLost(error))
-            }
-            Err(_) => {
-                let error = LockError::backend_msg(format!(
-                    "a PostgreSQL lock statement took longer than {timeout:?}"
-                ));
-                self.lose_session(error.clone());
-                Err(Failure::SessionLost(error))
-            }
-        }
+        let error = match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) if is_statement_error(&error) => return Err(Failure::Statement(error)),
+            Ok(Err(error)) => LockError::backend(error),
+            Err(_) => LockError::backend_msg(format!(
+                "a PostgreSQL lock statement took longer than {timeout:?}"
+            )),
+        };
+        self.lose_session(error.clone());
+        Err(Failure::SessionLost(error))
     }
 
     /// Takes a connection from the pool and sets it up as a lock session: within
