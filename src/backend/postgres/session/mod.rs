@@ -200,12 +200,9 @@ impl Session {
         }
         let key = claim.key();
         // Drop the server flag in the same statement only if this waiter is its last user.
-        let unflag = flag.filter(|id| {
-            self.flags
-                .get(&key)
-                .is_some_and(|ids| ids.len() == 1 && ids.contains(id))
-        });
-        let sql: fn(&Statements) -> &str = if unflag.is_some() {
+        let last_waiter =
+            |ids: &HashSet<u64>| ids.len() == 1 && flag.is_some_and(|id| ids.contains(&id));
+        let sql: fn(&Statements) -> &str = if self.flags.get(&key).is_some_and(last_waiter) {
             |sql| &sql.try_lock_unflag
         } else {
             |sql| &sql.try_lock
@@ -233,7 +230,7 @@ impl Session {
             return;
         };
         if let Some(id) = flag {
-            // The statement dropped the server flag iff this was its last waiter (`unflag`).
+            // The statement dropped the server flag iff this was its last waiter.
             self.forget_flag(key, id);
         }
         let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
@@ -461,11 +458,9 @@ impl Session {
         }
     }
 
-    /// Pings an idle connection, or closes one unused for `idle_close`.
+    /// Pings an idle connection, or closes one unused for `idle_close` (only due, see
+    /// `next_tick`, while there is a connection).
     async fn tick(&mut self) {
-        if self.connection.is_none() {
-            return;
-        }
         if self.holds_nothing() && Instant::now() >= self.idle_since + self.settings.idle_close {
             tracing::debug!("closing an unused lock session");
             self.close_gracefully().await;
