@@ -2,7 +2,7 @@
 
 use sqlx::{PgConnection, Row};
 
-use super::session::{is_concurrent_creation, is_statement_error};
+use super::session::is_statement_error;
 use super::sql::Statements;
 
 /// Before a new connection draws its first fencing token: moves the sequence past the tokens
@@ -243,4 +243,15 @@ async fn require_epoch_row(
 fn unfit(reason: String) -> sqlx::Error {
     tracing::error!(reason, "PostgreSQL lock session refused");
     sqlx::Error::Configuration(reason.into())
+}
+
+/// What `CREATE ... IF NOT EXISTS` raises when another session creates the same object at the
+/// same moment: a unique violation in the catalog (23505), duplicate_table (42P07), or, for a
+/// table, duplicate_object (42710) on its row type.
+fn is_concurrent_creation(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Database(database)
+            if matches!(database.code().as_deref(), Some("23505" | "42P07" | "42710"))
+    )
 }

@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgDatabaseError;
+use sqlx::postgres::PgSeverity::{Fatal, Panic};
 use sqlx::{PgConnection, Postgres};
 
 /// Timing of a session; see [`PostgresDistributedLockBuilder`](super::PostgresDistributedLockBuilder).
@@ -77,12 +79,6 @@ impl SessionConnection {
     pub(super) fn get_mut(&mut self) -> Option<&mut PgConnection> {
         self.0.as_deref_mut()
     }
-
-    /// Closes the socket now, without a goodbye to the server: its end of the session (and the
-    /// locks) goes as soon as it sees the connection closed.
-    pub(super) fn close_hard(self) {
-        drop(self);
-    }
 }
 
 impl Drop for SessionConnection {
@@ -102,29 +98,21 @@ impl Drop for SessionConnection {
 /// Errors after which the session is known to be intact: the statement failed on its own.
 pub(in crate::backend::postgres) fn is_statement_error(error: &sqlx::Error) -> bool {
     match error {
-        // A FATAL error (53200 at connection start, say) ends the server's session, whatever
-        // its class.
-        sqlx::Error::Database(database)
-            if database
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some_and(|error| {
-                    matches!(
-                        error.severity(),
-                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
-                    )
-                }) =>
-        {
-            false
-        }
-        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+        sqlx::Error::Database(database) => {
+            // A FATAL error (53200 at connection start, say) ends the server's session,
+            // whatever its class.
+            let fatal = database
+                .try_downcast_ref::<PgDatabaseError>()
+                .is_some_and(|error| matches!(error.severity(), Fatal | Panic));
             // syntax/undefined objects, data, integrity, object state, transaction rollback,
             // insufficient privilege, insufficient resources (53200: the server's lock table
             // is full), program limits, and a statement_timeout cancel.
-            ["42", "22", "23", "55", "40", "53", "54"]
-                .iter()
-                .any(|class| code.starts_with(class))
-                || code == "57014"
-        }),
+            let classes = ["42", "22", "23", "55", "40", "53", "54"];
+            !fatal
+                && database.code().is_some_and(|code| {
+                    classes.iter().any(|class| code.starts_with(class)) || code == "57014"
+                })
+        }
         sqlx::Error::ColumnDecode { .. }
         | sqlx::Error::Decode(_)
         | sqlx::Error::ColumnNotFound(_)
@@ -133,15 +121,4 @@ pub(in crate::backend::postgres) fn is_statement_error(error: &sqlx::Error) -> b
         | sqlx::Error::ColumnIndexOutOfBounds { .. } => true,
         _ => false,
     }
-}
-
-/// What `CREATE ... IF NOT EXISTS` raises when another session creates the same object at the
-/// same moment: a unique violation in the catalog (23505), duplicate_table (42P07), or, for a
-/// table, duplicate_object (42710) on its row type.
-pub(in crate::backend::postgres) fn is_concurrent_creation(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
-        sqlx::Error::Database(database)
-            if matches!(database.code().as_deref(), Some("23505" | "42P07" | "42710"))
-    )
 }

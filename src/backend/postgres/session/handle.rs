@@ -1,6 +1,7 @@
 //! The callers' side of a lock session: the command channel, and the links a guard or a waiter
 //! keeps to what the session holds for it.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +12,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::super::claims::KeyClaim;
+use super::super::key_hash::AdvisoryKeyMap;
 use super::super::sql::Statements;
 use super::{Session, SessionSettings};
+use crate::lease::ConnectionBound;
 use crate::{Lease, LockError};
 
 /// A lock taken by [`SessionHandle::try_lock`].
@@ -38,8 +41,22 @@ pub(crate) struct SessionHandle {
 impl SessionHandle {
     /// Starts the session task on the current runtime. It opens its connection on first use.
     pub(crate) fn spawn(pool: PgPool, sql: Arc<Statements>, settings: SessionSettings) -> Self {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let session = Session::new(pool, sql, settings, sender.downgrade(), receiver);
+        let (sender, commands) = mpsc::unbounded_channel();
+        let session = Session {
+            pool,
+            sql,
+            settings,
+            sender: sender.downgrade(),
+            commands,
+            connection: None,
+            held: AdvisoryKeyMap::default(),
+            expiries: BTreeSet::new(),
+            flags: AdvisoryKeyMap::default(),
+            next_flag_id: 0,
+            last_used: Instant::now(),
+            idle_since: Instant::now(),
+            bound: ConnectionBound::new(Instant::now()),
+        };
         tokio::spawn(session.run());
         SessionHandle { sender }
     }
@@ -59,57 +76,54 @@ impl SessionHandle {
         sent_at: Instant,
     ) -> Result<TryOutcome, LockError> {
         claim.asking_server();
-        let (reply, answer) = oneshot::channel();
         let flag = flag.map(|flag| flag.id);
-        let command = Command::TryLock {
-            claim,
-            flag,
-            ttl,
-            sent_at,
-            reply,
-        };
-        ask(&self.sender, command, answer).await
+        let command = |reply| Command::TryLock(claim, flag, ttl, sent_at, reply);
+        call(&self.sender, command, stopped()).await
     }
 
     /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
     /// `None` if a release of the key was in progress (the key is likely free: try again).
     pub(crate) async fn set_flag(&self, key: i64) -> Result<Option<WaitFlag>, LockError> {
-        let (reply, answer) = oneshot::channel();
-        ask(&self.sender, Command::SetFlag { key, reply }, answer).await
+        call(
+            &self.sender,
+            |reply| Command::SetFlag(key, reply),
+            stopped(),
+        )
+        .await
     }
 
     /// Whether any session (of any process) holds the key.
     pub(crate) async fn is_locked(&self, key: i64) -> Result<bool, LockError> {
-        let (reply, answer) = oneshot::channel();
-        ask(&self.sender, Command::IsLocked { key, reply }, answer).await
+        call(
+            &self.sender,
+            |reply| Command::IsLocked(key, reply),
+            stopped(),
+        )
+        .await
     }
 }
 
-/// Sends `command` and waits for its reply on `answer`; `None` if the session stopped first.
+/// The answer to a caller that holds nothing on a session that stopped.
+fn stopped<T>() -> Result<T, LockError> {
+    Err(LockError::backend_msg(
+        "the PostgreSQL lock session stopped",
+    ))
+}
+
+/// Sends the command `command` builds around a reply channel and waits for the reply;
+/// `if_stopped` if the session stopped first.
 async fn call<T>(
     sender: &mpsc::UnboundedSender<Command>,
-    command: Command,
-    answer: oneshot::Receiver<T>,
-) -> Option<T> {
-    if sender.send(command).is_err() {
+    command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    if_stopped: T,
+) -> T {
+    let (reply, answer) = oneshot::channel();
+    if sender.send(command(reply)).is_err() {
         // Failing at once, without ever awaiting anything, would let a caller retrying in a
         // loop hold its runtime's thread for ever: count it against the task's budget.
         tokio::task::coop::consume_budget().await;
     }
-    answer.await.ok()
-}
-
-/// [`call`] for a caller that holds nothing on the session.
-async fn ask<T>(
-    sender: &mpsc::UnboundedSender<Command>,
-    command: Command,
-    answer: oneshot::Receiver<Result<T, LockError>>,
-) -> Result<T, LockError> {
-    call(sender, command, answer).await.unwrap_or_else(|| {
-        Err(LockError::backend_msg(
-            "the PostgreSQL lock session stopped",
-        ))
-    })
+    answer.await.unwrap_or(if_stopped)
 }
 
 /// The guard's link to its lock on the session. Dropping it releases the lock (in the
@@ -131,38 +145,24 @@ impl HeldLockRef {
     /// The session answers Ok or LockLost: a failed unlock closes the session, which frees the
     /// lock. A session that is gone took its connection with it, and so the lock.
     pub(crate) async fn release(&self) -> Result<(), LockError> {
-        let (reply, answer) = oneshot::channel();
-        let (key, id, reply) = (self.key, self.id, Some(reply));
-        let result = call(&self.sender, Command::Release { key, id, reply }, answer).await;
+        let (key, id) = (self.key, self.id);
+        let command = |reply| Command::Release(key, id, Some(reply));
+        let result = call(&self.sender, command, Err(LockError::LockLost)).await;
         self.settled.store(true, Ordering::Release);
-        result.unwrap_or(Err(LockError::LockLost))
+        result
     }
 
     pub(crate) async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
-        let (reply, answer) = oneshot::channel();
         let (key, id, sent_at) = (self.key, self.id, Instant::now());
-        let command = Command::Extend {
-            key,
-            id,
-            ttl,
-            sent_at,
-            reply,
-        };
-        call(&self.sender, command, answer)
-            .await
-            .unwrap_or(Err(LockError::LockLost))
+        let command = |reply| Command::Extend(key, id, ttl, sent_at, reply);
+        call(&self.sender, command, Err(LockError::LockLost)).await
     }
 }
 
 impl Drop for HeldLockRef {
     fn drop(&mut self) {
         if !self.settled.load(Ordering::Acquire) {
-            let (key, id) = (self.key, self.id);
-            let _ = self.sender.send(Command::Release {
-                key,
-                id,
-                reply: None,
-            });
+            let _ = self.sender.send(Command::Release(self.key, self.id, None));
         }
     }
 }
@@ -180,42 +180,24 @@ pub(crate) struct WaitFlag {
 impl Drop for WaitFlag {
     fn drop(&mut self) {
         if self.armed {
-            let (key, id) = (self.key, self.id);
-            let _ = self.sender.send(Command::ClearFlag { key, id });
+            let _ = self.sender.send(Command::ClearFlag(self.key, self.id));
         }
     }
 }
 
+/// Where the session answers a command.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, LockError>>;
+
+/// What a caller asks of the session. Keys are advisory keys, `Uuid`s a hold's id, `u64`s a
+/// waiter flag's id, `Instant`s when the caller sent the command (a lease counts from then).
 pub(super) enum Command {
-    TryLock {
-        claim: KeyClaim,
-        flag: Option<u64>,
-        ttl: Duration,
-        sent_at: Instant,
-        reply: oneshot::Sender<Result<TryOutcome, LockError>>,
-    },
-    SetFlag {
-        key: i64,
-        reply: oneshot::Sender<Result<Option<WaitFlag>, LockError>>,
-    },
-    ClearFlag {
-        key: i64,
-        id: u64,
-    },
-    Release {
-        key: i64,
-        id: Uuid,
-        reply: Option<oneshot::Sender<Result<(), LockError>>>,
-    },
-    Extend {
-        key: i64,
-        id: Uuid,
-        ttl: Duration,
-        sent_at: Instant,
-        reply: oneshot::Sender<Result<(), LockError>>,
-    },
-    IsLocked {
-        key: i64,
-        reply: oneshot::Sender<Result<bool, LockError>>,
-    },
+    /// Claim, the caller's waiter flag to drop on success, TTL, send time.
+    TryLock(KeyClaim, Option<u64>, Duration, Instant, Reply<TryOutcome>),
+    SetFlag(i64, Reply<Option<WaitFlag>>),
+    ClearFlag(i64, u64),
+    /// No reply for a guard dropped without releasing.
+    Release(i64, Uuid, Option<Reply<()>>),
+    /// TTL and send time of the new lease.
+    Extend(i64, Uuid, Duration, Instant, Reply<()>),
+    IsLocked(i64, Reply<bool>),
 }

@@ -27,14 +27,13 @@ use std::time::Duration;
 
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgPool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use self::connection::SessionConnection;
-pub(super) use self::connection::SessionSettings;
-pub(super) use self::connection::{is_concurrent_creation, is_statement_error};
-use self::handle::Command;
+pub(super) use self::connection::{is_statement_error, SessionSettings};
+use self::handle::{Command, Reply};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
@@ -117,30 +116,6 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Session {
-    fn new(
-        pool: PgPool,
-        sql: Arc<Statements>,
-        settings: SessionSettings,
-        sender: mpsc::WeakUnboundedSender<Command>,
-        commands: mpsc::UnboundedReceiver<Command>,
-    ) -> Self {
-        Session {
-            pool,
-            sql,
-            settings,
-            sender,
-            commands,
-            connection: None,
-            held: AdvisoryKeyMap::default(),
-            expiries: BTreeSet::new(),
-            flags: AdvisoryKeyMap::default(),
-            next_flag_id: 0,
-            last_used: Instant::now(),
-            idle_since: Instant::now(),
-            bound: ConnectionBound::new(Instant::now()),
-        }
-    }
-
     /// Expiry first, then one command (or a ping, or the idle close) at a time.
     async fn run(mut self) {
         loop {
@@ -186,37 +161,24 @@ impl Session {
 
     async fn handle(&mut self, command: Command) {
         match command {
-            Command::TryLock {
-                claim,
-                flag,
-                ttl,
-                sent_at,
-                reply,
-            } => self.try_lock(claim, flag, ttl, sent_at, reply).await,
-            Command::SetFlag { key, reply } => self.set_flag(key, reply).await,
-            Command::ClearFlag { key, id } => self.clear_flag(key, id).await,
-            Command::Release { key, id, reply } => {
+            Command::TryLock(claim, flag, ttl, sent_at, reply) => {
+                self.try_lock(claim, flag, ttl, sent_at, reply).await;
+            }
+            Command::SetFlag(key, reply) => self.set_flag(key, reply).await,
+            Command::ClearFlag(key, id) => self.clear_flag(key, id).await,
+            Command::Release(key, id, reply) => {
                 let result = self.release(key, id).await;
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
             }
-            Command::Extend {
-                key,
-                id,
-                ttl,
-                sent_at,
-                reply,
-            } => {
-                let result = self.extend(key, id, ttl, sent_at).await;
-                let _ = reply.send(result);
+            Command::Extend(key, id, ttl, sent_at, reply) => {
+                let _ = reply.send(self.extend(key, id, ttl, sent_at).await);
             }
-            Command::IsLocked { key, reply } => {
+            Command::IsLocked(key, reply) => {
                 if !reply.is_closed() {
                     let (high, low) = pg_locks_halves(key);
-                    let result = self
-                        .query::<(bool,)>(|sql| sql.is_locked, Args::Oids(high, low))
-                        .await;
+                    let result = self.query(|sql| sql.is_locked, Args::Oids(high, low)).await;
                     let _ = reply.send(result.map(|(locked,)| locked).map_err(Failure::into_error));
                 }
             }
@@ -229,7 +191,7 @@ impl Session {
         flag: Option<u64>,
         ttl: Duration,
         sent_at: Instant,
-        reply: oneshot::Sender<Result<TryOutcome, LockError>>,
+        reply: Reply<TryOutcome>,
     ) {
         if reply.is_closed() {
             // The caller gave up before its turn; dropping the claim lets the next one in.
@@ -238,27 +200,17 @@ impl Session {
         }
         let key = claim.key();
         // Drop the server flag in the same statement only if this waiter is its last user.
-        let unflag = flag.filter(|id| {
-            self.flags
-                .get(&key)
-                .is_some_and(|ids| ids.len() == 1 && ids.contains(id))
-        });
+        let last_waiter =
+            |ids: &HashSet<u64>| ids.len() == 1 && flag.is_some_and(|id| ids.contains(&id));
+        let sql: fn(&Statements) -> &str = if self.flags.get(&key).is_some_and(last_waiter) {
+            |sql| &sql.try_lock_unflag
+        } else {
+            |sql| &sql.try_lock
+        };
         // The fencing sequence was created (if missing) when the connection opened; if it has
         // been dropped since, this fails rather than silently restarting the tokens from 1.
-        let token = if unflag.is_some() {
-            self.query::<(Option<i64>, Option<bool>)>(|sql| &sql.try_lock_unflag, Args::Key(key))
-                .await
-                .map(|(token, _)| token)
-        } else {
-            self.query::<(Option<i64>,)>(|sql| &sql.try_lock, Args::Key(key))
-                .await
-                .map(|(token,)| token)
-        };
-        let token = match token {
-            Ok(token) => {
-                claim.answered();
-                token
-            }
+        let token = match self.query::<(Option<i64>,)>(sql, Args::Key(key)).await {
+            Ok((token,)) => token,
             // The claim passes on with the answer still owed (see `ClaimTable::overdue`).
             Err(failure) => {
                 if let Failure::Statement(_) = &failure {
@@ -272,22 +224,22 @@ impl Session {
                 return;
             }
         };
+        claim.answered();
         let Some(token) = token else {
             let _ = reply.send(Ok(TryOutcome::Busy(claim)));
             return;
         };
         if let Some(id) = flag {
-            self.forget_flag(key, id, unflag.is_some());
+            // The statement dropped the server flag iff this was its last waiter.
+            self.forget_flag(key, id);
         }
         let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
-        let id = Uuid::new_v4();
-        let expires_at = lease.deadline();
+        let (id, expires_at) = (Uuid::new_v4(), lease.deadline());
         self.expiries.insert((expires_at, key));
-        let lease_for_guard = Arc::clone(&lease);
         let held = Held {
             id,
             claim,
-            lease,
+            lease: Arc::clone(&lease),
             expires_at,
         };
         let previous = self.held.insert(key, held);
@@ -299,7 +251,7 @@ impl Session {
         };
         let granted = Granted {
             fencing_token: u64::try_from(token).unwrap_or(0),
-            lease: lease_for_guard,
+            lease,
             lock: HeldLockRef {
                 sender,
                 key,
@@ -316,11 +268,14 @@ impl Session {
         }
     }
 
+    /// The hold `id` on `key`, or `LockLost` if it is gone.
+    fn hold(&mut self, key: i64, id: Uuid) -> Result<&mut Held, LockError> {
+        let held = self.held.get_mut(&key).filter(|held| held.id == id);
+        held.ok_or(LockError::LockLost)
+    }
+
     async fn release(&mut self, key: i64, id: Uuid) -> Result<(), LockError> {
-        let Some(held) = self.held.get(&key).filter(|held| held.id == id) else {
-            return Err(LockError::LockLost);
-        };
-        let expired = held.lease.is_lost();
+        let expired = self.hold(key, id)?.lease.is_lost();
         let result = self.unlock_held(key).await;
         if expired {
             Err(LockError::LockLost)
@@ -336,10 +291,7 @@ impl Session {
         ttl: Duration,
         sent_at: Instant,
     ) -> Result<(), LockError> {
-        let Some(held) = self.held.get(&key).filter(|held| held.id == id) else {
-            return Err(LockError::LockLost);
-        };
-        if held.lease.is_lost() {
+        if self.hold(key, id)?.lease.is_lost() {
             let _ = self.unlock_held(key).await;
             return Err(LockError::LockLost);
         }
@@ -349,24 +301,16 @@ impl Session {
             Err(Failure::Statement(error)) => return Err(LockError::backend(error)),
             Err(Failure::SessionLost(_)) => return Err(LockError::LockLost),
         }
-        let Some(held) = self.held.get_mut(&key).filter(|held| held.id == id) else {
-            return Err(LockError::LockLost);
-        };
+        let held = self.hold(key, id)?;
         held.lease.renew(sent_at, ttl);
-        let expires_at = held.lease.deadline();
-        if expires_at != held.expires_at {
-            self.expiries.remove(&(held.expires_at, key));
-            held.expires_at = expires_at;
-            self.expiries.insert((expires_at, key));
-        }
+        let (scheduled, expires_at) = (held.expires_at, held.lease.deadline());
+        held.expires_at = expires_at;
+        self.expiries.remove(&(scheduled, key));
+        self.expiries.insert((expires_at, key));
         Ok(())
     }
 
-    async fn set_flag(
-        &mut self,
-        key: i64,
-        reply: oneshot::Sender<Result<Option<WaitFlag>, LockError>>,
-    ) {
+    async fn set_flag(&mut self, key: i64, reply: Reply<Option<WaitFlag>>) {
         if reply.is_closed() {
             return;
         }
@@ -375,20 +319,11 @@ impl Session {
         };
         if !self.flags.contains_key(&key) {
             let (high, low) = flag_key(key);
-            match self
-                .query::<(bool,)>(|sql| sql.set_flag, Args::Flag(high, low))
-                .await
-            {
-                Ok((true,)) => {}
-                // A release of the key holds the flag for its statement.
-                Ok((false,)) => {
-                    let _ = reply.send(Ok(None));
-                    return;
-                }
-                Err(failure) => {
-                    let _ = reply.send(Err(failure.into_error()));
-                    return;
-                }
+            let set = self.query(|sql| sql.set_flag, Args::Flag(high, low)).await;
+            // Not set: a release of the key holds the flag for its statement.
+            if !matches!(set, Ok((true,))) {
+                let _ = reply.send(set.map(|_| None).map_err(Failure::into_error));
+                return;
             }
         }
         let id = self.next_flag_id;
@@ -407,14 +342,9 @@ impl Session {
     }
 
     async fn clear_flag(&mut self, key: i64, id: u64) {
-        let Some(ids) = self.flags.get_mut(&key) else {
-            return;
-        };
-        if !ids.remove(&id) || !ids.is_empty() {
+        if !self.forget_flag(key, id) {
             return;
         }
-        self.flags.remove(&key);
-        self.note_if_idle();
         let (high, low) = flag_key(key);
         let result = self
             .query::<(bool,)>(|sql| sql.clear_flag, Args::Flag(high, low))
@@ -430,16 +360,17 @@ impl Session {
         }
     }
 
-    /// Removes a flag id after a successful `try_lock`; `cleared` says whether the statement
-    /// dropped the server flag too.
-    fn forget_flag(&mut self, key: i64, id: u64, cleared: bool) {
-        if let Some(ids) = self.flags.get_mut(&key) {
-            ids.remove(&id);
-            if cleared {
-                debug_assert!(ids.is_empty());
-                self.flags.remove(&key);
-            }
+    /// Forgets waiter `id` of `key`; true if it was the last, so the server flag is to go.
+    fn forget_flag(&mut self, key: i64, id: u64) -> bool {
+        let Some(ids) = self.flags.get_mut(&key) else {
+            return false;
+        };
+        if !ids.remove(&id) || !ids.is_empty() {
+            return false;
         }
+        self.flags.remove(&key);
+        self.note_if_idle();
+        true
     }
 
     /// Unlocks a held key (notifying other processes' waiters), removes it from the session
@@ -527,11 +458,9 @@ impl Session {
         }
     }
 
-    /// Pings an idle connection, or closes one unused for `idle_close`.
+    /// Pings an idle connection, or closes one unused for `idle_close` (only due, see
+    /// `next_tick`, while there is a connection).
     async fn tick(&mut self) {
-        if self.connection.is_none() {
-            return;
-        }
         if self.holds_nothing() && Instant::now() >= self.idle_since + self.settings.idle_close {
             tracing::debug!("closing an unused lock session");
             self.close_gracefully().await;
@@ -568,8 +497,7 @@ impl Session {
             .expect("connected above");
         let sent_at = Instant::now();
         self.last_used = sent_at;
-        let statements = Arc::clone(&self.sql);
-        let query = sqlx::query_as::<_, T>(sql(&statements));
+        let query = sqlx::query_as::<_, T>(sql(&self.sql));
         let query = match args {
             Args::None => query,
             Args::Key(key) => query.bind(key),
@@ -583,22 +511,16 @@ impl Session {
             self.bound
                 .confirm(sent_at + self.settings.connection_bound());
         }
-        match outcome {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) if is_statement_error(&error) => Err(Failure::Statement(error)),
-            Ok(Err(error)) => {
-                let error = LockError::backend(error);
-                self.lose_session(error.clone());
-                Err(Failure::SessionLost(error))
-            }
-            Err(_) => {
-                let error = LockError::backend_msg(format!(
-                    "a PostgreSQL lock statement took longer than {timeout:?}"
-                ));
-                self.lose_session(error.clone());
-                Err(Failure::SessionLost(error))
-            }
-        }
+        let error = match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) if is_statement_error(&error) => return Err(Failure::Statement(error)),
+            Ok(Err(error)) => LockError::backend(error),
+            Err(_) => LockError::backend_msg(format!(
+                "a PostgreSQL lock statement took longer than {timeout:?}"
+            )),
+        };
+        self.lose_session(error.clone());
+        Err(Failure::SessionLost(error))
     }
 
     /// Takes a connection from the pool and sets it up as a lock session: within
@@ -609,43 +531,28 @@ impl Session {
         let timeout = self.settings.command_timeout;
         let (names, values) = self.settings.server_settings();
         let started = Instant::now();
-        let mut connection = match tokio::time::timeout(timeout, self.pool.acquire()).await {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => return Err(LockError::backend(error)),
-            Err(_) => {
-                return Err(LockError::backend_msg(format!(
-                    "taking a connection for a PostgreSQL lock session took longer than {timeout:?}"
-                )))
-            }
-        };
+        let what = "taking a connection for a PostgreSQL lock session";
+        let mut connection = within(timeout, what, self.pool.acquire()).await?;
         // Whatever happens from here on, this connection is never returned to the pool.
         connection.close_on_drop();
         let mut connection = SessionConnection(Some(connection));
         let conn = connection.get_mut().expect("just stored");
         let set_up = prepare_session(conn, &names, &values, &self.sql);
-        match tokio::time::timeout(timeout, set_up).await {
-            Ok(Ok(())) => {
-                tracing::debug!("opened a PostgreSQL lock session");
-                self.bound
-                    .confirm(started + self.settings.connection_bound());
-                self.last_used = Instant::now();
-                self.idle_since = Instant::now();
-                Ok(connection)
-            }
-            Ok(Err(error)) => Err(LockError::backend(error)),
-            Err(_) => Err(LockError::backend_msg(format!(
-                "setting up a PostgreSQL lock session took longer than {timeout:?}"
-            ))),
-        }
+        within(timeout, "setting up a PostgreSQL lock session", set_up).await?;
+        tracing::debug!("opened a PostgreSQL lock session");
+        self.bound
+            .confirm(started + self.settings.connection_bound());
+        self.last_used = Instant::now();
+        self.idle_since = Instant::now();
+        Ok(connection)
     }
 
     /// The connection broke or is in doubt: close it at once (the server then drops every
     /// lock and flag it held), mark every lease lost and let the waiting tasks of this process
     /// in.
     fn lose_session(&mut self, cause: LockError) {
-        if let Some(connection) = self.connection.take() {
-            connection.close_hard();
-        }
+        // Dropping the connection closes its socket at once, without a goodbye to the server.
+        self.connection = None;
         if !self.held.is_empty() {
             tracing::warn!(
                 locks = self.held.len(),
@@ -655,11 +562,10 @@ impl Session {
         }
         // Every claim is let go before any guard hears of the loss, so a guard that reacts
         // (takes its key again, checks its neighbours) finds the session's state settled.
-        let lost: Vec<Held> = self.held.drain().map(|(_, held)| held).collect();
+        let leases: Vec<Arc<Lease>> = self.held.drain().map(|(_, held)| held.lease).collect();
         self.expiries.clear();
         self.flags.clear();
         self.idle_since = Instant::now();
-        let leases: Vec<Arc<Lease>> = lost.into_iter().map(|held| held.lease).collect();
         for lease in leases {
             lease.mark_lost();
         }
@@ -684,14 +590,25 @@ impl Session {
 /// closes with it, and so every lock it held is gone; its guards must say so.
 impl Drop for Session {
     fn drop(&mut self) {
-        if !self.held.is_empty() {
-            tracing::warn!(
-                locks = self.held.len(),
-                "a PostgreSQL lock session was dropped with its runtime; its locks are gone"
-            );
-        }
-        for held in self.held.values() {
-            held.lease.mark_lost();
-        }
+        self.lose_session(LockError::backend_msg(
+            "the lock session was dropped with its runtime",
+        ));
+    }
+}
+
+/// Runs `work` within `timeout`, else fails saying that `what` took longer.
+async fn within<T, E>(
+    timeout: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, LockError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result.map_err(LockError::backend),
+        Err(_) => Err(LockError::backend_msg(format!(
+            "{what} took longer than {timeout:?}"
+        ))),
     }
 }
