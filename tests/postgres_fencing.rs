@@ -12,17 +12,6 @@ use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDist
 use pg_support::cluster::Cluster;
 use sqlx::Connection;
 
-/// The error and its sources, as a log line shows them.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message = format!("{message}: {cause}");
-        source = cause.source();
-    }
-    message
-}
-
 async fn lock_with_sequence(pool: sqlx::PgPool, sequence: &str) -> PostgresDistributedLock {
     PostgresDistributedLock::builder(pool, LockConfig::new())
         .fencing_sequence(sequence)
@@ -38,7 +27,7 @@ async fn assert_refused(lock: &PostgresDistributedLock, key: &str, expected: &[&
         Ok(guard) => panic!("locked, token {}", guard.fencing_token()),
         Err(error) => error,
     };
-    let message = error_chain(&error);
+    let message = pg_support::error_chain(&error);
     assert!(
         matches!(error, LockError::BackendError(_))
             && expected.iter().all(|part| message.contains(part)),
@@ -210,7 +199,7 @@ async fn a_session_that_cannot_jump_waits_for_the_jump_after_a_crash() {
             guard.fencing_token()
         ),
         Err(error) => {
-            let message = error_chain(&error);
+            let message = pg_support::error_chain(&error);
             assert!(
                 message.contains("first lock session") && message.contains("INSERT"),
                 "unclear error: {message}"
@@ -250,7 +239,7 @@ async fn the_epoch_jump_does_not_wait_for_a_missing_synchronous_standby() {
     let guard = lock
         .try_acquire(&key)
         .await
-        .unwrap_or_else(|error| panic!("{}", error_chain(&error)));
+        .unwrap_or_else(|error| panic!("{}", pg_support::error_chain(&error)));
     assert!(guard.fencing_token() > 1 << 40, "the jump was made");
     guard.release().await.unwrap();
 }

@@ -57,7 +57,7 @@ async fn refused_behind(pool_mode: &str, earlier_client: Earlier) {
     let lock = PostgresDistributedLock::new(pool, LockConfig::new());
 
     let error = lock.try_acquire(&key).await.expect_err("refused");
-    let message = error_chain(&error);
+    let message = pg_support::error_chain(&error);
     assert!(
         matches!(error, LockError::BackendError(_))
             && message.contains("PgBouncer")
@@ -71,17 +71,6 @@ async fn refused_behind(pool_mode: &str, earlier_client: Earlier) {
     // Nothing was left behind: the key is free for a direct client.
     let direct = pg_support::lock(LockConfig::new()).await;
     pg_support::take_and_release(&direct, &key).await;
-}
-
-/// The error and its sources, as a log line shows them.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message = format!("{message}: {cause}");
-        source = cause.source();
-    }
-    message
 }
 
 /// Who used the PgBouncer before the lock service.

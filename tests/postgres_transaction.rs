@@ -268,36 +268,7 @@ async fn transactions_keep_a_non_atomic_counter_exact() {
     let key = format!("{prefix}counter");
     let (lock, pool) = setup(config()).await;
     let counter = PostgresCounter::new(pool.clone(), &prefix).await;
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let (lock, pool, key, name) = (lock.clone(), pool.clone(), key.clone(), prefix.clone());
-            tokio::spawn(async move {
-                for _ in 0..ROUNDS {
-                    let mut tx = pool.begin().await.unwrap();
-                    lock.acquire_in(&mut tx, &key)
-                        .await
-                        .expect("acquire within the budget");
-                    let value: i64 =
-                        sqlx::query_scalar("SELECT value FROM k1s0_test_counters WHERE name = $1")
-                            .bind(&name)
-                            .fetch_one(&mut *tx)
-                            .await
-                            .unwrap();
-                    tokio::task::yield_now().await;
-                    sqlx::query("UPDATE k1s0_test_counters SET value = $2 WHERE name = $1")
-                        .bind(&name)
-                        .bind(value + 1)
-                        .execute(&mut *tx)
-                        .await
-                        .unwrap();
-                    tx.commit().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    count_in_transactions(&lock, &pool, &key, &prefix, TASKS, ROUNDS, true).await;
     assert_eq!(counter.read().await, (TASKS * ROUNDS) as i64);
 }
 
@@ -436,17 +407,40 @@ async fn transaction_locks_work_behind_pgbouncer_in_transaction_mode() {
         .unwrap();
 
     let counter = PostgresCounter::new(pg_support::pool(2).await, &prefix).await;
-    let tasks: Vec<_> = (0..TASKS)
+    // Unnamed statements only: PgBouncer in transaction mode moves the client between server
+    // connections, where sqlx's named statements would not exist.
+    count_in_transactions(&lock, &pool, &key, &prefix, TASKS, ROUNDS, false).await;
+    assert_eq!(counter.read().await, (TASKS * ROUNDS) as i64);
+    drop((lock, pool));
+    drop(bouncer);
+}
+
+/// `tasks` tasks, `rounds` rounds each, every round in a transaction of its own: lock `key`
+/// with `acquire_in`, read the counter row `name`, yield, write it back plus one, commit.
+/// Without exclusion, updates are lost. `persistent`: whether sqlx may name its statements.
+async fn count_in_transactions(
+    lock: &PostgresDistributedLock,
+    pool: &PgPool,
+    key: &str,
+    name: &str,
+    tasks: usize,
+    rounds: usize,
+    persistent: bool,
+) {
+    let tasks: Vec<_> = (0..tasks)
         .map(|_| {
-            let (lock, pool, key, name) = (lock.clone(), pool.clone(), key.clone(), prefix.clone());
+            let (lock, pool) = (lock.clone(), pool.clone());
+            let (key, name) = (key.to_owned(), name.to_owned());
             tokio::spawn(async move {
-                for _ in 0..ROUNDS {
+                for _ in 0..rounds {
                     let mut tx = pool.begin().await.unwrap();
-                    lock.acquire_in(&mut tx, &key).await.unwrap();
+                    lock.acquire_in(&mut tx, &key)
+                        .await
+                        .expect("acquire within the budget");
                     let value: i64 =
                         sqlx::query_scalar("SELECT value FROM k1s0_test_counters WHERE name = $1")
                             .bind(&name)
-                            .persistent(false)
+                            .persistent(persistent)
                             .fetch_one(&mut *tx)
                             .await
                             .unwrap();
@@ -454,7 +448,7 @@ async fn transaction_locks_work_behind_pgbouncer_in_transaction_mode() {
                     sqlx::query("UPDATE k1s0_test_counters SET value = $2 WHERE name = $1")
                         .bind(&name)
                         .bind(value + 1)
-                        .persistent(false)
+                        .persistent(persistent)
                         .execute(&mut *tx)
                         .await
                         .unwrap();
@@ -466,7 +460,4 @@ async fn transaction_locks_work_behind_pgbouncer_in_transaction_mode() {
     for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(counter.read().await, (TASKS * ROUNDS) as i64);
-    drop((lock, pool));
-    drop(bouncer);
 }

@@ -171,3 +171,14 @@ pub async fn take_and_release(lock: &PostgresDistributedLock, key: &str) {
         .await
         .expect("release");
 }
+
+/// The error and its sources, as a log line shows them.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
+}
