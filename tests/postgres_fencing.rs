@@ -70,6 +70,19 @@ async fn unfit_pre_created_sequences_are_refused() {
         let lock = lock_with_sequence(pg_support::pool(2).await, &name).await;
         let key = format!("{prefix}k{index}");
         assert_refused(&lock, &key, &[&name, fault, "cannot give increasing"]).await;
+        // Transaction locks check the same sequence the same way.
+        let pool = pg_support::pool(1).await;
+        let mut tx = pool.begin().await.unwrap();
+        let error = lock
+            .try_acquire_in(&mut tx, &key)
+            .await
+            .expect_err("a transaction lock on an unfit sequence");
+        let message = pg_support::error_chain(&error);
+        assert!(
+            matches!(error, LockError::BackendError(_)) && message.contains(fault),
+            "expected {fault:?} in: {message}"
+        );
+        drop(tx);
         assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
     }
     let lock = lock_with_sequence(pg_support::pool(2).await, &table).await;

@@ -33,56 +33,7 @@ pub(super) fn check_fencing_epoch<'a>(
     // Boxed with an explicit `Send`: sqlx's executor lifetimes otherwise make the session
     // task's future fail the `Send` check of `tokio::spawn`.
     Box::pin(async move {
-        let objects = FencingObjects::read(connection, sql).await?;
-        objects.refuse_unfit_sequence(sql)?;
-        let FencingObjects {
-            sequence_exists,
-            epochs_persistence,
-            ..
-        } = objects;
-        if !sequence_exists {
-            match sqlx::query(&sql.create_sequence)
-                .execute(&mut *connection)
-                .await
-            {
-                Ok(_) => tracing::info!(sequence = sql.sequence, "created the fencing sequence"),
-                Err(error) if is_concurrent_creation(&error) => {}
-                Err(error) => {
-                    tracing::warn!(
-                        error = &error as &dyn std::error::Error,
-                        sequence = sql.sequence,
-                        "cannot create the fencing sequence; create it beforehand (docs/postgres.md)"
-                    );
-                    return Err(error);
-                }
-            }
-        }
-        let usable = match epochs_persistence.as_deref() {
-            Some("u") => true,
-            Some(_) => {
-                tracing::warn!(
-                    "the fencing epoch table is not UNLOGGED, so a crash would not reset it; \
-                     drawing fencing tokens with synchronous_commit = on instead"
-                );
-                false
-            }
-            None => match sqlx::query(&sql.create_epoch_table)
-                .execute(&mut *connection)
-                .await
-            {
-                Ok(_) => true,
-                Err(error) if is_concurrent_creation(&error) => true,
-                Err(error) => {
-                    tracing::warn!(
-                        error = &error as &dyn std::error::Error,
-                        "cannot create the fencing epoch table; drawing fencing tokens with \
-                         synchronous_commit = on instead (create it beforehand: docs/postgres.md)"
-                    );
-                    false
-                }
-            },
-        };
-        let mut epoch_row_needed = false;
+        let usable = ensure_fencing_objects(connection, sql).await?;
         let jumped = if usable {
             // Through the executor: sqlx 0.8's `RawSql::fetch_optional` fails on no rows.
             let row =
@@ -97,7 +48,7 @@ pub(super) fn check_fencing_epoch<'a>(
                         "the fencing epoch check failed; drawing fencing tokens with \
                          synchronous_commit = on instead, once this epoch's jump is found done"
                     );
-                    epoch_row_needed = true;
+                    require_epoch_row(connection, sql).await?;
                     None
                 }
                 Err(error) => return Err(error),
@@ -114,9 +65,6 @@ pub(super) fn check_fencing_epoch<'a>(
             ),
             Some(None) => {}
             None => {
-                if epoch_row_needed {
-                    require_epoch_row(connection, sql).await?;
-                }
                 sqlx::query("SELECT set_config('synchronous_commit', 'on', false)")
                     .execute(&mut *connection)
                     .await?;
@@ -124,6 +72,65 @@ pub(super) fn check_fencing_epoch<'a>(
         }
         Ok(())
     })
+}
+
+/// Reads the fencing objects, refuses an unfit sequence (see
+/// [`FencingObjects::refuse_unfit_sequence`]) and creates whichever of the sequence and the
+/// epoch table is missing. Returns whether the epoch table is usable: it exists and is
+/// unlogged. Simple-protocol statements only, so that it also runs behind PgBouncer in
+/// transaction mode (the path of the transaction locks).
+pub(super) async fn ensure_fencing_objects(
+    connection: &mut PgConnection,
+    sql: &Statements,
+) -> Result<bool, sqlx::Error> {
+    let objects = FencingObjects::read(connection, sql).await?;
+    objects.refuse_unfit_sequence(sql)?;
+    let FencingObjects {
+        sequence_exists,
+        epochs_persistence,
+        ..
+    } = objects;
+    if !sequence_exists {
+        match sqlx::Executor::execute(&mut *connection, sqlx::raw_sql(&sql.create_sequence)).await {
+            Ok(_) => tracing::info!(sequence = sql.sequence, "created the fencing sequence"),
+            Err(error) if is_concurrent_creation(&error) => {}
+            Err(error) => {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    sequence = sql.sequence,
+                    "cannot create the fencing sequence; create it beforehand (docs/postgres.md)"
+                );
+                return Err(error);
+            }
+        }
+    }
+    let usable = match epochs_persistence.as_deref() {
+        Some("u") => true,
+        Some(_) => {
+            tracing::warn!(
+                "the fencing epoch table is not UNLOGGED, so a crash would not reset it; \
+                 drawing fencing tokens with synchronous_commit = on instead"
+            );
+            false
+        }
+        None => {
+            match sqlx::Executor::execute(&mut *connection, sqlx::raw_sql(&sql.create_epoch_table))
+                .await
+            {
+                Ok(_) => true,
+                Err(error) if is_concurrent_creation(&error) => true,
+                Err(error) => {
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        "cannot create the fencing epoch table; drawing fencing tokens with \
+                     synchronous_commit = on instead (create it beforehand: docs/postgres.md)"
+                    );
+                    false
+                }
+            }
+        }
+    };
+    Ok(usable)
 }
 
 /// What the server has of the fencing objects, read in one round trip

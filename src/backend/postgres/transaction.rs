@@ -3,11 +3,12 @@
 //! or rollback.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use sqlx::{Postgres, Row, Transaction};
 use tokio::time::Instant;
 
+use super::fencing::ensure_fencing_objects;
+use super::sql::EPOCH_TABLE;
 use super::PostgresDistributedLock;
 use crate::backend::jitter::Jitter;
 use crate::{validate_key, LockError};
@@ -158,8 +159,8 @@ impl PostgresDistributedLock {
             if now >= deadline {
                 return Err(LockError::Timeout);
             }
-            let base = config.get_retry_interval();
-            let pause = jitter.between(base / 2, base).max(Duration::from_millis(1));
+            // No notification reaches a transaction lock's waiter: it polls.
+            let pause = self.poll_interval(true, &mut jitter);
             tokio::time::sleep_until((now + pause).min(deadline)).await;
         }
     }
@@ -200,7 +201,7 @@ impl PostgresDistributedLock {
             }
         }
         Err(LockError::backend_msg(format!(
-            "the fencing sequence {} has no current epoch row in k1s0_lock_fencing_epochs: \
+            "the fencing sequence {} has no current epoch row in {EPOCH_TABLE}: \
              the epoch check found it but this transaction's snapshot predates it (a REPEATABLE \
              READ or SERIALIZABLE transaction that began before the first lock after a server \
              restart: retry in a new transaction); see docs/postgres.md",
@@ -208,69 +209,36 @@ impl PostgresDistributedLock {
         )))
     }
 
-    /// Before the first transaction lock of this service: makes sure the fencing sequence and
-    /// its unlogged epoch table exist, creating whichever is missing, so that the lock
-    /// statement cannot fail on a missing relation and abort the caller's transaction. Runs
-    /// on a connection of the pool as simple queries, so it works behind PgBouncer in
-    /// transaction mode too (no lock session is opened).
+    /// Before the first transaction lock of this service: the same checks of the fencing
+    /// sequence and its unlogged epoch table as a lock session's ([`ensure_fencing_objects`]:
+    /// an unfit sequence is refused, what is missing is created), so that the lock statement
+    /// cannot fail on a missing relation and abort the caller's transaction. Runs on a
+    /// connection of the pool as simple queries, so it works behind PgBouncer in transaction
+    /// mode too (no lock session is opened).
     async fn prepare_transaction_fencing(&self) -> Result<(), LockError> {
         if self.inner.transaction_fencing_ready.load(Ordering::Acquire) {
             return Ok(());
         }
         let sql = &self.inner.sql;
-        let (mut sequence_exists, mut epochs) = self.fencing_objects().await?;
-        if !sequence_exists || epochs.is_none() {
-            // A creation that fails (no privilege, or another process creating the same
-            // object at the same moment) is judged by the second look below.
-            for (missing, statement) in [
-                (!sequence_exists, &sql.create_sequence),
-                (epochs.is_none(), &sql.create_epoch_table),
-            ] {
-                if missing {
-                    if let Err(error) =
-                        sqlx::Executor::execute(&self.inner.pool, sqlx::raw_sql(statement)).await
-                    {
-                        tracing::debug!(
-                            error = &error as &dyn std::error::Error,
-                            statement = statement.as_str(),
-                            "cannot create a fencing object"
-                        );
-                    }
-                }
-            }
-            (sequence_exists, epochs) = self.fencing_objects().await?;
-        }
-        if !sequence_exists || epochs.as_deref() != Some("u") {
+        let mut connection = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(LockError::backend)?;
+        let usable = ensure_fencing_objects(&mut connection, sql)
+            .await
+            .map_err(LockError::backend)?;
+        if !usable {
             return Err(LockError::backend_msg(format!(
-                "transaction locks need the fencing sequence {} and the UNLOGGED table \
-                 k1s0_lock_fencing_epochs in its schema (sequence found: {sequence_exists}, \
-                 table: {}); create them beforehand as docs/postgres.md shows",
-                sql.sequence,
-                match epochs.as_deref() {
-                    None => "missing",
-                    Some("u") => "unlogged",
-                    Some(_) => "not unlogged",
-                }
+                "transaction locks need the UNLOGGED table {EPOCH_TABLE} beside the fencing \
+                 sequence {}; create it beforehand as docs/postgres.md shows",
+                sql.sequence
             )));
         }
         self.inner
             .transaction_fencing_ready
             .store(true, Ordering::Release);
         Ok(())
-    }
-
-    /// Whether the fencing sequence exists, and the epoch table's `relpersistence` (`u` for
-    /// unlogged) or `None` if it is missing.
-    async fn fencing_objects(&self) -> Result<(bool, Option<String>), LockError> {
-        let row = sqlx::Executor::fetch_one(
-            &self.inner.pool,
-            sqlx::raw_sql(&self.inner.sql.fencing_objects),
-        )
-        .await
-        .map_err(LockError::backend)?;
-        Ok((
-            row.try_get(0).map_err(LockError::backend)?,
-            row.try_get(1).map_err(LockError::backend)?,
-        ))
     }
 }
