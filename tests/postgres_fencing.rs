@@ -149,13 +149,7 @@ async fn the_default_sequence_is_in_public_and_an_earlier_one_elsewhere_is_not_r
         .await
         .unwrap();
     let fresh = PostgresDistributedLock::new(pool, LockConfig::new());
-    fresh
-        .try_acquire(&key)
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    pg_support::take_and_release(&fresh, &key).await;
     let public: Option<String> =
         sqlx::query_scalar("SELECT to_regclass('public.k1s0_lock_fencing_seq')::text")
             .fetch_one(&mut admin)
@@ -205,20 +199,7 @@ async fn a_session_that_cannot_jump_waits_for_the_jump_after_a_crash() {
 
     let locker_pool = common::backends::postgres_pool_of(Some(cluster.url_as("locker")), 3).await;
     let locker = PostgresDistributedLock::new(locker_pool.clone(), LockConfig::new());
-    match locker.try_acquire(&key).await {
-        Ok(guard) => panic!(
-            "the first session after the crash could not jump and drew token {} ({last} before \
-             the crash)",
-            guard.fencing_token()
-        ),
-        Err(error) => {
-            let message = pg_support::error_chain(&error);
-            assert!(
-                message.contains("first lock session") && message.contains("INSERT"),
-                "unclear error: {message}"
-            );
-        }
-    }
+    assert_refused(&locker, &key, &["first lock session", "INSERT"]).await;
 
     let owner_pool = common::backends::postgres_pool_of(Some(cluster.url()), 3).await;
     let owner = PostgresDistributedLock::new(owner_pool, LockConfig::new());

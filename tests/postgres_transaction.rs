@@ -334,12 +334,7 @@ async fn a_dropped_acquire_in_leaves_at_most_its_own_transaction_holding_the_key
         );
         tx.rollback().await.unwrap();
         assert!(pg_support::holders(&mut admin, &key).await.is_empty());
-        lock.try_acquire(&key)
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        pg_support::take_and_release(&lock, &key).await;
         if let Some(result) = outcome {
             result.unwrap();
             break;
@@ -400,13 +395,7 @@ async fn transaction_locks_work_behind_pgbouncer_in_transaction_mode() {
     second.commit().await.unwrap();
     // No server connection that PgBouncer hands out holds the key any more.
     assert!(pg_support::holders(&mut admin, &key).await.is_empty());
-    direct
-        .try_acquire(&key)
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    pg_support::take_and_release(&direct, &key).await;
 
     let counter = PostgresCounter::new(pg_support::pool(2).await, &prefix).await;
     // Unnamed statements only: PgBouncer in transaction mode moves the client between server
