@@ -291,7 +291,7 @@ impl PostgresDistributedLockBuilder {
 }
 
 impl PostgresDistributedLock {
-    /// A lock service on `pool` with the default options (2 lock sessions, 5 s command
+    /// A lock service on `pool` with the default options (half the pool's connections as lock sessions, 1 to 8; 5 s command
     /// timeout, 10 s network timeout, sequence `public.k1s0_lock_fencing_seq`). Nothing is opened
     /// until the first lock operation, so this may run outside a runtime.
     ///

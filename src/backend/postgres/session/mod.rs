@@ -436,6 +436,9 @@ impl Session {
     }
 
     async fn expire_due(&mut self) {
+        if self.expiries.is_empty() {
+            return;
+        }
         let now = Instant::now();
         while let Some(&(at, key)) = self.expiries.first() {
             if at > now {
