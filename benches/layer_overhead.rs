@@ -212,7 +212,10 @@ async fn redis_lock() -> k1s0_distributed_lock::RedisDistributedLock {
         .build(RedisConnectionManager::new(url).expect("redis url"))
         .await
         .expect("redis pool");
+    // A distinct key per request leaves a fencing counter per key for the retention time:
+    // keep that short, so that a run does not leave millions of keys on a shared server.
     k1s0_distributed_lock::RedisDistributedLock::builder(pool)
+        .fence_retention(Duration::from_secs(60))
         .build()
         .unwrap()
 }
