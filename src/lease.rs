@@ -57,7 +57,7 @@ impl ConnectionBound {
         *current = (*current).max(until);
     }
 
-    fn until(&self) -> Instant {
+    pub(crate) fn until(&self) -> Instant {
         *self.until.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -200,15 +200,21 @@ impl Lease {
     /// The moment the lease runs out unless renewed (or, for a lock that lasts only as long as
     /// its connection, unless the connection is heard from again, whichever comes first).
     pub fn deadline(&self) -> Instant {
-        let deadline = self
-            .term
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .deadline;
+        let deadline = self.term_deadline();
         match &self.bound {
             Some(bound) => deadline.min(bound.until()),
             None => deadline,
         }
+    }
+
+    /// The deadline of the latest grant or renewal alone, without the connection bound: when
+    /// the backend is to expire the lock.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn term_deadline(&self) -> Instant {
+        self.term
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .deadline
     }
 
     /// How long the lease has left, or `None` once it is lost.

@@ -201,6 +201,11 @@ async fn a_silent_holder_loses_the_lock_after_the_network_timeout() {
             );
             assert!(guard.remaining().is_none());
             assert!(matches!(guard.release().await, Err(LockError::LockLost)));
+            // The session gave up its doubtful connection; the same lock service locks again
+            // (waiting, as the release of a lost lock finishes in the background).
+            let again = lock.acquire(&holder_key).await.unwrap();
+            assert!(!again.is_lost());
+            again.release().await.unwrap();
         });
     });
     let acquired_at = acquired_rx.await.unwrap();

@@ -48,7 +48,8 @@ struct Held {
     /// Keeps other tasks of this process off the key until the server lock is gone.
     claim: KeyClaim,
     lease: Arc<Lease>,
-    /// The entry in `expiries`.
+    /// The entry in `expiries`: the lease's own deadline (the connection bound is watched
+    /// once for the whole session, see [`Session::housekeeping`]).
     expires_at: Instant,
 }
 
@@ -107,29 +108,28 @@ struct Session {
     bound: Arc<ConnectionBound>,
 }
 
-/// Waits until `at`, or for ever.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 impl Session {
-    /// Expiry first, then one command (or a ping, or the idle close) at a time.
+    /// Housekeeping when it is due (expiry first, even under load), else one command at a time.
     async fn run(mut self) {
+        // One timer for all housekeeping. It is only ever moved earlier between two runs of
+        // it: waking before something is due costs one look, whereas re-arming after every
+        // statement (the ping moves later each time) would cost a timer update per command.
+        let timer = tokio::time::sleep_until(far_future());
+        tokio::pin!(timer);
         loop {
-            self.expire_due().await;
-            let expiry = self.expiries.first().map(|&(at, _)| at);
-            let tick = self.next_tick();
+            if let Some(due) = self.next_due().filter(|&due| due < timer.deadline()) {
+                timer.as_mut().reset(due);
+            }
             tokio::select! {
                 biased;
-                () = sleep_until(expiry) => {}
+                () = &mut timer => {
+                    timer.as_mut().reset(far_future());
+                    self.housekeeping().await;
+                }
                 command = self.commands.recv() => match command {
                     Some(command) => self.handle(command).await,
                     None => break,
                 },
-                () = sleep_until(tick) => self.tick().await,
             }
         }
         debug_assert!(self.held.is_empty(), "every guard link releases on drop");
@@ -149,13 +149,54 @@ impl Session {
         }
     }
 
-    fn next_tick(&self) -> Option<Instant> {
+    /// When [`housekeeping`](Self::housekeeping) next has something to do: the first lease
+    /// expiry, the connection bound while anything is held, the ping, the idle close. Nothing
+    /// without a connection (losing it dropped every lock and flag).
+    fn next_due(&self) -> Option<Instant> {
         self.connection.as_ref()?;
-        let ping_at = self.last_used + self.settings.ping_interval();
-        if self.holds_nothing() {
-            Some(ping_at.min(self.idle_since + self.settings.idle_close))
-        } else {
-            Some(ping_at)
+        let ping = self.last_used + self.settings.ping_interval();
+        let due = match self.expiries.first() {
+            Some(&(expiry, _)) => ping.min(expiry).min(self.bound.until()),
+            None if self.holds_nothing() => ping.min(self.idle_since + self.settings.idle_close),
+            None => ping,
+        };
+        Some(due)
+    }
+
+    /// Whatever is due: losing a session that has not been heard from within its bound
+    /// (its runtime was frozen, say: the server may have ended it, and every guard on it
+    /// already counts its lock lost), then lease expiries, then the idle close or the ping.
+    async fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if !self.held.is_empty() && now >= self.bound.until() {
+            self.lose_session(LockError::backend_msg(
+                "no answer from the PostgreSQL server within the connection bound",
+            ));
+            return;
+        }
+        while let Some(&(at, key)) = self.expiries.first().filter(|&&(at, _)| at <= now) {
+            self.expiries.remove(&(at, key));
+            if let Some(held) = self.held.get(&key) {
+                held.lease.mark_lost();
+                tracing::debug!(key, "lease ran out; unlocking");
+                let _ = self.unlock_held(key).await;
+            }
+        }
+        if self.connection.is_none() {
+            return;
+        }
+        if self.holds_nothing() && now >= self.idle_since + self.settings.idle_close {
+            tracing::debug!("closing an unused lock session");
+            self.close_gracefully().await;
+        } else if now >= self.last_used + self.settings.ping_interval() {
+            if let Err(Failure::Statement(error)) =
+                self.query::<(i32,)>(|sql| sql.ping, Args::None).await
+            {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "lock session ping failed"
+                );
+            }
         }
     }
 
@@ -234,7 +275,7 @@ impl Session {
             self.forget_flag(key, id);
         }
         let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
-        let (id, expires_at) = (Uuid::new_v4(), lease.deadline());
+        let (id, expires_at) = (Uuid::new_v4(), lease.term_deadline());
         self.expiries.insert((expires_at, key));
         let held = Held {
             id,
@@ -303,7 +344,7 @@ impl Session {
         }
         let held = self.hold(key, id)?;
         held.lease.renew(sent_at, ttl);
-        let (scheduled, expires_at) = (held.expires_at, held.lease.deadline());
+        let (scheduled, expires_at) = (held.expires_at, held.lease.term_deadline());
         held.expires_at = expires_at;
         self.expiries.remove(&(scheduled, key));
         self.expiries.insert((expires_at, key));
@@ -435,50 +476,6 @@ impl Session {
         }
     }
 
-    async fn expire_due(&mut self) {
-        if self.expiries.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        while let Some(&(at, key)) = self.expiries.first() {
-            if at > now {
-                break;
-            }
-            self.expiries.pop_first();
-            let Some(held) = self.held.get_mut(&key) else {
-                continue;
-            };
-            let deadline = held.lease.deadline();
-            if deadline > now {
-                // Renewed by the guard since it was scheduled.
-                held.expires_at = deadline;
-                self.expiries.insert((deadline, key));
-                continue;
-            }
-            held.lease.mark_lost();
-            tracing::debug!(key, "lease ran out; unlocking");
-            let _ = self.unlock_held(key).await;
-        }
-    }
-
-    /// Pings an idle connection, or closes one unused for `idle_close` (only due, see
-    /// `next_tick`, while there is a connection).
-    async fn tick(&mut self) {
-        if self.holds_nothing() && Instant::now() >= self.idle_since + self.settings.idle_close {
-            tracing::debug!("closing an unused lock session");
-            self.close_gracefully().await;
-            return;
-        }
-        if let Err(Failure::Statement(error)) =
-            self.query::<(i32,)>(|sql| sql.ping, Args::None).await
-        {
-            tracing::warn!(
-                error = &error as &dyn std::error::Error,
-                "lock session ping failed"
-            );
-        }
-    }
-
     /// Runs one statement (the text `sql` picks, with `args`) on the session's connection,
     /// opening it if needed, under the command timeout. Any doubt about the connection closes
     /// it: see [`Failure`].
@@ -597,6 +594,11 @@ impl Drop for Session {
             "the lock session was dropped with its runtime",
         ));
     }
+}
+
+/// A timer deadline that stands for "not armed".
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 60 * 60)
 }
 
 /// Runs `work` within `timeout`, else fails saying that `what` took longer.
