@@ -9,6 +9,8 @@
 mod common;
 mod pg_support;
 
+use std::time::Duration;
+
 use pg_support::pgbouncer::PgBouncer;
 
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDistributedLock};
@@ -51,9 +53,24 @@ async fn refused_behind(pool_mode: &str, earlier_client: Earlier) {
             earlier_lock_session_marks_backend(&bouncer).await;
             None
         }
-        Earlier::Nobody => None,
+        Earlier::Nobody | Earlier::OwnPool => None,
     };
     let pool = common::backends::postgres_pool_of(Some(bouncer.url()), 3).await;
+    if let Earlier::OwnPool = earlier_client {
+        // Two connections (the lock session takes one, the other stays idle), each used with
+        // a simple query only: no prepared statement stays on a server backend.
+        let mut connections = [pool.acquire().await.unwrap(), pool.acquire().await.unwrap()];
+        for connection in &mut connections {
+            sqlx::Executor::execute(&mut **connection, sqlx::raw_sql("SELECT 1"))
+                .await
+                .unwrap();
+        }
+        drop(connections);
+        let idle =
+            common::wait::eventually(Duration::from_secs(5), || async { pool.num_idle() == 2 })
+                .await;
+        assert!(idle, "the pool kept its connections");
+    }
     let lock = PostgresDistributedLock::new(pool, LockConfig::new());
 
     let error = lock.try_acquire(&key).await.expect_err("refused");
@@ -81,6 +98,8 @@ enum Earlier {
     LockSession,
     /// Nobody: the lock session is PgBouncer's first client.
     Nobody,
+    /// Only the lock's own pool, with simple queries, whose connection then waits idle in it.
+    OwnPool,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,6 +110,16 @@ async fn transaction_pool_mode_is_refused_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_pool_mode_after_an_earlier_lock_session_is_refused() {
     refused_behind("transaction", Earlier::LockSession).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_pool_mode_is_refused_even_for_its_first_client() {
+    refused_behind("transaction", Earlier::Nobody).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_pool_mode_is_refused_when_only_its_own_pool_used_it() {
+    refused_behind("transaction", Earlier::OwnPool).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,9 @@
 //! What a connection goes through before it serves as a lock session: the check that it has a
 //! server session of its own (no pooler in transaction or statement mode), its server
 //! settings, then the fencing checks. Everything up to the settings runs on the simple query
-//! protocol (see [`check_own_server_session`]), in three round trips.
+//! protocol (see [`check_own_server_session`]), in three round trips and a witness's question.
 
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use super::fencing::check_fencing_epoch;
 use super::sql::Statements;
@@ -16,11 +16,12 @@ const SESSION_MARKER: &str = "k1s0.session_marker";
 /// does not know), then checks the fencing sequence and its epoch.
 pub(super) async fn prepare_session(
     connection: &mut PgConnection,
+    pool: &PgPool,
     names: &[String],
     values: &[String],
     sql: &Statements,
 ) -> Result<(), sqlx::Error> {
-    check_own_server_session(connection).await?;
+    check_own_server_session(connection, pool).await?;
     end_probe_and_apply_settings(connection, names, values).await?;
     check_fencing_epoch(connection, sql).await
 }
@@ -36,7 +37,7 @@ pub(super) async fn prepare_session(
 /// first prepared statement already fails (`prepared statement "sqlx_s_1" already exists`) and
 /// would hide the cause.
 ///
-/// What it detects, one round trip each:
+/// What it detects:
 /// 1. Reads [`SESSION_MARKER`] and sets it to a fresh random value, and counts the named
 ///    protocol-level prepared statements of the server backend (autocommit). The marker is
 ///    only ever set here, on connections that are closed, never returned to a pool: on a
@@ -45,25 +46,32 @@ pub(super) async fn prepare_session(
 ///    this server backend served an earlier lock session of another client without a reset.
 ///    Likewise, a named prepared statement on the server that this connection's statement
 ///    cache does not hold was prepared by another client.
-/// 2. Opens a transaction block and reads the marker and `pg_backend_pid()` back: a different
+/// 2. A witness, another client of the same server (an idle connection of the pool, else a
+///    new connection with the pool's options), reads the marker and its `pg_backend_pid()`:
+///    finding ours means it was given our server backend while we sat between statements,
+///    which is what a pooler in transaction mode does (PgBouncer hands out the server
+///    connection released last). This needs no other client to have used the pooler.
+/// 3. Opens a transaction block and reads the marker and `pg_backend_pid()` back: a different
 ///    value or process means that another client's transaction ran on our backend in
 ///    between, or that ours moved to another backend.
-/// 3. The block stays open to the next round trip, which [`end_probe_and_apply_settings`]
+/// 4. The block stays open to the next round trip, which [`end_probe_and_apply_settings`]
 ///    starts with `ROLLBACK`: PgBouncer in statement mode refuses a transaction block that
-///    outlives a round trip ("transaction blocks not allowed in statement pooling mode"),
-///    whatever other clients do.
+///    outlives a round trip ("transaction blocks not allowed in statement pooling mode").
 ///
 /// Comparing `pg_backend_pid()` alone is not enough: the pooler can hand the same backend to
-/// another client in between and back. What no single client can see: PgBouncer in
-/// transaction mode, with no other client using the backend before or during the check,
-/// gives the backend back each time, exactly as session mode does; the check then passes.
-/// The marker it leaves makes the next lock session on that backend fail.
+/// another client in between and back. What the witness cannot see: a transaction-mode pooler
+/// that gives it another idle server backend (one that is not the last released, as with
+/// PgBouncer's `server_round_robin = 1`) while no other client used ours; the marker it leaves
+/// then makes the next lock session on that backend fail.
 ///
 /// A false alarm on a direct connection is possible in one case: a pool connection whose
 /// earlier user dropped a query future after sqlx had sent the `Parse` of a named statement
 /// but before sqlx cached it. The session then fails to open and closes that connection; the
 /// next attempt takes another.
-async fn check_own_server_session(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+async fn check_own_server_session(
+    connection: &mut PgConnection,
+    pool: &PgPool,
+) -> Result<(), sqlx::Error> {
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let cached = connection.cached_statements_size() as i64;
     // The marker is a random hex string: safe to splice, and no parameters keeps this on the
@@ -92,6 +100,12 @@ async fn check_own_server_session(connection: &mut PgConnection) -> Result<(), s
              connection made {cached}"
         )));
     }
+    if witness_shares_backend(pool, &marker, pid).await {
+        return Err(shared_backend(
+            "another client of the same server was given its server backend between two of \
+             its statements",
+        ));
+    }
     let row = sqlx::Executor::fetch_one(
         &mut *connection,
         sqlx::raw_sql(&format!(
@@ -107,6 +121,39 @@ async fn check_own_server_session(connection: &mut PgConnection) -> Result<(), s
         ));
     }
     Ok(())
+}
+
+/// Whether another client of the server, asking now, finds our session `marker` or backend
+/// `pid` (see [`check_own_server_session`], step 2). The witness only reads: an idle pool
+/// connection goes back to the pool as it was; a new one is closed. Best effort: a witness
+/// that cannot connect or ask (the server is at `max_connections`, say) sees nothing, and the
+/// other checks still run.
+async fn witness_shares_backend(pool: &PgPool, marker: &str, pid: i32) -> bool {
+    // The marker is a random hex string: safe to splice, on the simple query protocol.
+    let query = format!(
+        "SELECT current_setting('{SESSION_MARKER}', true) = '{marker}' OR pg_backend_pid() = {pid}"
+    );
+    let answer = match pool.try_acquire() {
+        Some(mut idle) => sqlx::Executor::fetch_one(&mut *idle, sqlx::raw_sql(&query)).await,
+        None => match PgConnection::connect_with(&pool.connect_options()).await {
+            Ok(mut new) => {
+                let answer = sqlx::Executor::fetch_one(&mut new, sqlx::raw_sql(&query)).await;
+                let _ = new.close().await;
+                answer
+            }
+            Err(error) => Err(error),
+        },
+    };
+    match answer.and_then(|row| row.try_get::<Option<bool>, _>(0)) {
+        Ok(shared) => shared.unwrap_or(false),
+        Err(error) => {
+            tracing::debug!(
+                error = &error as &dyn std::error::Error,
+                "no witness for the lock session's server backend check"
+            );
+            false
+        }
+    }
 }
 
 /// Ends the transaction block that [`check_own_server_session`] left open, then sets the

@@ -537,7 +537,7 @@ impl Session {
         connection.close_on_drop();
         let mut connection = SessionConnection(Some(connection));
         let conn = connection.get_mut().expect("just stored");
-        let set_up = prepare_session(conn, &names, &values, &self.sql);
+        let set_up = prepare_session(conn, &self.pool, &names, &values, &self.sql);
         within(timeout, "setting up a PostgreSQL lock session", set_up).await?;
         tracing::debug!("opened a PostgreSQL lock session");
         self.bound
