@@ -2,8 +2,8 @@
 
 use sqlx::{PgConnection, Row};
 
-use super::session::is_statement_error;
 use super::sql::Statements;
+use super::statement_errors::is_statement_error;
 
 /// Before a new connection draws its first fencing token: moves the sequence past the tokens
 /// of the previous crash epoch if this is the first session since a crash, a failover or a

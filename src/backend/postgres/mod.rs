@@ -6,9 +6,12 @@
 //! * `claims` — in-process exclusion per advisory key, FIFO.
 //! * `session` — the task that owns one connection and every statement on it (locks,
 //!   unlocks, lease expiry, pings, closing a doubtful connection); `session::handle` is the
-//!   callers' side (command channel, guard and waiter links),
-//!   `session::connection` the connection itself (server settings, close-never-return, error
-//!   classes).
+//!   callers' side (command channel, guard and waiter links), `session::connection` the
+//!   connection that is closed, never returned to the pool.
+//! * `setup` — what a connection goes through before it serves as a session (the pooler
+//!   check, the settings); `fencing` — the fencing sequence's checks and crash epoch.
+//! * `timing` — the session timeouts and what derives from them; `statement_errors` — which
+//!   statement errors leave a connection intact.
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
 //! * `sql` — statement text and the fencing sequence name.
 //! * `transaction` — transaction-scoped locks on the caller's own transaction.
@@ -20,6 +23,8 @@ mod notify;
 mod session;
 mod setup;
 mod sql;
+mod statement_errors;
+mod timing;
 mod transaction;
 
 use std::future::Future;
@@ -34,8 +39,9 @@ use tokio::time::Instant;
 use self::claims::{Claim, ClaimTable, Overdue};
 use self::key_hash::{advisory_key, AdvisoryKeyCache};
 use self::notify::{Listener, WakeHub};
-use self::session::{Granted, HeldLockRef, SessionHandle, SessionSettings, TryOutcome};
+use self::session::{Granted, HeldLockRef, SessionHandle, TryOutcome};
 use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
+use self::timing::SessionSettings;
 use super::jitter::Jitter;
 use crate::config::validate_duration;
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};

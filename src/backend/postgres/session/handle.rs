@@ -14,7 +14,8 @@ use uuid::Uuid;
 use super::super::claims::KeyClaim;
 use super::super::key_hash::AdvisoryKeyMap;
 use super::super::sql::Statements;
-use super::{Session, SessionSettings};
+use super::super::timing::SessionSettings;
+use super::Session;
 use crate::lease::ConnectionBound;
 use crate::{Lease, LockError};
 
@@ -77,37 +78,30 @@ impl SessionHandle {
     ) -> Result<TryOutcome, LockError> {
         claim.asking_server();
         let flag = flag.map(|flag| flag.id);
-        let command = |reply| Command::TryLock(claim, flag, ttl, sent_at, reply);
-        call(&self.sender, command, stopped()).await
+        self.ask(|reply| Command::TryLock(claim, flag, ttl, sent_at, reply))
+            .await
     }
 
     /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
     /// `None` if a release of the key was in progress (the key is likely free: try again).
     pub(crate) async fn set_flag(&self, key: i64) -> Result<Option<WaitFlag>, LockError> {
-        call(
-            &self.sender,
-            |reply| Command::SetFlag(key, reply),
-            stopped(),
-        )
-        .await
+        self.ask(|reply| Command::SetFlag(key, reply)).await
     }
 
     /// Whether any session (of any process) holds the key.
     pub(crate) async fn is_locked(&self, key: i64) -> Result<bool, LockError> {
-        call(
-            &self.sender,
-            |reply| Command::IsLocked(key, reply),
-            stopped(),
-        )
-        .await
+        self.ask(|reply| Command::IsLocked(key, reply)).await
     }
-}
 
-/// The answer to a caller that holds nothing on a session that stopped.
-fn stopped<T>() -> Result<T, LockError> {
-    Err(LockError::backend_msg(
-        "the PostgreSQL lock session stopped",
-    ))
+    /// Sends a command for a caller that holds nothing on the session yet.
+    async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, LockError> {
+        let stopped = || {
+            Err(LockError::backend_msg(
+                "the PostgreSQL lock session stopped",
+            ))
+        };
+        call(&self.sender, command, stopped).await
+    }
 }
 
 /// Sends the command `command` builds around a reply channel and waits for the reply;
@@ -115,7 +109,7 @@ fn stopped<T>() -> Result<T, LockError> {
 async fn call<T>(
     sender: &mpsc::UnboundedSender<Command>,
     command: impl FnOnce(oneshot::Sender<T>) -> Command,
-    if_stopped: T,
+    if_stopped: impl FnOnce() -> T,
 ) -> T {
     let (reply, answer) = oneshot::channel();
     if sender.send(command(reply)).is_err() {
@@ -123,7 +117,7 @@ async fn call<T>(
         // loop hold its runtime's thread for ever: count it against the task's budget.
         tokio::task::coop::consume_budget().await;
     }
-    answer.await.unwrap_or(if_stopped)
+    answer.await.unwrap_or_else(|_| if_stopped())
 }
 
 /// The guard's link to its lock on the session. Dropping it releases the lock (in the
@@ -147,7 +141,7 @@ impl HeldLockRef {
     pub(crate) async fn release(&self) -> Result<(), LockError> {
         let (key, id) = (self.key, self.id);
         let command = |reply| Command::Release(key, id, Some(reply));
-        let result = call(&self.sender, command, Err(LockError::LockLost)).await;
+        let result = call(&self.sender, command, || Err(LockError::LockLost)).await;
         self.settled.store(true, Ordering::Release);
         result
     }
@@ -155,7 +149,7 @@ impl HeldLockRef {
     pub(crate) async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
         let (key, id, sent_at) = (self.key, self.id, Instant::now());
         let command = |reply| Command::Extend(key, id, ttl, sent_at, reply);
-        call(&self.sender, command, Err(LockError::LockLost)).await
+        call(&self.sender, command, || Err(LockError::LockLost)).await
     }
 }
 

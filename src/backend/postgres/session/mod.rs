@@ -32,13 +32,14 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use self::connection::SessionConnection;
-pub(super) use self::connection::{is_statement_error, SessionSettings};
 use self::handle::{Command, Reply};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
 use super::setup::prepare_session;
 use super::sql::Statements;
+use super::statement_errors::is_statement_error;
+use super::timing::SessionSettings;
 use crate::lease::ConnectionBound;
 use crate::{Lease, LockError};
 
