@@ -4,87 +4,14 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use common::redis_server::RedisServer;
 
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis;
 use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, RedisDistributedLock};
-
-/// A private redis-server, killed when dropped.
-struct Server {
-    port: u16,
-    process: Option<Child>,
-}
-
-impl Server {
-    async fn start_on(port: u16) -> Server {
-        let process = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed for this test");
-        let server = Server {
-            port,
-            process: Some(process),
-        };
-        server.wait_until_ready().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn wait_until_ready(&self) {
-        let client = redis::Client::open(self.url()).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Ok(mut conn)) = tokio::time::timeout(
-                Duration::from_millis(500),
-                client.get_multiplexed_async_connection(),
-            )
-            .await
-            {
-                let pong: redis::RedisResult<String> =
-                    redis::cmd("PING").query_async(&mut conn).await;
-                if pong.is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Fails the test if `operation` hangs instead of failing fast.
 async fn bounded<T>(operation: impl std::future::Future<Output = T>) -> T {
@@ -95,8 +22,7 @@ async fn bounded<T>(operation: impl std::future::Future<Output = T>) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_server_gives_backend_errors_then_the_same_lock_recovers() {
-    let port = free_port();
-    let mut server = Server::start_on(port).await;
+    let mut server = RedisServer::start().await;
     let url = server.url();
     let pool = Pool::builder()
         .max_size(2)
@@ -134,7 +60,7 @@ async fn a_dead_server_gives_backend_errors_then_the_same_lock_recovers() {
     ));
     assert!(!before.is_lost(), "a failed extend is not a lost lock");
 
-    let _server = Server::start_on(port).await;
+    server.restart().await;
     // The same lock object reconnects (the pool may need a moment to notice).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let after = loop {

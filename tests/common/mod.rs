@@ -144,6 +144,8 @@ pub mod load;
 pub mod proxy;
 #[cfg(feature = "redis")]
 pub mod redis_conn;
+#[cfg(feature = "redis")]
+pub mod redis_server;
 pub mod slow_release;
 pub mod suites;
 pub mod wait;

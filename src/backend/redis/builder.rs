@@ -82,10 +82,10 @@ impl RedisDistributedLockBuilder {
         self
     }
 
-    /// How long a key's fencing counter is kept after its last acquire (default 24 h). See
-    /// docs/redis.md: after that the next fencing token is taken from the server clock
-    /// instead, which is still larger as long as the clock does not step back by more than
-    /// this.
+    /// How long a key's last fencing token is kept after its last acquire (default 24 h).
+    /// Every token is the larger of that stored token + 1 and the server clock in
+    /// microseconds (docs/redis.md): the stored token is what keeps tokens increasing across a
+    /// clock that steps back, for as long as it is kept.
     pub fn fence_retention(mut self, retention: Duration) -> Self {
         self.fence_retention = retention;
         self

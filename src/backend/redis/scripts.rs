@@ -48,14 +48,16 @@ if (not head or head == token) and redis.call('SET', KEYS[1], token, 'NX', 'PX',
     redis.call('LPOP', KEYS[3])
     redis.call('ZREM', KEYS[4], token)
   end
-  local fence = redis.call('INCR', KEYS[2])
-  if fence == 1 then
-    -- No counter (first lock of this key, or it expired): restart from the server clock.
-    local t = redis.call('TIME')
-    fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    redis.call('SET', KEYS[2], string.format('%d', fence))
+  -- The larger of the last token + 1 and the server clock in microseconds: a counter that
+  -- came back older (a restart from a snapshot, a promoted replica that missed writes) or
+  -- went away cannot hand out a token again.
+  local t = redis.call('TIME')
+  local fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4], 'GET'))
+  if last and last >= fence then
+    fence = last + 1
+    redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4])
   end
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
   return fence
 end
 local entry_ttl = tonumber(ARGV[3])
