@@ -3,7 +3,10 @@
 //! settings, then the fencing checks. Everything up to the settings runs on the simple query
 //! protocol (see [`check_own_server_session`]), in three round trips and a witness's question.
 
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 
 use super::fencing::check_fencing_epoch;
 use super::sql::Statements;
@@ -11,19 +14,76 @@ use super::sql::Statements;
 /// The session-level setting that marks a server backend as serving a lock session.
 const SESSION_MARKER: &str = "k1s0.session_marker";
 
-/// Checks that the connection has a server session of its own ([`check_own_server_session`]),
-/// then sets the session's server settings (`names[i] = values[i]`, skipping any the server
-/// does not know), then checks the fencing sequence and its epoch.
-pub(super) async fn prepare_session(
+/// After [`check_own_server_session`]: ends its probe, sets the session's server settings
+/// (`names[i] = values[i]`, skipping any the server does not know), then checks the fencing
+/// sequence and its epoch.
+pub(super) async fn apply_settings_and_check_fencing(
     connection: &mut PgConnection,
-    pool: &PgPool,
     names: &[String],
     values: &[String],
     sql: &Statements,
 ) -> Result<(), sqlx::Error> {
-    check_own_server_session(connection, pool).await?;
     end_probe_and_apply_settings(connection, names, values).await?;
     check_fencing_epoch(connection, sql).await
+}
+
+/// Another client of the same server for [`check_own_server_session`]: an idle connection of
+/// the pool, else a new connection with the pool's options. It only reads.
+pub(super) enum Witness {
+    Idle(PoolConnection<Postgres>),
+    New(PgConnection),
+}
+
+impl Witness {
+    /// Takes an idle pool connection, else opens one within `timeout` (opened while the lock
+    /// session takes its own connection, so a slow link pays for one connect, not two). Best
+    /// effort: `None` if none can be had (the server is at `max_connections`, say), and the
+    /// other checks still run.
+    pub(super) async fn open(pool: &PgPool, timeout: Duration) -> Option<Witness> {
+        if let Some(idle) = pool.try_acquire() {
+            return Some(Witness::Idle(idle));
+        }
+        let options = pool.connect_options();
+        match tokio::time::timeout(timeout, PgConnection::connect_with(&options)).await {
+            Ok(Ok(new)) => Some(Witness::New(new)),
+            Ok(Err(error)) => {
+                tracing::debug!(
+                    error = &error as &dyn std::error::Error,
+                    "no witness for the lock session's server backend check"
+                );
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Whether this witness, asking now, finds the session `marker` or the backend `pid`
+    /// (see [`check_own_server_session`], step 2). A witness that fails to ask sees nothing.
+    async fn shares_backend(mut self, marker: &str, pid: i32) -> bool {
+        // The marker is a random hex string: safe to splice, on the simple query protocol.
+        let query = format!(
+            "SELECT current_setting('{SESSION_MARKER}', true) = '{marker}' \
+             OR pg_backend_pid() = {pid}"
+        );
+        let connection: &mut PgConnection = match &mut self {
+            Witness::Idle(idle) => idle,
+            Witness::New(new) => new,
+        };
+        let answer = sqlx::Executor::fetch_one(connection, sqlx::raw_sql(&query)).await;
+        if let Witness::New(new) = self {
+            let _ = new.close().await;
+        }
+        match answer.and_then(|row| row.try_get::<Option<bool>, _>(0)) {
+            Ok(shared) => shared.unwrap_or(false),
+            Err(error) => {
+                tracing::debug!(
+                    error = &error as &dyn std::error::Error,
+                    "the lock session's witness could not ask"
+                );
+                false
+            }
+        }
+    }
 }
 
 /// Refuses a connection whose server backend is not its own for the connection's lifetime: a
@@ -68,9 +128,9 @@ pub(super) async fn prepare_session(
 /// earlier user dropped a query future after sqlx had sent the `Parse` of a named statement
 /// but before sqlx cached it. The session then fails to open and closes that connection; the
 /// next attempt takes another.
-async fn check_own_server_session(
+pub(super) async fn check_own_server_session(
     connection: &mut PgConnection,
-    pool: &PgPool,
+    witness: Option<Witness>,
 ) -> Result<(), sqlx::Error> {
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let cached = connection.cached_statements_size() as i64;
@@ -100,7 +160,11 @@ async fn check_own_server_session(
              connection made {cached}"
         )));
     }
-    if witness_shares_backend(pool, &marker, pid).await {
+    let witnessed = match witness {
+        Some(witness) => witness.shares_backend(&marker, pid).await,
+        None => false,
+    };
+    if witnessed {
         return Err(shared_backend(
             "another client of the same server was given its server backend between two of \
              its statements",
@@ -121,39 +185,6 @@ async fn check_own_server_session(
         ));
     }
     Ok(())
-}
-
-/// Whether another client of the server, asking now, finds our session `marker` or backend
-/// `pid` (see [`check_own_server_session`], step 2). The witness only reads: an idle pool
-/// connection goes back to the pool as it was; a new one is closed. Best effort: a witness
-/// that cannot connect or ask (the server is at `max_connections`, say) sees nothing, and the
-/// other checks still run.
-async fn witness_shares_backend(pool: &PgPool, marker: &str, pid: i32) -> bool {
-    // The marker is a random hex string: safe to splice, on the simple query protocol.
-    let query = format!(
-        "SELECT current_setting('{SESSION_MARKER}', true) = '{marker}' OR pg_backend_pid() = {pid}"
-    );
-    let answer = match pool.try_acquire() {
-        Some(mut idle) => sqlx::Executor::fetch_one(&mut *idle, sqlx::raw_sql(&query)).await,
-        None => match PgConnection::connect_with(&pool.connect_options()).await {
-            Ok(mut new) => {
-                let answer = sqlx::Executor::fetch_one(&mut new, sqlx::raw_sql(&query)).await;
-                let _ = new.close().await;
-                answer
-            }
-            Err(error) => Err(error),
-        },
-    };
-    match answer.and_then(|row| row.try_get::<Option<bool>, _>(0)) {
-        Ok(shared) => shared.unwrap_or(false),
-        Err(error) => {
-            tracing::debug!(
-                error = &error as &dyn std::error::Error,
-                "no witness for the lock session's server backend check"
-            );
-            false
-        }
-    }
 }
 
 /// Ends the transaction block that [`check_own_server_session`] left open, then sets the

@@ -36,7 +36,7 @@ use self::handle::{Command, Reply};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
-use super::setup::prepare_session;
+use super::setup::{apply_settings_and_check_fencing, check_own_server_session, Witness};
 use super::sql::Statements;
 use super::statement_errors::is_statement_error;
 use super::timing::SessionSettings;
@@ -524,21 +524,27 @@ impl Session {
         Err(Failure::SessionLost(error))
     }
 
-    /// Takes a connection from the pool and sets it up as a lock session: within
-    /// `command_timeout` for taking the connection, and again for its setup statements (the
-    /// session settings and the fencing epoch check), so that a slow link that allows each step
-    /// is not failed by their sum.
+    /// Takes a connection from the pool (and a witness beside it) and sets it up as a lock
+    /// session: within `command_timeout` for taking the connection, again for the check that
+    /// its server backend is its own, and again for its settings and the fencing epoch check,
+    /// so that a slow link that allows each step is not failed by their sum.
     async fn connect(&mut self) -> Result<SessionConnection, LockError> {
         let timeout = self.settings.command_timeout;
         let (names, values) = self.settings.server_settings();
         let started = Instant::now();
         let what = "taking a connection for a PostgreSQL lock session";
-        let mut connection = within(timeout, what, self.pool.acquire()).await?;
+        let (connection, witness) = tokio::join!(
+            within(timeout, what, self.pool.acquire()),
+            Witness::open(&self.pool, timeout)
+        );
+        let mut connection = connection?;
         // Whatever happens from here on, this connection is never returned to the pool.
         connection.close_on_drop();
         let mut connection = SessionConnection(Some(connection));
         let conn = connection.get_mut().expect("just stored");
-        let set_up = prepare_session(conn, &self.pool, &names, &values, &self.sql);
+        let what = "checking that a PostgreSQL lock session has a server backend of its own";
+        within(timeout, what, check_own_server_session(conn, witness)).await?;
+        let set_up = apply_settings_and_check_fencing(conn, &names, &values, &self.sql);
         within(timeout, "setting up a PostgreSQL lock session", set_up).await?;
         tracing::debug!("opened a PostgreSQL lock session");
         self.bound
