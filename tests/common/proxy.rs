@@ -26,7 +26,8 @@ pub struct FaultProxy {
     address: SocketAddr,
     faults: watch::Sender<Faults>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
-    upstream: SocketAddr,
+    /// Where new connections go; open ones stay where they went.
+    upstream: Arc<Mutex<SocketAddr>>,
 }
 
 impl FaultProxy {
@@ -44,7 +45,7 @@ impl FaultProxy {
             address,
             faults,
             acceptor: Mutex::new(None),
-            upstream,
+            upstream: Arc::new(Mutex::new(upstream)),
         });
         proxy.spawn_acceptor(listener);
         proxy
@@ -53,6 +54,12 @@ impl FaultProxy {
     /// Where clients connect.
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Sends new connections to `upstream` from now on, as a DNS name re-pointed after a
+    /// failover does; connections already open stay with the old server.
+    pub fn repoint(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
     }
 
     /// Delays every forwarded chunk by `latency`.
@@ -94,13 +101,14 @@ impl FaultProxy {
 
     fn spawn_acceptor(&self, listener: TcpListener) {
         let faults = self.faults.clone();
-        let upstream = self.upstream;
+        let upstream = Arc::clone(&self.upstream);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
                 let faults = faults.subscribe();
+                let upstream = *upstream.lock().unwrap();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         forward_connection(client, server, faults).await;

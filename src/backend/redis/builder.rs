@@ -15,6 +15,8 @@ use crate::{LockConfig, LockError, MAX_DURATION};
 
 /// The default timeout of every Redis command.
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default age at which the command connection is replaced by a new one.
+const DEFAULT_CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
 /// The default time a key's fencing counter outlives its last acquire.
 const DEFAULT_FENCE_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -44,6 +46,7 @@ pub struct RedisDistributedLockBuilder {
     config: LockConfig,
     key_prefix: String,
     command_timeout: Duration,
+    connection_max_age: Duration,
     fence_retention: Duration,
     auto_extend: Option<AutoExtend>,
     wake_client: Option<redis::Client>,
@@ -56,6 +59,7 @@ impl RedisDistributedLockBuilder {
             config: LockConfig::new(),
             key_prefix: DEFAULT_PREFIX.to_owned(),
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            connection_max_age: DEFAULT_CONNECTION_MAX_AGE,
             fence_retention: DEFAULT_FENCE_RETENTION,
             auto_extend: None,
             wake_client: None,
@@ -75,10 +79,21 @@ impl RedisDistributedLockBuilder {
         self
     }
 
-    /// The timeout of every Redis command, including taking a connection from the pool
-    /// (default 1 s). A command that runs out of time fails with [`LockError::BackendError`].
+    /// The timeout of every Redis command, including opening a connection (default 1 s). A
+    /// command that runs out of time fails with [`LockError::BackendError`].
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
+        self
+    }
+
+    /// How long the lock uses one connection before it opens a new one (default 60 s). The
+    /// lock's commands share one multiplexed connection made by the pool's manager; it is
+    /// replaced at once after a connection failure or an answer that the server is not the
+    /// primary (`READONLY`, `MASTERDOWN`, `LOADING`, `CLUSTERDOWN`, `MOVED`, `ASK`), and at
+    /// the latest at this age, so that a process follows a failover behind a DNS name even when
+    /// the old primary still answers as one.
+    pub fn connection_max_age(mut self, age: Duration) -> Self {
+        self.connection_max_age = age;
         self
     }
 
@@ -107,13 +122,14 @@ impl RedisDistributedLockBuilder {
     /// Checks the settings and builds the lock. The [`LockConfig`] is checked too.
     ///
     /// Returns [`LockError::InvalidConfig`] for a prefix with braces or longer than 256 bytes,
-    /// a zero or overlong command timeout or fence retention, bad [`AutoExtend`] settings, or
+    /// a zero or overlong command timeout, connection age or fence retention, bad [`AutoExtend`] settings, or
     /// an invalid [`LockConfig`].
     pub fn build(self) -> Result<RedisDistributedLock, LockError> {
         self.config.validate()?;
         validate_prefix(&self.key_prefix)?;
         for (name, value) in [
             ("command_timeout", self.command_timeout),
+            ("connection_max_age", self.connection_max_age),
             ("fence_retention", self.fence_retention),
         ] {
             validate_duration(name, value, Duration::from_millis(1), MAX_DURATION)?;
@@ -126,7 +142,11 @@ impl RedisDistributedLockBuilder {
             .map(|client| WakeHub::new(client, self.command_timeout));
         Ok(RedisDistributedLock {
             shared: Arc::new(Shared {
-                connections: Connections::new(self.pool, self.command_timeout),
+                connections: Connections::new(
+                    self.pool,
+                    self.command_timeout,
+                    self.connection_max_age,
+                ),
                 prefix: self.key_prefix,
                 config: self.config,
                 fence_retention: self.fence_retention,
@@ -143,6 +163,7 @@ impl std::fmt::Debug for RedisDistributedLockBuilder {
             .field("config", &self.config)
             .field("key_prefix", &self.key_prefix)
             .field("command_timeout", &self.command_timeout)
+            .field("connection_max_age", &self.connection_max_age)
             .field("fence_retention", &self.fence_retention)
             .field("auto_extend", &self.auto_extend)
             .field("wake_on_release", &self.wake_client.is_some())

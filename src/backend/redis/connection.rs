@@ -1,42 +1,63 @@
-//! The command connection: one multiplexed connection borrowed from the pool and reused, with
-//! the lock's command timeout on every command.
+//! The command connection: one multiplexed connection made by the pool's manager and reused,
+//! with the lock's command timeout on every command, re-opened after a connection failure, a
+//! failover, or a maximum age.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bb8::Pool;
 use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
-use redis::RedisError;
+use redis::{ErrorKind, RedisError};
 
 use super::scripts::{run_script, Arg, LuaScript};
 use crate::LockError;
 
 /// Hands out the multiplexed connection every command of this lock goes over.
 ///
-/// bb8-redis pools `MultiplexedConnection`s, which are cheap handles that pipeline concurrent
-/// requests over one socket. Checking one out of the pool per command would cost a `PING` per
-/// command (bb8 tests connections on checkout by default), so the first command clones a
-/// connection out of the pool and later commands reuse the clone. A command that fails for a
-/// connection reason (I/O, closed connection, timeout) drops the clone; the next command takes
-/// a fresh one from the pool.
+/// A `MultiplexedConnection` pipelines concurrent requests over one socket, so one is enough;
+/// it is made by the pool's manager ([`Pool::dedicated_connection`]: the same URL, credentials
+/// and database) but kept outside the pool, and reused by every command. Checking one out of
+/// the pool per command would cost a `PING` per command (bb8 tests connections on checkout), and
+/// a pooled connection could come back after a failover still pointing at the old primary.
 ///
-/// Timeouts: taking a connection from the pool is bounded by the command timeout, and the
-/// clone's response timeout is set to it, so every command (each `EVALSHA`, and the
-/// `SCRIPT LOAD` after a `NOSCRIPT`) fails with [`LockError::BackendError`] when Redis does not
-/// answer in time.
+/// The connection is dropped, and the next command opens a new one (resolving the URL's host
+/// again, as DNS-based failover needs), when a command fails for a connection reason (I/O,
+/// closed connection, timeout), when the server answers that it is not the primary that can
+/// take the command (`READONLY`, `MASTERDOWN`, `LOADING`, `CLUSTERDOWN`, `MOVED`, `ASK`: a
+/// failover or a resharding happened behind the address), and once it is older than
+/// `max_age`, so a process follows a failover that left the old primary answering.
+///
+/// Timeouts: opening a connection is bounded by the command timeout, and the connection's
+/// response timeout is set to it, so every command (each `EVALSHA`, and the `SCRIPT LOAD`
+/// after a `NOSCRIPT`) fails with [`LockError::BackendError`] when Redis does not answer in
+/// time.
 pub(crate) struct Connections {
     pool: Pool<RedisConnectionManager>,
-    current: Mutex<Option<MultiplexedConnection>>,
+    current: Mutex<Option<Current>>,
     timeout: Duration,
+    max_age: Duration,
+}
+
+/// The connection in use and when it was opened.
+struct Current {
+    connection: MultiplexedConnection,
+    opened_at: Instant,
 }
 
 impl Connections {
-    pub(crate) fn new(pool: Pool<RedisConnectionManager>, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        pool: Pool<RedisConnectionManager>,
+        timeout: Duration,
+        max_age: Duration,
+    ) -> Self {
         Connections {
             pool,
             current: Mutex::new(None),
             timeout,
+            max_age,
         }
     }
 
@@ -44,22 +65,25 @@ impl Connections {
         self.timeout
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
         self.current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The shared connection, taken from the pool (within the command timeout) if there is
-    /// none yet.
+    /// The shared connection, opened (within the command timeout) if there is none yet or it
+    /// has reached its maximum age.
     pub(crate) async fn connection(&self) -> Result<MultiplexedConnection, LockError> {
-        if let Some(connection) = self.slot().as_ref() {
-            return Ok(connection.clone());
+        if let Some(current) = self
+            .slot()
+            .as_ref()
+            .filter(|current| current.opened_at.elapsed() < self.max_age)
+        {
+            return Ok(current.connection.clone());
         }
-        let pooled = match tokio::time::timeout(self.timeout, self.pool.get()).await {
-            Ok(Ok(pooled)) => pooled,
-            // The redis client's own error, not bb8's wrapper (which would show it twice).
-            Ok(Err(bb8::RunError::User(error))) => return Err(LockError::backend(error)),
+        let opened = tokio::time::timeout(self.timeout, self.pool.dedicated_connection()).await;
+        let mut connection = match opened {
+            Ok(Ok(connection)) => connection,
             Ok(Err(error)) => return Err(LockError::backend(error)),
             Err(_) => {
                 tracing::warn!(timeout = ?self.timeout, "no redis connection within the command timeout");
@@ -69,10 +93,11 @@ impl Connections {
                 )));
             }
         };
-        let mut connection = MultiplexedConnection::clone(&pooled);
-        drop(pooled);
         connection.set_response_timeout(self.timeout);
-        *self.slot() = Some(connection.clone());
+        *self.slot() = Some(Current {
+            connection: connection.clone(),
+            opened_at: Instant::now(),
+        });
         Ok(connection)
     }
 
@@ -106,10 +131,21 @@ impl Connections {
             || error.is_io_error()
             || error.is_connection_dropped()
             || error.is_unrecoverable_error()
+            || is_not_the_primary(&error)
         {
-            tracing::debug!(what, %error, "redis connection failed; the next command reconnects");
+            tracing::debug!(what, %error, "redis connection failed or points at the wrong server; the next command reconnects");
             *self.slot() = None;
         }
         LockError::backend(error)
     }
+}
+
+/// The server behind the address is not (or not yet) the primary that takes this command: a
+/// replica after a failover, a node still loading its data, a cluster that moved the slot.
+fn is_not_the_primary(error: &RedisError) -> bool {
+    use redis::ServerErrorKind::{Ask, BusyLoading, ClusterDown, MasterDown, Moved, ReadOnly};
+    matches!(
+        error.kind(),
+        ErrorKind::Server(ReadOnly | MasterDown | BusyLoading | ClusterDown | Moved | Ask)
+    )
 }
