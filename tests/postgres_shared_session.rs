@@ -288,10 +288,8 @@ fn callers_on_many_threads_share_one_session() {
             .network_timeout(Duration::from_secs(300))
     }));
     // The session task starts on the runtime of the first operation: make that this one.
-    home.block_on(pg_support::take_and_release(
-        &lock,
-        &format!("{prefix}first"),
-    ));
+    let first = format!("{prefix}first");
+    home.block_on(pg_support::take_and_release(&lock, &first));
     let worker = |lock: PostgresDistributedLock, name: String| async move {
         let mut slowest = Duration::ZERO;
         for round in 0..ROUNDS {
@@ -304,14 +302,17 @@ fn callers_on_many_threads_share_one_session() {
         }
         slowest
     };
+    let plain: Vec<String> = (0..2).map(|i| format!("{prefix}plain{i}")).collect();
+    let elsewhere = format!("{prefix}elsewhere");
+    let home_workers: Vec<String> = (0..6).map(|i| format!("{prefix}home{i}")).collect();
     let mut slowest = Vec::new();
     std::thread::scope(|scope| {
         let mut threads = Vec::new();
-        for plain in 0..2 {
-            let (lock, name) = (lock.clone(), format!("{prefix}plain{plain}"));
+        for name in &plain {
+            let (lock, name) = (lock.clone(), name.clone());
             threads.push(scope.spawn(move || futures::executor::block_on(worker(lock, name))));
         }
-        let (lock_elsewhere, name) = (lock.clone(), format!("{prefix}elsewhere"));
+        let (lock_elsewhere, name) = (lock.clone(), elsewhere.clone());
         threads.push(scope.spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -319,8 +320,9 @@ fn callers_on_many_threads_share_one_session() {
                 .unwrap()
                 .block_on(worker(lock_elsewhere, name))
         }));
-        let home_tasks: Vec<_> = (0..6)
-            .map(|task| home.spawn(worker(lock.clone(), format!("{prefix}home{task}"))))
+        let home_tasks: Vec<_> = home_workers
+            .iter()
+            .map(|name| home.spawn(worker(lock.clone(), name.clone())))
             .collect();
         for task in home_tasks {
             slowest.push(home.block_on(task).unwrap());
@@ -334,15 +336,32 @@ fn callers_on_many_threads_share_one_session() {
         slowest < NO_LOST_WAKE_UP,
         "an operation took {slowest:?}: it waited for a timer"
     );
+    // Every worker took and released each of its three keys: none is left on the server.
     home.block_on(async {
         let mut admin = pg_support::admin().await;
-        for name in ["plain0", "plain1", "elsewhere", "home0", "home5"] {
-            for n in 0..3 {
-                let key = format!("{prefix}{name}:{n}");
-                assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
-            }
+        let worker_keys = plain
+            .iter()
+            .chain([&elsewhere])
+            .chain(&home_workers)
+            .flat_map(|name| (0..3).map(move |n| format!("{name}:{n}")));
+        for key in std::iter::once(first).chain(worker_keys) {
+            assert_eq!(
+                pg_support::advisory_locks(&mut admin, &key).await,
+                0,
+                "{key} is still locked on the server"
+            );
         }
     });
+}
+
+/// Starts `operation` on a plain thread, outside any runtime, and runs it to completion there.
+fn outside<T: Send, F: Future<Output = T>>(operation: impl FnOnce() -> F + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| futures::executor::block_on(operation()))
+            .join()
+            .unwrap()
+    })
 }
 
 /// A session starts on the runtime of its first operation. A first operation outside any
@@ -354,35 +373,28 @@ fn a_first_operation_outside_any_runtime_is_refused_cleanly() {
     let key = format!("{prefix}key");
     let home = runtime();
     let lock = home.block_on(one_session_lock(LockConfig::new()));
-    let outside = |lock: &PostgresDistributedLock| {
-        let lock = lock.clone();
-        let key = key.clone();
-        std::thread::spawn(move || {
-            futures::executor::block_on(async {
-                match lock.try_acquire(&key).await {
-                    Ok(guard) => guard.release().await.map(|()| true),
-                    Err(error) => Err(error),
-                }
-            })
+    let held_on_server = |expected: i64| {
+        home.block_on(async {
+            let mut admin = pg_support::admin().await;
+            assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, expected);
+            assert_eq!(lock.is_locked(&key).await.unwrap(), expected == 1);
         })
-        .join()
-        .unwrap()
     };
-    match outside(&lock) {
+    match outside(|| lock.try_acquire(&key)) {
         Err(LockError::BackendError(error)) => {
             assert!(error.to_string().contains("runtime"), "{error}")
         }
         other => panic!("expected a BackendError, got {other:?}"),
     }
-    home.block_on(async {
-        let mut admin = pg_support::admin().await;
-        assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 0);
-        assert!(!lock.is_locked(&key).await.unwrap());
-    });
-    assert!(
-        outside(&lock).unwrap(),
-        "the running session serves callers outside any runtime"
-    );
+    held_on_server(0);
+
+    // `is_locked` above started the session on `home`: now a caller outside any runtime takes
+    // the key (the server sees it held) and releases it (the server sees it free).
+    let guard = outside(|| lock.try_acquire(&key))
+        .expect("the running session serves callers outside any runtime");
+    held_on_server(1);
+    outside(|| guard.release()).expect("a release from outside any runtime");
+    held_on_server(0);
 }
 
 /// A caller that was polled once and then parked must not hold up another caller that waits
