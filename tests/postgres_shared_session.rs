@@ -552,23 +552,30 @@ async fn a_statement_that_overruns_keeps_the_other_locks_on_the_session() {
     )
     .await;
     // The waiter's flag statement is a try: it never queues on the server (which would hold
-    // up every other key of the session until the server's timeout).
-    let waiting = tokio::spawn({
-        let (lock, victim) = (lock.clone(), victim.clone());
-        async move { lock.acquire(&victim).await }
-    });
-    while !waiting.is_finished() {
-        assert_eq!(
-            pg_support::queued_flags(&mut admin, &victim).await,
-            0,
-            "a flag statement waits inside the server"
-        );
-    }
-    let waited = waiting.await.unwrap();
-    assert!(
-        matches!(waited, Err(LockError::Timeout | LockError::BackendError(_))),
-        "{waited:?}"
-    );
+    // up every other key of the session until the server's timeout). The waiter is refused the
+    // flag, polls, and runs out of its budget (Timeout); a flag statement that waited on the
+    // server would end in the server's own timeout instead (BackendError). Until the waiter
+    // ends, no flag request of the key waits on the server.
+    let waiting = lock.acquire(&victim);
+    let mut watcher = pg_support::admin().await;
+    let watch_the_queue = async {
+        loop {
+            assert_eq!(
+                pg_support::queued_flags(&mut watcher, &victim).await,
+                0,
+                "a flag statement waits inside the server"
+            );
+        }
+    };
+    let waited = tokio::time::timeout(NO_DEADLOCK, async {
+        tokio::select! {
+            waited = waiting => waited,
+            _ = watch_the_queue => unreachable!("the watch ends only by failing the test"),
+        }
+    })
+    .await
+    .expect("the waiter ends within its budget");
+    assert!(matches!(waited, Err(LockError::Timeout)), "{waited:?}");
     check_bystanders(3, &guards);
     for key in &bystanders {
         assert_eq!(pg_support::advisory_locks(&mut admin, key).await, 1);
