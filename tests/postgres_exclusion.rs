@@ -210,11 +210,9 @@ async fn a_waiter_elsewhere_is_woken_by_the_release() {
         for _ in 0..2 {
             let guard = holder.acquire(key).await.unwrap();
             let token = guard.fencing_token();
-            let waiting = {
-                let (waiter, key) = (waiter.clone(), key.clone());
-                tokio::spawn(async move { waiter.acquire(&key).await })
-            };
-            pg_support::wait_for_flag(&mut admin, key, Duration::from_secs(5)).await;
+            let (waiting, _) =
+                pg_support::spawn_flagged_waiter(&waiter, key, &mut admin, Duration::from_secs(5))
+                    .await;
             guard.release().await.unwrap();
             let next = tokio::time::timeout(Duration::from_secs(4), waiting)
                 .await

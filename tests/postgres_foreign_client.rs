@@ -156,11 +156,8 @@ async fn the_documented_release_notifies_a_waiting_crate_client() {
     let mut foreign = connect().await;
 
     let token = sql.lock(&mut foreign, advisory).await.expect("free key");
-    let waiter = {
-        let (lock, key) = (lock.clone(), key.clone());
-        tokio::spawn(async move { lock.acquire(&key).await })
-    };
-    pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(10)).await;
+    let (waiter, _) =
+        pg_support::spawn_flagged_waiter(&lock, &key, &mut admin, Duration::from_secs(10)).await;
     assert_eq!(sql.unlock(&mut foreign, advisory).await, (true, true));
     let guard = waiter.await.unwrap().expect("the waiter takes the key");
     assert!(guard.fencing_token() > token as u64);

@@ -183,14 +183,15 @@ async fn a_session_is_idle_from_the_end_of_its_last_wait() {
     .await;
     let admin = tokio::sync::Mutex::new(pg_support::admin().await);
 
-    let waiting = waiter.acquire(&key);
-    let pid = {
-        let mut watcher = pg_support::admin().await;
-        let flagged = pg_support::wait_for_flag(&mut watcher, &key, Duration::from_secs(10));
-        let (outcome, pid) = tokio::join!(waiting, flagged);
-        assert!(matches!(outcome, Err(LockError::Timeout)));
-        pid
-    };
+    let (waiting, pid) = pg_support::spawn_flagged_waiter(
+        &waiter,
+        &key,
+        &mut *admin.lock().await,
+        Duration::from_secs(10),
+    )
+    .await;
+    let outcome = waiting.await.unwrap();
+    assert!(matches!(outcome, Err(LockError::Timeout)), "{outcome:?}");
     // The wait is over once its flag is gone.
     common::wait::assert_eventually("the waiter flag was cleared", || async {
         pg_support::flag_holders(&mut *admin.lock().await, &key)

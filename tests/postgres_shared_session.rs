@@ -664,12 +664,9 @@ fn a_lock_first_used_on_a_runtime_that_shut_down_works_on_a_new_one() {
         let key = format!("{prefix}warm");
         let other = pg_support::lock(LockConfig::new()).await;
         let held = other.try_acquire(&key).await.unwrap();
-        let waiting = tokio::spawn({
-            let (lock, key) = (lock.clone(), key.clone());
-            async move { lock.acquire(&key).await }
-        });
         let mut admin = pg_support::admin().await;
-        pg_support::wait_for_flag(&mut admin, &key, NO_DEADLOCK).await;
+        let (waiting, _) =
+            pg_support::spawn_flagged_waiter(&lock, &key, &mut admin, NO_DEADLOCK).await;
         held.release().await.unwrap();
         waiting.await.unwrap().unwrap().release().await.unwrap();
         lock
@@ -688,12 +685,9 @@ fn a_lock_first_used_on_a_runtime_that_shut_down_works_on_a_new_one() {
         let key = format!("{prefix}notified");
         let other = pg_support::lock(LockConfig::new()).await;
         let held = other.try_acquire(&key).await.unwrap();
-        let waiting = tokio::spawn({
-            let (lock, key) = (lock.clone(), key.clone());
-            async move { lock.acquire(&key).await }
-        });
         let mut admin = pg_support::admin().await;
-        pg_support::wait_for_flag(&mut admin, &key, NO_DEADLOCK).await;
+        let (waiting, _) =
+            pg_support::spawn_flagged_waiter(&lock, &key, &mut admin, NO_DEADLOCK).await;
         held.release().await.unwrap();
         let let_go = std::time::Instant::now();
         waiting.await.unwrap().unwrap().release().await.unwrap();

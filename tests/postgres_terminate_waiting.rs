@@ -26,11 +26,9 @@ async fn the_holders_session_terminated_hands_the_key_to_the_waiter() {
     let mut admin = pg_support::admin().await;
 
     let held = holder_lock.acquire(&key).await.unwrap();
-    let waiter = tokio::spawn({
-        let (lock, key) = (waiter_lock.clone(), key.clone());
-        async move { lock.acquire(&key).await }
-    });
-    pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(5)).await;
+    let (waiter, _) =
+        pg_support::spawn_flagged_waiter(&waiter_lock, &key, &mut admin, Duration::from_secs(5))
+            .await;
     let holder_pid = pg_support::holders(&mut admin, &key).await[0];
     let terminated_at = Instant::now();
     pg_support::terminate(&mut admin, holder_pid).await;
@@ -61,11 +59,9 @@ async fn a_waiter_whose_session_is_terminated_still_gets_the_key_within_its_budg
 
     let held = holder_lock.acquire(&key).await.unwrap();
     let started = Instant::now();
-    let waiter = tokio::spawn({
-        let (lock, key) = (waiter_lock.clone(), key.clone());
-        async move { lock.acquire(&key).await }
-    });
-    let waiter_pid = pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(5)).await;
+    let (waiter, waiter_pid) =
+        pg_support::spawn_flagged_waiter(&waiter_lock, &key, &mut admin, Duration::from_secs(5))
+            .await;
     pg_support::terminate(&mut admin, waiter_pid).await;
     // The terminated session's flag went with it (the waiter may already have flagged the key
     // again from a new session).

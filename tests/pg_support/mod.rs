@@ -7,8 +7,11 @@ pub mod pgbouncer;
 
 use std::time::Duration;
 
-use k1s0_distributed_lock::{LockConfig, PostgresDistributedLock, PostgresDistributedLockBuilder};
+use k1s0_distributed_lock::{
+    LockConfig, LockError, LockGuard, PostgresDistributedLock, PostgresDistributedLockBuilder,
+};
 use sqlx::{Connection, PgConnection, PgPool};
+use tokio::task::JoinHandle;
 
 use crate::common;
 
@@ -111,6 +114,24 @@ pub async fn wait_for_flag(admin: &mut PgConnection, key: &str, within: Duration
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Spawns `lock.acquire(key)` while another process holds `key`, and waits up to `within`
+/// until the waiter's flag is set on the server (it waits there now). Returns the waiting task
+/// and the pid of the session that holds the flag.
+pub async fn spawn_flagged_waiter(
+    lock: &PostgresDistributedLock,
+    key: &str,
+    admin: &mut PgConnection,
+    within: Duration,
+) -> (JoinHandle<Result<LockGuard, LockError>>, i32) {
+    use k1s0_distributed_lock::DistributedLock;
+    let waiting = tokio::spawn({
+        let (lock, key) = (lock.clone(), key.to_owned());
+        async move { lock.acquire(&key).await }
+    });
+    let pid = wait_for_flag(admin, key, within).await;
+    (waiting, pid)
 }
 
 /// Statements that remove what a test created in the shared database, run when this is
