@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, PostgresDistributedLock};
 use sqlx::postgres::PgListener;
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 
 /// The `sql` blocks of the foreign-client section, in order.
 struct DocumentedSql {
@@ -59,12 +59,6 @@ fn flag_halves(key: i64) -> (i32, i32) {
 fn pg_locks_halves(key: i64) -> (i64, i64) {
     let bits = key as u64;
     ((bits >> 32) as i64, (bits & 0xffff_ffff) as i64)
-}
-
-async fn connect() -> PgConnection {
-    PgConnection::connect(&common::postgres_url().await)
-        .await
-        .expect("connect")
 }
 
 fn config() -> LockConfig {
@@ -117,7 +111,7 @@ async fn a_foreign_client_and_the_crate_exclude_each_other() {
     let key = format!("{}order", common::unique_prefix("pg_foreign_excl"));
     let advisory = PostgresDistributedLock::advisory_key(&key);
     let lock = pg_support::lock(config()).await;
-    let mut foreign = connect().await;
+    let mut foreign = pg_support::admin().await;
 
     let crate_guard = lock.try_acquire(&key).await.unwrap();
     sqlx::raw_sql(&sql.epoch_check)
@@ -153,7 +147,7 @@ async fn the_documented_release_notifies_a_waiting_crate_client() {
     let advisory = PostgresDistributedLock::advisory_key(&key);
     let lock = pg_support::lock(config()).await;
     let mut admin = pg_support::admin().await;
-    let mut foreign = connect().await;
+    let mut foreign = pg_support::admin().await;
 
     let token = sql.lock(&mut foreign, advisory).await.expect("free key");
     let (waiter, _) =
@@ -173,7 +167,7 @@ async fn a_foreign_waiter_is_notified_by_the_crate_release() {
     let advisory = PostgresDistributedLock::advisory_key(&key);
     let lock = pg_support::lock(config()).await;
     let mut admin = pg_support::admin().await;
-    let mut foreign = connect().await;
+    let mut foreign = pg_support::admin().await;
     let mut listener = PgListener::connect(&common::postgres_url().await)
         .await
         .unwrap();
@@ -238,7 +232,7 @@ async fn a_plain_pg_advisory_lock_client_excludes_the_crate() {
     let key = format!("{}order", common::unique_prefix("pg_foreign_plain"));
     let advisory = PostgresDistributedLock::advisory_key(&key);
     let lock = pg_support::lock(config()).await;
-    let mut plain = connect().await;
+    let mut plain = pg_support::admin().await;
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(advisory)
         .execute(&mut plain)

@@ -36,7 +36,8 @@ pub async fn one_session_lock(
         .expect("valid lock options")
 }
 
-/// A connection outside every lock service, to look at the server's lock table.
+/// A plain connection outside every lock service: to look at the server's lock table, or to
+/// play a client that is not this crate.
 pub async fn admin() -> PgConnection {
     PgConnection::connect(&common::postgres_url().await)
         .await
