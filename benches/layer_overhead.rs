@@ -30,7 +30,7 @@
 
 mod support;
 
-use support::median;
+use support::{env_number, median};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -206,10 +206,9 @@ fn lock_layer<B: DistributedLock>(lock: B) -> LockLayer<B> {
 #[cfg(feature = "redis")]
 async fn redis_lock() -> k1s0_distributed_lock::RedisDistributedLock {
     use k1s0_distributed_lock::bb8_redis::{bb8::Pool, RedisConnectionManager};
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let pool = Pool::builder()
         .max_size(10)
-        .build(RedisConnectionManager::new(url).expect("redis url"))
+        .build(RedisConnectionManager::new(support::redis_url()).expect("redis url"))
         .await
         .expect("redis pool");
     // A distinct key per request leaves a fencing counter per key for the retention time:
@@ -222,16 +221,10 @@ async fn redis_lock() -> k1s0_distributed_lock::RedisDistributedLock {
 
 #[cfg(feature = "postgres")]
 async fn postgres_lock() -> k1s0_distributed_lock::PostgresDistributedLock {
-    let url = std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(10)
-        .connect(&url)
-        .await
-        .expect("connect to PostgreSQL");
-    k1s0_distributed_lock::PostgresDistributedLock::new(pool, LockConfig::new())
+    k1s0_distributed_lock::PostgresDistributedLock::new(
+        support::pg::pool(10).await,
+        LockConfig::new(),
+    )
 }
 
 /// The apps to measure, by name: bare axum, then the layer on each backend of this build.
@@ -302,16 +295,6 @@ fn wrk_wanted() -> bool {
         println!("layer_wrk: not run (the filter {filters:?} leaves it out)");
     }
     wanted
-}
-
-/// Whole seconds from the environment variable `name`, or `default`.
-fn env_number(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}: a whole number")),
-        Err(_) => default,
-    }
 }
 
 /// One app on one server, with what each round measured.

@@ -17,33 +17,18 @@
 //! Run: `cargo bench --all-features --bench postgres`
 mod support;
 
-use support::pg::raw_cycle;
+use support::pg::{self, raw_cycle};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgConnection;
 use tokio::runtime::Runtime;
 
-const LOCAL_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-fn url() -> String {
-    std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-        .unwrap_or_else(|| LOCAL_URL.to_owned())
-}
-
-async fn pool() -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(10)
-        .connect(&url())
-        .await
-        .expect("connect to PostgreSQL")
-}
+/// The pool every lock service here runs on.
+const POOL_SIZE: u32 = 10;
 
 fn unique_key(name: &str) -> String {
     format!("bench:{name}:{}", uuid::Uuid::new_v4().simple())
@@ -100,8 +85,8 @@ fn bench_cycle(c: &mut Criterion, rt: &Runtime) {
     let raw_key = PostgresDistributedLock::advisory_key(&unique_key("raw"));
     let backend_key = unique_key("backend");
     let (lock, mut raw) = rt.block_on(async {
-        let lock = PostgresDistributedLock::new(pool().await, LockConfig::new());
-        let raw = PgConnection::connect(&url()).await.unwrap();
+        let lock = PostgresDistributedLock::new(pg::pool(POOL_SIZE).await, LockConfig::new());
+        let raw = pg::connection().await;
         (lock, raw)
     });
     // Warm both (connections, prepared statements, the fencing sequence), then pin this
@@ -293,8 +278,8 @@ impl RoundMedians {
 /// (both floors run on one raw connection). `None` if pinning was asked for and is not
 /// possible.
 async fn alternating_round(pinned: bool) -> Option<RoundMedians> {
-    let lock = PostgresDistributedLock::new(pool().await, LockConfig::new());
-    let mut conn = PgConnection::connect(&url()).await.unwrap();
+    let lock = PostgresDistributedLock::new(pg::pool(POOL_SIZE).await, LockConfig::new());
+    let mut conn = pg::connection().await;
     // Lock sessions draw tokens without waiting for the disk; so does the backend's SQL here.
     sqlx::query("SET synchronous_commit = off")
         .execute(&mut conn)
@@ -459,10 +444,16 @@ fn report_handoff(rt: &Runtime) {
         .retry_interval(Duration::from_millis(100))
         .max_retries(100);
     rt.block_on(async {
-        let one = vec![PostgresDistributedLock::new(pool().await, config)];
+        let one = vec![PostgresDistributedLock::new(
+            pg::pool(POOL_SIZE).await,
+            config,
+        )];
         let mut eight = Vec::new();
         for _ in 0..8 {
-            eight.push(PostgresDistributedLock::new(pool().await, config));
+            eight.push(PostgresDistributedLock::new(
+                pg::pool(POOL_SIZE).await,
+                config,
+            ));
         }
         for (name, locks) in [("1 instance", &one), ("8 instances", &eight)] {
             // Warm-up, then the measured run.

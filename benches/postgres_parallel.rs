@@ -17,46 +17,18 @@
 //! Run: `cargo bench --all-features --bench postgres_parallel`
 mod support;
 
-use support::median;
-
-use support::pg::raw_cycle;
+use support::pg::{self, raw_cycle};
+use support::{env_number, median};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 
 const TASKS: usize = 32;
 const CONNECTIONS: u32 = 10;
-
-fn url() -> String {
-    std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-async fn pool() -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(CONNECTIONS)
-        .connect(&url())
-        .await
-        .expect("connect to PostgreSQL")
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|value| {
-            value
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}: a whole number"))
-        })
-        .unwrap_or(default)
-}
 
 /// A random advisory key per task, far from any other bench's or test's.
 fn advisory_key() -> i64 {
@@ -74,18 +46,19 @@ impl Sides {
     async fn new() -> Sides {
         let mut connections = Vec::new();
         for _ in 0..CONNECTIONS {
-            connections.push(PgConnection::connect(&url()).await.expect("connect"));
+            connections.push(pg::connection().await);
         }
+        let lock_pool = pg::pool(CONNECTIONS).await;
         Sides {
             connections,
-            pool: pool().await,
+            pool: pg::pool(CONNECTIONS).await,
             lock: match std::env::var("PG_PARALLEL_SESSIONS") {
                 // To see what each session adds: `PG_PARALLEL_SESSIONS=4`.
-                Ok(sessions) => PostgresDistributedLock::builder(pool().await, LockConfig::new())
+                Ok(sessions) => PostgresDistributedLock::builder(lock_pool, LockConfig::new())
                     .sessions(sessions.parse().expect("PG_PARALLEL_SESSIONS: a number"))
                     .build()
                     .expect("lock"),
-                Err(_) => PostgresDistributedLock::new(pool().await, LockConfig::new()),
+                Err(_) => PostgresDistributedLock::new(lock_pool, LockConfig::new()),
             },
         }
     }

@@ -13,6 +13,8 @@
 
 mod support;
 
+use support::redis_url;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,10 +30,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
-fn url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
 fn prefix() -> String {
     format!("bench:{}:", uuid::Uuid::new_v4().simple())
 }
@@ -44,7 +42,7 @@ struct RawFloor {
 
 impl RawFloor {
     async fn new() -> Self {
-        let connection = redis::Client::open(url())
+        let connection = redis::Client::open(redis_url())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -82,7 +80,7 @@ impl RawFloor {
 async fn pool() -> Pool<RedisConnectionManager> {
     Pool::builder()
         .max_size(4)
-        .build(RedisConnectionManager::new(url()).unwrap())
+        .build(RedisConnectionManager::new(redis_url()).unwrap())
         .await
         .unwrap()
 }
@@ -91,7 +89,7 @@ async fn lock(config: LockConfig) -> RedisDistributedLock {
     RedisDistributedLock::builder(pool().await)
         .config(config)
         .key_prefix(prefix())
-        .wake_on_release(redis::Client::open(url()).unwrap())
+        .wake_on_release(redis::Client::open(redis_url()).unwrap())
         .build()
         .unwrap()
 }

@@ -1,5 +1,5 @@
-//! Shared by the benchmarks: reading criterion's estimates back to print ratios, and running
-//! wrk.
+//! Shared by the benchmarks: where the servers are, settings from the environment, reading
+//! criterion's estimates back to print ratios, and running wrk.
 #![allow(dead_code)]
 
 #[cfg(feature = "postgres")]
@@ -7,6 +7,21 @@ pub mod pg;
 pub mod wrk;
 
 use std::path::PathBuf;
+
+/// The Redis server `REDIS_URL` names, or the local one this project's machines run.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The whole number in the environment variable `name`, or `default` when it is not set.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: a whole number")),
+        Err(_) => default,
+    }
+}
 
 /// The mean time per iteration, in nanoseconds, that criterion measured for `group/bench`
 /// in this run.
