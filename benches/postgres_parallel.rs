@@ -20,8 +20,7 @@ mod support;
 use support::pg::{self, raw_cycle};
 use support::{env_number, median};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
@@ -33,6 +32,39 @@ const CONNECTIONS: u32 = 10;
 /// A random advisory key per task, far from any other bench's or test's.
 fn advisory_key() -> i64 {
     rand::random::<i64>()
+}
+
+/// Spawns one task per state of `states`, each running `cycle` on its own state in a loop until
+/// `run` has passed. Returns the cycles per second of all the tasks together, and the states
+/// back in their order.
+async fn cycles_per_second<S, C, F>(states: Vec<S>, run: Duration, cycle: C) -> (f64, Vec<S>)
+where
+    S: Send + 'static,
+    C: Fn(S) -> F + Clone + Send + 'static,
+    F: Future<Output = S> + Send,
+{
+    let until = Instant::now() + run;
+    let tasks: Vec<_> = states
+        .into_iter()
+        .map(|mut state| {
+            let cycle = cycle.clone();
+            tokio::spawn(async move {
+                let mut cycles = 0_u64;
+                while Instant::now() < until {
+                    state = cycle(state).await;
+                    cycles += 1;
+                }
+                (cycles, state)
+            })
+        })
+        .collect();
+    let (mut cycles, mut states) = (0, Vec::with_capacity(tasks.len()));
+    for task in tasks {
+        let (counted, state) = task.await.unwrap();
+        cycles += counted;
+        states.push(state);
+    }
+    (cycles as f64 / run.as_secs_f64(), states)
 }
 
 /// The sides, each ready to run for a while and count its cycles.
@@ -65,72 +97,56 @@ impl Sides {
 
     /// Cycles per second of the floor: each connection in a loop of its own.
     async fn ten_connections(&mut self, run: Duration) -> f64 {
-        let count = Arc::new(AtomicU64::new(0));
-        let until = Instant::now() + run;
-        let tasks: Vec<_> = std::mem::take(&mut self.connections)
+        let states = std::mem::take(&mut self.connections)
             .into_iter()
-            .map(|mut conn| {
-                let count = Arc::clone(&count);
-                tokio::spawn(async move {
-                    let key = advisory_key();
-                    while Instant::now() < until {
-                        raw_cycle(&mut conn, key).await;
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                    conn
-                })
-            })
+            .map(|conn| (conn, advisory_key()))
             .collect();
-        for task in tasks {
-            self.connections.push(task.await.unwrap());
-        }
-        count.load(Ordering::Relaxed) as f64 / run.as_secs_f64()
+        let (per_second, states) = cycles_per_second(
+            states,
+            run,
+            |(mut conn, key): (PgConnection, i64)| async move {
+                raw_cycle(&mut conn, key).await;
+                (conn, key)
+            },
+        )
+        .await;
+        self.connections = states.into_iter().map(|(conn, _)| conn).collect();
+        per_second
     }
 
     /// Cycles per second of 32 tasks through the sqlx pool.
     async fn sqlx_pool(&self, run: Duration) -> f64 {
-        let count = Arc::new(AtomicU64::new(0));
-        let until = Instant::now() + run;
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|_| {
-                let (count, pool) = (Arc::clone(&count), self.pool.clone());
-                tokio::spawn(async move {
-                    let key = advisory_key();
-                    while Instant::now() < until {
-                        let mut conn = pool.acquire().await.unwrap();
-                        raw_cycle(&mut conn, key).await;
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
+        let states = (0..TASKS)
+            .map(|_| (self.pool.clone(), advisory_key()))
             .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
-        count.load(Ordering::Relaxed) as f64 / run.as_secs_f64()
+        let (per_second, _) =
+            cycles_per_second(states, run, |(pool, key): (PgPool, i64)| async move {
+                raw_cycle(&mut pool.acquire().await.unwrap(), key).await;
+                (pool, key)
+            })
+            .await;
+        per_second
     }
 
     /// Cycles per second of 32 tasks through the lock.
     async fn backend(&self, run: Duration) -> f64 {
-        let count = Arc::new(AtomicU64::new(0));
-        let until = Instant::now() + run;
-        let tasks: Vec<_> = (0..TASKS)
+        let states = (0..TASKS)
             .map(|_| {
-                let (count, lock) = (Arc::clone(&count), self.lock.clone());
-                tokio::spawn(async move {
-                    let key = format!("bench:parallel:{}", uuid::Uuid::new_v4().simple());
-                    while Instant::now() < until {
-                        let guard = lock.try_acquire(&key).await.unwrap();
-                        guard.release().await.unwrap();
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
+                let key = format!("bench:parallel:{}", uuid::Uuid::new_v4().simple());
+                (self.lock.clone(), key)
             })
             .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
-        count.load(Ordering::Relaxed) as f64 / run.as_secs_f64()
+        let (per_second, _) = cycles_per_second(
+            states,
+            run,
+            |(lock, key): (PostgresDistributedLock, String)| async move {
+                let guard = lock.try_acquire(&key).await.unwrap();
+                guard.release().await.unwrap();
+                (lock, key)
+            },
+        )
+        .await;
+        per_second
     }
 }
 
