@@ -523,6 +523,8 @@ impl PostgresDistributedLock {
         }
         // The flag was refused because a release was in progress: retry at once, once.
         let mut retry_now = flag.is_none();
+        // Races lost after a notification: each one shortens this waiter's random delay.
+        let mut races_lost = 0;
         loop {
             match session
                 .try_lock(claim, flag.as_ref(), ttl, Instant::now())
@@ -553,10 +555,12 @@ impl PostgresDistributedLock {
             if notified {
                 // Waiters of several processes are notified by the same release and race for
                 // the lock: the first statement to arrive wins. A random delay below the head
-                // start makes each race a fair draw, so that a process whose notifications
-                // arrive a little later does not lose every time.
-                let draw = jitter.between(Duration::ZERO, head_start);
+                // start makes each race a draw, so that a process whose notifications arrive a
+                // little later does not lose every time; a waiter that lost races draws from a
+                // shorter range, so it ages ahead of waiters that just arrived.
+                let draw = jitter.between(Duration::ZERO, head_start / (1 + races_lost));
                 tokio::time::sleep_until((Instant::now() + draw).min(deadline)).await;
+                races_lost += 1;
             }
         }
     }
