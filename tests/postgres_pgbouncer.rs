@@ -161,3 +161,26 @@ async fn session_pool_mode_locks_exclude_direct_clients_and_release() {
     direct_guard.release().await.unwrap();
     pg_support::take_and_release(&behind, &key).await;
 }
+
+/// Session mode with every PgBouncer server connection taken (the application holds one, the
+/// lock session the other) and no idle connection in the pool: the witness's new client waits
+/// in PgBouncer's queue, and that wait only costs the witness's patience, not the lock session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pool_mode_with_every_server_connection_taken_still_locks() {
+    let bouncer = PgBouncer::start("session", 2).await;
+    let pool = common::backends::postgres_pool_of(Some(bouncer.url()), 2).await;
+    let _application = pool.acquire().await.unwrap();
+    let lock = PostgresDistributedLock::builder(pool.clone(), LockConfig::new())
+        .sessions(1)
+        .command_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let key = format!("{}k", common::unique_prefix("pg_bouncer_full"));
+    let guard = lock
+        .try_acquire(&key)
+        .await
+        .unwrap_or_else(|error| panic!("{}", pg_support::error_chain(&error)));
+    let mut admin = pg_support::admin().await;
+    assert_eq!(pg_support::advisory_locks(&mut admin, &key).await, 1);
+    guard.release().await.unwrap();
+}

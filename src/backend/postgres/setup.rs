@@ -29,7 +29,13 @@ pub(super) async fn apply_settings_and_check_fencing(
 
 /// Another client of the same server for [`check_own_server_session`]: an idle connection of
 /// the pool, else a new connection with the pool's options. It only reads.
-pub(super) enum Witness {
+pub(super) struct Witness {
+    connection: WitnessConnection,
+    /// How long it may take to answer; longer counts as "saw nothing".
+    patience: Duration,
+}
+
+enum WitnessConnection {
     Idle(PoolConnection<Postgres>),
     New(PgConnection),
 }
@@ -38,14 +44,24 @@ impl Witness {
     /// Takes an idle pool connection, else opens one within `timeout` (opened while the lock
     /// session takes its own connection, so a slow link pays for one connect, not two). Best
     /// effort: `None` if none can be had (the server is at `max_connections`, say), and the
-    /// other checks still run.
+    /// other checks still run. Its question gets a quarter of `timeout`, at most 500 ms: a
+    /// pooler in session mode with every server connection taken queues a new client, and
+    /// that wait must not fail the lock session.
     pub(super) async fn open(pool: &PgPool, timeout: Duration) -> Option<Witness> {
+        let patience = (timeout / 4).min(Duration::from_millis(500));
         if let Some(idle) = pool.try_acquire() {
-            return Some(Witness::Idle(idle));
+            let connection = WitnessConnection::Idle(idle);
+            return Some(Witness {
+                connection,
+                patience,
+            });
         }
         let options = pool.connect_options();
         match tokio::time::timeout(timeout, PgConnection::connect_with(&options)).await {
-            Ok(Ok(new)) => Some(Witness::New(new)),
+            Ok(Ok(new)) => Some(Witness {
+                connection: WitnessConnection::New(new),
+                patience,
+            }),
             Ok(Err(error)) => {
                 tracing::debug!(
                     error = &error as &dyn std::error::Error,
@@ -58,21 +74,32 @@ impl Witness {
     }
 
     /// Whether this witness, asking now, finds the session `marker` or the backend `pid`
-    /// (see [`check_own_server_session`], step 2). A witness that fails to ask sees nothing.
-    async fn shares_backend(mut self, marker: &str, pid: i32) -> bool {
+    /// (see [`check_own_server_session`], step 2). A witness that fails to answer in time
+    /// sees nothing; it is closed then, not given back to the pool.
+    async fn shares_backend(self, marker: &str, pid: i32) -> bool {
         // The marker is a random hex string: safe to splice, on the simple query protocol.
         let query = format!(
             "SELECT current_setting('{SESSION_MARKER}', true) = '{marker}' \
              OR pg_backend_pid() = {pid}"
         );
-        let connection: &mut PgConnection = match &mut self {
-            Witness::Idle(idle) => idle,
-            Witness::New(new) => new,
+        let mut connection = self.connection;
+        let asked: &mut PgConnection = match &mut connection {
+            WitnessConnection::Idle(idle) => idle,
+            WitnessConnection::New(new) => new,
         };
-        let answer = sqlx::Executor::fetch_one(connection, sqlx::raw_sql(&query)).await;
-        if let Witness::New(new) = self {
-            let _ = new.close().await;
+        let question = sqlx::Executor::fetch_one(asked, sqlx::raw_sql(&query));
+        let answer = tokio::time::timeout(self.patience, question).await;
+        match (connection, answer.is_ok()) {
+            (WitnessConnection::Idle(mut idle), false) => idle.close_on_drop(),
+            (WitnessConnection::New(new), true) => {
+                let _ = new.close().await;
+            }
+            _ => {}
         }
+        let Ok(answer) = answer else {
+            tracing::debug!("the lock session's witness did not answer in time");
+            return false;
+        };
         match answer.and_then(|row| row.try_get::<Option<bool>, _>(0)) {
             Ok(shared) => shared.unwrap_or(false),
             Err(error) => {
