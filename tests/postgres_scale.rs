@@ -163,6 +163,43 @@ async fn an_unused_session_closes_its_connection() {
     guard.release().await.unwrap();
 }
 
+/// A session kept busy with commands that leave nothing held (`is_locked` here) is in use, not
+/// idle: it keeps its connection through several `idle_session_close` periods of such use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_use_is_not_closed_as_idle() {
+    let prefix = common::unique_prefix("pg_busy_not_idle");
+    let key = format!("{prefix}k");
+    let idle_close = Duration::from_millis(300);
+    let lock = pg_support::one_session_lock(LockConfig::new(), |builder| {
+        builder.idle_session_close(idle_close)
+    })
+    .await;
+    let mut admin = pg_support::admin().await;
+    let guard = lock.try_acquire(&key).await.unwrap();
+    let pid = pg_support::holders(&mut admin, &key).await[0];
+    guard.release().await.unwrap();
+    let until = tokio::time::Instant::now() + idle_close * 4;
+    let mut askers = Vec::new();
+    for asker in 0..8 {
+        let (lock, key) = (lock.clone(), format!("{prefix}asked{asker}"));
+        askers.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < until {
+                assert!(!lock.is_locked(&key).await.unwrap());
+            }
+        }));
+    }
+    for asker in askers {
+        asker.await.unwrap();
+    }
+    let guard = lock.try_acquire(&key).await.unwrap();
+    assert_eq!(
+        pg_support::holders(&mut admin, &key).await,
+        vec![pid],
+        "the busy session was closed as idle and reopened"
+    );
+    guard.release().await.unwrap();
+}
+
 /// A session that only waited (its waiter flag was its one use) counts as idle from when the
 /// wait ended, not from when it last held a lock: a waiter that gives up after longer than
 /// `idle_session_close` leaves a connection that the next command still finds open.

@@ -1,9 +1,10 @@
 //! One lock session: a long-lived PostgreSQL connection that holds many advisory locks, owned
 //! by one task (an actor) that runs every statement for them.
 //!
-//! Callers send commands over a channel ([`SessionHandle`]) and wait for the replies. The task
-//! runs lease expiry first (a lock whose lease ran out is unlocked and its lease marked lost),
-//! then one command at a time under the command timeout, in arrival order. Every statement
+//! Callers send commands over a channel ([`SessionHandle`]) and wait for the replies. Before
+//! each command the task runs whatever housekeeping is due (a lock whose lease ran out is
+//! unlocked and its lease marked lost; see [`Session::housekeeping`]), then one command at a
+//! time under the command timeout, in arrival order. Every statement
 //! belongs to the task, not to the caller, so a caller that gives up (a dropped `acquire`
 //! future) can never leave a statement half done: the task sees the caller is gone when it
 //! answers and undoes a lock it just took, before its next command. Every key always uses the
@@ -142,8 +143,8 @@ impl Session {
         self.held.is_empty() && self.flags.is_empty()
     }
 
-    /// Starts the idle clock when the last lock or waiter flag has just gone (the idle close
-    /// counts from then, whichever went last).
+    /// Restarts the idle clock while the session holds nothing: the idle close counts from the
+    /// last command, or from when the last lock or waiter flag went, whichever came last.
     fn note_if_idle(&mut self) {
         if self.holds_nothing() {
             self.idle_since = Instant::now();
@@ -225,6 +226,8 @@ impl Session {
                 }
             }
         }
+        // A session in use is not idle, even when what it did left nothing held.
+        self.note_if_idle();
     }
 
     async fn try_lock(
@@ -507,8 +510,14 @@ impl Session {
         };
         let timeout = self.settings.command_timeout;
         let outcome = tokio::time::timeout(timeout, query.fetch_one(connection)).await;
-        if let Ok(Ok(_)) | Ok(Err(sqlx::Error::Database(_))) = &outcome {
-            // The server answered: it had this connection (and its locks) at `sent_at`.
+        let answered = match &outcome {
+            Ok(Ok(_)) => true,
+            Ok(Err(error)) => is_statement_error(error),
+            Err(_) => false,
+        };
+        if answered {
+            // The server answered and the session goes on: it had this connection (and its
+            // locks) at `sent_at`.
             self.bound
                 .confirm(sent_at + self.settings.connection_bound());
         }
