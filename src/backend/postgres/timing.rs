@@ -40,20 +40,26 @@ impl SessionSettings {
         (self.command_timeout - margin).max(Duration::from_millis(1))
     }
 
+    /// The server's TCP keepalives, `(idle, interval, count)` in whole seconds: they end a silent
+    /// client's session no sooner than `network_timeout` (rounded up), like
+    /// `tcp_user_timeout`, which servers other than Linux ignore; sooner would free its locks
+    /// while its guards still count on them.
+    fn keepalives(&self) -> (u64, u64, u64) {
+        let network_s = self.network_timeout.as_millis().div_ceil(1000).max(2) as u64;
+        (network_s.div_ceil(2), network_s.div_ceil(8), 4)
+    }
+
     /// The `(name, value)` server settings of a lock session.
     pub(crate) fn server_settings(&self) -> (Vec<String>, Vec<String>) {
         let network_ms = self.network_timeout.as_millis().max(1);
-        let network_s = self.network_timeout.as_secs().max(2);
+        let (idle_s, interval_s, count) = self.keepalives();
         let statement_ms = self.server_statement_timeout().as_millis().max(1);
         let settings = [
             ("application_name", "k1s0-distributed-lock".to_owned()),
             ("idle_session_timeout", format!("{network_ms}ms")),
-            ("tcp_keepalives_idle", (network_s / 2).to_string()),
-            (
-                "tcp_keepalives_interval",
-                (network_s / 8).max(1).to_string(),
-            ),
-            ("tcp_keepalives_count", "4".to_owned()),
+            ("tcp_keepalives_idle", idle_s.to_string()),
+            ("tcp_keepalives_interval", interval_s.to_string()),
+            ("tcp_keepalives_count", count.to_string()),
             ("tcp_user_timeout", network_ms.to_string()),
             ("statement_timeout", format!("{statement_ms}ms")),
             ("lock_timeout", format!("{statement_ms}ms")),
@@ -65,5 +71,29 @@ impl SessionSettings {
             .into_iter()
             .map(|(name, value)| (name.to_owned(), value))
             .unzip()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalives_end_a_silent_session_no_sooner_than_the_network_timeout() {
+        for millis in (2_000..100_000).step_by(100) {
+            let settings = SessionSettings {
+                command_timeout: Duration::from_secs(1),
+                network_timeout: Duration::from_millis(millis),
+                idle_close: Duration::from_secs(60),
+            };
+            let (idle, interval, count) = settings.keepalives();
+            assert!(interval >= 1);
+            let ends_after = Duration::from_secs(idle + interval * count);
+            assert!(
+                ends_after >= settings.network_timeout,
+                "{:?}: keepalives end it after {ends_after:?}",
+                settings.network_timeout
+            );
+        }
     }
 }
