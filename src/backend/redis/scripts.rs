@@ -1,4 +1,4 @@
-//! The Lua scripts of the protocol, and running them by `EVALSHA` with a reload on `NOSCRIPT`.
+//! The Lua scripts of the protocol, and running them by `EVALSHA`, by `EVAL` after a `NOSCRIPT`.
 //!
 //! docs/redis.md describes the same scripts for clients in other languages; keep both in step.
 
@@ -85,7 +85,7 @@ const RELEASE_SOURCE: &str = concat!(
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 local head = live_head(KEYS[2], KEYS[3])
-if head then redis.call('PUBLISH', ARGV[2], head) end
+if head then redis.pcall('PUBLISH', ARGV[2], head) end
 return 1
 "#
 );
@@ -110,7 +110,7 @@ if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local head = live_head(KEYS[2], KEYS[3])
-  if head then redis.call('PUBLISH', ARGV[2], head) end
+  if head then redis.pcall('PUBLISH', ARGV[2], head) end
 end
 if held then return 1 end
 return 0
@@ -173,9 +173,18 @@ impl ToRedisArgs for Arg<'_> {
     }
 }
 
-fn evalsha(script: &LuaScript, keys: &[&str], args: &[Arg<'_>]) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(&script.sha1).arg(keys.len()).arg(keys).arg(args);
+/// `EVALSHA` (`cached`) or `EVAL` with the source of `script`, on `keys` and `args`.
+fn eval(script: &LuaScript, cached: bool, keys: &[&str], args: &[Arg<'_>]) -> Cmd {
+    let mut cmd = if cached {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&script.sha1);
+        cmd
+    } else {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script.source);
+        cmd
+    };
+    cmd.arg(keys.len()).arg(keys).arg(args);
     cmd
 }
 
@@ -184,25 +193,23 @@ fn is_noscript(error: &RedisError) -> bool {
 }
 
 /// Runs `script` by `EVALSHA`; if the server does not know it (`NOSCRIPT`: restarted, flushed,
-/// or another node), loads it with `SCRIPT LOAD` and runs it again.
+/// or another node), sends it again as `EVAL` with its source, which also caches it: one more
+/// round trip, on a command that carries its keys (a routing proxy can place it).
 pub(crate) async fn run_script(
     connection: &mut MultiplexedConnection,
     script: &LuaScript,
     keys: &[&str],
     args: &[Arg<'_>],
 ) -> Result<i64, RedisError> {
-    match evalsha(script, keys, args).query_async(connection).await {
+    match eval(script, true, keys, args).query_async(connection).await {
         Err(error) if is_noscript(&error) => {
             tracing::debug!(
                 script = script.name,
-                "script not cached by the server; loading it"
+                "script not cached by the server; sending its source"
             );
-            let _: String = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(script.source)
+            eval(script, false, keys, args)
                 .query_async(connection)
-                .await?;
-            evalsha(script, keys, args).query_async(connection).await
+                .await
         }
         other => other,
     }

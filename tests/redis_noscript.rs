@@ -1,0 +1,62 @@
+//! A server that forgot the scripts (restarted, flushed, another node) answers `NOSCRIPT`; the
+//! lock then sends the script's source with `EVAL`, one round trip on a command that carries
+//! its keys, instead of a keyless `SCRIPT LOAD` and the `EVALSHA` again. On a `redis-server` of
+//! the test's own, whose command statistics count exactly this test's calls.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use common::redis_server::RedisServer;
+
+use k1s0_distributed_lock::bb8_redis::redis;
+use k1s0_distributed_lock::{DistributedLock, RedisDistributedLock};
+
+/// The `calls=` count of `command` in `INFO commandstats`, 0 when it never ran.
+fn calls(stats: &str, command: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |count| count.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgotten_scripts_are_sent_again_with_eval() {
+    let server = RedisServer::start().await;
+    let lock = RedisDistributedLock::builder(common::redis_conn::pool(&server.url(), 2).await)
+        .key_prefix(common::unique_prefix("redis_noscript"))
+        .build()
+        .unwrap();
+    lock.try_acquire("k")
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    let mut admin = common::redis_conn::connection(&server.url()).await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let guard = lock.try_acquire("k").await.unwrap();
+    guard.release().await.unwrap();
+
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(calls(&stats, "script|load"), 0, "{stats}");
+    assert_eq!(
+        calls(&stats, "eval"),
+        2,
+        "acquire and release, each once: {stats}"
+    );
+}
