@@ -31,8 +31,8 @@ use crate::LockError;
 /// `max_age`, so a process follows a failover that left the old primary answering.
 ///
 /// Timeouts: opening a connection is bounded by the command timeout, and the connection's
-/// response timeout is set to it, so every command (each `EVALSHA`, and the `SCRIPT LOAD`
-/// after a `NOSCRIPT`) fails with [`LockError::BackendError`] when Redis does not answer in
+/// response timeout is set to it, so every command (each `EVALSHA`, and the `EVAL` after a
+/// `NOSCRIPT`) fails with [`LockError::BackendError`] when Redis does not answer in
 /// time.
 pub(crate) struct Connections {
     pool: Pool<RedisConnectionManager>,
