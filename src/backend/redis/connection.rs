@@ -109,18 +109,20 @@ impl Connections {
         args: &[Arg<'_>],
     ) -> Result<i64, LockError> {
         let mut connection = self.connection().await?;
-        self.script_on(&mut connection, script, keys, args).await
+        let (value, _sent_at) = self.script_on(&mut connection, script, keys, args).await?;
+        Ok(value)
     }
 
     /// Runs one script on a given connection (one from [`connection`](Self::connection)), for
-    /// commands that must reach Redis after an earlier one on the same connection.
+    /// commands that must reach Redis after an earlier one on the same connection. Returns the
+    /// result and when the command that ran the script was sent.
     pub(crate) async fn script_on(
         &self,
         connection: &mut MultiplexedConnection,
         script: &LuaScript,
         keys: &[&str],
         args: &[Arg<'_>],
-    ) -> Result<i64, LockError> {
+    ) -> Result<(i64, Instant), LockError> {
         run_script(connection, script, keys, args)
             .await
             .map_err(|error| self.failed(script.name, error))

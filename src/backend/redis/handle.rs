@@ -82,7 +82,7 @@ impl LockRef {
     ) -> Result<bool, LockError> {
         let mut buffer = [0u8; 36];
         let (keys, args) = self.release_input(&mut buffer);
-        let released = self
+        let (released, _sent_at) = self
             .shared
             .connections
             .script_on(&mut connection, &ABANDON, &keys, &args)

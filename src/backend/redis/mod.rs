@@ -101,6 +101,9 @@ const MAX_POLL: Duration = Duration::from_millis(500);
 const MIN_POLL: Duration = Duration::from_millis(2);
 /// How much longer than its polling period a waiter's queue entry lives.
 const QUEUE_ENTRY_SLACK: Duration = Duration::from_millis(200);
+/// A lock granted with less than `ttl / MIN_LEASE_LEFT_DIVISOR` of its lease left (Redis
+/// answered that slowly) is given back instead of handed out.
+const MIN_LEASE_LEFT_DIVISOR: u32 = 10;
 
 impl RedisDistributedLock {
     /// A lock on this pool with the defaults: prefix `lock:`, command timeout 1 s, no
@@ -190,10 +193,44 @@ impl RedisDistributedLock {
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token);
         loop {
-            let sent_at = Instant::now();
-            let outcome = pending.attempt(ttl, entry_ttl).await?;
+            let (outcome, sent_at) = pending.attempt(ttl, entry_ttl).await?;
             if outcome > 0 {
-                return Ok(self.guard(pending.disarm(), sent_at, ttl, outcome as u64));
+                let token = pending.token;
+                let lock = pending.disarm();
+                let left = (sent_at + ttl).saturating_duration_since(Instant::now());
+                if left >= ttl / MIN_LEASE_LEFT_DIVISOR {
+                    return Ok(self.guard(lock, sent_at, ttl, outcome as u64));
+                }
+                // The answer came so late that the lock is about to expire: give it back
+                // rather than hand out a guard that is lost on arrival.
+                tracing::warn!(
+                    key,
+                    ?ttl,
+                    ?left,
+                    "a lock was granted too late to use; giving it back"
+                );
+                if let Err(error) = lock.release().await {
+                    tracing::debug!(
+                        key,
+                        error = &error as &dyn std::error::Error,
+                        "could not give back a late lock; it expires"
+                    );
+                }
+                if !wait || Instant::now() >= started + budget {
+                    return Err(LockError::backend_msg(format!(
+                        "the lock was granted with {left:?} of its {ttl:?} TTL left (Redis \
+                         answered too slowly to use it) and given back"
+                    )));
+                }
+                // Wait on with the same token: its registration for wake-ups stays valid.
+                pending = PendingAcquire {
+                    shared: &self.shared,
+                    key,
+                    keys: LockKeys::new(&self.shared.prefix, key),
+                    token,
+                    connection: None,
+                };
+                continue;
             }
             if !wait {
                 // A try without queueing wrote nothing. An acquire with an empty waiting
@@ -321,8 +358,13 @@ struct PendingAcquire<'a> {
 
 impl PendingAcquire<'_> {
     /// Runs the acquire script once: the fencing token (> 0) when taken, else `-pttl` of the
-    /// holder or 0.
-    async fn attempt(&mut self, ttl: Duration, entry_ttl_ms: u64) -> Result<i64, LockError> {
+    /// holder or 0; and when the command that ran it was sent (after the connection was open,
+    /// and the `EVAL` after a `NOSCRIPT`), from which a lease granted by it counts.
+    async fn attempt(
+        &mut self,
+        ttl: Duration,
+        entry_ttl_ms: u64,
+    ) -> Result<(i64, Instant), LockError> {
         let mut buffer = [0u8; 36];
         let token = token_text(&self.token, &mut buffer);
         let keys = [

@@ -4,6 +4,8 @@
 
 use std::sync::LazyLock;
 
+use tokio::time::Instant;
+
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, ErrorKind, RedisError, RedisWrite, ServerErrorKind, ToRedisArgs};
 
@@ -194,24 +196,28 @@ fn is_noscript(error: &RedisError) -> bool {
 
 /// Runs `script` by `EVALSHA`; if the server does not know it (`NOSCRIPT`: restarted, flushed,
 /// or another node), sends it again as `EVAL` with its source, which also caches it: one more
-/// round trip, on a command that carries its keys (a routing proxy can place it).
+/// round trip, on a command that carries its keys (a routing proxy can place it). Returns the
+/// script's result and when the command that ran it was sent.
 pub(crate) async fn run_script(
     connection: &mut MultiplexedConnection,
     script: &LuaScript,
     keys: &[&str],
     args: &[Arg<'_>],
-) -> Result<i64, RedisError> {
+) -> Result<(i64, Instant), RedisError> {
+    let sent_at = Instant::now();
     match eval(script, true, keys, args).query_async(connection).await {
         Err(error) if is_noscript(&error) => {
             tracing::debug!(
                 script = script.name,
                 "script not cached by the server; sending its source"
             );
-            eval(script, false, keys, args)
+            let sent_at = Instant::now();
+            let value = eval(script, false, keys, args)
                 .query_async(connection)
-                .await
+                .await?;
+            Ok((value, sent_at))
         }
-        other => other,
+        other => other.map(|value| (value, sent_at)),
     }
 }
 

@@ -16,8 +16,10 @@ use crate::{Lease, LockError, MAX_DURATION};
 /// (default a third of the TTL), for at most `max_hold` in all, counted from the acquire. The
 /// watchdog stops when the guard is released or dropped. When a renewal finds the lock gone
 /// (it expired or was taken over), the guard is marked lost
-/// ([`LockGuard::is_lost`](crate::LockGuard::is_lost)) and the watchdog stops. A renewal that
-/// fails because Redis cannot be reached is retried until the lease runs out.
+/// ([`LockGuard::is_lost`](crate::LockGuard::is_lost)) and the watchdog stops. Renewals are
+/// scheduled from the moment the acquire was sent. A renewal that fails because Redis cannot be
+/// reached is retried (every quarter period, or sooner, at half the lease left) until the
+/// lease runs out.
 ///
 /// When `max_hold` is reached the last renewal is cut to end exactly then, so a holder that
 /// never releases (a stuck task) frees the lock after `max_hold`.
@@ -98,7 +100,8 @@ async fn renew_until_stopped(
         .mul_f64(settings.renew_fraction)
         .max(Duration::from_millis(1));
     let hold_until = acquired_at + settings.max_hold;
-    let mut next = Instant::now() + period;
+    // From the moment the lease counts from, not from when this task first runs.
+    let mut next = acquired_at + period;
     loop {
         tokio::time::sleep_until(next).await;
         let now = Instant::now();
@@ -128,7 +131,10 @@ async fn renew_until_stopped(
                     return;
                 }
                 tracing::debug!(key = ?lock.key, error = &error as &dyn std::error::Error, "auto-extension failed; retrying");
-                next = Instant::now() + (period / 4).max(Duration::from_millis(1));
+                // Retry within what is left of the lease: a quarter period, or half the slack.
+                let slack = lease.remaining().unwrap_or_default();
+                let retry_in = (period / 4).min(slack / 2);
+                next = Instant::now() + retry_in.max(Duration::from_millis(1));
             }
         }
     }
