@@ -2,6 +2,7 @@
 //! with the lock's command timeout on every command, re-opened after a connection failure, a
 //! failover, or a maximum age.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ pub(crate) struct Connections {
     current: Mutex<Option<Current>>,
     timeout: Duration,
     max_age: Duration,
+    /// Whether the server's eviction policy was looked at (once, on the first connection).
+    policy_checked: AtomicBool,
 }
 
 /// The connection in use and when it was opened.
@@ -58,6 +61,7 @@ impl Connections {
             current: Mutex::new(None),
             timeout,
             max_age,
+            policy_checked: AtomicBool::new(false),
         }
     }
 
@@ -94,6 +98,9 @@ impl Connections {
             }
         };
         connection.set_response_timeout(self.timeout);
+        if !self.policy_checked.swap(true, Ordering::Relaxed) {
+            warn_unless_noeviction(&mut connection).await;
+        }
         *self.slot() = Some(Current {
             connection: connection.clone(),
             opened_at: Instant::now(),
@@ -139,6 +146,30 @@ impl Connections {
             *self.slot() = None;
         }
         LockError::backend(error)
+    }
+}
+
+/// Warns when the server may evict keys under memory pressure (`maxmemory-policy` other than
+/// `noeviction`): an evicted lock key is a lock silently released, and an evicted fencing token
+/// lets the clock take over early. A server that refuses `CONFIG GET` (a managed service, an ACL
+/// without `+config|get`) is not checked.
+async fn warn_unless_noeviction(connection: &mut MultiplexedConnection) {
+    let answer: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(connection)
+        .await;
+    match answer.as_deref() {
+        Ok([_, policy]) if policy == "noeviction" => {}
+        Ok([_, policy]) => tracing::warn!(
+            policy = policy.as_str(),
+            "Redis may evict lock keys under memory pressure (maxmemory-policy is not \
+             noeviction): an evicted lock is released without its holder knowing"
+        ),
+        Ok(_) => {}
+        Err(error) => {
+            tracing::debug!(%error, "could not read the Redis maxmemory-policy; not checked")
+        }
     }
 }
 
