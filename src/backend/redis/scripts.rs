@@ -235,6 +235,37 @@ mod tests {
         }
     }
 
+    /// docs/redis.md, the reference for clients in other languages, gives every script's exact
+    /// text (the queue helpers once, then each script's own part) and its SHA1.
+    #[test]
+    fn the_docs_give_every_script_and_its_sha1() {
+        let docs = include_str!("../../../docs/redis.md");
+        let block_after = |heading: &str| {
+            let start = docs.find(heading).expect(heading) + heading.len();
+            let code = docs[start..].find("```lua\n").expect("a lua block") + start + 7;
+            let end = docs[code..].find("```").expect("the end of the block") + code;
+            docs[code..end].trim().to_owned()
+        };
+        let helpers = queue_helpers!().trim();
+        assert_eq!(block_after("## Scripts"), helpers);
+        let all = [&*ACQUIRE, &*RELEASE, &*EXTEND, &*ABANDON, &*IS_LOCKED];
+        for script in all {
+            let own_part = script
+                .source
+                .trim_start()
+                .strip_prefix(helpers)
+                .unwrap_or(script.source);
+            assert_eq!(
+                block_after(&format!("### {}", script.name)),
+                own_part.trim(),
+                "docs/redis.md gives another text for {}",
+                script.name
+            );
+            let row = format!("| {} | `{}` |", script.name, script.sha1);
+            assert!(docs.contains(&row), "docs/redis.md lacks the row {row}");
+        }
+    }
+
     #[test]
     fn scripts_have_distinct_digests() {
         let all = [&*ACQUIRE, &*RELEASE, &*EXTEND, &*ABANDON, &*IS_LOCKED];
