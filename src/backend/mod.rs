@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use crate::{LockError, LockGuard};
 
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub(crate) mod claims;
 pub(crate) mod dynamic;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub(crate) mod jitter;

@@ -3,7 +3,7 @@
 //!
 //! Modules, one job each:
 //! * `key_hash` — key → 64-bit advisory key (SHA-256 prefix).
-//! * `claims` — in-process exclusion per advisory key, FIFO.
+//! * `claims` — in-process exclusion per advisory key, FIFO ([`crate::backend::claims`]).
 //! * `session` — the task that owns one connection and every statement on it (locks,
 //!   unlocks, lease expiry, pings, closing a doubtful connection); `session::handle` is the
 //!   callers' side (command channel, guard and waiter links), `session::connection` the
@@ -16,7 +16,6 @@
 //! * `sql` — statement text and the fencing sequence name.
 //! * `transaction` — transaction-scoped locks on the caller's own transaction.
 
-mod claims;
 mod fencing;
 mod key_hash;
 mod notify;
@@ -47,6 +46,17 @@ use crate::config::validate_duration;
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
 
 pub use self::transaction::TransactionLock;
+
+/// The in-process claims ([`crate::backend::claims`]) on advisory keys.
+mod claims {
+    use super::key_hash::AdvisoryKeyHashing;
+    use crate::backend::claims as keyed;
+
+    pub(super) type ClaimTable = keyed::ClaimTable<i64, AdvisoryKeyHashing>;
+    pub(super) type KeyClaim = keyed::KeyClaim<i64, AdvisoryKeyHashing>;
+    pub(super) type Claim = keyed::Claim<i64, AdvisoryKeyHashing>;
+    pub(super) type Overdue = keyed::Overdue<i64, AdvisoryKeyHashing>;
+}
 
 /// Without `sessions(n)`, a lock service uses half its pool's connections as lock sessions,
 /// within these bounds.
@@ -464,7 +474,7 @@ impl PostgresDistributedLock {
                 // only if the key is known to be held, not when the server owes an answer.
                 Err(_) => {
                     let give_up_at = deadline + self.inner.settings.command_timeout;
-                    match self.inner.claims.overdue(advisory, turn, give_up_at).await {
+                    match self.inner.claims.overdue(&advisory, turn, give_up_at).await {
                         Overdue::Held => return Err(LockError::Timeout.into()),
                         Overdue::Unanswered => return Err(no_answer(config.wait_budget()).into()),
                         Overdue::Claimed(claim) => claim,
@@ -573,7 +583,7 @@ impl PostgresDistributedLock {
     ) -> Result<Option<session::WaitFlag>, WaitError> {
         claim.asking_server();
         let flag = session
-            .set_flag(claim.key())
+            .set_flag(*claim.key())
             .await
             .map_err(WaitError::while_waiting)?;
         claim.answered();

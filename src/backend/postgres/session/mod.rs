@@ -243,7 +243,7 @@ impl Session {
             claim.not_asked();
             return;
         }
-        let key = claim.key();
+        let key = *claim.key();
         // Drop the server flag in the same statement only if this waiter is its last user.
         let last_waiter =
             |ids: &HashSet<u64>| ids.len() == 1 && flag.is_some_and(|id| ids.contains(&id));

@@ -1,10 +1,12 @@
-//! In-process exclusion: at most one task of this process works on an advisory key at a time.
+//! In-process exclusion: at most one task of this process works on a key at a time.
 //!
-//! PostgreSQL advisory locks are re-entrant per session and this backend multiplexes many locks
-//! over a few sessions, so the server cannot tell two tasks of this process apart. A
-//! [`KeyClaim`] is the local right to hold, or to try for, one advisory key. Claims are
-//! exclusive per key; tasks that want a claimed key queue first in, first out, and dropping a
-//! claim hands it straight to the longest-waiting task that is still listening.
+//! A [`KeyClaim`] is the local right to hold, or to try for, one key. Claims are exclusive per
+//! key; tasks that want a claimed key queue first in, first out, and dropping a claim hands it
+//! straight to the longest-waiting task that is still listening. The backends use it so that
+//! the tasks of one process hand a lock to each other at once, and only the first in line
+//! talks to the server: PostgreSQL, whose advisory locks are re-entrant per session (the
+//! server cannot tell two tasks sharing a session apart), and Redis, whose waiters would
+//! otherwise each poll the server.
 //!
 //! A queued task whose waiting budget runs out must tell a key that stayed held (`Timeout`)
 //! from a server that did not answer (`BackendError`), though only the task ahead of it talks
@@ -12,27 +14,38 @@
 //! is still unanswered ([`KeyClaim::asking_server`], [`KeyClaim::answered`]), and
 //! [`ClaimTable::overdue`] decides from that.
 
-use std::collections::hash_map::Entry;
+use std::collections::hash_map::{Entry, HashMap, RandomState};
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use super::key_hash::AdvisoryKeyMap;
-
 const SHARDS: usize = 16;
 
-/// The claims of one lock service.
-#[derive(Default)]
-pub(super) struct ClaimTable {
-    shards: [Mutex<AdvisoryKeyMap<KeyEntry>>; SHARDS],
+/// The claims of one lock service, on keys of type `K` hashed with `S`.
+pub(crate) struct ClaimTable<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
+    hashing: S,
+    shards: [Mutex<Shard<K, S>>; SHARDS],
+}
+
+/// The claimed keys whose hash falls in one shard.
+type Shard<K, S> = HashMap<K, KeyEntry<K, S>, S>;
+
+impl<K: Hash + Eq + Clone, S: BuildHasher + Default + Clone> Default for ClaimTable<K, S> {
+    fn default() -> Self {
+        let hashing = S::default();
+        ClaimTable {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::with_hasher(hashing.clone()))),
+            hashing,
+        }
+    }
 }
 
 /// A claimed key: the tasks queued for it, and whether the server owes an answer about it.
-#[derive(Default)]
-struct KeyEntry {
-    queue: VecDeque<oneshot::Sender<KeyClaim>>,
+struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher> {
+    queue: VecDeque<oneshot::Sender<KeyClaim<K, S>>>,
     /// A statement about this key was sent and has had no answer: it is in flight, or it
     /// failed (a stalled server, a command timeout, a lost session). Stays set when the claim
     /// passes on after a failure; cleared by the next answer, or when the key is unclaimed.
@@ -41,8 +54,18 @@ struct KeyEntry {
     answered: Option<watch::Sender<()>>,
 }
 
+impl<K: Hash + Eq + Clone, S: BuildHasher> Default for KeyEntry<K, S> {
+    fn default() -> Self {
+        KeyEntry {
+            queue: VecDeque::new(),
+            unanswered: false,
+            answered: None,
+        }
+    }
+}
+
 /// What a queued task learns from [`ClaimTable::overdue`] once its waiting budget is spent.
-pub(super) enum Overdue {
+pub(crate) enum Overdue<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
     /// The task ahead holds the key, or the server's last answer about it said it is held.
     Held,
     /// The last statement about the key got no answer (in time): nobody can tell whether the
@@ -50,21 +73,21 @@ pub(super) enum Overdue {
     Unanswered,
     /// The key came to this task after all, with the server's last answer in: the task ahead
     /// gave it up before asking.
-    Claimed(KeyClaim),
+    Claimed(KeyClaim<K, S>),
 }
 
 /// What [`ClaimTable::claim_or_queue`] gives.
-pub(super) enum Claim {
+pub(crate) enum Claim<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
     /// The key was free locally: the caller has it.
-    Claimed(KeyClaim),
+    Claimed(KeyClaim<K, S>),
     /// Another task has it; the claim arrives on this channel when it is the caller's turn.
-    Queued(oneshot::Receiver<KeyClaim>),
+    Queued(oneshot::Receiver<KeyClaim<K, S>>),
 }
 
-/// The exclusive local right to one advisory key. Dropping it passes it on.
-pub(super) struct KeyClaim {
-    table: Arc<ClaimTable>,
-    key: i64,
+/// The exclusive local right to one key. Dropping it passes it on.
+pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
+    table: Arc<ClaimTable<K, S>>,
+    key: K,
     /// False only for the claim `pass_on` retires when no task waits: dropping it must not
     /// pass it on again.
     live: bool,
@@ -76,10 +99,10 @@ pub(super) struct KeyClaim {
     unanswered_before: bool,
 }
 
-impl ClaimTable {
+impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
     /// Claims `key` if no task of this process has it.
-    pub(super) fn try_claim(self: &Arc<Self>, key: i64) -> Option<KeyClaim> {
-        match self.shard(key).entry(key) {
+    pub(crate) fn try_claim(self: &Arc<Self>, key: K) -> Option<KeyClaim<K, S>> {
+        match self.shard(&key).entry(key.clone()) {
             Entry::Occupied(_) => None,
             Entry::Vacant(slot) => {
                 slot.insert(KeyEntry::default());
@@ -89,8 +112,8 @@ impl ClaimTable {
     }
 
     /// Claims `key`, or queues the caller behind the tasks that have or want it.
-    pub(super) fn claim_or_queue(self: &Arc<Self>, key: i64) -> Claim {
-        match self.shard(key).entry(key) {
+    pub(crate) fn claim_or_queue(self: &Arc<Self>, key: K) -> Claim<K, S> {
+        match self.shard(&key).entry(key.clone()) {
             Entry::Occupied(mut entry) => {
                 let (sender, receiver) = oneshot::channel();
                 entry.get_mut().queue.push_back(sender);
@@ -109,16 +132,16 @@ impl ClaimTable {
     /// held by the task ahead (it got the lock, or the server said someone else has it); none
     /// by `give_up_at`, or a failure (the claim then reaches this task with the answer still
     /// owed), is `Unanswered`.
-    pub(super) async fn overdue(
+    pub(crate) async fn overdue(
         self: &Arc<Self>,
-        key: i64,
-        mut turn: oneshot::Receiver<KeyClaim>,
+        key: &K,
+        mut turn: oneshot::Receiver<KeyClaim<K, S>>,
         give_up_at: Instant,
-    ) -> Overdue {
+    ) -> Overdue<K, S> {
         loop {
             let mut answered = {
                 let mut shard = self.shard(key);
-                match shard.get_mut(&key) {
+                match shard.get_mut(key) {
                     Some(entry) if entry.unanswered => entry
                         .answered
                         .get_or_insert_with(|| watch::channel(()).0)
@@ -141,11 +164,11 @@ impl ClaimTable {
 
     /// Whether some task of this process has claimed `key`.
     #[cfg(test)]
-    pub(super) fn is_claimed(&self, key: i64) -> bool {
-        self.shard(key).contains_key(&key)
+    pub(crate) fn is_claimed(&self, key: &K) -> bool {
+        self.shard(key).contains_key(key)
     }
 
-    fn new_claim(self: &Arc<Self>, key: i64) -> KeyClaim {
+    fn new_claim(self: &Arc<Self>, key: K) -> KeyClaim<K, S> {
         KeyClaim {
             table: Arc::clone(self),
             key,
@@ -156,13 +179,13 @@ impl ClaimTable {
     }
 
     /// Gives a dropped claim to the first queued task still listening, or frees the key.
-    fn pass_on(self: &Arc<Self>, key: i64, yield_to_others: bool) {
+    fn pass_on(self: &Arc<Self>, key: &K, yield_to_others: bool) {
         let mut shard = self.shard(key);
-        let Some(entry) = shard.get_mut(&key) else {
+        let Some(entry) = shard.get_mut(key) else {
             debug_assert!(false, "a live claim always has its table entry");
             return;
         };
-        let mut claim = self.new_claim(key);
+        let mut claim = self.new_claim(key.clone());
         claim.yield_to_others = yield_to_others;
         while let Some(next) = entry.queue.pop_front() {
             match next.send(claim) {
@@ -172,44 +195,48 @@ impl ClaimTable {
             }
         }
         claim.live = false;
-        shard.remove(&key);
+        shard.remove(key);
     }
 
-    fn shard(&self, key: i64) -> MutexGuard<'_, AdvisoryKeyMap<KeyEntry>> {
+    fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K, S>> {
         // Every update is a single insert, remove or queue operation, so a shard poisoned by a
         // panic elsewhere is still consistent.
-        self.shards[(key as u64 % SHARDS as u64) as usize]
+        let shard = (self.hashing.hash_one(key) % SHARDS as u64) as usize;
+        self.shards[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl KeyClaim {
-    /// The claimed advisory key.
-    pub(super) fn key(&self) -> i64 {
-        self.key
+impl<K: Hash + Eq + Clone, S: BuildHasher> KeyClaim<K, S> {
+    /// The claimed key.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn key(&self) -> &K {
+        &self.key
     }
 
     /// Records that the lock was released while tasks of other processes waited for it.
-    pub(super) fn set_yield_to_others(&mut self) {
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn set_yield_to_others(&mut self) {
         self.yield_to_others = true;
     }
 
     /// Whether the previous holder released while other processes waited: the new claimant
     /// should give them a head start instead of retaking the lock at once.
-    pub(super) fn yield_to_others(&self) -> bool {
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn yield_to_others(&self) -> bool {
         self.yield_to_others
     }
 
     /// Records that a statement about this key is being sent: until [`answered`](Self::answered),
     /// tasks queued behind this one cannot tell whether the key is held.
-    pub(super) fn asking_server(&mut self) {
+    pub(crate) fn asking_server(&mut self) {
         self.unanswered_before =
             self.with_entry(|entry| std::mem::replace(&mut entry.unanswered, true));
     }
 
     /// Records that the server answered a statement about this key.
-    pub(super) fn answered(&self) {
+    pub(crate) fn answered(&self) {
         self.with_entry(|entry| {
             if std::mem::take(&mut entry.unanswered) {
                 if let Some(answered) = &entry.answered {
@@ -221,7 +248,8 @@ impl KeyClaim {
 
     /// Undoes [`asking_server`](Self::asking_server) when the statement was never run (its
     /// caller left before the session got to it).
-    pub(super) fn not_asked(&self) {
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn not_asked(&self) {
         let before = self.unanswered_before;
         self.with_entry(|entry| entry.unanswered = before);
     }
@@ -230,8 +258,8 @@ impl KeyClaim {
         self.with_entry(|entry| entry.unanswered)
     }
 
-    fn with_entry<T: Default>(&self, f: impl FnOnce(&mut KeyEntry) -> T) -> T {
-        let mut shard = self.table.shard(self.key);
+    fn with_entry<T: Default>(&self, f: impl FnOnce(&mut KeyEntry<K, S>) -> T) -> T {
+        let mut shard = self.table.shard(&self.key);
         match shard.get_mut(&self.key) {
             Some(entry) => f(entry),
             None => {
@@ -242,13 +270,17 @@ impl KeyClaim {
     }
 }
 
-impl Drop for KeyClaim {
+impl<K, S> Drop for KeyClaim<K, S>
+where
+    K: Hash + Eq + Clone,
+    S: BuildHasher,
+{
     fn drop(&mut self) {
         if self.live {
             // A claim dropped inside `pass_on` (a queued task dropped its receiver with the
             // claim in it) is not possible under the shard lock: `send` hands back refused
             // claims instead of dropping them.
-            Arc::clone(&self.table).pass_on(self.key, self.yield_to_others);
+            Arc::clone(&self.table).pass_on(&self.key, self.yield_to_others);
         }
     }
 }
@@ -259,7 +291,7 @@ mod tests {
 
     #[test]
     fn a_claim_is_exclusive_and_passes_in_order() {
-        let table = Arc::new(ClaimTable::default());
+        let table = Arc::new(ClaimTable::<i64>::default());
         let first = table.try_claim(7).expect("free key");
         assert!(table.try_claim(7).is_none());
         let Claim::Queued(mut second) = table.claim_or_queue(7) else {
@@ -277,13 +309,13 @@ mod tests {
         assert!(third.try_recv().is_err());
         drop(second);
         let third = third.try_recv().expect("the task that left is skipped");
-        assert!(table.is_claimed(7));
+        assert!(table.is_claimed(&7));
         drop(third);
-        assert!(!table.is_claimed(7));
+        assert!(!table.is_claimed(&7));
         assert!(table.try_claim(7).is_some());
     }
 
-    fn queued(table: &Arc<ClaimTable>, key: i64) -> oneshot::Receiver<KeyClaim> {
+    fn queued(table: &Arc<ClaimTable<i64>>, key: i64) -> oneshot::Receiver<KeyClaim<i64>> {
         match table.claim_or_queue(key) {
             Claim::Queued(turn) => turn,
             Claim::Claimed(_) => panic!("claimed key must queue"),
@@ -292,19 +324,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_overdue_task_sees_whether_the_server_owes_an_answer() {
-        let table = Arc::new(ClaimTable::default());
+        let table = Arc::new(ClaimTable::<i64>::default());
         let give_up_at = || Instant::now() + std::time::Duration::from_secs(1);
 
         // Nothing asked, or asked and answered: the key is held by the task ahead.
         let mut first = table.try_claim(3).expect("free key");
         assert!(matches!(
-            table.overdue(3, queued(&table, 3), give_up_at()).await,
+            table.overdue(&3, queued(&table, 3), give_up_at()).await,
             Overdue::Held
         ));
         first.asking_server();
         first.answered();
         assert!(matches!(
-            table.overdue(3, queued(&table, 3), give_up_at()).await,
+            table.overdue(&3, queued(&table, 3), give_up_at()).await,
             Overdue::Held
         ));
 
@@ -312,7 +344,7 @@ mod tests {
         first.asking_server();
         let started = Instant::now();
         assert!(matches!(
-            table.overdue(3, queued(&table, 3), give_up_at()).await,
+            table.overdue(&3, queued(&table, 3), give_up_at()).await,
             Overdue::Unanswered
         ));
         assert_eq!(started.elapsed(), std::time::Duration::from_secs(1));
@@ -320,7 +352,7 @@ mod tests {
         // An answer that arrives while the task waits: held.
         let waiting = tokio::spawn({
             let (table, turn) = (Arc::clone(&table), queued(&table, 3));
-            async move { table.overdue(3, turn, give_up_at()).await }
+            async move { table.overdue(&3, turn, give_up_at()).await }
         });
         tokio::task::yield_now().await;
         first.answered();
@@ -332,11 +364,11 @@ mod tests {
         let (second, third) = (queued(&table, 3), queued(&table, 3));
         let second = tokio::spawn({
             let table = Arc::clone(&table);
-            async move { table.overdue(3, second, give_up_at()).await }
+            async move { table.overdue(&3, second, give_up_at()).await }
         });
         let third = tokio::spawn({
             let table = Arc::clone(&table);
-            async move { table.overdue(3, third, give_up_at()).await }
+            async move { table.overdue(&3, third, give_up_at()).await }
         });
         let Claim::Queued(fourth) = table.claim_or_queue(3) else {
             panic!("claimed key must queue");
@@ -353,12 +385,12 @@ mod tests {
         fourth.answered();
         assert!(!fourth.is_unanswered());
         drop(fourth);
-        assert!(!table.is_claimed(3));
+        assert!(!table.is_claimed(&3));
     }
 
     #[test]
     fn a_claim_dropped_in_its_channel_passes_on() {
-        let table = Arc::new(ClaimTable::default());
+        let table = Arc::new(ClaimTable::<i64>::default());
         let first = table.try_claim(1).expect("free key");
         let Claim::Queued(second) = table.claim_or_queue(1) else {
             panic!("claimed key must queue");
