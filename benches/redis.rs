@@ -7,7 +7,10 @@
 //!   of a release to the moment the next holder has the lock (criterion reports the mean).
 //!
 //! After criterion, the bench prints the cycle ratio measured by interleaving both variants,
-//! and the hand-off latency p50/p99 over a 3 s run.
+//! and the hand-off latency p50/p99 over a 3 s run. Then, for 8 tasks on one key of one lock
+//! object built with plain `RedisDistributedLock::new` (no pub/sub), over 3 s: critical
+//! sections per second, hand-off p50/p99 and each task's share, against a bare polling loop
+//! (8 tasks, each `SET NX PX` until it succeeds, then compare-and-delete) on one connection.
 //!
 //! Run: `cargo bench --all-features --bench redis`
 
@@ -158,6 +161,15 @@ fn median(samples: &mut [f64]) -> f64 {
 /// Runs 8 tasks on one key until `handoffs` hand-offs were seen (or `run_for` passed) and
 /// returns every release→next-holder latency.
 async fn handoffs(lock: &RedisDistributedLock, handoffs: u64, run_for: Duration) -> Vec<Duration> {
+    handoffs_and_shares(lock, handoffs, run_for).await.0
+}
+
+/// [`handoffs`], and the critical sections each task had.
+async fn handoffs_and_shares(
+    lock: &RedisDistributedLock,
+    handoffs: u64,
+    run_for: Duration,
+) -> (Vec<Duration>, Vec<u64>) {
     const TASKS: usize = 8;
     let origin = Instant::now();
     let stop_at = origin + run_for;
@@ -167,17 +179,23 @@ async fn handoffs(lock: &RedisDistributedLock, handoffs: u64, run_for: Duration)
     let samples = Arc::new(Mutex::new(Vec::with_capacity(
         handoffs.min(100_000) as usize
     )));
+    let shares = Arc::new((0..TASKS).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
     let mut tasks = Vec::new();
     for task in 0..TASKS as u64 {
         let lock = lock.clone();
-        let (last_release, last_holder, samples) =
-            (last_release.clone(), last_holder.clone(), samples.clone());
+        let (last_release, last_holder, samples, shares) = (
+            last_release.clone(),
+            last_holder.clone(),
+            samples.clone(),
+            shares.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 if Instant::now() >= stop_at || samples.lock().unwrap().len() as u64 >= handoffs {
                     return;
                 }
                 let guard = lock.acquire("handoff").await.unwrap();
+                shares[task as usize].fetch_add(1, Ordering::Relaxed);
                 let now = origin.elapsed().as_nanos() as u64;
                 let previous = last_holder.swap(task, Ordering::AcqRel);
                 if previous != u64::MAX && previous != task {
@@ -196,7 +214,59 @@ async fn handoffs(lock: &RedisDistributedLock, handoffs: u64, run_for: Duration)
     for task in tasks {
         task.await.unwrap();
     }
-    Arc::try_unwrap(samples).unwrap().into_inner().unwrap()
+    let shares = shares.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    (
+        Arc::try_unwrap(samples).unwrap().into_inner().unwrap(),
+        shares,
+    )
+}
+
+/// 8 tasks on one key, each looping on `SET NX PX` (yielding between tries) until it gets the
+/// key, then compare-and-delete, over one multiplexed connection for `run_for`: critical
+/// sections per task.
+async fn bare_polling_shares(run_for: Duration) -> Vec<u64> {
+    let floor = RawFloor::new().await;
+    let stop_at = Instant::now() + run_for;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (mut connection, script, key) = (
+            floor.connection.clone(),
+            floor.script.clone(),
+            floor.key.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut sections = 0;
+            while Instant::now() < stop_at {
+                let token = uuid::Uuid::new_v4().hyphenated().to_string();
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                if set.is_none() {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                sections += 1;
+                let _: i64 = script
+                    .key(&key)
+                    .arg(&token)
+                    .invoke_async(&mut connection)
+                    .await
+                    .unwrap();
+            }
+            sections
+        }));
+    }
+    let mut shares = Vec::new();
+    for task in tasks {
+        shares.push(task.await.unwrap());
+    }
+    shares
 }
 
 fn handoff(c: &mut Criterion) {
@@ -231,5 +301,37 @@ fn handoff(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, cycle, handoff);
+/// 8 tasks on one key of one lock object made with plain `new()` (no pub/sub), against the
+/// bare polling loop, 3 s each.
+fn contention_with_new(_: &mut Criterion) {
+    let runtime = support::runtime();
+    let run_for = Duration::from_secs(3);
+    let config = LockConfig::new()
+        .ttl(Duration::from_secs(10))
+        .retry_interval(Duration::from_millis(100))
+        .max_retries(100);
+    let lock = runtime.block_on(async {
+        RedisDistributedLock::builder(pool().await)
+            .config(config)
+            .key_prefix(prefix())
+            .build()
+            .unwrap()
+    });
+    let (mut samples, shares) = runtime.block_on(handoffs_and_shares(&lock, u64::MAX, run_for));
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    let sections: u64 = shares.iter().sum();
+    let bare = runtime.block_on(bare_polling_shares(run_for));
+    let bare_sections: u64 = bare.iter().sum();
+    println!(
+        "redis_new_contention 8 tasks, one key, one lock object from new(), 3 s: {:.0} critical sections/s, hand-off p50 {:?}, p99 {:?}, per task {shares:?}; bare SET NX PX polling loop: {:.0}/s, per task {bare:?}; ratio {:.2}",
+        sections as f64 / run_for.as_secs_f64(),
+        at(0.50),
+        at(0.99),
+        bare_sections as f64 / run_for.as_secs_f64(),
+        sections as f64 / bare_sections.max(1) as f64,
+    );
+}
+
+criterion_group!(benches, cycle, handoff, contention_with_new);
 criterion_main!(benches);

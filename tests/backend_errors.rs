@@ -120,7 +120,13 @@ async fn a_redis_failure_carries_the_redis_error() {
         .key_prefix(common::unique_prefix("backend-errors"))
         .build()
         .unwrap();
-    drop(lock.try_acquire("k").await.unwrap());
+    // The lock's connection is open; then every connection is cut.
+    lock.try_acquire("k")
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
     proxy.refuse_new();
     proxy.cut_all();
     let error = lock.try_acquire("k").await.unwrap_err();

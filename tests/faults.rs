@@ -104,18 +104,23 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
     let proxy = FaultProxy::start(Backend::Redis.server_address().await).await;
     proxy.stall();
     let proxy_url = format!("redis://{}", proxy.address());
-    let lock = common::redis_conn::lock_builder(&url, &proxy_url)
-        .await
-        .config(
-            LockConfig::new()
-                .ttl(Duration::from_secs(10))
-                .retry_interval(Duration::from_millis(100))
-                .max_retries(50),
-        )
-        .key_prefix("k1s0test:")
-        .command_timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
+    // Waiters on two lock objects and the holder on a third, as three processes: the waiters
+    // of one lock object queue in the process, and only the first of them in Redis.
+    let waiting_lock = || async {
+        common::redis_conn::lock_builder(&url, &proxy_url)
+            .await
+            .config(
+                LockConfig::new()
+                    .ttl(Duration::from_secs(10))
+                    .retry_interval(Duration::from_millis(100))
+                    .max_retries(50),
+            )
+            .key_prefix("k1s0test:")
+            .command_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap()
+    };
+    let (lock, other) = (waiting_lock().await, waiting_lock().await);
     let key = format!("{}turns", common::unique_prefix("pubsub-stall"));
     let queue = format!("{}:queue", lock.redis_key(&key));
     let connection = common::redis_conn::connection(&url).await;
@@ -131,7 +136,12 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         }
     };
 
-    let holder = lock.try_acquire(&key).await.unwrap();
+    let holding = common::redis_conn::lock_builder(&url, &url)
+        .await
+        .key_prefix("k1s0test:")
+        .build()
+        .unwrap();
+    let holder = holding.try_acquire(&key).await.unwrap();
     let first = tokio::spawn({
         let (lock, key) = (lock.clone(), key.clone());
         async move { lock.acquire(&key).await.unwrap() }
@@ -144,8 +154,8 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         .await
     );
     let second = tokio::spawn({
-        let (lock, key) = (lock.clone(), key.clone());
-        async move { lock.acquire(&key).await.unwrap() }
+        let (other, key) = (other.clone(), key.clone());
+        async move { other.acquire(&key).await.unwrap() }
     });
     assert!(
         common::wait::eventually(Duration::from_secs(5), || {
@@ -154,7 +164,7 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
         })
         .await
     );
-    lock.release(holder).await.unwrap();
+    holding.release(holder).await.unwrap();
     let first = first.await.unwrap();
     let first_fence = first.fencing_token();
     drop(first);
@@ -191,7 +201,14 @@ async fn redis_waiters_get_subscribed_over_a_pub_sub_link_slower_than_their_poll
     let channel = format!("{}:released", lock.redis_key(&key));
     let connection = common::redis_conn::connection(&url).await;
 
-    let holder = lock.try_acquire(&key).await.unwrap();
+    // Held by another lock object (another process): a waiter of the holder's own lock object
+    // would wait in the process and never subscribe.
+    let other = common::redis_conn::lock_builder(&url, &url)
+        .await
+        .key_prefix("k1s0test:")
+        .build()
+        .unwrap();
+    let holder = other.try_acquire(&key).await.unwrap();
     let waiter = tokio::spawn({
         let (lock, key) = (lock.clone(), key.clone());
         async move { lock.acquire(&key).await }
@@ -211,7 +228,7 @@ async fn redis_waiters_get_subscribed_over_a_pub_sub_link_slower_than_their_poll
         }
     })
     .await;
-    lock.release(holder).await.unwrap();
+    other.release(holder).await.unwrap();
     lock.release(waiter.await.unwrap().unwrap()).await.unwrap();
 }
 
@@ -333,7 +350,7 @@ async fn redis_waiters_stalled_while_waiting_get_backend_errors() {
                     .query_async::<usize>(&mut connection)
                     .await
                     .unwrap()
-                    == 2
+                    == 1
             }
         },
     )

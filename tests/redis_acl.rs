@@ -92,9 +92,14 @@ async fn the_documented_acl_is_enough_to_lock_wait_and_release() {
     let server = RedisServer::start().await;
     let prefix = common::unique_prefix("redis_acl");
     create_user(&server, &documented_acl(&prefix)).await;
-    let lock = lock_as_user(&server, &prefix, true).await;
+    // The holder and the waiter on two lock objects, as two processes (the waiters of one lock
+    // object wait in the process, and only the first of them in Redis).
+    let (holding, lock) = (
+        lock_as_user(&server, &prefix, true).await,
+        lock_as_user(&server, &prefix, true).await,
+    );
 
-    let holder = lock.try_acquire("k").await.unwrap();
+    let holder = holding.try_acquire("k").await.unwrap();
     let waiter = tokio::spawn({
         let lock = lock.clone();
         async move { lock.acquire("k").await }
@@ -118,9 +123,12 @@ async fn without_the_channels_a_release_still_succeeds_and_waiters_poll() {
         .filter(|word| !word.starts_with('&'))
         .collect();
     create_user(&server, &words).await;
-    let lock = lock_as_user(&server, &prefix, false).await;
+    let (holding, lock) = (
+        lock_as_user(&server, &prefix, false).await,
+        lock_as_user(&server, &prefix, false).await,
+    );
 
-    let holder = lock.try_acquire("k").await.unwrap();
+    let holder = holding.try_acquire("k").await.unwrap();
     let waiter = tokio::spawn({
         let lock = lock.clone();
         async move { lock.acquire("k").await }

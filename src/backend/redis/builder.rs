@@ -147,6 +147,7 @@ impl RedisDistributedLockBuilder {
                     self.command_timeout,
                     self.connection_max_age,
                 ),
+                claims: Arc::default(),
                 prefix: self.key_prefix,
                 config: self.config,
                 fence_retention: self.fence_retention,

@@ -1,6 +1,6 @@
 //! One granted (or being-acquired) lock: release, extend and abandon by token.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::keys::LockKeys;
 use super::scripts::{Arg, ABANDON, EXTEND, RELEASE};
-use super::Shared;
+use super::{RedisClaim, Shared};
 use crate::{LockError, LockHandle};
 
 /// A token's claim on one key: what release, extend and the watchdog act on.
@@ -95,6 +95,9 @@ impl LockRef {
 pub(crate) struct RedisHandle {
     pub(crate) lock: Arc<LockRef>,
     pub(crate) watchdog: Option<AbortHandle>,
+    /// The key's turn among the tasks of the lock object: passed on once the lock is released
+    /// (or when this handle goes, after a background release).
+    pub(crate) claim: Mutex<Option<RedisClaim>>,
 }
 
 impl RedisHandle {
@@ -108,7 +111,21 @@ impl RedisHandle {
 impl LockHandle for RedisHandle {
     fn release(&self) -> BoxFuture<'_, Result<(), LockError>> {
         self.stop_watchdog();
-        Box::pin(self.lock.release())
+        Box::pin(async move {
+            let result = self.lock.release().await;
+            // Released, or no longer this token's: the next task of this process may go. After
+            // a backend error the lock may still be held; the background release that follows
+            // passes the turn on when it is done.
+            if !matches!(result, Err(LockError::BackendError(_))) {
+                drop(
+                    self.claim
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take(),
+                );
+            }
+            result
+        })
     }
 
     fn extend(&self, ttl: Duration) -> BoxFuture<'_, Result<(), LockError>> {

@@ -28,6 +28,7 @@ use self::keys::LockKeys;
 use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
 use self::wake::{Registration, WakeHub};
 pub use self::watchdog::AutoExtend;
+use super::claims::{Claim, ClaimTable, KeyClaim, Overdue};
 use super::jitter::Jitter;
 use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard};
 
@@ -89,6 +90,9 @@ pub struct RedisDistributedLock {
 /// What the lock object, its guards and their watchdogs share.
 pub(crate) struct Shared {
     connections: Connections,
+    /// The tasks of this lock object queue here per key, first in, first out; only the first
+    /// in line talks to Redis, and a release hands the key to the next at once.
+    claims: Arc<ClaimTable<Arc<str>>>,
     prefix: String,
     config: LockConfig,
     fence_retention: Duration,
@@ -183,12 +187,20 @@ impl RedisDistributedLock {
         } else {
             0
         };
+        let Some(claim) = self.claim(key, wait, started + budget).await? else {
+            return Err(if wait_call {
+                LockError::Timeout
+            } else {
+                LockError::AlreadyLocked
+            });
+        };
         let mut pending = PendingAcquire {
             shared: &self.shared,
             key,
             keys: LockKeys::new(&self.shared.prefix, key),
             token: Uuid::new_v4(),
             connection: None,
+            claim: Some(claim),
         };
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token);
@@ -196,10 +208,10 @@ impl RedisDistributedLock {
             let (outcome, sent_at) = pending.attempt(ttl, entry_ttl).await?;
             if outcome > 0 {
                 let token = pending.token;
-                let lock = pending.disarm();
+                let (lock, claim) = pending.disarm();
                 let left = (sent_at + ttl).saturating_duration_since(Instant::now());
                 if left >= ttl / MIN_LEASE_LEFT_DIVISOR {
-                    return Ok(self.guard(lock, sent_at, ttl, outcome as u64));
+                    return Ok(self.guard(lock, claim, sent_at, ttl, outcome as u64));
                 }
                 // The answer came so late that the lock is about to expire: give it back
                 // rather than hand out a guard that is lost on arrival.
@@ -229,6 +241,7 @@ impl RedisDistributedLock {
                     keys: LockKeys::new(&self.shared.prefix, key),
                     token,
                     connection: None,
+                    claim,
                 };
                 continue;
             }
@@ -275,7 +288,53 @@ impl RedisDistributedLock {
         }
     }
 
-    fn guard(&self, lock: LockRef, sent_at: Instant, ttl: Duration, fence: u64) -> LockGuard {
+    /// The key's turn among the tasks of this lock object: at once or never (`None`) for a
+    /// try, else within the waiting budget (queued first in, first out). A queued task whose
+    /// budget runs out gets `Timeout` only if the key is known to be held; if the task ahead
+    /// is still waiting for Redis to answer about it, that answer decides (see
+    /// [`ClaimTable::overdue`]).
+    async fn claim(
+        &self,
+        key: &str,
+        wait: bool,
+        deadline: Instant,
+    ) -> Result<Option<RedisClaim>, LockError> {
+        let claims = &self.shared.claims;
+        let name: Arc<str> = Arc::from(key);
+        if !wait {
+            return Ok(claims.try_claim(name));
+        }
+        let mut turn = match claims.claim_or_queue(Arc::clone(&name)) {
+            Claim::Claimed(claim) => return Ok(Some(claim)),
+            Claim::Queued(turn) => turn,
+        };
+        match tokio::time::timeout_at(deadline, &mut turn).await {
+            Ok(Ok(claim)) => Ok(Some(claim)),
+            Ok(Err(_)) => Err(LockError::backend_msg("the lock claim queue was dropped")),
+            Err(_) => {
+                let give_up_at = deadline + self.shared.connections.timeout();
+                match claims.overdue(&name, turn, give_up_at).await {
+                    Overdue::Held => Err(LockError::Timeout),
+                    Overdue::Unanswered => Err(LockError::backend_msg(format!(
+                        "no answer from Redis about this key: the task ahead in this process \
+                         sent a command that was not answered within the waiting budget of \
+                         {:?} and the command timeout",
+                        self.shared.config.wait_budget()
+                    ))),
+                    Overdue::Claimed(claim) => Ok(Some(claim)),
+                }
+            }
+        }
+    }
+
+    fn guard(
+        &self,
+        lock: LockRef,
+        claim: Option<RedisClaim>,
+        sent_at: Instant,
+        ttl: Duration,
+        fence: u64,
+    ) -> LockGuard {
         let lease = Lease::new(sent_at, ttl);
         let (key, token) = (Arc::clone(&lock.key), lock.token);
         let lock = Arc::new(lock);
@@ -293,7 +352,11 @@ impl RedisDistributedLock {
             token,
             fence,
             lease,
-            Arc::new(RedisHandle { lock, watchdog }),
+            Arc::new(RedisHandle {
+                lock,
+                watchdog,
+                claim: std::sync::Mutex::new(claim),
+            }),
         )
     }
 
@@ -354,7 +417,13 @@ struct PendingAcquire<'a> {
     /// The connection the acquire script was sent on; `Some` exactly while a clean-up may be
     /// needed (the drop sends it there).
     connection: Option<MultiplexedConnection>,
+    /// This task's turn among the tasks of the lock object; passed on when the acquire ends
+    /// without the lock (after its clean-up), or moved into the guard.
+    claim: Option<RedisClaim>,
 }
+
+/// A task's turn on one key among the tasks of one lock object (see [`ClaimTable`]).
+pub(crate) type RedisClaim = KeyClaim<Arc<str>>;
 
 impl PendingAcquire<'_> {
     /// Runs the acquire script once: the fencing token (> 0) when taken, else `-pttl` of the
@@ -380,17 +449,24 @@ impl PendingAcquire<'_> {
             Arg::Number(millis(self.shared.fence_retention)),
         ];
         let connections = &self.shared.connections;
+        if let Some(claim) = self.claim.as_mut() {
+            claim.asking_server();
+        }
         let connection = self.connection.insert(connections.connection().await?);
-        connections
+        let answer = connections
             .script_on(connection, &ACQUIRE, &keys, &args)
-            .await
+            .await?;
+        if let Some(claim) = &self.claim {
+            claim.answered();
+        }
+        Ok(answer)
     }
 
     /// The acquire succeeded: hand over the lock.
-    fn disarm(mut self) -> LockRef {
+    fn disarm(mut self) -> (LockRef, Option<RedisClaim>) {
         self.connection = None;
         let keys = std::mem::take(&mut self.keys);
-        self.lock_ref(keys)
+        (self.lock_ref(keys), self.claim.take())
     }
 
     /// The waiting budget ran out: leave the queue now (best effort; the entry times out
@@ -428,8 +504,11 @@ impl Drop for PendingAcquire<'_> {
         };
         let keys = std::mem::take(&mut self.keys);
         let lock = self.lock_ref(keys);
+        // The next task of this process gets the key once the clean-up ran.
+        let claim = self.claim.take();
         tracing::debug!(key = ?lock.key, "acquire interrupted; cleaning up in the background");
         runtime.spawn(async move {
+            let _claim = claim;
             match lock.abandon(connection).await {
                 Ok(true) => {
                     tracing::debug!(key = ?lock.key, "freed a lock taken by an interrupted acquire")
