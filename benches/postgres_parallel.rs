@@ -18,10 +18,9 @@
 mod support;
 
 use support::pg::{self, raw_cycle};
-use support::{env_number, median};
+use support::{cycles_per_second, env_number, median};
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
 use sqlx::{PgConnection, PgPool};
@@ -32,39 +31,6 @@ const CONNECTIONS: u32 = 10;
 /// A random advisory key per task, far from any other bench's or test's.
 fn advisory_key() -> i64 {
     rand::random::<i64>()
-}
-
-/// Spawns one task per state of `states`, each running `cycle` on its own state in a loop until
-/// `run` has passed. Returns the cycles per second of all the tasks together, and the states
-/// back in their order.
-async fn cycles_per_second<S, C, F>(states: Vec<S>, run: Duration, cycle: C) -> (f64, Vec<S>)
-where
-    S: Send + 'static,
-    C: Fn(S) -> F + Clone + Send + 'static,
-    F: Future<Output = S> + Send,
-{
-    let until = Instant::now() + run;
-    let tasks: Vec<_> = states
-        .into_iter()
-        .map(|mut state| {
-            let cycle = cycle.clone();
-            tokio::spawn(async move {
-                let mut cycles = 0_u64;
-                while Instant::now() < until {
-                    state = cycle(state).await;
-                    cycles += 1;
-                }
-                (cycles, state)
-            })
-        })
-        .collect();
-    let (mut cycles, mut states) = (0, Vec::with_capacity(tasks.len()));
-    for task in tasks {
-        let (counted, state) = task.await.unwrap();
-        cycles += counted;
-        states.push(state);
-    }
-    (cycles as f64 / run.as_secs_f64(), states)
 }
 
 /// The sides, each ready to run for a while and count its cycles.

@@ -74,3 +74,40 @@ pub fn median(mut values: Vec<f64>) -> f64 {
         (values[middle - 1] + values[middle]) / 2.0
     }
 }
+
+/// Spawns one task per state of `states`, each running `cycle` on its own state in a loop until
+/// `run` has passed. Returns the cycles per second of all the tasks together, and the states
+/// back in their order.
+pub async fn cycles_per_second<S, C, F>(
+    states: Vec<S>,
+    run: std::time::Duration,
+    cycle: C,
+) -> (f64, Vec<S>)
+where
+    S: Send + 'static,
+    C: Fn(S) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = S> + Send,
+{
+    let until = std::time::Instant::now() + run;
+    let tasks: Vec<_> = states
+        .into_iter()
+        .map(|mut state| {
+            let cycle = cycle.clone();
+            tokio::spawn(async move {
+                let mut cycles = 0_u64;
+                while std::time::Instant::now() < until {
+                    state = cycle(state).await;
+                    cycles += 1;
+                }
+                (cycles, state)
+            })
+        })
+        .collect();
+    let (mut cycles, mut states) = (0, Vec::with_capacity(tasks.len()));
+    for task in tasks {
+        let (counted, state) = task.await.unwrap();
+        cycles += counted;
+        states.push(state);
+    }
+    (cycles as f64 / run.as_secs_f64(), states)
+}
