@@ -139,6 +139,14 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
         give_up_at: Instant,
     ) -> Overdue<K, S> {
         loop {
+            // A claim that reached this task as its budget ended is its turn after all.
+            if let Ok(claim) = turn.try_recv() {
+                return if claim.is_unanswered() {
+                    Overdue::Unanswered
+                } else {
+                    Overdue::Claimed(claim)
+                };
+            }
             let mut answered = {
                 let mut shard = self.shard(key);
                 match shard.get_mut(key) {
@@ -201,7 +209,9 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
     fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K, S>> {
         // Every update is a single insert, remove or queue operation, so a shard poisoned by a
         // panic elsewhere is still consistent.
-        let shard = (self.hashing.hash_one(key) % SHARDS as u64) as usize;
+        // Middle bits: the shard's own map places entries by the low bits of the same hash
+        // (and tags them with the top ones).
+        let shard = ((self.hashing.hash_one(key) >> 32) % SHARDS as u64) as usize;
         self.shards[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

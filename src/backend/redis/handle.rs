@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::keys::LockKeys;
 use super::scripts::{Arg, ABANDON, EXTEND, RELEASE};
 use super::{RedisClaim, Shared};
-use crate::{LockError, LockHandle};
+use crate::{Lease, LockError, LockHandle};
 
 /// A token's claim on one key: what release, extend and the watchdog act on.
 pub(crate) struct LockRef {
@@ -95,9 +95,50 @@ impl LockRef {
 pub(crate) struct RedisHandle {
     pub(crate) lock: Arc<LockRef>,
     pub(crate) watchdog: Option<AbortHandle>,
-    /// The key's turn among the tasks of the lock object: passed on once the lock is released
-    /// (or when this handle goes, after a background release).
-    pub(crate) claim: Mutex<Option<RedisClaim>>,
+    /// The key's turn among the tasks of the lock object.
+    pub(crate) claim: HeldClaim,
+}
+
+/// A guard's turn on its key among the tasks of its lock object: passed on once the lock is
+/// released, when the handle goes (after a background release), or as soon as the lease is
+/// lost. A guard kept past its TTL (a hung handler, a forgotten guard) must not keep the other
+/// tasks of this process off a key that Redis has freed for everyone else.
+pub(crate) struct HeldClaim {
+    claim: Arc<Mutex<Option<RedisClaim>>>,
+    /// Waits for the lease to be lost, then passes the turn on.
+    keeper: Option<AbortHandle>,
+}
+
+impl HeldClaim {
+    pub(crate) fn new(claim: Option<RedisClaim>, lease: &Arc<Lease>) -> Self {
+        let claim = Arc::new(Mutex::new(claim));
+        let keeper = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (claim, lost) = (Arc::clone(&claim), lease.lost());
+            let keeper = async move {
+                lost.await;
+                pass_on(&claim);
+            };
+            runtime.spawn(keeper).abort_handle()
+        });
+        HeldClaim { claim, keeper }
+    }
+
+    fn pass_on(&self) {
+        if let Some(keeper) = &self.keeper {
+            keeper.abort();
+        }
+        pass_on(&self.claim);
+    }
+}
+
+fn pass_on(claim: &Mutex<Option<RedisClaim>>) {
+    drop(claim.lock().unwrap_or_else(PoisonError::into_inner).take());
+}
+
+impl Drop for HeldClaim {
+    fn drop(&mut self) {
+        self.pass_on();
+    }
 }
 
 impl RedisHandle {
@@ -117,12 +158,7 @@ impl LockHandle for RedisHandle {
             // a backend error the lock may still be held; the background release that follows
             // passes the turn on when it is done.
             if !matches!(result, Err(LockError::BackendError(_))) {
-                drop(
-                    self.claim
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .take(),
-                );
+                self.claim.pass_on();
             }
             result
         })

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 pub use self::builder::RedisDistributedLockBuilder;
 use self::connection::Connections;
-use self::handle::{millis, token_text, LockRef, RedisHandle};
+use self::handle::{millis, token_text, HeldClaim, LockRef, RedisHandle};
 use self::keys::LockKeys;
 use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
 use self::wake::{Registration, WakeHub};
@@ -351,11 +351,11 @@ impl RedisDistributedLock {
             key,
             token,
             fence,
-            lease,
+            Arc::clone(&lease),
             Arc::new(RedisHandle {
                 lock,
                 watchdog,
-                claim: std::sync::Mutex::new(claim),
+                claim: HeldClaim::new(claim, &lease),
             }),
         )
     }
@@ -478,8 +478,18 @@ impl PendingAcquire<'_> {
             return;
         };
         let lock = self.lock_ref(self.keys.clone());
-        if let Err(error) = lock.abandon(connection).await {
-            tracing::debug!(key = ?self.key, error = &error as &dyn std::error::Error, "could not leave the wait queue; the entry times out");
+        if let Some(claim) = self.claim.as_mut() {
+            claim.asking_server();
+        }
+        match lock.abandon(connection).await {
+            Ok(_) => {
+                if let Some(claim) = &self.claim {
+                    claim.answered();
+                }
+            }
+            Err(error) => {
+                tracing::debug!(key = ?self.key, error = &error as &dyn std::error::Error, "could not leave the wait queue; the entry times out")
+            }
         }
         self.connection = None;
     }
@@ -497,6 +507,10 @@ impl PendingAcquire<'_> {
 impl Drop for PendingAcquire<'_> {
     fn drop(&mut self) {
         let Some(connection) = self.connection.take() else {
+            // Nothing reached Redis: the tasks queued behind this one owe it no answer.
+            if let Some(claim) = &self.claim {
+                claim.not_asked();
+            }
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -508,8 +522,13 @@ impl Drop for PendingAcquire<'_> {
         let claim = self.claim.take();
         tracing::debug!(key = ?lock.key, "acquire interrupted; cleaning up in the background");
         runtime.spawn(async move {
-            let _claim = claim;
-            match lock.abandon(connection).await {
+            let result = lock.abandon(connection).await;
+            if let (Ok(_), Some(claim)) = (&result, &claim) {
+                // Redis answered about the key: a task queued behind learns it is held.
+                claim.answered();
+            }
+            drop(claim);
+            match result {
                 Ok(true) => {
                     tracing::debug!(key = ?lock.key, "freed a lock taken by an interrupted acquire")
                 }
