@@ -6,6 +6,7 @@ use std::time::Duration;
 use bb8::Pool;
 use bb8_redis::RedisConnectionManager;
 
+use super::acks::ReplicaAcks;
 use super::connection::Connections;
 use super::keys::{validate_prefix, DEFAULT_PREFIX};
 use super::wake::WakeHub;
@@ -50,6 +51,7 @@ pub struct RedisDistributedLockBuilder {
     fence_retention: Duration,
     auto_extend: Option<AutoExtend>,
     wake_client: Option<redis::Client>,
+    replica_acks: Option<(u32, Duration)>,
 }
 
 impl RedisDistributedLockBuilder {
@@ -63,6 +65,7 @@ impl RedisDistributedLockBuilder {
             fence_retention: DEFAULT_FENCE_RETENTION,
             auto_extend: None,
             wake_client: None,
+            replica_acks: None,
         }
     }
 
@@ -119,11 +122,72 @@ impl RedisDistributedLockBuilder {
         self
     }
 
+    /// Waits, after every acquire that took a lock and every extend that renewed one, until
+    /// `replicas` replicas of the Redis primary acknowledged the write, for at most `timeout`
+    /// (`WAIT replicas timeout`; off by default).
+    ///
+    /// Redis replicates asynchronously: without this, a lock granted by the primary can be
+    /// missing on the replica promoted after the primary fails, and a second holder then gets
+    /// it (its fencing token is still larger: see docs/redis.md). With it:
+    ///
+    /// * **Acquire**: when fewer than `replicas` acknowledge within `timeout`, the lock is
+    ///   released again and the acquire (also a waiting `acquire`) returns
+    ///   [`LockError::BackendError`] saying how many acknowledged. The lease still counts
+    ///   from the moment the acquire script was sent, so the wait uses up part of it.
+    /// * **Extend** (also the [`AutoExtend`] watchdog's renewals): when not acknowledged in
+    ///   time, the lock stays renewed on the primary and `extend` returns
+    ///   [`LockError::BackendError`]; the guard's lease is not renewed (it keeps its earlier
+    ///   deadline), so a watchdog whose renewals are never acknowledged lets the guard be
+    ///   lost when that deadline passes.
+    ///
+    /// What it guarantees: a lock handed out is in the memory of at least `replicas`
+    /// replicas, so a failover that promotes one of them keeps it. What it does not: `WAIT`
+    /// does not wait for any disk (a replica that restarts without persistence forgets the
+    /// lock), does not stop a failover from promoting a replica that did not acknowledge
+    /// (with Sentinel or Cluster, configure the primary's `min-replicas-to-write` /
+    /// `min-replicas-max-lag` as the server-side complement), and a lock given back for want
+    /// of acknowledgements can survive on a replica, held by nobody until its TTL, when a
+    /// failover follows at once. Redis Cluster with one node per shard: `WAIT` counts the
+    /// replicas of the node that took the lock.
+    ///
+    /// Cost: one more round trip per acquire that takes a lock and per extend (the time the
+    /// replicas take to acknowledge), and a connection of its own for each acquire or extend
+    /// in flight (`WAIT` blocks the connection it is sent on; up to 16 idle ones are kept per
+    /// lock object). The Redis user needs `+wait`.
+    ///
+    /// [`build`](Self::build) refuses `replicas` = 0 and a `timeout` outside 1 ms ..=
+    /// [`MAX_DURATION`].
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use k1s0_distributed_lock::{bb8_redis, DistributedLock, LockError, RedisDistributedLock};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = bb8_redis::bb8::Pool::builder()
+    ///     .build(bb8_redis::RedisConnectionManager::new("redis://127.0.0.1:6379")?)
+    ///     .await?;
+    /// let lock = RedisDistributedLock::builder(pool)
+    ///     .replica_acks(1, Duration::from_millis(200))
+    ///     .build()?;
+    /// match lock.acquire("invoice:17").await {
+    ///     Ok(guard) => guard.release().await?,
+    ///     // No replica acknowledged in time (or Redis is unreachable): not locked.
+    ///     Err(LockError::BackendError(error)) => eprintln!("not locked: {error}"),
+    ///     Err(other) => return Err(other.into()),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn replica_acks(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replica_acks = Some((replicas, timeout));
+        self
+    }
+
     /// Checks the settings and builds the lock. The [`LockConfig`] is checked too.
     ///
     /// Returns [`LockError::InvalidConfig`] for a prefix with braces or longer than 256 bytes,
-    /// a zero or overlong command timeout, connection age or fence retention, bad [`AutoExtend`] settings, or
-    /// an invalid [`LockConfig`].
+    /// a zero or overlong command timeout, connection age or fence retention, bad [`AutoExtend`] settings,
+    /// bad [`replica_acks`](Self::replica_acks) settings, or an invalid [`LockConfig`].
     pub fn build(self) -> Result<RedisDistributedLock, LockError> {
         self.config.validate()?;
         validate_prefix(&self.key_prefix)?;
@@ -136,6 +200,19 @@ impl RedisDistributedLockBuilder {
         }
         if let Some(settings) = &self.auto_extend {
             settings.validate()?;
+        }
+        if let Some((replicas, timeout)) = self.replica_acks {
+            if replicas == 0 {
+                return Err(LockError::invalid_config(
+                    "replica_acks needs at least 1 replica to wait for",
+                ));
+            }
+            validate_duration(
+                "replica_acks timeout",
+                timeout,
+                Duration::from_millis(1),
+                MAX_DURATION,
+            )?;
         }
         let wake = self
             .wake_client
@@ -153,6 +230,9 @@ impl RedisDistributedLockBuilder {
                 fence_retention: self.fence_retention,
                 auto_extend: self.auto_extend,
                 wake,
+                replica_acks: self
+                    .replica_acks
+                    .map(|(replicas, timeout)| ReplicaAcks::new(replicas, timeout)),
             }),
         })
     }
@@ -168,6 +248,7 @@ impl std::fmt::Debug for RedisDistributedLockBuilder {
             .field("fence_retention", &self.fence_retention)
             .field("auto_extend", &self.auto_extend)
             .field("wake_on_release", &self.wake_client.is_some())
+            .field("replica_acks", &self.replica_acks)
             .finish()
     }
 }

@@ -2,7 +2,7 @@
 //! with the lock's command timeout on every command, re-opened after a connection failure, a
 //! failover, or a maximum age.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -42,6 +42,9 @@ pub(crate) struct Connections {
     max_age: Duration,
     /// Whether the server's eviction policy was looked at (once, on the first connection).
     policy_checked: AtomicBool,
+    /// Bumped whenever a connection failed or reached the wrong server, so that connections
+    /// opened before (the replica-ack connections, see `acks.rs`) are not used again.
+    generation: AtomicU64,
 }
 
 /// The connection in use and when it was opened.
@@ -62,11 +65,21 @@ impl Connections {
             timeout,
             max_age,
             policy_checked: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         }
     }
 
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    pub(crate) fn max_age(&self) -> Duration {
+        self.max_age
+    }
+
+    /// Changes after every connection failure or answer from a server that is not the primary.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
@@ -85,6 +98,17 @@ impl Connections {
         {
             return Ok(current.connection.clone());
         }
+        let connection = self.open().await?;
+        *self.slot() = Some(Current {
+            connection: connection.clone(),
+            opened_at: Instant::now(),
+        });
+        Ok(connection)
+    }
+
+    /// A new connection of its own, made by the pool's manager within the command timeout,
+    /// with the command timeout as its response timeout.
+    pub(crate) async fn open(&self) -> Result<MultiplexedConnection, LockError> {
         let opened = tokio::time::timeout(self.timeout, self.pool.dedicated_connection()).await;
         let mut connection = match opened {
             Ok(Ok(connection)) => connection,
@@ -101,10 +125,6 @@ impl Connections {
         if !self.policy_checked.swap(true, Ordering::Relaxed) {
             warn_unless_noeviction(&mut connection).await;
         }
-        *self.slot() = Some(Current {
-            connection: connection.clone(),
-            opened_at: Instant::now(),
-        });
         Ok(connection)
     }
 
@@ -135,7 +155,10 @@ impl Connections {
             .map_err(|error| self.failed(script.name, error))
     }
 
-    fn failed(&self, what: &'static str, error: RedisError) -> LockError {
+    /// Turns a failed command's error into a [`LockError`], dropping the shared connection
+    /// (and outdating every other) when the failure says the connection is broken or reaches
+    /// the wrong server.
+    pub(crate) fn failed(&self, what: &'static str, error: RedisError) -> LockError {
         if error.is_timeout()
             || error.is_io_error()
             || error.is_connection_dropped()
@@ -144,6 +167,7 @@ impl Connections {
         {
             tracing::debug!(what, %error, "redis connection failed or points at the wrong server; the next command reconnects");
             *self.slot() = None;
+            self.generation.fetch_add(1, Ordering::Relaxed);
         }
         LockError::backend(error)
     }

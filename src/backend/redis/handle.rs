@@ -59,16 +59,39 @@ impl LockRef {
         }
     }
 
+    /// Renews the lock for `ttl`. With replica acknowledgement on, a renewal that the
+    /// replicas did not acknowledge in time is [`LockError::BackendError`], and the lock is
+    /// kept: the renewal did reach the primary, which holds the lock for `ttl` more, but a
+    /// failover may lose it. The caller's lease is then not renewed (the guard keeps its
+    /// earlier deadline, the watchdog retries within it).
     pub(crate) async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
         let mut buffer = [0u8; 36];
         let token = token_text(&self.token, &mut buffer);
         let args = [Arg::Text(token), Arg::Number(millis(ttl))];
-        match self
-            .shared
-            .connections
-            .script(&EXTEND, &[self.keys.lock.as_str()], &args)
-            .await?
-        {
+        let keys = [self.keys.lock.as_str()];
+        let connections = &self.shared.connections;
+        let renewed = match &self.shared.replica_acks {
+            None => connections.script(&EXTEND, &keys, &args).await?,
+            Some(acks) => {
+                // The script and its `WAIT` on a connection of their own (see `acks.rs`).
+                let mut exclusive = acks.take(connections).await?;
+                let (renewed, _sent_at) = connections
+                    .script_on(&mut exclusive.connection, &EXTEND, &keys, &args)
+                    .await?;
+                if renewed == 1 {
+                    acks.wait(
+                        connections,
+                        exclusive,
+                        "the lock stays renewed on the primary, but may not survive a failover",
+                    )
+                    .await?;
+                } else {
+                    acks.give_back(connections, exclusive);
+                }
+                renewed
+            }
+        };
+        match renewed {
             1 => Ok(()),
             _ => Err(LockError::LockLost),
         }

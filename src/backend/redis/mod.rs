@@ -3,6 +3,7 @@
 //!
 //! The wire protocol (key layout, values, scripts, channel) is documented in docs/redis.md.
 
+mod acks;
 mod builder;
 mod connection;
 mod handle;
@@ -21,6 +22,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use self::acks::{Exclusive, ReplicaAcks};
 pub use self::builder::RedisDistributedLockBuilder;
 use self::connection::Connections;
 use self::handle::{millis, token_text, HeldClaim, LockRef, RedisHandle};
@@ -98,6 +100,8 @@ pub(crate) struct Shared {
     fence_retention: Duration,
     auto_extend: Option<AutoExtend>,
     wake: Option<WakeHub>,
+    /// `WAIT` for replicas after every acquire and extend that wrote (opt-in).
+    replica_acks: Option<ReplicaAcks>,
 }
 
 /// The longest a waiter sleeps between two looks at the lock when no message wakes it.
@@ -200,6 +204,7 @@ impl RedisDistributedLock {
             keys: LockKeys::new(&self.shared.prefix, key),
             token: Uuid::new_v4(),
             connection: None,
+            exclusive: None,
             claim: Some(claim),
         };
         let mut registration: Option<Registration> = None;
@@ -207,8 +212,14 @@ impl RedisDistributedLock {
         loop {
             let (outcome, sent_at) = pending.attempt(ttl, entry_ttl).await?;
             if outcome > 0 {
+                let acknowledged = pending.acknowledge().await;
                 let token = pending.token;
                 let (lock, claim) = pending.disarm();
+                if let Err(error) = acknowledged {
+                    // Not known to survive a failover: not handed out.
+                    give_back(&lock).await;
+                    return Err(error);
+                }
                 let left = (sent_at + ttl).saturating_duration_since(Instant::now());
                 if left >= ttl / MIN_LEASE_LEFT_DIVISOR {
                     return Ok(self.guard(lock, claim, sent_at, ttl, outcome as u64));
@@ -221,13 +232,7 @@ impl RedisDistributedLock {
                     ?left,
                     "a lock was granted too late to use; giving it back"
                 );
-                if let Err(error) = lock.release().await {
-                    tracing::debug!(
-                        key,
-                        error = &error as &dyn std::error::Error,
-                        "could not give back a late lock; it expires"
-                    );
-                }
+                give_back(&lock).await;
                 if !wait || Instant::now() >= started + budget {
                     return Err(LockError::backend_msg(format!(
                         "the lock was granted with {left:?} of its {ttl:?} TTL left (Redis \
@@ -241,6 +246,7 @@ impl RedisDistributedLock {
                     keys: LockKeys::new(&self.shared.prefix, key),
                     token,
                     connection: None,
+                    exclusive: None,
                     claim,
                 };
                 continue;
@@ -383,6 +389,14 @@ impl std::fmt::Debug for RedisDistributedLock {
             .field("fence_retention", &self.shared.fence_retention)
             .field("auto_extend", &self.shared.auto_extend)
             .field("wake_on_release", &self.shared.wake.is_some())
+            .field(
+                "replica_acks",
+                &self
+                    .shared
+                    .replica_acks
+                    .as_ref()
+                    .map(|acks| (acks.replicas(), acks.timeout())),
+            )
             .finish()
     }
 }
@@ -405,6 +419,17 @@ impl DistributedLock for RedisDistributedLock {
     }
 }
 
+/// Releases a granted lock that is not handed out (best effort: it expires at its TTL).
+async fn give_back(lock: &LockRef) {
+    if let Err(error) = lock.release().await {
+        tracing::debug!(
+            key = ?lock.key,
+            error = &error as &dyn std::error::Error,
+            "could not give back a lock that was not handed out; it expires"
+        );
+    }
+}
+
 /// An acquire in progress. If it is dropped after a command may have reached Redis (the
 /// acquire was cancelled or failed), it leaves the queue and frees the lock in case the
 /// interrupted command took it, in the background and on the same connection, so that Redis
@@ -417,6 +442,9 @@ struct PendingAcquire<'a> {
     /// The connection the acquire script was sent on; `Some` exactly while a clean-up may be
     /// needed (the drop sends it there).
     connection: Option<MultiplexedConnection>,
+    /// With replica acknowledgement: the connection of its own that took the lock, kept for
+    /// the `WAIT` that follows (see `acks.rs`).
+    exclusive: Option<Exclusive>,
     /// This task's turn among the tasks of the lock object; passed on when the acquire ends
     /// without the lock (after its clean-up), or moved into the guard.
     claim: Option<RedisClaim>,
@@ -452,19 +480,56 @@ impl PendingAcquire<'_> {
         if let Some(claim) = self.claim.as_mut() {
             claim.asking_server();
         }
-        let connection = self.connection.insert(connections.connection().await?);
-        let answer = connections
-            .script_on(connection, &ACQUIRE, &keys, &args)
-            .await?;
+        let answer = match &self.shared.replica_acks {
+            None => {
+                let connection = self.connection.insert(connections.connection().await?);
+                connections
+                    .script_on(connection, &ACQUIRE, &keys, &args)
+                    .await?
+            }
+            Some(acks) => {
+                // The script goes over the connection its `WAIT` will be sent on. The clean-up
+                // goes there too, and may wait behind that `WAIT` (or, once the connection is
+                // back among the idle ones, behind another operation's).
+                let mut exclusive = acks.take(connections).await?;
+                self.connection = Some(acks.patient(connections, &exclusive));
+                let answer = connections
+                    .script_on(&mut exclusive.connection, &ACQUIRE, &keys, &args)
+                    .await?;
+                if answer.0 > 0 {
+                    self.exclusive = Some(exclusive);
+                } else {
+                    acks.give_back(connections, exclusive);
+                }
+                answer
+            }
+        };
         if let Some(claim) = &self.claim {
             claim.answered();
         }
         Ok(answer)
     }
 
+    /// With replica acknowledgement on, after an attempt that took the lock: `WAIT` for the
+    /// replicas on the connection that took it. If this is dropped while it waits, the drop's
+    /// clean-up goes to that connection too, so Redis frees the lock after the `WAIT`.
+    async fn acknowledge(&mut self) -> Result<(), LockError> {
+        let (Some(acks), Some(exclusive)) = (&self.shared.replica_acks, self.exclusive.take())
+        else {
+            return Ok(());
+        };
+        acks.wait(
+            &self.shared.connections,
+            exclusive,
+            "the lock was given back",
+        )
+        .await
+    }
+
     /// The acquire succeeded: hand over the lock.
     fn disarm(mut self) -> (LockRef, Option<RedisClaim>) {
         self.connection = None;
+        self.exclusive = None;
         let keys = std::mem::take(&mut self.keys);
         (self.lock_ref(keys), self.claim.take())
     }
