@@ -29,17 +29,6 @@ async fn lock_through(proxy: &FaultProxy, prefix: &str, max_age: Duration) -> Re
         .unwrap()
 }
 
-/// Whether `key` exists on `server`.
-async fn exists(server: &RedisServer, key: &str) -> bool {
-    let mut connection = common::redis_conn::connection(&server.url()).await;
-    redis::cmd("EXISTS")
-        .arg(key)
-        .query_async::<i64>(&mut connection)
-        .await
-        .unwrap()
-        == 1
-}
-
 /// Runs `command` on `server` and expects `OK`.
 async fn run(server: &RedisServer, command: &mut redis::Cmd) {
     let mut connection = common::redis_conn::connection(&server.url()).await;
@@ -51,19 +40,7 @@ async fn the_lock_follows_a_failover_that_leaves_the_old_primary_as_a_replica() 
     // A replica's first sync starts at once, not after the default 5 s delay.
     let old = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]).await;
     let new = RedisServer::start_with(&["--replicaof", "127.0.0.1", &old.port().to_string()]).await;
-    let replica = common::redis_conn::connection(&new.url()).await;
-    common::wait::assert_eventually("the replica syncs", || {
-        let mut replica = replica.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut replica)
-                .await
-                .unwrap();
-            info.contains("master_link_status:up")
-        }
-    })
-    .await;
+    new.await_info("replication", "master_link_status:up").await;
     let proxy = FaultProxy::start(address(&old)).await;
     let prefix = common::unique_prefix("redis_failover_readonly");
     let lock = lock_through(&proxy, &prefix, Duration::from_secs(3600)).await;
@@ -101,7 +78,7 @@ async fn the_lock_follows_a_failover_that_leaves_the_old_primary_as_a_replica() 
         .try_acquire("k")
         .await
         .expect("the lock follows the failover");
-    assert!(exists(&new, &lock.redis_key("k")).await);
+    assert!(new.has_key(&lock.redis_key("k")).await);
     assert!(guard.fencing_token() > earlier_token);
     guard.release().await.unwrap();
 }
@@ -126,7 +103,7 @@ async fn the_lock_follows_a_repointed_address_within_the_connection_age() {
     proxy.repoint(address(&second));
     let guard = lock.try_acquire("k").await.unwrap();
     assert!(
-        exists(&first, &key).await,
+        first.has_key(&key).await,
         "within its age the connection stays"
     );
     guard.release().await.unwrap();
@@ -135,9 +112,9 @@ async fn the_lock_follows_a_repointed_address_within_the_connection_age() {
     tokio::time::sleep(max_age).await;
     let guard = lock.try_acquire("k").await.unwrap();
     assert!(
-        exists(&second, &key).await,
+        second.has_key(&key).await,
         "past its age the connection was replaced"
     );
-    assert!(!exists(&first, &key).await);
+    assert!(!first.has_key(&key).await);
     guard.release().await.unwrap();
 }

@@ -40,33 +40,11 @@ impl Replicated {
         let link = FaultProxy::start(address(&primary)).await;
         let link_port = link.address().port().to_string();
         let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &link_port]).await;
-        let connection = common::redis_conn::connection(&replica.url()).await;
-        common::wait::assert_eventually("the replica syncs", || {
-            let mut connection = connection.clone();
-            async move {
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut connection)
-                    .await
-                    .unwrap();
-                info.contains("master_link_status:up")
-            }
-        })
-        .await;
+        replica
+            .await_info("replication", "master_link_status:up")
+            .await;
         // The primary counts the replica's acknowledgements once it has finished the sync.
-        let primary_connection = common::redis_conn::connection(&primary.url()).await;
-        common::wait::assert_eventually("the primary sees its replica online", || {
-            let mut primary_connection = primary_connection.clone();
-            async move {
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut primary_connection)
-                    .await
-                    .unwrap();
-                info.contains("state=online")
-            }
-        })
-        .await;
+        primary.await_info("replication", "state=online").await;
         Replicated {
             primary,
             replica,
@@ -96,17 +74,6 @@ async fn builder_on(url: &str, prefix: &str) -> RedisDistributedLockBuilder {
     RedisDistributedLock::builder(common::redis_conn::pool(url, 2).await)
         .key_prefix(prefix)
         .config(LockConfig::new().ttl(Duration::from_secs(30)))
-}
-
-/// Whether `key` exists on the server at `url`.
-async fn exists(url: &str, key: &str) -> bool {
-    let mut connection = common::redis_conn::connection(url).await;
-    redis::cmd("EXISTS")
-        .arg(key)
-        .query_async::<i64>(&mut connection)
-        .await
-        .unwrap()
-        == 1
 }
 
 /// The remaining time to live of `key` on the server at `url`, in milliseconds.
@@ -234,7 +201,7 @@ async fn with_acks_a_lock_the_replica_missed_is_refused_and_given_up() {
         "took {took:?}"
     );
     assert!(
-        !exists(&servers.primary.url(), &lock.redis_key("k")).await,
+        !servers.primary.has_key(&lock.redis_key("k")).await,
         "the refused lock was left on the primary"
     );
 
@@ -276,7 +243,7 @@ async fn with_acks_and_no_replica_an_acquire_fails_and_leaves_nothing_locked() {
             "waiting {waiting}: took {took:?}"
         );
         assert!(!lock.is_locked("k").await.unwrap());
-        assert!(!exists(&server.url(), &lock.redis_key("k")).await);
+        assert!(!server.has_key(&lock.redis_key("k")).await);
     }
 }
 
@@ -314,7 +281,7 @@ async fn with_acks_an_unacknowledged_extend_fails_and_keeps_the_lock() {
 
     servers.link.heal().await;
     guard.release().await.unwrap();
-    assert!(!exists(&servers.primary.url(), &key).await);
+    assert!(!servers.primary.has_key(&key).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,14 +325,14 @@ async fn an_acquire_cancelled_while_it_waits_for_replicas_gives_the_lock_up() {
     let cancelled = tokio::time::timeout(Duration::from_millis(300), lock.try_acquire("k")).await;
     assert!(cancelled.is_err(), "not cancelled: {cancelled:?}");
     assert!(
-        exists(&server.url(), &key).await,
+        server.has_key(&key).await,
         "the lock is taken while its WAIT runs"
     );
     // Freed once the WAIT is over, long before its 30 s TTL.
+    let server = &server;
     common::wait::assert_eventually("the cancelled acquire's lock is freed", || {
-        let url = server.url();
         let key = key.clone();
-        async move { !exists(&url, &key).await }
+        async move { !server.has_key(&key).await }
     })
     .await;
     assert!(!lock.is_locked("k").await.unwrap());

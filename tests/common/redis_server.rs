@@ -44,6 +44,37 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Whether `key` exists on this server.
+    pub async fn has_key(&self, key: &str) -> bool {
+        let mut connection = super::redis_conn::connection(&self.url()).await;
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut connection)
+            .await
+            .unwrap()
+            == 1
+    }
+
+    /// Waits (at most 5 s, failing the test otherwise) until `INFO <section>` on this server
+    /// contains `needle`: `("replication", "master_link_status:up")` for a replica that
+    /// synced, say.
+    pub async fn await_info(&self, section: &str, needle: &str) {
+        let connection = super::redis_conn::connection(&self.url()).await;
+        let what = format!("INFO {section} on port {} shows {needle}", self.port);
+        super::wait::assert_eventually(&what, || {
+            let mut connection = connection.clone();
+            async move {
+                let info: String = redis::cmd("INFO")
+                    .arg(section)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                info.contains(needle)
+            }
+        })
+        .await;
+    }
+
     /// Kills the server at once (`SIGKILL`: no save on the way out).
     pub fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {
