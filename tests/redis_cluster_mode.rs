@@ -111,16 +111,21 @@ async fn the_whole_protocol_runs_on_a_server_in_cluster_mode() {
     let refusal = format!("{:?}", cross.unwrap_err()).to_lowercase();
     assert!(refusal.contains("crossslot"), "{refusal}");
 
-    let lock = common::redis_conn::lock_builder(&node.url(), &node.url())
-        .await
-        .config(
-            LockConfig::new()
-                .ttl(Duration::from_secs(5))
-                .retry_interval(Duration::from_millis(20))
-                .max_retries(100),
-        )
-        .build()
-        .unwrap();
+    let lock_object = || async {
+        common::redis_conn::lock_builder(&node.url(), &node.url())
+            .await
+            .config(
+                LockConfig::new()
+                    .ttl(Duration::from_secs(5))
+                    .retry_interval(Duration::from_millis(20))
+                    .max_retries(100),
+            )
+            .build()
+            .unwrap()
+    };
+    // The waiter on a lock object of its own, as another process: it waits in Redis (a waiter
+    // of the holder's own lock object would wait in the process).
+    let (lock, other) = (lock_object().await, lock_object().await);
 
     for key in [
         "order:1",
@@ -140,8 +145,8 @@ async fn the_whole_protocol_runs_on_a_server_in_cluster_mode() {
             Err(LockError::AlreadyLocked)
         ));
         let waiter = tokio::spawn({
-            let (lock, key) = (lock.clone(), key.to_owned());
-            async move { lock.acquire(&key).await }
+            let (other, key) = (other.clone(), key.to_owned());
+            async move { other.acquire(&key).await }
         });
         // The waiter is queued once the queue key exists.
         let queue = format!("{}:queue", lock.redis_key(key));
@@ -161,7 +166,7 @@ async fn the_whole_protocol_runs_on_a_server_in_cluster_mode() {
         lock.release(guard).await.unwrap();
         let next = waiter.await.unwrap().unwrap();
         assert!(lock.is_locked(key).await.unwrap());
-        lock.release(next).await.unwrap();
+        other.release(next).await.unwrap();
         assert!(!lock.is_locked(key).await.unwrap());
 
         // Every key of this lock is in one slot, by the server's own reckoning.

@@ -347,8 +347,10 @@ async fn cancelled_acquires_leave_no_lock_and_no_queue_entry() {
     let redis_key = lock.redis_key(key);
     let conn = raw().await;
 
-    // A waiter queued behind a holder is cancelled: it must leave the queue.
-    let holder = lock.try_acquire(key).await.unwrap();
+    // A waiter queued behind a holder (of another lock object: a waiter of the holder's own
+    // would wait in the process, not in Redis) is cancelled: it must leave the queue.
+    let holding = lock_with(&prefix, LockConfig::new()).await;
+    let holder = holding.try_acquire(key).await.unwrap();
     let waiter = tokio::spawn({
         let lock = lock.clone();
         async move { lock.acquire(key).await }
@@ -467,7 +469,9 @@ async fn waiters_subscribe_to_the_release_channel_only_while_they_wait() {
             counts[0].1
         }
     };
-    let holder = lock.try_acquire("k").await.unwrap();
+    // Held by another lock object: only a waiter that waits in Redis subscribes.
+    let holding = lock_with(&prefix, LockConfig::new()).await;
+    let holder = holding.try_acquire("k").await.unwrap();
     let waiter = tokio::spawn({
         let lock = lock.clone();
         async move { lock.acquire("k").await }

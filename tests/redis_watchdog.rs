@@ -104,8 +104,10 @@ async fn a_renewal_that_finds_the_lock_gone_marks_the_guard_lost() {
     let deleted: i64 = conn.del(&key).await.unwrap();
     assert_eq!(deleted, 1);
     assert!(!guard.is_lost());
-    // Someone else takes it; the watchdog must notice and must not extend their lock.
-    let other = lock.try_acquire("job").await.unwrap();
+    // Someone else (another lock object, as another process) takes it; the watchdog must
+    // notice and must not extend their lock.
+    let elsewhere = self::lock(&prefix, None).await;
+    let other = elsewhere.try_acquire("job").await.unwrap();
     assert_eventually("the watchdog marks the guard lost", || async {
         guard.is_lost()
     })

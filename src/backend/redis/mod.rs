@@ -206,11 +206,20 @@ impl RedisDistributedLock {
             connection: None,
             exclusive: None,
             claim: Some(claim),
+            asking: false,
         };
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token);
         loop {
-            let (outcome, sent_at) = pending.attempt(ttl, entry_ttl).await?;
+            let (outcome, sent_at) = match pending.attempt(ttl, entry_ttl).await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    // No usable answer: the tasks queued behind cannot tell whether the key is
+                    // held (the turn passes on with the answer owed).
+                    drop(pending.claim.take());
+                    return Err(error);
+                }
+            };
             if outcome > 0 {
                 let acknowledged = pending.acknowledge().await;
                 let token = pending.token;
@@ -248,6 +257,7 @@ impl RedisDistributedLock {
                     connection: None,
                     exclusive: None,
                     claim,
+                    asking: false,
                 };
                 continue;
             }
@@ -446,8 +456,10 @@ struct PendingAcquire<'a> {
     /// the `WAIT` that follows (see `acks.rs`).
     exclusive: Option<Exclusive>,
     /// This task's turn among the tasks of the lock object; passed on when the acquire ends
-    /// without the lock (after its clean-up), or moved into the guard.
+    /// without the lock, or moved into the guard.
     claim: Option<RedisClaim>,
+    /// A command about the key is in flight (asked, not yet answered).
+    asking: bool,
 }
 
 /// A task's turn on one key among the tasks of one lock object (see [`ClaimTable`]).
@@ -480,6 +492,7 @@ impl PendingAcquire<'_> {
         if let Some(claim) = self.claim.as_mut() {
             claim.asking_server();
         }
+        self.asking = true;
         let answer = match &self.shared.replica_acks {
             None => {
                 let connection = self.connection.insert(connections.connection().await?);
@@ -504,6 +517,7 @@ impl PendingAcquire<'_> {
                 answer
             }
         };
+        self.asking = false;
         if let Some(claim) = &self.claim {
             claim.answered();
         }
@@ -546,13 +560,17 @@ impl PendingAcquire<'_> {
         if let Some(claim) = self.claim.as_mut() {
             claim.asking_server();
         }
+        self.asking = true;
         match lock.abandon(connection).await {
             Ok(_) => {
+                self.asking = false;
                 if let Some(claim) = &self.claim {
                     claim.answered();
                 }
             }
             Err(error) => {
+                // No answer: the doubt stays for the tasks queued behind.
+                self.asking = false;
                 tracing::debug!(key = ?self.key, error = &error as &dyn std::error::Error, "could not leave the wait queue; the entry times out")
             }
         }
@@ -571,11 +589,15 @@ impl PendingAcquire<'_> {
 
 impl Drop for PendingAcquire<'_> {
     fn drop(&mut self) {
-        let Some(connection) = self.connection.take() else {
-            // Nothing reached Redis: the tasks queued behind this one owe it no answer.
-            if let Some(claim) = &self.claim {
+        // The next task of this process may go at once: it asks Redis itself, and the clean-up
+        // below touches only this acquire's token. (After a failed command `take` has passed
+        // the turn on already, with the answer still owed; see `ClaimTable::overdue`.)
+        if let Some(claim) = self.claim.take() {
+            if self.asking {
                 claim.not_asked();
             }
+        }
+        let Some(connection) = self.connection.take() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -583,17 +605,9 @@ impl Drop for PendingAcquire<'_> {
         };
         let keys = std::mem::take(&mut self.keys);
         let lock = self.lock_ref(keys);
-        // The next task of this process gets the key once the clean-up ran.
-        let claim = self.claim.take();
         tracing::debug!(key = ?lock.key, "acquire interrupted; cleaning up in the background");
         runtime.spawn(async move {
-            let result = lock.abandon(connection).await;
-            if let (Ok(_), Some(claim)) = (&result, &claim) {
-                // Redis answered about the key: a task queued behind learns it is held.
-                claim.answered();
-            }
-            drop(claim);
-            match result {
+            match lock.abandon(connection).await {
                 Ok(true) => {
                     tracing::debug!(key = ?lock.key, "freed a lock taken by an interrupted acquire")
                 }
