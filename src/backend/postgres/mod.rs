@@ -6,10 +6,10 @@
 //! * `claims` — in-process exclusion per advisory key, FIFO ([`crate::backend::claims`]).
 //! * `session` — the task that owns one connection and every statement on it (locks,
 //!   unlocks, lease expiry, pings, closing a doubtful connection); `session::handle` is the
-//!   callers' side (command channel, guard and waiter links), `session::connection` the
-//!   connection that is closed, never returned to the pool.
-//! * `setup` — what a connection goes through before it serves as a session (the pooler
-//!   check, the settings); `fencing` — the fencing sequence's checks and crash epoch.
+//!   callers' side (command channel, guard and waiter links).
+//! * `setup` — what a connection goes through before it serves as a session (taken from the
+//!   pool and never given back, the pooler check, the settings); `fencing` — the fencing
+//!   sequence's checks and crash epoch.
 //! * `timing` — the session timeouts and what derives from them; `statement_errors` — which
 //!   statement errors leave a connection intact.
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.

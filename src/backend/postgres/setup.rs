@@ -1,6 +1,6 @@
-//! What a connection goes through before it serves as a lock session: the check that it has a
-//! server session of its own (no pooler in transaction or statement mode), its server
-//! settings, then the fencing checks. Everything up to the settings runs on the simple query
+//! What a connection goes through before it serves as a lock session: taken from the pool and
+//! never given back ([`SessionConnection`]), the check that it has a server session of its own
+//! (no pooler in transaction or statement mode), its server settings, then the fencing checks. Everything up to the settings runs on the simple query
 //! protocol (see [`check_own_server_session`]), in three round trips and a witness's question.
 
 use std::time::Duration;
@@ -8,16 +8,94 @@ use std::time::Duration;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 
+use super::timing::SessionSettings;
+use crate::LockError;
+
 use super::fencing::check_fencing_epoch;
 use super::sql::Statements;
 
 /// The session-level setting that marks a server backend as serving a lock session.
 const SESSION_MARKER: &str = "k1s0.session_marker";
 
+/// Takes a connection from the pool (and a witness beside it) and sets it up as a lock session:
+/// within `command_timeout` for taking the connection, again for the check that its server
+/// backend is its own, and again for its settings and the fencing epoch check, so that a slow
+/// link that allows each step is not failed by their sum.
+pub(super) async fn open_session(
+    pool: &PgPool,
+    settings: &SessionSettings,
+    sql: &Statements,
+) -> Result<SessionConnection, LockError> {
+    let timeout = settings.command_timeout;
+    let (names, values) = settings.server_settings();
+    let what = "taking a connection for a PostgreSQL lock session";
+    let (connection, witness) = tokio::join!(
+        within(timeout, what, pool.acquire()),
+        Witness::open(pool, timeout)
+    );
+    let mut connection = connection?;
+    // Whatever happens from here on, this connection is never returned to the pool.
+    connection.close_on_drop();
+    let mut connection = SessionConnection(Some(connection));
+    let conn = connection.get_mut().expect("just stored");
+    let what = "checking that a PostgreSQL lock session has a server backend of its own";
+    within(timeout, what, check_own_server_session(conn, witness)).await?;
+    let set_up = apply_settings_and_check_fencing(conn, &names, &values, sql);
+    within(timeout, "setting up a PostgreSQL lock session", set_up).await?;
+    Ok(connection)
+}
+
+/// Runs `work` within `timeout`, else fails saying that `what` took longer.
+async fn within<T, E>(
+    timeout: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, LockError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result.map_err(LockError::backend),
+        Err(_) => Err(LockError::backend_msg(format!(
+            "{what} took longer than {timeout:?}"
+        ))),
+    }
+}
+
+/// A pool connection that is closed, never returned, however it is dropped.
+pub(super) struct SessionConnection(Option<PoolConnection<Postgres>>);
+
+impl SessionConnection {
+    pub(super) fn get_mut(&mut self) -> Option<&mut PgConnection> {
+        self.0.as_deref_mut()
+    }
+
+    /// Says goodbye to the server (within `timeout`) and closes the connection.
+    pub(super) async fn close(mut self, timeout: Duration) {
+        if let Some(connection) = self.0.take() {
+            let _ = tokio::time::timeout(timeout, connection.close()).await;
+        }
+    }
+}
+
+impl Drop for SessionConnection {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                drop(connection.detach());
+            } else {
+                // Without a runtime the pool cannot be told (sqlx needs one to do so); the
+                // socket still closes.
+                drop(connection.leak());
+            }
+        }
+    }
+}
+
 /// After [`check_own_server_session`]: ends its probe, sets the session's server settings
 /// (`names[i] = values[i]`, skipping any the server does not know), then checks the fencing
 /// sequence and its epoch.
-pub(super) async fn apply_settings_and_check_fencing(
+async fn apply_settings_and_check_fencing(
     connection: &mut PgConnection,
     names: &[String],
     values: &[String],
@@ -29,7 +107,7 @@ pub(super) async fn apply_settings_and_check_fencing(
 
 /// Another client of the same server for [`check_own_server_session`]: an idle connection of
 /// the pool, else a new connection with the pool's options. It only reads.
-pub(super) struct Witness {
+struct Witness {
     connection: WitnessConnection,
     /// How long it may take to answer; longer counts as "saw nothing".
     patience: Duration,
@@ -47,7 +125,7 @@ impl Witness {
     /// other checks still run. Its question gets a quarter of `timeout`, at most 500 ms: a
     /// pooler in session mode with every server connection taken queues a new client, and
     /// that wait must not fail the lock session.
-    pub(super) async fn open(pool: &PgPool, timeout: Duration) -> Option<Witness> {
+    async fn open(pool: &PgPool, timeout: Duration) -> Option<Witness> {
         let patience = (timeout / 4).min(Duration::from_millis(500));
         if let Some(idle) = pool.try_acquire() {
             let connection = WitnessConnection::Idle(idle);
@@ -155,7 +233,7 @@ impl Witness {
 /// earlier user dropped a query future after sqlx had sent the `Parse` of a named statement
 /// but before sqlx cached it. The session then fails to open and closes that connection; the
 /// next attempt takes another.
-pub(super) async fn check_own_server_session(
+async fn check_own_server_session(
     connection: &mut PgConnection,
     witness: Option<Witness>,
 ) -> Result<(), sqlx::Error> {

@@ -18,7 +18,6 @@
 //! gone. The task ends with its runtime; the lock service then starts a new one on the runtime
 //! of the next operation.
 
-mod connection;
 mod handle;
 
 use std::collections::{BTreeSet, HashSet};
@@ -32,12 +31,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use self::connection::SessionConnection;
 use self::handle::{Command, Reply};
 pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
 use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
-use super::setup::{apply_settings_and_check_fencing, check_own_server_session, Witness};
+use super::setup::{open_session, SessionConnection};
 use super::sql::Statements;
 use super::statement_errors::is_statement_error;
 use super::timing::SessionSettings;
@@ -533,28 +531,11 @@ impl Session {
         Err(Failure::SessionLost(error))
     }
 
-    /// Takes a connection from the pool (and a witness beside it) and sets it up as a lock
-    /// session: within `command_timeout` for taking the connection, again for the check that
-    /// its server backend is its own, and again for its settings and the fencing epoch check,
-    /// so that a slow link that allows each step is not failed by their sum.
+    /// Opens the session's connection ([`open_session`]); an answer from the server counts
+    /// from when the opening started.
     async fn connect(&mut self) -> Result<SessionConnection, LockError> {
-        let timeout = self.settings.command_timeout;
-        let (names, values) = self.settings.server_settings();
         let started = Instant::now();
-        let what = "taking a connection for a PostgreSQL lock session";
-        let (connection, witness) = tokio::join!(
-            within(timeout, what, self.pool.acquire()),
-            Witness::open(&self.pool, timeout)
-        );
-        let mut connection = connection?;
-        // Whatever happens from here on, this connection is never returned to the pool.
-        connection.close_on_drop();
-        let mut connection = SessionConnection(Some(connection));
-        let conn = connection.get_mut().expect("just stored");
-        let what = "checking that a PostgreSQL lock session has a server backend of its own";
-        within(timeout, what, check_own_server_session(conn, witness)).await?;
-        let set_up = apply_settings_and_check_fencing(conn, &names, &values, &self.sql);
-        within(timeout, "setting up a PostgreSQL lock session", set_up).await?;
+        let connection = open_session(&self.pool, &self.settings, &self.sql).await?;
         tracing::debug!("opened a PostgreSQL lock session");
         self.bound
             .confirm(started + self.settings.connection_bound());
@@ -592,12 +573,8 @@ impl Session {
             self.lose_session(LockError::backend_msg("lock session closed"));
             return;
         }
-        if let Some(inner) = self
-            .connection
-            .take()
-            .and_then(|mut connection| connection.0.take())
-        {
-            let _ = tokio::time::timeout(self.settings.command_timeout, inner.close()).await;
+        if let Some(connection) = self.connection.take() {
+            connection.close(self.settings.command_timeout).await;
         }
     }
 }
@@ -615,21 +592,4 @@ impl Drop for Session {
 /// A timer deadline that stands for "not armed".
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(365 * 24 * 60 * 60)
-}
-
-/// Runs `work` within `timeout`, else fails saying that `what` took longer.
-async fn within<T, E>(
-    timeout: Duration,
-    what: &str,
-    work: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, LockError>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    match tokio::time::timeout(timeout, work).await {
-        Ok(result) => result.map_err(LockError::backend),
-        Err(_) => Err(LockError::backend_msg(format!(
-            "{what} took longer than {timeout:?}"
-        ))),
-    }
 }
