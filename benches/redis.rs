@@ -16,7 +16,7 @@
 
 mod support;
 
-use support::redis_url;
+use support::{redis_raw, redis_url};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,11 +27,6 @@ use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis::{self, aio::MultiplexedConnection};
 use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, RedisDistributedLock};
-
-const COMPARE_AND_DELETE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
 
 fn prefix() -> String {
     format!("bench:{}:", uuid::Uuid::new_v4().simple())
@@ -52,31 +47,16 @@ impl RawFloor {
             .unwrap();
         RawFloor {
             connection,
-            script: redis::Script::new(COMPARE_AND_DELETE),
+            script: redis::Script::new(redis_raw::COMPARE_AND_DELETE),
             key: format!("{}raw", prefix()),
         }
     }
 
     async fn cycle(&mut self) {
-        let token = uuid::Uuid::new_v4().hyphenated().to_string();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(&self.key)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(30_000)
-            .query_async(&mut self.connection)
-            .await
-            .unwrap();
-        assert!(set.is_some());
-        let deleted: i64 = self
-            .script
-            .key(&self.key)
-            .arg(&token)
-            .invoke_async(&mut self.connection)
-            .await
-            .unwrap();
-        assert_eq!(deleted, 1);
+        let token = redis_raw::token();
+        assert!(redis_raw::set_nx_px(&mut self.connection, &self.key, &token).await);
+        let (connection, script) = (&mut self.connection, &self.script);
+        assert!(redis_raw::compare_and_delete(connection, script, &self.key, &token).await);
     }
 }
 
@@ -237,27 +217,13 @@ async fn bare_polling_shares(run_for: Duration) -> Vec<u64> {
         tasks.push(tokio::spawn(async move {
             let mut sections = 0;
             while Instant::now() < stop_at {
-                let token = uuid::Uuid::new_v4().hyphenated().to_string();
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(30_000)
-                    .query_async(&mut connection)
-                    .await
-                    .unwrap();
-                if set.is_none() {
+                let token = redis_raw::token();
+                if !redis_raw::set_nx_px(&mut connection, &key, &token).await {
                     tokio::task::yield_now().await;
                     continue;
                 }
                 sections += 1;
-                let _: i64 = script
-                    .key(&key)
-                    .arg(&token)
-                    .invoke_async(&mut connection)
-                    .await
-                    .unwrap();
+                redis_raw::compare_and_delete(&mut connection, &script, &key, &token).await;
             }
             sections
         }));

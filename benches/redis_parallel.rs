@@ -15,7 +15,7 @@
 //! Run: `cargo bench --all-features --bench redis_parallel`
 mod support;
 
-use support::{cycles_per_second, env_number, median, redis_url};
+use support::{cycles_per_second, env_number, median, redis_raw, redis_url};
 
 use std::time::Duration;
 
@@ -25,11 +25,6 @@ use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, RedisDistributedLock};
 
 const TASKS: usize = 32;
-
-const COMPARE_AND_DELETE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
 
 async fn connection() -> MultiplexedConnection {
     redis::Client::open(redis_url())
@@ -56,7 +51,7 @@ async fn commands_run(admin: &mut MultiplexedConnection) -> u64 {
 /// Cycles per second of 32 tasks on their own keys, and Redis commands per cycle.
 async fn raw(run: Duration, admin: &mut MultiplexedConnection) -> (f64, f64) {
     let connection = connection().await;
-    let script = redis::Script::new(COMPARE_AND_DELETE);
+    let script = redis::Script::new(redis_raw::COMPARE_AND_DELETE);
     let prefix = uuid::Uuid::new_v4().simple().to_string();
     let states = (0..TASKS)
         .map(|task| {
@@ -69,24 +64,9 @@ async fn raw(run: Duration, admin: &mut MultiplexedConnection) -> (f64, f64) {
         states,
         run,
         |(mut connection, script, key): (MultiplexedConnection, redis::Script, String)| async move {
-            let token = uuid::Uuid::new_v4().hyphenated().to_string();
-            let set: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(&token)
-                .arg("NX")
-                .arg("PX")
-                .arg(30_000)
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            assert!(set.is_some());
-            let deleted: i64 = script
-                .key(&key)
-                .arg(&token)
-                .invoke_async(&mut connection)
-                .await
-                .unwrap();
-            assert_eq!(deleted, 1);
+            let token = redis_raw::token();
+            assert!(redis_raw::set_nx_px(&mut connection, &key, &token).await);
+            assert!(redis_raw::compare_and_delete(&mut connection, &script, &key, &token).await);
             (connection, script, key)
         },
     )

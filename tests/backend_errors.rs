@@ -112,21 +112,13 @@ async fn a_redis_failure_carries_the_redis_error() {
     use common::backends::Backend;
     use common::proxy::FaultProxy;
     use k1s0_distributed_lock::bb8_redis::redis;
-    use k1s0_distributed_lock::{DistributedLock, RedisDistributedLock};
+    use k1s0_distributed_lock::DistributedLock;
 
     let proxy = FaultProxy::start(Backend::Redis.server_address().await).await;
     let url = format!("redis://{}", proxy.address());
-    let lock = RedisDistributedLock::builder(common::redis_conn::pool(&url, 2).await)
-        .key_prefix(common::unique_prefix("backend-errors"))
-        .build()
-        .unwrap();
+    let lock = common::redis_conn::plain_lock(&url, &common::unique_prefix("backend-errors")).await;
     // The lock's connection is open; then every connection is cut.
-    lock.try_acquire("k")
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    common::redis_conn::take_and_release(&lock, "k").await;
     proxy.refuse_new();
     proxy.cut_all();
     let error = lock.try_acquire("k").await.unwrap_err();

@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 
 use common::redis_server::RedisServer;
 
-use k1s0_distributed_lock::{DistributedLock, RedisDistributedLock};
-
 /// The log lines the lock writes while it takes and releases one key on `server`.
 async fn log_of_first_lock(server: &RedisServer) -> String {
     let written = Arc::new(Mutex::new(Vec::new()));
@@ -25,16 +23,9 @@ async fn log_of_first_lock(server: &RedisServer) -> String {
         .finish();
     // This test's runtime has one thread: everything the lock logs goes to this subscriber.
     let _default = tracing::subscriber::set_default(subscriber);
-    let lock = RedisDistributedLock::builder(common::redis_conn::pool(&server.url(), 2).await)
-        .key_prefix(common::unique_prefix("redis_eviction"))
-        .build()
-        .unwrap();
-    lock.try_acquire("k")
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    let prefix = common::unique_prefix("redis_eviction");
+    let lock = common::redis_conn::plain_lock(&server.url(), &prefix).await;
+    common::redis_conn::take_and_release(&lock, "k").await;
     let bytes = written.lock().unwrap().clone();
     String::from_utf8(bytes).unwrap()
 }

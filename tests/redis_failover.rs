@@ -92,12 +92,7 @@ async fn the_lock_follows_a_repointed_address_within_the_connection_age() {
     let max_age = Duration::from_millis(300);
     let lock = lock_through(&proxy, &prefix, max_age).await;
     let key = lock.redis_key("k");
-    lock.try_acquire("k")
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    common::redis_conn::take_and_release(&lock, "k").await;
 
     // Both servers answer as primaries: no error tells the lock to move.
     proxy.repoint(address(&second));

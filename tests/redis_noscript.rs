@@ -9,7 +9,7 @@ mod common;
 use common::redis_server::RedisServer;
 
 use k1s0_distributed_lock::bb8_redis::redis;
-use k1s0_distributed_lock::{DistributedLock, RedisDistributedLock};
+use k1s0_distributed_lock::DistributedLock;
 
 /// The `calls=` count of `command` in `INFO commandstats`, 0 when it never ran.
 fn calls(stats: &str, command: &str) -> u64 {
@@ -23,16 +23,9 @@ fn calls(stats: &str, command: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgotten_scripts_are_sent_again_with_eval() {
     let server = RedisServer::start().await;
-    let lock = RedisDistributedLock::builder(common::redis_conn::pool(&server.url(), 2).await)
-        .key_prefix(common::unique_prefix("redis_noscript"))
-        .build()
-        .unwrap();
-    lock.try_acquire("k")
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    let prefix = common::unique_prefix("redis_noscript");
+    let lock = common::redis_conn::plain_lock(&server.url(), &prefix).await;
+    common::redis_conn::take_and_release(&lock, "k").await;
 
     let mut admin = common::redis_conn::connection(&server.url()).await;
     let () = redis::cmd("SCRIPT")

@@ -4,6 +4,8 @@
 
 #[cfg(feature = "postgres")]
 pub mod pg;
+#[cfg(feature = "redis")]
+pub mod redis_raw;
 pub mod wrk;
 
 use std::path::PathBuf;

@@ -31,3 +31,17 @@ pub async fn lock_builder(url: &str, pubsub_url: &str) -> RedisDistributedLockBu
     k1s0_distributed_lock::RedisDistributedLock::builder(pool(url, 10).await)
         .wake_on_release(redis::Client::open(pubsub_url).expect("redis url"))
 }
+
+/// A lock on a pool of 2 to `url` with keys under `prefix`, the other settings the defaults.
+pub async fn plain_lock(url: &str, prefix: &str) -> k1s0_distributed_lock::RedisDistributedLock {
+    k1s0_distributed_lock::RedisDistributedLock::builder(pool(url, 2).await)
+        .key_prefix(prefix)
+        .build()
+        .expect("a valid lock")
+}
+
+/// Takes `key` with `lock` and releases it; fails the test if either fails.
+pub async fn take_and_release(lock: &impl k1s0_distributed_lock::DistributedLock, key: &str) {
+    let guard = lock.try_acquire(key).await.expect("take the key");
+    guard.release().await.expect("release the key");
+}
