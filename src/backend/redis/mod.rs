@@ -226,7 +226,7 @@ impl RedisDistributedLock {
                 let (lock, claim) = pending.disarm();
                 if let Err(error) = acknowledged {
                     // Not known to survive a failover: not handed out.
-                    give_back(&lock).await;
+                    give_back(lock).await;
                     return Err(error);
                 }
                 let left = (sent_at + ttl).saturating_duration_since(Instant::now());
@@ -241,7 +241,7 @@ impl RedisDistributedLock {
                     ?left,
                     "a lock was granted too late to use; giving it back"
                 );
-                give_back(&lock).await;
+                give_back(lock).await;
                 if !wait || Instant::now() >= started + budget {
                     return Err(LockError::backend_msg(format!(
                         "the lock was granted with {left:?} of its {ttl:?} TTL left (Redis \
@@ -430,10 +430,14 @@ impl DistributedLock for RedisDistributedLock {
 }
 
 /// Releases a granted lock that is not handed out (best effort: it expires at its TTL).
-async fn give_back(lock: &LockRef) {
-    if let Err(error) = lock.release().await {
+async fn give_back(lock: LockRef) {
+    // In a task of its own: a caller that gives up meanwhile must not leave the lock held
+    // until its TTL.
+    let key = Arc::clone(&lock.key);
+    let released = tokio::spawn(async move { lock.release().await }).await;
+    if let Ok(Err(error)) = released {
         tracing::debug!(
-            key = ?lock.key,
+            ?key,
             error = &error as &dyn std::error::Error,
             "could not give back a lock that was not handed out; it expires"
         );

@@ -116,6 +116,12 @@ async fn renew_until_stopped(
         match lock.extend(renew_for).await {
             Ok(()) => {
                 lease.renew(now, renew_for);
+                if lease.is_lost() {
+                    // Renewed in Redis only after the local deadline: the guard already counts
+                    // the lock lost (and its turn has passed on), so stop keeping it alive.
+                    tracing::warn!(key = ?lock.key, "auto-extension answered after the lease ran out; stopping");
+                    return;
+                }
                 tracing::trace!(key = ?lock.key, "lock auto-extended");
                 next = now + period;
             }
