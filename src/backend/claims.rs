@@ -97,6 +97,8 @@ pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
     /// The key's `unanswered` before [`asking_server`](KeyClaim::asking_server), for
     /// [`not_asked`](KeyClaim::not_asked).
     unanswered_before: bool,
+    /// A question this claim's holder asked is still open: neither answered nor failed.
+    asking: bool,
 }
 
 impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
@@ -183,6 +185,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
             live: true,
             yield_to_others: false,
             unanswered_before: false,
+            asking: false,
         }
     }
 
@@ -220,7 +223,6 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
 
 impl<K: Hash + Eq + Clone, S: BuildHasher> KeyClaim<K, S> {
     /// The claimed key.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn key(&self) -> &K {
         &self.key
     }
@@ -243,10 +245,12 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> KeyClaim<K, S> {
     pub(crate) fn asking_server(&mut self) {
         self.unanswered_before =
             self.with_entry(|entry| std::mem::replace(&mut entry.unanswered, true));
+        self.asking = true;
     }
 
     /// Records that the server answered a statement about this key.
-    pub(crate) fn answered(&self) {
+    pub(crate) fn answered(&mut self) {
+        self.asking = false;
         self.with_entry(|entry| {
             if std::mem::take(&mut entry.unanswered) {
                 if let Some(answered) = &entry.answered {
@@ -256,12 +260,28 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> KeyClaim<K, S> {
         });
     }
 
+    /// Records that the statement got no answer: the doubt stays for the tasks queued behind.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn failed(&mut self) {
+        self.asking = false;
+    }
+
     /// Undoes [`asking_server`](Self::asking_server) when the statement was never run (its
     /// caller left before the session got to it).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn not_asked(&self) {
+    pub(crate) fn not_asked(&mut self) {
+        self.asking = false;
         let before = self.unanswered_before;
         self.with_entry(|entry| entry.unanswered = before);
+    }
+
+    /// Gives the claim up; a question still open is withdrawn ([`not_asked`](Self::not_asked)),
+    /// for a caller that leaves with its statement in flight: the next task asks itself.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn withdraw(mut self) {
+        if self.asking {
+            self.not_asked();
+        }
     }
 
     fn is_unanswered(&self) -> bool {

@@ -198,16 +198,7 @@ impl RedisDistributedLock {
                 LockError::AlreadyLocked
             });
         };
-        let mut pending = PendingAcquire {
-            shared: &self.shared,
-            key,
-            keys: LockKeys::new(&self.shared.prefix, key),
-            token: Uuid::new_v4(),
-            connection: None,
-            exclusive: None,
-            claim: Some(claim),
-            asking: false,
-        };
+        let mut pending = PendingAcquire::new(&self.shared, key, Uuid::new_v4(), Some(claim));
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token);
         loop {
@@ -249,16 +240,7 @@ impl RedisDistributedLock {
                     )));
                 }
                 // Wait on with the same token: its registration for wake-ups stays valid.
-                pending = PendingAcquire {
-                    shared: &self.shared,
-                    key,
-                    keys: LockKeys::new(&self.shared.prefix, key),
-                    token,
-                    connection: None,
-                    exclusive: None,
-                    claim,
-                    asking: false,
-                };
+                pending = PendingAcquire::new(&self.shared, key, token, claim);
                 continue;
             }
             if !wait {
@@ -462,14 +444,24 @@ struct PendingAcquire<'a> {
     /// This task's turn among the tasks of the lock object; passed on when the acquire ends
     /// without the lock, or moved into the guard.
     claim: Option<RedisClaim>,
-    /// A command about the key is in flight (asked, not yet answered).
-    asking: bool,
 }
 
 /// A task's turn on one key among the tasks of one lock object (see [`ClaimTable`]).
 pub(crate) type RedisClaim = KeyClaim<Arc<str>>;
 
-impl PendingAcquire<'_> {
+impl<'a> PendingAcquire<'a> {
+    fn new(shared: &'a Arc<Shared>, key: &'a str, token: Uuid, claim: Option<RedisClaim>) -> Self {
+        PendingAcquire {
+            shared,
+            key,
+            keys: LockKeys::new(&shared.prefix, key),
+            token,
+            connection: None,
+            exclusive: None,
+            claim,
+        }
+    }
+
     /// Runs the acquire script once: the fencing token (> 0) when taken, else `-pttl` of the
     /// holder or 0; and when the command that ran it was sent (after the connection was open,
     /// and the `EVAL` after a `NOSCRIPT`), from which a lease granted by it counts.
@@ -496,7 +488,6 @@ impl PendingAcquire<'_> {
         if let Some(claim) = self.claim.as_mut() {
             claim.asking_server();
         }
-        self.asking = true;
         let answer = match &self.shared.replica_acks {
             None => {
                 let connection = self.connection.insert(connections.connection().await?);
@@ -521,8 +512,7 @@ impl PendingAcquire<'_> {
                 answer
             }
         };
-        self.asking = false;
-        if let Some(claim) = &self.claim {
+        if let Some(claim) = self.claim.as_mut() {
             claim.answered();
         }
         Ok(answer)
@@ -564,27 +554,28 @@ impl PendingAcquire<'_> {
         if let Some(claim) = self.claim.as_mut() {
             claim.asking_server();
         }
-        self.asking = true;
-        match lock.abandon(connection).await {
-            Ok(_) => {
-                self.asking = false;
-                if let Some(claim) = &self.claim {
-                    claim.answered();
-                }
-            }
-            Err(error) => {
-                // No answer: the doubt stays for the tasks queued behind.
-                self.asking = false;
-                tracing::debug!(key = ?self.key, error = &error as &dyn std::error::Error, "could not leave the wait queue; the entry times out")
+        let answered = lock.abandon(connection).await;
+        if let Err(error) = &answered {
+            tracing::debug!(key = ?self.key, error = error as &dyn std::error::Error, "could not leave the wait queue; the entry times out");
+        }
+        if let Some(claim) = self.claim.as_mut() {
+            match answered {
+                Ok(_) => claim.answered(),
+                Err(_) => claim.failed(),
             }
         }
         self.connection = None;
     }
 
     fn lock_ref(&self, keys: LockKeys) -> LockRef {
+        // The claim's copy of the key, when there is one: no second allocation.
+        let key = match &self.claim {
+            Some(claim) => Arc::clone(claim.key()),
+            None => Arc::from(self.key),
+        };
         LockRef {
             shared: Arc::clone(self.shared),
-            key: Arc::from(self.key),
+            key,
             keys,
             token: self.token,
         }
@@ -597,9 +588,7 @@ impl Drop for PendingAcquire<'_> {
         // below touches only this acquire's token. (After a failed command `take` has passed
         // the turn on already, with the answer still owed; see `ClaimTable::overdue`.)
         if let Some(claim) = self.claim.take() {
-            if self.asking {
-                claim.not_asked();
-            }
+            claim.withdraw();
         }
         let Some(connection) = self.connection.take() else {
             return;

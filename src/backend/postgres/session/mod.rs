@@ -230,7 +230,7 @@ impl Session {
 
     async fn try_lock(
         &mut self,
-        claim: KeyClaim,
+        mut claim: KeyClaim,
         flag: Option<u64>,
         ttl: Duration,
         sent_at: Instant,
