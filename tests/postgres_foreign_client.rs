@@ -61,6 +61,32 @@ fn pg_locks_halves(key: i64) -> (i64, i64) {
     ((bits >> 32) as i64, (bits & 0xffff_ffff) as i64)
 }
 
+/// What each test starts from: the documented SQL, a key of the test's own and its advisory
+/// key, a crate lock service, a connection to look with, and a plain connection that plays the
+/// client in another language.
+struct Scene {
+    sql: DocumentedSql,
+    key: String,
+    advisory: i64,
+    lock: PostgresDistributedLock,
+    admin: sqlx::PgConnection,
+    foreign: sqlx::PgConnection,
+}
+
+impl Scene {
+    async fn new(test: &str) -> Scene {
+        let key = format!("{}order", common::unique_prefix(test));
+        Scene {
+            sql: documented_sql(),
+            advisory: PostgresDistributedLock::advisory_key(&key),
+            key,
+            lock: pg_support::lock(config()).await,
+            admin: pg_support::admin().await,
+            foreign: pg_support::admin().await,
+        }
+    }
+}
+
 fn config() -> LockConfig {
     LockConfig::new()
         .ttl(Duration::from_secs(30))
@@ -107,11 +133,14 @@ fn the_documented_halves_match_the_example() {
 /// interleave in one increasing order.
 #[tokio::test]
 async fn a_foreign_client_and_the_crate_exclude_each_other() {
-    let sql = documented_sql();
-    let key = format!("{}order", common::unique_prefix("pg_foreign_excl"));
-    let advisory = PostgresDistributedLock::advisory_key(&key);
-    let lock = pg_support::lock(config()).await;
-    let mut foreign = pg_support::admin().await;
+    let Scene {
+        sql,
+        key,
+        advisory,
+        lock,
+        mut foreign,
+        ..
+    } = Scene::new("pg_foreign_excl").await;
 
     let crate_guard = lock.try_acquire(&key).await.unwrap();
     sqlx::raw_sql(&sql.epoch_check)
@@ -142,12 +171,14 @@ async fn a_foreign_client_and_the_crate_exclude_each_other() {
 /// A crate waiter flags the key; the documented release notifies it, and it takes the key.
 #[tokio::test]
 async fn the_documented_release_notifies_a_waiting_crate_client() {
-    let sql = documented_sql();
-    let key = format!("{}order", common::unique_prefix("pg_foreign_notify"));
-    let advisory = PostgresDistributedLock::advisory_key(&key);
-    let lock = pg_support::lock(config()).await;
-    let mut admin = pg_support::admin().await;
-    let mut foreign = pg_support::admin().await;
+    let Scene {
+        sql,
+        key,
+        advisory,
+        lock,
+        mut admin,
+        mut foreign,
+    } = Scene::new("pg_foreign_notify").await;
 
     let token = sql.lock(&mut foreign, advisory).await.expect("free key");
     let (waiter, _) =
@@ -162,12 +193,14 @@ async fn the_documented_release_notifies_a_waiting_crate_client() {
 /// documented payload, and the documented lock-and-unflag takes the key and drops the flag.
 #[tokio::test]
 async fn a_foreign_waiter_is_notified_by_the_crate_release() {
-    let sql = documented_sql();
-    let key = format!("{}order", common::unique_prefix("pg_foreign_wait"));
-    let advisory = PostgresDistributedLock::advisory_key(&key);
-    let lock = pg_support::lock(config()).await;
-    let mut admin = pg_support::admin().await;
-    let mut foreign = pg_support::admin().await;
+    let Scene {
+        sql,
+        key,
+        advisory,
+        lock,
+        mut admin,
+        mut foreign,
+    } = Scene::new("pg_foreign_wait").await;
     let mut listener = PgListener::connect(&common::postgres_url().await)
         .await
         .unwrap();

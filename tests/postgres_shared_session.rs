@@ -661,14 +661,7 @@ fn a_lock_first_used_on_a_runtime_that_shut_down_works_on_a_new_one() {
     let lock = first.block_on(async {
         let lock = one_session_lock(config).await;
         // Starts the session and, with a wait on a key another process holds, the listener.
-        let key = format!("{prefix}warm");
-        let other = pg_support::lock(LockConfig::new()).await;
-        let held = other.try_acquire(&key).await.unwrap();
-        let mut admin = pg_support::admin().await;
-        let (waiting, _) =
-            pg_support::spawn_flagged_waiter(&lock, &key, &mut admin, NO_DEADLOCK).await;
-        held.release().await.unwrap();
-        waiting.await.unwrap().unwrap().release().await.unwrap();
+        handed_over_by_another_process(&lock, &format!("{prefix}warm")).await;
         lock
     });
     drop(first);
@@ -682,19 +675,28 @@ fn a_lock_first_used_on_a_runtime_that_shut_down_works_on_a_new_one() {
                 Err(error) => panic!("attempt {attempt} on the new runtime: {error:?}"),
             }
         }
-        let key = format!("{prefix}notified");
-        let other = pg_support::lock(LockConfig::new()).await;
-        let held = other.try_acquire(&key).await.unwrap();
-        let mut admin = pg_support::admin().await;
-        let (waiting, _) =
-            pg_support::spawn_flagged_waiter(&lock, &key, &mut admin, NO_DEADLOCK).await;
-        held.release().await.unwrap();
-        let let_go = std::time::Instant::now();
-        waiting.await.unwrap().unwrap().release().await.unwrap();
+        let took = handed_over_by_another_process(&lock, &format!("{prefix}notified")).await;
         assert!(
-            let_go.elapsed() < NO_LOST_WAKE_UP,
-            "the waiter took {:?}: no LISTEN connection woke it",
-            let_go.elapsed()
+            took < NO_LOST_WAKE_UP,
+            "the waiter took {took:?}: no LISTEN connection woke it"
         );
     });
+}
+
+/// Another lock service (as another process) holds `key` while `lock` waits for it with its
+/// waiter flag set; then it releases. Returns how long after the release `lock` had the key.
+async fn handed_over_by_another_process(
+    lock: &PostgresDistributedLock,
+    key: &str,
+) -> std::time::Duration {
+    let other = pg_support::lock(LockConfig::new()).await;
+    let held = other.try_acquire(key).await.unwrap();
+    let mut admin = pg_support::admin().await;
+    let (waiting, _) = pg_support::spawn_flagged_waiter(lock, key, &mut admin, NO_DEADLOCK).await;
+    held.release().await.unwrap();
+    let let_go = std::time::Instant::now();
+    let guard = waiting.await.unwrap().unwrap();
+    let took = let_go.elapsed();
+    guard.release().await.unwrap();
+    took
 }
