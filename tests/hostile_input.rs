@@ -121,9 +121,15 @@ proptest! {
                     let guard = lock.try_acquire("k").await.unwrap();
                     // A valid TTL always expires: it is bounded.
                     assert!(guard.remaining().unwrap_or_default() <= config.get_ttl());
-                    // A short budget: acquire on a held key ends (Timeout), never hangs.
+                    // A short budget: acquire on a held key ends (Timeout), never hangs; it
+                    // gets the key only once the holder's lease has run out (a TTL of 1 ms
+                    // can be over by then).
                     if config.wait_budget() <= Duration::from_millis(50) {
-                        assert!(matches!(lock.acquire("k").await, Err(LockError::Timeout)));
+                        match lock.acquire("k").await {
+                            Err(LockError::Timeout) => {}
+                            Ok(_) => assert!(guard.is_lost(), "granted while the holder's lease lives"),
+                            Err(other) => panic!("acquire on a held key: {other:?}"),
+                        }
                     }
                     drop(guard);
                 });
