@@ -122,13 +122,13 @@ async fn redis_waiters_keep_their_turn_when_pub_sub_is_unresponsive() {
     };
     let (lock, other) = (waiting_lock().await, waiting_lock().await);
     let key = format!("{}turns", common::unique_prefix("pubsub-stall"));
-    let queue = format!("{}:queue", lock.redis_key(&key));
+    let queue = format!("{}:line", lock.redis_key(&key));
     let connection = common::redis_conn::connection(&url).await;
     let queue_length = move || {
         let queue = queue.clone();
         let mut connection = connection.clone();
         async move {
-            redis::cmd("LLEN")
+            redis::cmd("ZCARD")
                 .arg(&queue)
                 .query_async::<usize>(&mut connection)
                 .await
@@ -334,7 +334,7 @@ async fn redis_waiters_stalled_while_waiting_get_backend_errors() {
     let common::backends::AnyLock::Redis(redis_lock) = &via_proxy else {
         unreachable!("a Redis lock")
     };
-    let queue = format!("{}:queue", redis_lock.redis_key(&key));
+    let queue = format!("{}:line", redis_lock.redis_key(&key));
     let connection = common::redis_conn::connection(&common::redis_url().await).await;
     let measured = stall_while_waiting_is_a_backend_error(
         &holder,
@@ -345,7 +345,7 @@ async fn redis_waiters_stalled_while_waiting_get_backend_errors() {
         || {
             let (mut connection, queue) = (connection.clone(), queue.clone());
             async move {
-                redis::cmd("LLEN")
+                redis::cmd("ZCARD")
                     .arg(&queue)
                     .query_async::<usize>(&mut connection)
                     .await

@@ -149,11 +149,11 @@ async fn the_whole_protocol_runs_on_a_server_in_cluster_mode() {
             async move { other.acquire(&key).await }
         });
         // The waiter is queued once the queue key exists.
-        let queue = format!("{}:queue", lock.redis_key(key));
+        let queue = format!("{}:line", lock.redis_key(key));
         let queued = common::wait::eventually(Duration::from_secs(5), || {
             let (mut admin, queue) = (admin.clone(), queue.clone());
             async move {
-                redis::cmd("LLEN")
+                redis::cmd("ZCARD")
                     .arg(&queue)
                     .query_async::<usize>(&mut admin)
                     .await

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::proxy::FaultProxy;
+use k1s0_distributed_lock::bb8_redis::redis;
 use k1s0_distributed_lock::{DistributedLock, LockConfig, LockError, RedisDistributedLock};
 
 async fn lock_on(url: &str, prefix: &str, config: LockConfig) -> RedisDistributedLock {
@@ -108,4 +109,202 @@ async fn a_cancelled_first_in_line_leaves_the_tasks_behind_with_timeout() {
         );
     }
     held.release().await.unwrap();
+}
+
+/// The scripts (`EVALSHA`, `EVAL`) a server of the test's own has run since its statistics were
+/// reset.
+async fn scripts_run(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The holder of `key` releases it while another task of the same lock object waits: that
+/// task's guard, and the holder's fencing token.
+async fn release_to_a_waiting_task(
+    lock: &RedisDistributedLock,
+    key: &str,
+    before_release: impl std::future::Future<Output = ()>,
+) -> (k1s0_distributed_lock::LockGuard, u64) {
+    let first = lock.acquire(key).await.unwrap();
+    let next = tokio::spawn({
+        let (lock, key) = (lock.clone(), key.to_owned());
+        async move { lock.acquire(&key).await }
+    });
+    // On this one-thread runtime, the spawned task runs up to its place in the local queue.
+    tokio::task::yield_now().await;
+    before_release.await;
+    let first_token = first.fencing_token();
+    first.release().await.unwrap();
+    let next = next.await.unwrap().expect("the next task gets the key");
+    (next, first_token)
+}
+
+/// A task of the same lock object waits for the key: the release takes the lock for it in the
+/// same script (one round trip, not a release and then an acquire), with a larger fencing
+/// token, and its guard holds the key in Redis until it releases.
+#[tokio::test]
+async fn a_release_hands_the_lock_to_the_next_task_in_one_script() {
+    let server = common::redis_server::RedisServer::start().await;
+    let config = LockConfig::new().wait_timeout(Duration::from_secs(5));
+    let lock = lock_on(&server.url(), "handover:", config).await;
+    let mut admin = common::redis_conn::connection(&server.url()).await;
+    // Once first, so that the server has every script cached (no `NOSCRIPT` round trips).
+    let (warm_up, _) = release_to_a_waiting_task(&lock, "warm-up", async {}).await;
+    warm_up.release().await.unwrap();
+
+    let reset = async {
+        let mut admin = admin.clone();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    };
+    let (next, first_token) = release_to_a_waiting_task(&lock, "k", reset).await;
+    assert_eq!(
+        scripts_run(&mut admin).await,
+        1,
+        "one script from the release to the next holder"
+    );
+    assert!(next.fencing_token() > first_token);
+    assert!(server.has_key(&lock.redis_key("k")).await);
+    next.release().await.unwrap();
+    assert!(!server.has_key(&lock.redis_key("k")).await);
+}
+
+/// The hand-over does not pass waiters of other processes: one waits in the Redis line when
+/// the holder releases with a task of its own lock object queued, and it goes first.
+#[tokio::test]
+async fn a_hand_over_lets_waiters_of_other_processes_go_first() {
+    let url = common::redis_url().await;
+    let prefix = common::unique_prefix("redis_handover_fair");
+    let config = LockConfig::new().wait_timeout(Duration::from_secs(5));
+    let (lock, other) = (
+        lock_on(&url, &prefix, config).await,
+        lock_on(&url, &prefix, config).await,
+    );
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held = lock.acquire("k").await.unwrap();
+
+    let other_process = tokio::spawn({
+        let order = order.clone();
+        async move {
+            let guard = other.acquire("k").await.unwrap();
+            order.lock().unwrap().push("other process");
+            guard.release().await.unwrap();
+        }
+    });
+    let line = format!("{}:line", lock.redis_key("k"));
+    let mut admin = common::redis_conn::connection(&url).await;
+    common::wait::assert_eventually("the other process waits in the Redis line", || {
+        let (mut admin, line) = (admin.clone(), line.clone());
+        async move {
+            redis::cmd("ZCARD")
+                .arg(&line)
+                .query_async::<u64>(&mut admin)
+                .await
+                .unwrap()
+                == 1
+        }
+    })
+    .await;
+    let same_object = tokio::spawn({
+        let (lock, order) = (lock.clone(), order.clone());
+        async move {
+            let guard = lock.acquire("k").await.unwrap();
+            order.lock().unwrap().push("same lock object");
+            guard.release().await.unwrap();
+        }
+    });
+    tokio::task::yield_now().await;
+    held.release().await.unwrap();
+    other_process.await.unwrap();
+    same_object.await.unwrap();
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["other process", "same lock object"]
+    );
+    let _: () = redis::cmd("PING").query_async(&mut admin).await.unwrap();
+}
+
+/// The task the lock was handed over to left before it got it: the lock taken for it is
+/// released, and the key is free for everyone.
+#[tokio::test]
+async fn a_lock_handed_over_to_a_task_that_left_is_released() {
+    let url = common::redis_url().await;
+    let prefix = common::unique_prefix("redis_handover_left");
+    let config = LockConfig::new().wait_timeout(Duration::from_secs(5));
+    let lock = lock_on(&url, &prefix, config).await;
+    let held = lock.acquire("k").await.unwrap();
+    let leaving = tokio::spawn({
+        let lock = lock.clone();
+        async move { lock.acquire("k").await }
+    });
+    tokio::task::yield_now().await;
+    leaving.abort();
+    let _ = leaving.await;
+
+    held.release().await.unwrap();
+    let other = lock_on(&url, &prefix, config).await;
+    common::wait::assert_eventually("the key is free again", || {
+        let other = other.clone();
+        async move { !other.is_locked("k").await.unwrap() }
+    })
+    .await;
+    common::redis_conn::take_and_release(&other, "k").await;
+}
+
+/// A release with a task of the same lock object waiting behind it is given up by its caller
+/// while its command is on the way (Redis is 100 ms away, behind a proxy): the lock reaches the
+/// waiting task, not a token nobody knows that holds the key until its TTL, and nothing is left
+/// once that task releases.
+#[tokio::test]
+async fn a_release_given_up_while_it_hands_over_loses_no_lock() {
+    let url = common::redis_url().await;
+    let proxy = FaultProxy::start(address(&url)).await;
+    let prefix = common::unique_prefix("redis_handover_given_up");
+    // The waiting budget is far below the TTL: a lock orphaned by the hand-over would make the
+    // waiting task time out.
+    let config = LockConfig::new()
+        .ttl(Duration::from_secs(30))
+        .wait_timeout(Duration::from_secs(3));
+    let lock = lock_on(&format!("redis://{}", proxy.address()), &prefix, config).await;
+    let held = lock.acquire("k").await.unwrap();
+    let next = tokio::spawn({
+        let lock = lock.clone();
+        async move { lock.acquire("k").await }
+    });
+    // On this one-thread runtime, the spawned task runs up to its place in the local queue.
+    tokio::task::yield_now().await;
+
+    proxy.set_latency(Duration::from_millis(100));
+    let given_up = tokio::time::timeout(Duration::from_millis(20), held.release()).await;
+    assert!(
+        given_up.is_err(),
+        "the release answered within 20 ms through a 100 ms proxy"
+    );
+    let next = next
+        .await
+        .unwrap()
+        .expect("the waiting task gets the key within its budget");
+    next.release().await.unwrap();
+    assert!(
+        common::suites::becomes_free(&lock, "k", Duration::from_secs(2)).await,
+        "a lock was left behind"
+    );
 }

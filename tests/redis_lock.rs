@@ -425,13 +425,13 @@ async fn a_crashed_waiter_holds_up_the_queue_only_until_its_entry_times_out() {
         .max_retries(250);
     let lock = lock_with(&prefix, config).await;
     let redis_key = lock.redis_key("k");
-    let (queue, waiters) = (format!("{redis_key}:queue"), format!("{redis_key}:waiters"));
+    let (line, waiters) = (format!("{redis_key}:line"), format!("{redis_key}:waiters"));
     // A waiter queued itself and then its process died: its entry stays until its deadline.
     let mut conn = raw().await;
     let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
     let deadline_ms = seconds * 1000 + micros / 1000 + 300;
     let ghost = "00000000-0000-4000-8000-000000000000";
-    let _: () = conn.rpush(&queue, ghost).await.unwrap();
+    let _: () = conn.zadd(&line, ghost, 1).await.unwrap();
     let _: () = conn.zadd(&waiters, ghost, deadline_ms).await.unwrap();
 
     // The free lock is promised to the ghost for now…
@@ -442,7 +442,7 @@ async fn a_crashed_waiter_holds_up_the_queue_only_until_its_entry_times_out() {
     ));
     // …but a waiter gets it once the ghost's entry runs out.
     let guard = lock.acquire("k").await.unwrap();
-    let left: i64 = conn.llen(&queue).await.unwrap();
+    let left: i64 = conn.zcard(&line).await.unwrap();
     assert_eq!(left, 0, "the ghost entry was not dropped");
     guard.release().await.unwrap();
 }

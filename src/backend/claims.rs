@@ -25,15 +25,15 @@ use tokio::time::Instant;
 const SHARDS: usize = 16;
 
 /// The claims of one lock service, on keys of type `K` hashed with `S`.
-pub(crate) struct ClaimTable<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
+pub(crate) struct ClaimTable<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
     hashing: S,
-    shards: [Mutex<Shard<K, S>>; SHARDS],
+    shards: [Mutex<Shard<K, S, B>>; SHARDS],
 }
 
 /// The claimed keys whose hash falls in one shard.
-type Shard<K, S> = HashMap<K, KeyEntry<K, S>, S>;
+type Shard<K, S, B> = HashMap<K, KeyEntry<K, S, B>, S>;
 
-impl<K: Hash + Eq + Clone, S: BuildHasher + Default + Clone> Default for ClaimTable<K, S> {
+impl<K: Hash + Eq + Clone, S: BuildHasher + Default + Clone, B> Default for ClaimTable<K, S, B> {
     fn default() -> Self {
         let hashing = S::default();
         ClaimTable {
@@ -44,8 +44,8 @@ impl<K: Hash + Eq + Clone, S: BuildHasher + Default + Clone> Default for ClaimTa
 }
 
 /// A claimed key: the tasks queued for it, and whether the server owes an answer about it.
-struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher> {
-    queue: VecDeque<oneshot::Sender<KeyClaim<K, S>>>,
+struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher, B> {
+    queue: VecDeque<oneshot::Sender<KeyClaim<K, S, B>>>,
     /// A statement about this key was sent and has had no answer: it is in flight, or it
     /// failed (a stalled server, a command timeout, a lost session). Stays set when the claim
     /// passes on after a failure; cleared by the next answer, or when the key is unclaimed.
@@ -54,7 +54,7 @@ struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher> {
     answered: Option<watch::Sender<()>>,
 }
 
-impl<K: Hash + Eq + Clone, S: BuildHasher> Default for KeyEntry<K, S> {
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> Default for KeyEntry<K, S, B> {
     fn default() -> Self {
         KeyEntry {
             queue: VecDeque::new(),
@@ -65,7 +65,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> Default for KeyEntry<K, S> {
 }
 
 /// What a queued task learns from [`ClaimTable::overdue`] once its waiting budget is spent.
-pub(crate) enum Overdue<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
+pub(crate) enum Overdue<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
     /// The task ahead holds the key, or the server's last answer about it said it is held.
     Held,
     /// The last statement about the key got no answer (in time): nobody can tell whether the
@@ -73,20 +73,21 @@ pub(crate) enum Overdue<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
     Unanswered,
     /// The key came to this task after all, with the server's last answer in: the task ahead
     /// gave it up before asking.
-    Claimed(KeyClaim<K, S>),
+    Claimed(KeyClaim<K, S, B>),
 }
 
 /// What [`ClaimTable::claim_or_queue`] gives.
-pub(crate) enum Claim<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
+pub(crate) enum Claim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
     /// The key was free locally: the caller has it.
-    Claimed(KeyClaim<K, S>),
+    Claimed(KeyClaim<K, S, B>),
     /// Another task has it; the claim arrives on this channel when it is the caller's turn.
-    Queued(oneshot::Receiver<KeyClaim<K, S>>),
+    Queued(oneshot::Receiver<KeyClaim<K, S, B>>),
 }
 
-/// The exclusive local right to one key. Dropping it passes it on.
-pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
-    table: Arc<ClaimTable<K, S>>,
+/// The exclusive local right to one key. Dropping it passes it on, with its baton if it
+/// carries one.
+pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
+    table: Arc<ClaimTable<K, S, B>>,
     key: K,
     /// False only for the claim `pass_on` retires when no task waits: dropping it must not
     /// pass it on again.
@@ -99,11 +100,14 @@ pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState> {
     unanswered_before: bool,
     /// A question this claim's holder asked is still open: neither answered nor failed.
     asking: bool,
+    /// What the previous holder handed over with the claim (the Redis backend: a lock it
+    /// already took in the server for the next task), for the next holder to take.
+    baton: Option<B>,
 }
 
-impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
     /// Claims `key` if no task of this process has it.
-    pub(crate) fn try_claim(self: &Arc<Self>, key: K) -> Option<KeyClaim<K, S>> {
+    pub(crate) fn try_claim(self: &Arc<Self>, key: K) -> Option<KeyClaim<K, S, B>> {
         match self.shard(&key).entry(key.clone()) {
             Entry::Occupied(_) => None,
             Entry::Vacant(slot) => {
@@ -114,7 +118,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
     }
 
     /// Claims `key`, or queues the caller behind the tasks that have or want it.
-    pub(crate) fn claim_or_queue(self: &Arc<Self>, key: K) -> Claim<K, S> {
+    pub(crate) fn claim_or_queue(self: &Arc<Self>, key: K) -> Claim<K, S, B> {
         match self.shard(&key).entry(key.clone()) {
             Entry::Occupied(mut entry) => {
                 let (sender, receiver) = oneshot::channel();
@@ -137,9 +141,9 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
     pub(crate) async fn overdue(
         self: &Arc<Self>,
         key: &K,
-        mut turn: oneshot::Receiver<KeyClaim<K, S>>,
+        mut turn: oneshot::Receiver<KeyClaim<K, S, B>>,
         give_up_at: Instant,
-    ) -> Overdue<K, S> {
+    ) -> Overdue<K, S, B> {
         loop {
             // A claim that reached this task as its budget ended is its turn after all.
             if let Ok(claim) = turn.try_recv() {
@@ -178,7 +182,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
         self.shard(key).contains_key(key)
     }
 
-    fn new_claim(self: &Arc<Self>, key: K) -> KeyClaim<K, S> {
+    fn new_claim(self: &Arc<Self>, key: K) -> KeyClaim<K, S, B> {
         KeyClaim {
             table: Arc::clone(self),
             key,
@@ -186,11 +190,13 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
             yield_to_others: false,
             unanswered_before: false,
             asking: false,
+            baton: None,
         }
     }
 
-    /// Gives a dropped claim to the first queued task still listening, or frees the key.
-    fn pass_on(self: &Arc<Self>, key: &K, yield_to_others: bool) {
+    /// Gives a dropped claim, and its baton, to the first queued task still listening, or
+    /// frees the key (and drops the baton).
+    fn pass_on(self: &Arc<Self>, key: &K, yield_to_others: bool, baton: Option<B>) {
         let mut shard = self.shard(key);
         let Some(entry) = shard.get_mut(key) else {
             debug_assert!(false, "a live claim always has its table entry");
@@ -198,6 +204,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
         };
         let mut claim = self.new_claim(key.clone());
         claim.yield_to_others = yield_to_others;
+        claim.baton = baton;
         while let Some(next) = entry.queue.pop_front() {
             match next.send(claim) {
                 Ok(()) => return,
@@ -207,9 +214,12 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
         }
         claim.live = false;
         shard.remove(key);
+        drop(shard);
+        // The baton goes with the claim, outside the shard's lock.
+        drop(claim);
     }
 
-    fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K, S>> {
+    fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K, S, B>> {
         // Every update is a single insert, remove or queue operation, so a shard poisoned by a
         // panic elsewhere is still consistent.
         // Middle bits: the shard's own map places entries by the low bits of the same hash
@@ -221,10 +231,32 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> ClaimTable<K, S> {
     }
 }
 
-impl<K: Hash + Eq + Clone, S: BuildHasher> KeyClaim<K, S> {
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
     /// The claimed key.
     pub(crate) fn key(&self) -> &K {
         &self.key
+    }
+
+    /// Whether another task of this process waits for the key (it may have left since).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn has_successor(&self) -> bool {
+        self.table
+            .shard(&self.key)
+            .get(&self.key)
+            .is_some_and(|entry| !entry.queue.is_empty())
+    }
+
+    /// Passes the claim on with `baton` for the next task; if no task takes the claim, the
+    /// baton is dropped.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn pass_with(mut self, baton: B) {
+        self.baton = Some(baton);
+    }
+
+    /// What the previous holder handed over with the claim, if anything.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn take_baton(&mut self) -> Option<B> {
+        self.baton.take()
     }
 
     /// Records that the lock was released while tasks of other processes waited for it.
@@ -288,7 +320,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> KeyClaim<K, S> {
         self.with_entry(|entry| entry.unanswered)
     }
 
-    fn with_entry<T: Default>(&self, f: impl FnOnce(&mut KeyEntry<K, S>) -> T) -> T {
+    fn with_entry<T: Default>(&self, f: impl FnOnce(&mut KeyEntry<K, S, B>) -> T) -> T {
         let mut shard = self.table.shard(&self.key);
         match shard.get_mut(&self.key) {
             Some(entry) => f(entry),
@@ -300,17 +332,18 @@ impl<K: Hash + Eq + Clone, S: BuildHasher> KeyClaim<K, S> {
     }
 }
 
-impl<K, S> Drop for KeyClaim<K, S>
+impl<K, S, B> Drop for KeyClaim<K, S, B>
 where
     K: Hash + Eq + Clone,
     S: BuildHasher,
 {
     fn drop(&mut self) {
         if self.live {
+            let baton = self.baton.take();
             // A claim dropped inside `pass_on` (a queued task dropped its receiver with the
             // claim in it) is not possible under the shard lock: `send` hands back refused
             // claims instead of dropping them.
-            Arc::clone(&self.table).pass_on(&self.key, self.yield_to_others);
+            Arc::clone(&self.table).pass_on(&self.key, self.yield_to_others, baton);
         }
     }
 }

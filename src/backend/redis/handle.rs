@@ -8,8 +8,10 @@ use redis::aio::MultiplexedConnection;
 use tokio::task::AbortHandle;
 use uuid::Uuid;
 
+use tokio::time::Instant;
+
 use super::keys::LockKeys;
-use super::scripts::{Arg, ABANDON, EXTEND, RELEASE};
+use super::scripts::{Arg, ABANDON, EXTEND, HAND_OVER, RELEASE};
 use super::{RedisClaim, Shared};
 use crate::{Lease, LockError, LockHandle};
 
@@ -17,8 +19,16 @@ use crate::{Lease, LockError, LockHandle};
 pub(crate) struct LockRef {
     pub(crate) shared: Arc<Shared>,
     pub(crate) key: Arc<str>,
-    pub(crate) keys: LockKeys,
+    pub(crate) keys: Arc<LockKeys>,
     pub(crate) token: Uuid,
+}
+
+/// What the hand-over script did with a released lock.
+enum HandedOver {
+    /// It holds the lock for the next holder's token, with this fencing token.
+    Passed { fence: u64, sent_at: Instant },
+    /// Waiters of other processes came first: it released the lock to them.
+    Released,
 }
 
 /// The textual token as stored in Redis: a hyphenated lower-case UUID.
@@ -38,7 +48,7 @@ impl LockRef {
     fn release_input<'a>(&'a self, buffer: &'a mut [u8; 36]) -> ([&'a str; 3], [Arg<'a>; 2]) {
         let keys = [
             self.keys.lock.as_str(),
-            self.keys.queue.as_str(),
+            self.keys.line.as_str(),
             self.keys.waiters.as_str(),
         ];
         let token = token_text(&self.token, buffer);
@@ -55,6 +65,39 @@ impl LockRef {
             .await?
         {
             1 => Ok(()),
+            _ => Err(LockError::LockLost),
+        }
+    }
+
+    /// Releases the lock and takes it for `next` in the same command, unless waiters in the
+    /// Redis line come first (then it only releases).
+    async fn hand_over(&self, next: Uuid) -> Result<HandedOver, LockError> {
+        let shared = &self.shared;
+        let (mut holder, mut successor) = ([0u8; 36], [0u8; 36]);
+        let keys = [
+            self.keys.lock.as_str(),
+            self.keys.fence.as_str(),
+            self.keys.line.as_str(),
+            self.keys.waiters.as_str(),
+        ];
+        let args = [
+            Arg::Text(token_text(&self.token, &mut holder)),
+            Arg::Text(token_text(&next, &mut successor)),
+            Arg::Number(millis(shared.config.get_ttl())),
+            Arg::Number(millis(shared.fence_retention)),
+            Arg::Text(&self.keys.channel),
+        ];
+        let mut connection = shared.connections.connection().await?;
+        let (outcome, sent_at) = shared
+            .connections
+            .script_on(&mut connection, &HAND_OVER, &keys, &args)
+            .await?;
+        match outcome {
+            fence if fence > 0 => Ok(HandedOver::Passed {
+                fence: fence as u64,
+                sent_at,
+            }),
+            0 => Ok(HandedOver::Released),
             _ => Err(LockError::LockLost),
         }
     }
@@ -114,6 +157,46 @@ impl LockRef {
     }
 }
 
+/// A lock the previous holder took in Redis for the next task of its lock object as it
+/// released its own (the hand-over script), riding on the key's claim to that task. Released
+/// in the background if no task takes it.
+pub(crate) struct Grant {
+    lock: Option<LockRef>,
+    fence: u64,
+    sent_at: Instant,
+}
+
+impl Grant {
+    /// The lock, its fencing token and when the command that took it was sent.
+    pub(crate) fn into_parts(mut self) -> (LockRef, u64, Instant) {
+        let lock = self
+            .lock
+            .take()
+            .expect("a grant holds its lock until taken");
+        (lock, self.fence, self.sent_at)
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            release_in_background(lock, "a lock handed over to a task that left");
+        }
+    }
+}
+
+/// Releases `lock` in a task on the current runtime (best effort: it expires at its TTL).
+fn release_in_background(lock: LockRef, what: &'static str) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        if let Err(error) = lock.release().await {
+            tracing::debug!(key = ?lock.key, error = &error as &dyn std::error::Error, "could not release {what}; it expires at its TTL");
+        }
+    });
+}
+
 /// The [`LockHandle`] behind every Redis [`LockGuard`](crate::LockGuard).
 pub(crate) struct RedisHandle {
     pub(crate) lock: Arc<LockRef>,
@@ -152,6 +235,33 @@ impl HeldClaim {
         }
         pass_on(&self.claim);
     }
+
+    /// Whether another task of this lock object waits for the key, and this guard still has
+    /// the turn to pass.
+    fn has_successor(&self) -> bool {
+        self.claim
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(RedisClaim::has_successor)
+    }
+
+    /// The turn itself, for a task that passes it on after its caller may have left.
+    fn shared(&self) -> Arc<Mutex<Option<RedisClaim>>> {
+        if let Some(keeper) = &self.keeper {
+            keeper.abort();
+        }
+        Arc::clone(&self.claim)
+    }
+}
+
+/// Passes the turn on with a lock taken for the next task (released if nobody takes it).
+fn pass_with(claim: &Mutex<Option<RedisClaim>>, grant: Grant) {
+    let claim = claim.lock().unwrap_or_else(PoisonError::into_inner).take();
+    match claim {
+        Some(claim) => claim.pass_with(grant),
+        None => drop(grant),
+    }
 }
 
 fn pass_on(claim: &Mutex<Option<RedisClaim>>) {
@@ -170,21 +280,73 @@ impl RedisHandle {
             watchdog.abort();
         }
     }
+
+    /// Releases the lock and passes the key's turn on. When another task of this lock object
+    /// waits for the key, the same command takes the lock for it (one round trip instead of a
+    /// release and an acquire), unless waiters of other processes are in line first. With
+    /// replica acknowledgement on, the next task acquires for itself (its `WAIT` included).
+    async fn release_and_pass_on(&self) -> Result<(), LockError> {
+        let result = if self.lock.shared.replica_acks.is_none() && self.claim.has_successor() {
+            // In a task of its own: once the command is sent, only its answer says who holds
+            // the lock, and a caller that leaves meanwhile must not lose it.
+            let (lock, claim) = (Arc::clone(&self.lock), self.claim.shared());
+            match tokio::spawn(async move { hand_over(&lock, &claim).await }).await {
+                Ok(Some(result)) => result,
+                Ok(None) => return Ok(()), // passed over with the turn
+                Err(_) => Err(LockError::backend_msg("the hand-over task was cancelled")),
+            }
+        } else {
+            self.lock.release().await
+        };
+        // Released, or no longer this token's: the next task of this process may go. After
+        // a backend error the lock may still be held; the background release that follows
+        // passes the turn on when it is done.
+        if !matches!(result, Err(LockError::BackendError(_))) {
+            self.claim.pass_on();
+        }
+        result
+    }
+}
+
+/// Runs the hand-over script for a fresh token and, when the lock passed, hands it with the
+/// turn to the next task (`None`). Otherwise the holder's release result: the lock was released
+/// to the waiters in the Redis line (`Ok`), was no longer the holder's (`LockLost`), or the
+/// command failed (then the lock may have passed to the fresh token, which is released in the
+/// background, token-checked, in case it did).
+async fn hand_over(
+    lock: &LockRef,
+    claim: &Mutex<Option<RedisClaim>>,
+) -> Option<Result<(), LockError>> {
+    let next = LockRef {
+        shared: Arc::clone(&lock.shared),
+        key: Arc::clone(&lock.key),
+        keys: Arc::clone(&lock.keys),
+        token: Uuid::new_v4(),
+    };
+    match lock.hand_over(next.token).await {
+        Ok(HandedOver::Passed { fence, sent_at }) => {
+            let grant = Grant {
+                lock: Some(next),
+                fence,
+                sent_at,
+            };
+            pass_with(claim, grant);
+            None
+        }
+        Ok(HandedOver::Released) => Some(Ok(())),
+        Err(error) => {
+            if matches!(error, LockError::BackendError(_)) {
+                release_in_background(next, "a lock the failed hand-over may have taken");
+            }
+            Some(Err(error))
+        }
+    }
 }
 
 impl LockHandle for RedisHandle {
     fn release(&self) -> BoxFuture<'_, Result<(), LockError>> {
         self.stop_watchdog();
-        Box::pin(async move {
-            let result = self.lock.release().await;
-            // Released, or no longer this token's: the next task of this process may go. After
-            // a backend error the lock may still be held; the background release that follows
-            // passes the turn on when it is done.
-            if !matches!(result, Err(LockError::BackendError(_))) {
-                self.claim.pass_on();
-            }
-            result
-        })
+        Box::pin(self.release_and_pass_on())
     }
 
     fn extend(&self, ttl: Duration) -> BoxFuture<'_, Result<(), LockError>> {
@@ -216,7 +378,7 @@ impl LockHandle for RedisHandle {
             // The whole struct moves into the task (a closure would capture only the field),
             // so it is dropped with the task.
             let mut pending = pending;
-            if let Err(error) = self.lock.release().await {
+            if let Err(error) = self.release_and_pass_on().await {
                 tracing::debug!(
                     key = ?self.lock.key,
                     error = &error as &dyn std::error::Error,

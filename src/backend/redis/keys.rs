@@ -39,8 +39,8 @@ pub(crate) struct LockKeys {
     pub(crate) lock: String,
     /// `…:fence`: the last fencing token handed out for this key.
     pub(crate) fence: String,
-    /// `…:queue`: a list of waiter tokens in arrival order.
-    pub(crate) queue: String,
+    /// `…:line`: a sorted set of waiter tokens scored by their place in line (arrival order).
+    pub(crate) line: String,
     /// `…:waiters`: a sorted set of waiter tokens scored by the deadline of their queue entry.
     pub(crate) waiters: String,
     /// `…:released`: the pub/sub channel a release announces the next waiter on.
@@ -48,7 +48,7 @@ pub(crate) struct LockKeys {
 }
 
 const FENCE: &str = ":fence";
-const QUEUE: &str = ":queue";
+const LINE: &str = ":line";
 /// The suffix of the waiters' sorted set, for callers that need only it and the lock.
 pub(crate) const WAITERS: &str = ":waiters";
 const RELEASED: &str = ":released";
@@ -76,7 +76,7 @@ impl LockKeys {
         let lock = lock_name(prefix, key);
         LockKeys {
             fence: with_suffix(&lock, FENCE),
-            queue: with_suffix(&lock, QUEUE),
+            line: with_suffix(&lock, LINE),
             waiters: with_suffix(&lock, WAITERS),
             channel: with_suffix(&lock, RELEASED),
             lock,
@@ -120,7 +120,7 @@ mod tests {
         for user_key in ["plain", "{", "}", "{x}", "a}b{c", "%7B", "日本 *\n", "}{"] {
             let keys = LockKeys::new("lock:", user_key);
             let tag = hash_tag(&keys.lock);
-            for name in [&keys.fence, &keys.queue, &keys.waiters] {
+            for name in [&keys.fence, &keys.line, &keys.waiters] {
                 assert_eq!(hash_tag(name), tag, "{name:?}");
             }
             assert!(!tag.contains('}'));

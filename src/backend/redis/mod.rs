@@ -12,6 +12,7 @@ mod scripts;
 mod wake;
 mod watchdog;
 
+use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ use uuid::Uuid;
 use self::acks::{Exclusive, ReplicaAcks};
 pub use self::builder::RedisDistributedLockBuilder;
 use self::connection::Connections;
-use self::handle::{millis, token_text, HeldClaim, LockRef, RedisHandle};
+use self::handle::{millis, token_text, Grant, HeldClaim, LockRef, RedisHandle};
 use self::keys::LockKeys;
 use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
 use self::wake::{Registration, WakeHub};
@@ -94,7 +95,7 @@ pub(crate) struct Shared {
     connections: Connections,
     /// The tasks of this lock object queue here per key, first in, first out; only the first
     /// in line talks to Redis, and a release hands the key to the next at once.
-    claims: Arc<ClaimTable<Arc<str>>>,
+    claims: Arc<RedisClaims>,
     prefix: String,
     config: LockConfig,
     fence_retention: Duration,
@@ -109,6 +110,13 @@ const MAX_POLL: Duration = Duration::from_millis(500);
 const MIN_POLL: Duration = Duration::from_millis(2);
 /// How much longer than its polling period a waiter's queue entry lives.
 const QUEUE_ENTRY_SLACK: Duration = Duration::from_millis(200);
+/// How often a waiter whose release channel is subscribed renews its place in line (it is
+/// woken by the release message, or at the holder's expiry when it is next)…
+const SUBSCRIBED_REFRESH: Duration = Duration::from_secs(1);
+/// …and how long that place lives: a waiter that vanished holds the line up this long at most.
+const SUBSCRIBED_ENTRY_TTL: Duration = SUBSCRIBED_REFRESH
+    .saturating_mul(3)
+    .saturating_add(QUEUE_ENTRY_SLACK);
 /// A lock granted with less than `ttl / MIN_LEASE_LEFT_DIVISOR` of its lease left (Redis
 /// answered that slowly) is given back instead of handed out.
 const MIN_LEASE_LEFT_DIVISOR: u32 = 10;
@@ -186,22 +194,36 @@ impl RedisDistributedLock {
         let wait = wait_call && !budget.is_zero();
         let started = Instant::now();
         let poll = config.get_retry_interval().clamp(MIN_POLL, MAX_POLL);
-        let entry_ttl = if wait {
-            millis(poll * 3 + QUEUE_ENTRY_SLACK)
-        } else {
-            0
-        };
-        let Some(claim) = self.claim(key, wait, started + budget).await? else {
+        let Some(mut claim) = self.claim(key, wait, started + budget).await? else {
             return Err(if wait_call {
                 LockError::Timeout
             } else {
                 LockError::AlreadyLocked
             });
         };
+        if let Some(grant) = claim.take_baton() {
+            // The task before this one passed the lock over as it released it.
+            let (lock, fence, sent_at) = grant.into_parts();
+            if lease_left_is_usable(sent_at, ttl) {
+                return Ok(self.guard(lock, Some(claim), sent_at, ttl, fence));
+            }
+            give_back(lock).await;
+        }
         let mut pending = PendingAcquire::new(&self.shared, key, Uuid::new_v4(), Some(claim));
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token);
         loop {
+            // A waiter whose release channel is subscribed relies on the message and keeps a
+            // long-lived place in line; one that polls keeps a short one, so that if it
+            // vanishes, the line moves on soon.
+            let subscribed = registration
+                .as_ref()
+                .is_some_and(Registration::is_subscribed);
+            let entry_ttl = match (wait, subscribed) {
+                (false, _) => 0,
+                (true, false) => millis(poll * 3 + QUEUE_ENTRY_SLACK),
+                (true, true) => millis(SUBSCRIBED_ENTRY_TTL),
+            };
             let (outcome, sent_at) = match pending.attempt(ttl, entry_ttl).await {
                 Ok(answer) => answer,
                 Err(error) => {
@@ -220,12 +242,12 @@ impl RedisDistributedLock {
                     give_back(lock).await;
                     return Err(error);
                 }
-                let left = (sent_at + ttl).saturating_duration_since(Instant::now());
-                if left >= ttl / MIN_LEASE_LEFT_DIVISOR {
+                if lease_left_is_usable(sent_at, ttl) {
                     return Ok(self.guard(lock, claim, sent_at, ttl, outcome as u64));
                 }
                 // The answer came so late that the lock is about to expire: give it back
                 // rather than hand out a guard that is lost on arrival.
+                let left = (sent_at + ttl).saturating_duration_since(Instant::now());
                 tracing::warn!(
                     key,
                     ?ttl,
@@ -259,7 +281,9 @@ impl RedisDistributedLock {
                     // and the subscription would otherwise go unnoticed.
                     let mut buffer = [0u8; 36];
                     let token = token_text(&pending.token, &mut buffer).to_owned();
-                    registration = Some(hub.register(&pending.keys.channel, token, poll).await);
+                    let subscribing = hub.register(&pending.keys.channel, token);
+                    subscribing.subscribed_within(poll).await;
+                    registration = Some(subscribing);
                     continue;
                 }
             }
@@ -269,8 +293,19 @@ impl RedisDistributedLock {
                 pending.give_up().await;
                 return Err(LockError::Timeout);
             }
-            let mut wake_at = now + jitter.between(poll / 2, poll);
+            // Only while the place written just now is long-lived and the channel still
+            // subscribed does the waiter look rarely.
+            let relies_on_messages = subscribed
+                && registration
+                    .as_ref()
+                    .is_some_and(Registration::is_subscribed);
+            let mut wake_at = if relies_on_messages {
+                now + jitter.between(SUBSCRIBED_REFRESH * 3 / 4, SUBSCRIBED_REFRESH)
+            } else {
+                now + jitter.between(poll / 2, poll)
+            };
             if outcome < 0 {
+                // Next in line: look again when the holder's lease ends at the latest.
                 wake_at = wake_at.min(now + Duration::from_millis(outcome.unsigned_abs()));
             }
             let wake_at = wake_at.min(deadline);
@@ -278,7 +313,7 @@ impl RedisDistributedLock {
                 Some(registration) => {
                     tokio::select! {
                         () = registration.notified() => {}
-                        () = tokio::time::sleep_until(wake_at) => registration.ensure_subscribed(poll).await,
+                        () = tokio::time::sleep_until(wake_at) => {}
                     }
                 }
                 None => tokio::time::sleep_until(wake_at).await,
@@ -411,6 +446,12 @@ impl DistributedLock for RedisDistributedLock {
     }
 }
 
+/// Whether a lease granted by a command sent at `sent_at` has enough left to hand out: Redis
+/// may answer so late that the lock is about to expire.
+fn lease_left_is_usable(sent_at: Instant, ttl: Duration) -> bool {
+    (sent_at + ttl).saturating_duration_since(Instant::now()) >= ttl / MIN_LEASE_LEFT_DIVISOR
+}
+
 /// Releases a granted lock that is not handed out (best effort: it expires at its TTL).
 async fn give_back(lock: LockRef) {
     // In a task of its own: a caller that gives up meanwhile must not leave the lock held
@@ -433,7 +474,7 @@ async fn give_back(lock: LockRef) {
 struct PendingAcquire<'a> {
     shared: &'a Arc<Shared>,
     key: &'a str,
-    keys: LockKeys,
+    keys: Arc<LockKeys>,
     token: Uuid,
     /// The connection the acquire script was sent on; `Some` exactly while a clean-up may be
     /// needed (the drop sends it there).
@@ -447,14 +488,16 @@ struct PendingAcquire<'a> {
 }
 
 /// A task's turn on one key among the tasks of one lock object (see [`ClaimTable`]).
-pub(crate) type RedisClaim = KeyClaim<Arc<str>>;
+pub(crate) type RedisClaim = KeyClaim<Arc<str>, RandomState, Grant>;
+/// The turns of the tasks of one lock object, per key.
+type RedisClaims = ClaimTable<Arc<str>, RandomState, Grant>;
 
 impl<'a> PendingAcquire<'a> {
     fn new(shared: &'a Arc<Shared>, key: &'a str, token: Uuid, claim: Option<RedisClaim>) -> Self {
         PendingAcquire {
             shared,
             key,
-            keys: LockKeys::new(&shared.prefix, key),
+            keys: Arc::new(LockKeys::new(&shared.prefix, key)),
             token,
             connection: None,
             exclusive: None,
@@ -475,7 +518,7 @@ impl<'a> PendingAcquire<'a> {
         let keys = [
             self.keys.lock.as_str(),
             self.keys.fence.as_str(),
-            self.keys.queue.as_str(),
+            self.keys.line.as_str(),
             self.keys.waiters.as_str(),
         ];
         let args = [
@@ -538,8 +581,7 @@ impl<'a> PendingAcquire<'a> {
     fn disarm(mut self) -> (LockRef, Option<RedisClaim>) {
         self.connection = None;
         self.exclusive = None;
-        let keys = std::mem::take(&mut self.keys);
-        (self.lock_ref(keys), self.claim.take())
+        (self.lock_ref(), self.claim.take())
     }
 
     /// The waiting budget ran out: leave the queue now (best effort; the entry times out
@@ -550,7 +592,7 @@ impl<'a> PendingAcquire<'a> {
         let Some(connection) = self.connection.clone() else {
             return;
         };
-        let lock = self.lock_ref(self.keys.clone());
+        let lock = self.lock_ref();
         if let Some(claim) = self.claim.as_mut() {
             claim.asking_server();
         }
@@ -567,7 +609,7 @@ impl<'a> PendingAcquire<'a> {
         self.connection = None;
     }
 
-    fn lock_ref(&self, keys: LockKeys) -> LockRef {
+    fn lock_ref(&self) -> LockRef {
         // The claim's copy of the key, when there is one: no second allocation.
         let key = match &self.claim {
             Some(claim) => Arc::clone(claim.key()),
@@ -576,7 +618,7 @@ impl<'a> PendingAcquire<'a> {
         LockRef {
             shared: Arc::clone(self.shared),
             key,
-            keys,
+            keys: Arc::clone(&self.keys),
             token: self.token,
         }
     }
@@ -596,8 +638,7 @@ impl Drop for PendingAcquire<'_> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let keys = std::mem::take(&mut self.keys);
-        let lock = self.lock_ref(keys);
+        let lock = self.lock_ref();
         tracing::debug!(key = ?lock.key, "acquire interrupted; cleaning up in the background");
         runtime.spawn(async move {
             match lock.abandon(connection).await {

@@ -17,29 +17,42 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- Pops waiters whose queue entry ran out off the head of the queue; returns the first live
--- waiter's token, or nil when nobody waits.
-local function live_head(queue, waiters)
-  local head = redis.call('LINDEX', queue, 0)
-  if not head then return nil end
-  local now = now_ms()
-  while head do
+-- Removes waiters whose queue entry ran out from the head of the line; returns the first
+-- live waiter's token, or nil when nobody waits.
+local function live_head(line, waiters)
+  local now
+  while true do
+    local head = redis.call('ZRANGE', line, 0, 0)[1]
+    if not head then return nil end
+    now = now or now_ms()
     local deadline = redis.call('ZSCORE', waiters, head)
     if deadline and tonumber(deadline) > now then return head end
-    redis.call('LPOP', queue)
+    redis.call('ZREM', line, head)
     redis.call('ZREM', waiters, head)
-    head = redis.call('LINDEX', queue, 0)
   end
-  return nil
+end
+-- The next fencing token: the larger of the last token + 1 and the server clock in
+-- microseconds, so that a counter that came back older (a restart from a snapshot, a
+-- promoted replica that missed writes) or went away cannot hand out a token again.
+local function next_fence(fence, retention)
+  local t = redis.call('TIME')
+  local token = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('SET', fence, string.format('%d', token), 'PX', retention, 'GET'))
+  if last and last >= token then
+    token = last + 1
+    redis.call('SET', fence, string.format('%d', token), 'PX', retention)
+  end
+  return token
 end
 "#
     };
 }
 
-/// KEYS: lock, fence, queue, waiters.
+/// KEYS: lock, fence, line, waiters.
 /// ARGV: token, ttl ms, queue entry ttl ms (0: do not queue), fence retention ms.
-/// Returns the fencing token (> 0) when taken; otherwise `-pttl` of the holder, or 0 when the
-/// lock is free but promised to the waiter at the head of the queue.
+/// Returns the fencing token (> 0) when taken. Otherwise `-pttl` of the holder when the caller
+/// is next in line (or did not queue), and 0 when it waits behind others or the free lock is
+/// promised to the waiter at the head of the line.
 const ACQUIRE_SOURCE: &str = concat!(
     queue_helpers!(),
     r#"
@@ -47,31 +60,23 @@ local token = ARGV[1]
 local head = live_head(KEYS[3], KEYS[4])
 if (not head or head == token) and redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[2]) then
   if head then
-    redis.call('LPOP', KEYS[3])
+    redis.call('ZREM', KEYS[3], token)
     redis.call('ZREM', KEYS[4], token)
   end
-  -- The larger of the last token + 1 and the server clock in microseconds: a counter that
-  -- came back older (a restart from a snapshot, a promoted replica that missed writes) or
-  -- went away cannot hand out a token again.
-  local t = redis.call('TIME')
-  local fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4], 'GET'))
-  if last and last >= fence then
-    fence = last + 1
-    redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4])
-  end
-  return fence
+  return next_fence(KEYS[2], ARGV[4])
 end
 local entry_ttl = tonumber(ARGV[3])
 if entry_ttl > 0 then
-  local deadline = now_ms() + entry_ttl
-  if not redis.call('ZSCORE', KEYS[4], token) then
-    redis.call('RPUSH', KEYS[3], token)
+  if not redis.call('ZSCORE', KEYS[3], token) then
+    local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
+    redis.call('ZADD', KEYS[3], (tonumber(last) or 0) + 1, token)
+    head = head or token
   end
-  redis.call('ZADD', KEYS[4], deadline, token)
-  local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', KEYS[3], last[2])
-  redis.call('PEXPIREAT', KEYS[4], last[2])
+  redis.call('ZADD', KEYS[4], now_ms() + entry_ttl, token)
+  local latest = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')[2]
+  redis.call('PEXPIREAT', KEYS[3], latest)
+  redis.call('PEXPIREAT', KEYS[4], latest)
+  if head ~= token then return 0 end
 end
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl > 0 then return -pttl end
@@ -79,7 +84,7 @@ return 0
 "#
 );
 
-/// KEYS: lock, queue, waiters. ARGV: token, channel.
+/// KEYS: lock, line, waiters. ARGV: token, channel.
 /// Returns 1 when the token held the lock (now deleted), 0 otherwise (nothing changed).
 const RELEASE_SOURCE: &str = concat!(
     queue_helpers!(),
@@ -92,6 +97,27 @@ return 1
 "#
 );
 
+/// KEYS: lock, fence, line, waiters. ARGV: holder token, next token, ttl ms, fence retention
+/// ms, channel.
+/// The holder passes the lock to the next task of its own process in one call, unless waiters
+/// in the line come first. Returns the next holder's fencing token (> 0) when passed; 0 when
+/// released to the head of the line instead (told on the channel); -1 when the holder's token
+/// does not hold the lock (nothing changed).
+const HAND_OVER_SOURCE: &str = concat!(
+    queue_helpers!(),
+    r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local head = live_head(KEYS[3], KEYS[4])
+if head then
+  redis.call('DEL', KEYS[1])
+  redis.pcall('PUBLISH', ARGV[5], head)
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return next_fence(KEYS[2], ARGV[4])
+"#
+);
+
 /// KEYS: lock. ARGV: token, ttl ms. Returns 1 when renewed, 0 when the token does not hold it.
 const EXTEND_SOURCE: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -99,17 +125,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// KEYS: lock, queue, waiters. ARGV: token, channel.
-/// A waiter gives up: leaves the queue, releases the lock if an interrupted acquire took it,
+/// KEYS: lock, line, waiters. ARGV: token, channel.
+/// A waiter gives up: leaves the line, releases the lock if an interrupted acquire took it,
 /// and wakes the next waiter when the lock is free. Returns 1 if it released the lock.
 const ABANDON_SOURCE: &str = concat!(
     queue_helpers!(),
     r#"
 local held = redis.call('GET', KEYS[1]) == ARGV[1]
 if held then redis.call('DEL', KEYS[1]) end
-if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
-  redis.call('LREM', KEYS[2], 1, ARGV[1])
-end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local head = live_head(KEYS[2], KEYS[3])
   if head then redis.pcall('PUBLISH', ARGV[2], head) end
@@ -149,6 +174,8 @@ pub(crate) static ACQUIRE: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new("acquire", ACQUIRE_SOURCE));
 pub(crate) static RELEASE: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new("release", RELEASE_SOURCE));
+pub(crate) static HAND_OVER: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("hand_over", HAND_OVER_SOURCE));
 pub(crate) static EXTEND: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new("extend", EXTEND_SOURCE));
 pub(crate) static ABANDON: LazyLock<LuaScript> =
@@ -248,7 +275,14 @@ mod tests {
         };
         let helpers = queue_helpers!().trim();
         assert_eq!(block_after("## Scripts"), helpers);
-        let all = [&*ACQUIRE, &*RELEASE, &*EXTEND, &*ABANDON, &*IS_LOCKED];
+        let all = [
+            &*ACQUIRE,
+            &*RELEASE,
+            &*HAND_OVER,
+            &*EXTEND,
+            &*ABANDON,
+            &*IS_LOCKED,
+        ];
         for script in all {
             let own_part = script
                 .source
@@ -268,7 +302,14 @@ mod tests {
 
     #[test]
     fn scripts_have_distinct_digests() {
-        let all = [&*ACQUIRE, &*RELEASE, &*EXTEND, &*ABANDON, &*IS_LOCKED];
+        let all = [
+            &*ACQUIRE,
+            &*RELEASE,
+            &*HAND_OVER,
+            &*EXTEND,
+            &*ABANDON,
+            &*IS_LOCKED,
+        ];
         let digests: std::collections::HashSet<_> = all.iter().map(|s| &s.sha1).collect();
         assert_eq!(digests.len(), all.len());
         assert!(all.iter().all(|s| s.sha1.len() == 40));

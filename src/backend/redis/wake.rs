@@ -1,19 +1,24 @@
-//! Wake-on-release: one pub/sub connection per lock object, subscribed to the release channel
-//! of every key some local task waits for.
+//! Wake-on-release: one pub/sub connection per lock object, kept by one task, subscribed to the
+//! release channel of every key some local task waits for.
 //!
-//! A release publishes the token of the waiter at the head of the key's queue; the hub wakes
-//! exactly that waiter. Messages can be lost (the pub/sub connection dropped, the waiter was
-//! not subscribed yet): waiters also poll, so a lost message costs latency, never correctness.
+//! A release publishes the token of the waiter at the head of the key's line; the hub wakes
+//! exactly that waiter. While its channel is subscribed, a waiter relies on these messages and
+//! looks at the lock only to keep its place in line (see `RedisDistributedLock::take`). The
+//! task pings the connection; when a ping goes unanswered or the connection closes, every
+//! waiter is woken and polls until the channels are subscribed again, on a new connection.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// How often the pub/sub connection is pinged, and a lost one retried.
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The pub/sub side of one [`RedisDistributedLock`](super::RedisDistributedLock).
 pub(crate) struct WakeHub {
@@ -24,21 +29,18 @@ struct HubInner {
     client: redis::Client,
     timeout: Duration,
     state: Mutex<HubState>,
-    /// The live subscription connection; held while (un)subscribing so that commands for one
-    /// channel reach the server in the order they were decided.
-    sink: tokio::sync::Mutex<Option<PubSubSink>>,
-    /// Whether a subscription attempt is running (see `Registration::ensure_subscribed`).
-    attempt_in_flight: AtomicBool,
+    /// Tells the subscriber task that a channel gained its first waiter or lost its last.
+    changed: Arc<Notify>,
+    /// Bumped whenever subscriptions were confirmed or lost; a waiter that waits for its
+    /// channel's confirmation watches it.
+    confirmations: watch::Sender<u64>,
 }
 
 #[derive(Default)]
 struct HubState {
     channels: HashMap<String, Channel>,
-    /// Counts pub/sub connections, so that the end of an old one does not unconfirm the
-    /// subscriptions of the current one.
-    generation: u64,
-    /// The task reading the current connection's messages; it owns the connection.
-    reader: Option<AbortHandle>,
+    /// The subscriber task, started by the first waiter.
+    subscriber: Option<AbortHandle>,
 }
 
 #[derive(Default)]
@@ -64,91 +66,67 @@ impl WakeHub {
                 client,
                 timeout,
                 state: Mutex::default(),
-                sink: tokio::sync::Mutex::new(None),
-                attempt_in_flight: AtomicBool::new(false),
+                changed: Arc::new(Notify::new()),
+                confirmations: watch::Sender::new(0),
             }),
         }
     }
 
-    /// Registers a waiter and makes sure the channel is subscribed, trying for at most `limit`
-    /// (and the command timeout). A failure to subscribe is logged and leaves the waiter to
-    /// polling.
-    pub(crate) async fn register(
-        &self,
-        channel: &str,
-        token: String,
-        limit: Duration,
-    ) -> Registration {
+    /// Registers a waiter on `channel`; the subscriber task subscribes the channel if it is
+    /// new. Must be called on a Tokio runtime (it starts that task with the first waiter).
+    pub(crate) fn register(&self, channel: &str, token: String) -> Registration {
         let notify = Arc::new(Notify::new());
-        self.inner
-            .state()
-            .channels
-            .entry(channel.to_owned())
-            .or_default()
-            .waiters
-            .insert(token.clone(), Arc::clone(&notify));
-        let registration = Registration {
+        let first_on_channel = {
+            let mut state = self.inner.state();
+            if state.subscriber.is_none() {
+                let task = keep_subscriptions(
+                    Arc::downgrade(&self.inner),
+                    Arc::clone(&self.inner.changed),
+                );
+                state.subscriber = Some(tokio::spawn(task).abort_handle());
+            }
+            let entry = state.channels.entry(channel.to_owned()).or_default();
+            entry.waiters.insert(token.clone(), Arc::clone(&notify));
+            entry.waiters.len() == 1
+        };
+        if first_on_channel {
+            self.inner.changed.notify_one();
+        }
+        Registration {
             hub: Arc::clone(&self.inner),
             channel: channel.to_owned(),
             token,
             notify,
-        };
-        registration.ensure_subscribed(limit).await;
-        registration
+        }
     }
 }
 
 impl Registration {
-    /// Resolves when a release named this waiter (or a wake-up arrived since the last call).
+    /// Resolves when a release named this waiter, or the pub/sub connection was lost (or
+    /// either happened since the last call).
     pub(crate) async fn notified(&self) {
         self.notify.notified().await;
     }
 
-    /// Subscribes the channel if the current connection has not confirmed it yet (a lost
-    /// connection unconfirms every channel). Cheap when it is subscribed.
-    ///
-    /// The attempt runs in a task of its own, bounded by the command timeout, so that it is
-    /// never cut short by the waiter; the waiter only waits for it up to `limit` (its poll
-    /// interval), so a slow pub/sub connection never keeps it from refreshing its place in the
-    /// queue. One attempt per lock object at a time: a new connection subscribes every channel
-    /// that has waiters.
-    pub(crate) async fn ensure_subscribed(&self, limit: Duration) {
-        if self.hub.is_subscribed(&self.channel) {
-            return;
-        }
-        let Some(in_flight) = AttemptInFlight::start(&self.hub) else {
-            return;
-        };
-        let channel = self.channel.clone();
-        let attempt = tokio::spawn(async move {
-            let hub = &in_flight.0;
-            match tokio::time::timeout(hub.timeout, hub.subscribe(&channel)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    tracing::debug!(error = &error as &dyn std::error::Error, %channel, "could not subscribe to the release channel; polling");
-                }
-                Err(_) => {
-                    tracing::debug!(%channel, "subscribing to the release channel timed out; polling");
-                }
+    /// Whether the current pub/sub connection has confirmed this waiter's channel: a release
+    /// will reach it as a message.
+    pub(crate) fn is_subscribed(&self) -> bool {
+        self.hub.is_subscribed(&self.channel)
+    }
+
+    /// Waits up to `limit` for the channel to be subscribed; returns whether it is.
+    pub(crate) async fn subscribed_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut confirmations = self.hub.confirmations.subscribe();
+        loop {
+            if self.is_subscribed() {
+                return true;
             }
-        });
-        let _ = tokio::time::timeout(limit, attempt).await;
-    }
-}
-
-/// Marks a subscription attempt of the hub as running, until dropped.
-struct AttemptInFlight(Arc<HubInner>);
-
-impl AttemptInFlight {
-    fn start(hub: &Arc<HubInner>) -> Option<Self> {
-        let was_running = hub.attempt_in_flight.swap(true, Ordering::AcqRel);
-        (!was_running).then(|| AttemptInFlight(Arc::clone(hub)))
-    }
-}
-
-impl Drop for AttemptInFlight {
-    fn drop(&mut self) {
-        self.0.attempt_in_flight.store(false, Ordering::Release);
+            match tokio::time::timeout_at(deadline, confirmations.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.is_subscribed(),
+            }
+        }
     }
 }
 
@@ -159,26 +137,17 @@ impl Drop for Registration {
             match state.channels.get_mut(&self.channel) {
                 Some(channel) => {
                     channel.waiters.remove(&self.token);
-                    if channel.waiters.is_empty() {
+                    let unused = channel.waiters.is_empty();
+                    if unused {
                         state.channels.remove(&self.channel);
-                        true
-                    } else {
-                        false
                     }
+                    unused
                 }
                 None => false,
             }
         };
         if now_unused {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let hub = Arc::clone(&self.hub);
-                let channel = std::mem::take(&mut self.channel);
-                runtime.spawn(async move {
-                    let timeout = hub.timeout;
-                    let _ =
-                        tokio::time::timeout(timeout, hub.unsubscribe_if_unused(&channel)).await;
-                });
-            }
+            self.hub.changed.notify_one();
         }
     }
 }
@@ -197,87 +166,6 @@ impl HubInner {
             .is_some_and(|channel| channel.subscribed)
     }
 
-    async fn subscribe(self: &Arc<Self>, channel: &str) -> redis::RedisResult<()> {
-        let mut sink = self.sink.lock().await;
-        if self.is_subscribed(channel) {
-            return Ok(());
-        }
-        if let Some(current) = sink.as_mut() {
-            match tokio::time::timeout(self.timeout, current.subscribe(channel)).await {
-                Ok(Ok(())) => {
-                    self.mark_subscribed(channel);
-                    return Ok(());
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(
-                        error = &error as &dyn std::error::Error,
-                        "the pub/sub connection failed; reconnecting"
-                    );
-                    *sink = None;
-                }
-                Err(_) => {
-                    tracing::debug!("the pub/sub connection did not answer; reconnecting");
-                    *sink = None;
-                }
-            }
-        }
-        // (Re)connect and subscribe every channel that has waiters.
-        let (mut new_sink, stream) = self.client.get_async_pubsub().await?.split();
-        {
-            let mut state = self.state();
-            state.generation += 1;
-            let reader = tokio::spawn(dispatch(Arc::downgrade(self), stream, state.generation));
-            if let Some(previous) = state.reader.replace(reader.abort_handle()) {
-                previous.abort();
-            }
-        }
-        let channels: Vec<String> = self.state().channels.keys().cloned().collect();
-        if !channels.is_empty() {
-            new_sink.subscribe(&channels).await?;
-            let mut state = self.state();
-            for name in &channels {
-                if let Some(channel) = state.channels.get_mut(name) {
-                    channel.subscribed = true;
-                }
-            }
-        }
-        *sink = Some(new_sink);
-        Ok(())
-    }
-
-    fn mark_subscribed(&self, channel: &str) {
-        if let Some(channel) = self.state().channels.get_mut(channel) {
-            channel.subscribed = true;
-        }
-    }
-
-    async fn unsubscribe_if_unused(&self, channel: &str) {
-        let mut sink = self.sink.lock().await;
-        if self.state().channels.contains_key(channel) {
-            return; // A new waiter came; it keeps (or renews) the subscription.
-        }
-        if let Some(current) = sink.as_mut() {
-            if let Err(error) = current.unsubscribe(channel).await {
-                tracing::debug!(
-                    error = &error as &dyn std::error::Error,
-                    "unsubscribing a release channel failed"
-                );
-                *sink = None;
-            }
-        }
-    }
-
-    /// The connection of `generation` ended: if it was the current one, nothing is subscribed
-    /// any more, and the next subscribe reconnects.
-    fn connection_lost(&self, generation: u64) {
-        let mut state = self.state();
-        if state.generation == generation {
-            for channel in state.channels.values_mut() {
-                channel.subscribed = false;
-            }
-        }
-    }
-
     fn wake(&self, channel: &str, token: &[u8]) {
         let state = self.state();
         let waiter = std::str::from_utf8(token)
@@ -287,25 +175,173 @@ impl HubInner {
             notify.notify_one();
         }
     }
+
+    /// Makes the server's subscriptions match the channels that have waiters: every missing
+    /// channel in one `SUBSCRIBE`, every unused one in one `UNSUBSCRIBE`, on a new connection
+    /// if there is none.
+    async fn sync(&self, link: &mut Option<Link>) -> redis::RedisResult<()> {
+        let link = match link {
+            Some(link) => link,
+            None if self.state().channels.is_empty() => return Ok(()),
+            // Connected first, so that waiters that come meanwhile are in the same command.
+            None => link.insert(self.bounded(Link::open(&self.client)).await?),
+        };
+        let (missing, unused) = {
+            let state = self.state();
+            let missing: Vec<String> = state
+                .channels
+                .iter()
+                .filter(|(_, channel)| !channel.subscribed)
+                .map(|(name, _)| name.clone())
+                .collect();
+            let unused: Vec<String> = link
+                .channels
+                .iter()
+                .filter(|name| !state.channels.contains_key(*name))
+                .cloned()
+                .collect();
+            (missing, unused)
+        };
+        if !unused.is_empty() {
+            self.bounded(link.sink.unsubscribe(&unused)).await?;
+            for name in &unused {
+                link.channels.remove(name);
+            }
+        }
+        if !missing.is_empty() {
+            self.bounded(link.sink.subscribe(&missing)).await?;
+            let mut state = self.state();
+            for name in missing {
+                if let Some(channel) = state.channels.get_mut(&name) {
+                    channel.subscribed = true;
+                }
+                link.channels.insert(name);
+            }
+            drop(state);
+            self.confirmations.send_modify(|count| *count += 1);
+        }
+        Ok(())
+    }
+
+    /// The connection failed: nothing is subscribed any more, and every waiter that relied on
+    /// it is woken, to poll until the subscriber task has subscribed its channel on a new
+    /// connection.
+    fn lost(&self, link: &mut Option<Link>) {
+        *link = None;
+        let mut state = self.state();
+        for channel in state.channels.values_mut() {
+            // Those that relied on the connection look at the lock now, and poll from then on.
+            if std::mem::take(&mut channel.subscribed) {
+                for waiter in channel.waiters.values() {
+                    waiter.notify_one();
+                }
+            }
+        }
+        drop(state);
+        self.confirmations.send_modify(|count| *count += 1);
+    }
+
+    /// `future` within the command timeout; running out of it is an error like the others.
+    async fn bounded<T>(
+        &self,
+        future: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        tokio::time::timeout(self.timeout, future)
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the pub/sub connection did not answer within the command timeout",
+                )))
+            })
+    }
 }
 
 impl Drop for HubInner {
     fn drop(&mut self) {
-        // The reader holds the connection open; the lock object is gone, so close it.
-        if let Some(reader) = self.state().reader.take() {
-            reader.abort();
+        // The lock object is gone: stop its subscriber task, which closes the connection.
+        if let Some(subscriber) = self.state().subscriber.take() {
+            subscriber.abort();
         }
     }
 }
 
-/// Reads the messages of one pub/sub connection until it ends.
-async fn dispatch(hub: Weak<HubInner>, mut stream: PubSubStream, generation: u64) {
-    while let Some(message) = stream.next().await {
-        let Some(hub) = hub.upgrade() else { return };
-        hub.wake(message.get_channel_name(), message.get_payload_bytes());
+/// A pub/sub connection and the channels it is subscribed to.
+struct Link {
+    sink: PubSubSink,
+    stream: PubSubStream,
+    channels: HashSet<String>,
+}
+
+impl Link {
+    async fn open(client: &redis::Client) -> redis::RedisResult<Link> {
+        let (sink, stream) = client.get_async_pubsub().await?.split();
+        Ok(Link {
+            sink,
+            stream,
+            channels: HashSet::new(),
+        })
     }
-    if let Some(hub) = hub.upgrade() {
-        tracing::debug!("the pub/sub connection closed; waiters poll until it is back");
-        hub.connection_lost(generation);
+}
+
+/// What woke the subscriber task.
+enum Event {
+    Changed,
+    Ping,
+    Message(redis::Msg),
+    Closed,
+}
+
+/// The hub's task: owns the pub/sub connection, delivers its messages, keeps its
+/// subscriptions equal to the channels that have waiters, and pings it every
+/// [`PING_INTERVAL`]. A connection that fails is replaced at the next change or ping.
+async fn keep_subscriptions(hub: Weak<HubInner>, changed: Arc<Notify>) {
+    let mut link: Option<Link> = None;
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let event = {
+            let message = async {
+                match link.as_mut() {
+                    Some(link) => link.stream.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = changed.notified() => Event::Changed,
+                _ = ping.tick() => Event::Ping,
+                message = message => message.map_or(Event::Closed, Event::Message),
+            }
+        };
+        let Some(hub) = hub.upgrade() else { return };
+        match event {
+            Event::Message(message) => {
+                hub.wake(message.get_channel_name(), message.get_payload_bytes());
+                continue;
+            }
+            Event::Closed => {
+                tracing::warn!("the pub/sub connection closed; waiters poll until it is back");
+                hub.lost(&mut link);
+            }
+            Event::Ping => {
+                if let Some(current) = link.as_mut() {
+                    if let Err(error) = hub.bounded(current.sink.ping::<()>()).await {
+                        tracing::warn!(
+                            error = &error as &dyn std::error::Error,
+                            "the pub/sub connection did not answer a ping; waiters poll until it is back"
+                        );
+                        hub.lost(&mut link);
+                    }
+                }
+            }
+            Event::Changed => {}
+        }
+        if let Err(error) = hub.sync(&mut link).await {
+            tracing::debug!(
+                error = &error as &dyn std::error::Error,
+                "could not subscribe the release channels; waiters poll, retrying in {PING_INTERVAL:?}"
+            );
+            hub.lost(&mut link);
+        }
     }
 }
