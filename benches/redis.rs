@@ -12,6 +12,10 @@
 //! sections per second, hand-off p50/p99 and each task's share, against a bare polling loop
 //! (8 tasks, each `SET NX PX` until it succeeds, then compare-and-delete) on one connection.
 //!
+//! Last, the cost of waiting at scale: 10, 100 and 1,000 waiters on one key, each through a
+//! lock object of its own: scripts the server runs per waiter per second while they wait, and
+//! hand-off latency p50/p99 as the lock passes through all of them.
+//!
 //! Run: `cargo bench --all-features --bench redis`
 
 mod support;
@@ -299,5 +303,106 @@ fn contention_with_new(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, cycle, handoff, contention_with_new);
+/// The cost of waiting at scale: `n` waiters on one key, each through a lock object of its own
+/// (as `n` processes would have), with wake-on-release and the default 100 ms retry interval.
+/// While a holder keeps the key for `window`, the scripts the server runs per waiter per
+/// second (from `INFO commandstats`); then, as the lock passes through every waiter (each
+/// releases at once), the latency of each hand-off (from the start of a release to the return
+/// of the next `acquire`).
+async fn waiters_at_scale(n: usize, window: Duration) -> (f64, Vec<Duration>) {
+    let pool = Pool::builder()
+        .max_size(4)
+        .build(RedisConnectionManager::new(redis_url()).unwrap())
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let prefix = prefix();
+    let config = LockConfig::new()
+        .ttl(Duration::from_secs(60))
+        .retry_interval(Duration::from_millis(100))
+        .max_retries(3_000);
+    let lock_object = || {
+        RedisDistributedLock::builder(pool.clone())
+            .config(config)
+            .key_prefix(prefix.clone())
+            .wake_on_release(client.clone())
+            .build()
+            .unwrap()
+    };
+    let holder = lock_object();
+    let guard = holder.acquire("crowded").await.unwrap();
+    let origin = Instant::now();
+    let last_release = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let waiters: Vec<_> = (0..n)
+        .map(|_| {
+            let (lock, last_release, samples) =
+                (lock_object(), last_release.clone(), samples.clone());
+            tokio::spawn(async move {
+                let guard = lock.acquire("crowded").await.unwrap();
+                let now = origin.elapsed().as_nanos() as u64;
+                let released = last_release.load(Ordering::Acquire);
+                samples
+                    .lock()
+                    .unwrap()
+                    .push(Duration::from_nanos(now.saturating_sub(released)));
+                last_release.store(origin.elapsed().as_nanos() as u64, Ordering::Release);
+                guard.release().await.unwrap();
+            })
+        })
+        .collect();
+
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let waiters_key = format!("{}:waiters", holder.redis_key("crowded"));
+    loop {
+        let queued: usize = redis::cmd("ZCARD")
+            .arg(&waiters_key)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        if queued == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every waiter has made its first attempts and subscribed by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = redis_raw::scripts_run(&mut admin).await;
+    tokio::time::sleep(window).await;
+    let scripts = redis_raw::scripts_run(&mut admin).await - before;
+
+    last_release.store(origin.elapsed().as_nanos() as u64, Ordering::Release);
+    guard.release().await.unwrap();
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+    let per_waiter_second = scripts as f64 / n as f64 / window.as_secs_f64();
+    let samples = Arc::try_unwrap(samples).unwrap().into_inner().unwrap();
+    (per_waiter_second, samples)
+}
+
+fn waiting_at_scale(_: &mut Criterion) {
+    let runtime = support::runtime();
+    let window = Duration::from_secs(support::env_number("REDIS_WAITERS_WINDOW_SECS", 5));
+    for n in [10, 100, 1_000] {
+        let (scripts, mut samples) = runtime.block_on(waiters_at_scale(n, window));
+        samples.sort();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+        println!(
+            "redis_waiters {n} waiters on one key (a lock object each, wake-on-release, 100 ms retry interval): \
+             {scripts:.2} scripts per waiter per second while waiting ({window:?}); hand-off p50 {:?}, p99 {:?}, max {:?}",
+            at(0.50),
+            at(0.99),
+            samples.last().unwrap()
+        );
+    }
+}
+
+criterion_group!(
+    benches,
+    cycle,
+    handoff,
+    contention_with_new,
+    waiting_at_scale
+);
 criterion_main!(benches);

@@ -34,20 +34,6 @@ async fn connection() -> MultiplexedConnection {
         .unwrap()
 }
 
-/// Every command the server has run since its statistics were last reset.
-async fn commands_run(admin: &mut MultiplexedConnection) -> u64 {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(admin)
-        .await
-        .unwrap();
-    stats
-        .lines()
-        .filter_map(|line| line.split("calls=").nth(1))
-        .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// Cycles per second of 32 tasks on their own keys, and Redis commands per cycle.
 async fn raw(run: Duration, admin: &mut MultiplexedConnection) -> (f64, f64) {
     let connection = connection().await;
@@ -59,7 +45,7 @@ async fn raw(run: Duration, admin: &mut MultiplexedConnection) -> (f64, f64) {
             (connection.clone(), script.clone(), key)
         })
         .collect();
-    let before = commands_run(admin).await;
+    let before = redis_raw::commands_run(admin).await;
     let (per_second, _) = cycles_per_second(
         states,
         run,
@@ -71,7 +57,7 @@ async fn raw(run: Duration, admin: &mut MultiplexedConnection) -> (f64, f64) {
         },
     )
     .await;
-    let commands = commands_run(admin).await - before;
+    let commands = redis_raw::commands_run(admin).await - before;
     (per_second, per_cycle(commands, per_second, run))
 }
 
@@ -83,7 +69,7 @@ async fn backend(
     let states = (0..TASKS)
         .map(|task| (lock.clone(), format!("parallel{task}")))
         .collect();
-    let before = commands_run(admin).await;
+    let before = redis_raw::commands_run(admin).await;
     let (per_second, _) = cycles_per_second(
         states,
         run,
@@ -94,7 +80,7 @@ async fn backend(
         },
     )
     .await;
-    let commands = commands_run(admin).await - before;
+    let commands = redis_raw::commands_run(admin).await - before;
     (per_second, per_cycle(commands, per_second, run))
 }
 

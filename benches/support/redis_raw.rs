@@ -43,3 +43,32 @@ pub async fn compare_and_delete(
         .unwrap();
     deleted == 1
 }
+
+/// Calls the server has run since its statistics were last reset, summed over the commands
+/// `counted` accepts by name (`INFO commandstats`; the commands scripts call are included).
+pub async fn calls_run(admin: &mut MultiplexedConnection, counted: impl Fn(&str) -> bool) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .unwrap();
+    // cmdstat_evalsha:calls=12,usec=...
+    stats
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?;
+            counted(name).then(|| calls.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// Every command the server has run since its statistics were last reset.
+pub async fn commands_run(admin: &mut MultiplexedConnection) -> u64 {
+    calls_run(admin, |_| true).await
+}
+
+/// The scripts (`EVALSHA`, `EVAL`) the server has run since its statistics were last reset.
+pub async fn scripts_run(admin: &mut MultiplexedConnection) -> u64 {
+    calls_run(admin, |name| matches!(name, "evalsha" | "eval")).await
+}
