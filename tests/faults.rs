@@ -198,7 +198,8 @@ async fn redis_waiters_get_subscribed_over_a_pub_sub_link_slower_than_their_poll
         .build()
         .unwrap();
     let key = format!("{}slow-pubsub", common::unique_prefix("pubsub-slow"));
-    let channel = format!("{}:released", lock.redis_key(&key));
+    // The waiter's own channel, `<lock key>:released:<its token>`.
+    let channels = format!("{}:released:*", lock.redis_key(&key));
     let connection = common::redis_conn::connection(&url).await;
 
     // Held by another lock object (another process): a waiter of the holder's own lock object
@@ -214,17 +215,15 @@ async fn redis_waiters_get_subscribed_over_a_pub_sub_link_slower_than_their_poll
         async move { lock.acquire(&key).await }
     });
     common::wait::assert_eventually("the waiter subscribes to the release channel", || {
-        let (mut connection, channel) = (connection.clone(), channel.clone());
+        let (mut connection, channels) = (connection.clone(), channels.clone());
         async move {
-            let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(&channel)
+            let subscribed: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .arg(&channels)
                 .query_async(&mut connection)
                 .await
                 .unwrap();
-            counts
-                .first()
-                .is_some_and(|(_, subscribers)| *subscribers == 1)
+            subscribed.len() == 1
         }
     })
     .await;

@@ -74,13 +74,7 @@ async fn until_queued(
                 .query_async(&mut admin)
                 .await
                 .unwrap();
-            let listeners: Vec<(String, usize)> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(format!("{base}:released"))
-                .query_async(&mut admin)
-                .await
-                .unwrap();
-            let listening = listeners.first().is_some_and(|(_, n)| *n == 1);
+            let listening = common::redis_conn::subscribed_waiters(&admin, &base).await == 1;
             queued == 1 && (listening || !subscribed)
         }
     })

@@ -242,24 +242,35 @@ async fn a_hand_over_lets_waiters_of_other_processes_go_first() {
     let _: () = redis::cmd("PING").query_async(&mut admin).await.unwrap();
 }
 
-/// The task the lock was handed over to left before it got it: the lock taken for it is
-/// released, and the key is free for everyone.
+/// The task the lock is being handed over to leaves while the hand-over is on its way (Redis is
+/// 100 ms away, behind a proxy): the lock taken for it is released, and the key is free for
+/// everyone long before its TTL.
 #[tokio::test]
 async fn a_lock_handed_over_to_a_task_that_left_is_released() {
     let url = common::redis_url().await;
+    let proxy = FaultProxy::start(address(&url)).await;
     let prefix = common::unique_prefix("redis_handover_left");
-    let config = LockConfig::new().wait_timeout(Duration::from_secs(5));
-    let lock = lock_on(&url, &prefix, config).await;
+    let config = LockConfig::new()
+        .ttl(Duration::from_secs(30))
+        .wait_timeout(Duration::from_secs(5));
+    let lock = lock_on(&format!("redis://{}", proxy.address()), &prefix, config).await;
     let held = lock.acquire("k").await.unwrap();
     let leaving = tokio::spawn({
         let lock = lock.clone();
         async move { lock.acquire("k").await }
     });
+    // On this one-thread runtime, the spawned task runs up to its place in the local queue.
     tokio::task::yield_now().await;
-    leaving.abort();
-    let _ = leaving.await;
 
-    held.release().await.unwrap();
+    proxy.set_latency(Duration::from_millis(100));
+    let release = tokio::spawn(held.release());
+    // The hand-over is on its way when the task it is for leaves.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    leaving.abort();
+    assert!(leaving.await.unwrap_err().is_cancelled());
+    release.await.unwrap().unwrap();
+
+    proxy.heal().await;
     let other = lock_on(&url, &prefix, config).await;
     common::wait::assert_eventually("the key is free again", || {
         let other = other.clone();
@@ -267,6 +278,64 @@ async fn a_lock_handed_over_to_a_task_that_left_is_released() {
     })
     .await;
     common::redis_conn::take_and_release(&other, "k").await;
+}
+
+/// The hand-over is delayed on its connection past the command timeout (a slow path to the
+/// server), while new connections reach Redis directly; the task it was for gives up. The
+/// clean-up of the fresh token goes to the same connection, so Redis runs it after the delayed
+/// hand-over: the key is not left to a token nobody knows until its TTL.
+#[tokio::test]
+async fn a_hand_over_delayed_past_the_command_timeout_leaves_no_lock() {
+    let url = common::redis_url().await;
+    // Commands go through `entry`, which forwards to `slow`, which forwards to Redis: `slow`
+    // delays the connection open now; `entry` sends new connections straight to Redis.
+    let slow = FaultProxy::start(address(&url)).await;
+    let entry = FaultProxy::start(slow.address()).await;
+    let prefix = common::unique_prefix("redis_handover_delayed");
+    let config = LockConfig::new()
+        .ttl(Duration::from_secs(30))
+        .wait_timeout(Duration::from_secs(4));
+    let lock = RedisDistributedLock::builder(
+        common::redis_conn::pool(&format!("redis://{}", entry.address()), 4).await,
+    )
+    .config(config)
+    .key_prefix(&prefix)
+    .command_timeout(Duration::from_millis(300))
+    .build()
+    .unwrap();
+    let held = lock.acquire("k").await.unwrap();
+    let next = tokio::spawn({
+        let lock = lock.clone();
+        async move { lock.acquire("k").await }
+    });
+    tokio::task::yield_now().await;
+
+    slow.set_latency(Duration::from_millis(1_500));
+    entry.repoint(address(&url));
+    drop(held); // the background release hands over, on the slow connection
+                // The hand-over has timed out (300 ms) and the task it was for gives up.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    next.abort();
+    let _ = next.await;
+
+    let mut admin = common::redis_conn::connection(&url).await;
+    let key = lock.redis_key("k");
+    common::wait::assert_eventually(
+        "no token holds the key after the delayed hand-over ran",
+        || {
+            let (mut admin, key) = (admin.clone(), key.clone());
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async::<i64>(&mut admin)
+                    .await
+                    .unwrap()
+                    == 0
+            }
+        },
+    )
+    .await;
+    let _: () = redis::cmd("PING").query_async(&mut admin).await.unwrap();
 }
 
 /// A release with a task of the same lock object waiting behind it is given up by its caller

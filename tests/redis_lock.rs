@@ -454,20 +454,11 @@ async fn waiters_subscribe_to_the_release_channel_only_while_they_wait() {
         .retry_interval(Duration::from_millis(100))
         .max_retries(50);
     let lock = lock_with(&prefix, config).await;
-    let channel = format!("{}:released", lock.redis_key("k"));
+    let lock_key = lock.redis_key("k");
     let conn = raw().await;
     let subscribers = |conn: &redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        let channel = channel.clone();
-        async move {
-            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(&channel)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            counts[0].1
-        }
+        let (conn, lock_key) = (conn.clone(), lock_key.clone());
+        async move { common::redis_conn::subscribed_waiters(&conn, &lock_key).await }
     };
     // Held by another lock object: only a waiter that waits in Redis subscribes.
     let holding = lock_with(&prefix, LockConfig::new()).await;

@@ -114,26 +114,18 @@ async fn a_dead_server_gives_backend_errors_then_the_same_lock_recovers() {
         async move { lock.acquire("survivor").await }
     });
     // Queued in Redis and subscribed to the release channel before the release.
-    let (waiters, channel) = {
-        let base = lock.redis_key("survivor");
-        (format!("{base}:waiters"), format!("{base}:released"))
-    };
+    let base = lock.redis_key("survivor");
+    let waiters = format!("{base}:waiters");
     let observer = common::redis_conn::connection(&server.url()).await;
     common::wait::assert_eventually("the waiter queues and subscribes again", || {
-        let (mut observer, waiters, channel) = (observer.clone(), waiters.clone(), channel.clone());
+        let (mut observer, waiters, base) = (observer.clone(), waiters.clone(), base.clone());
         async move {
             let queued: usize = redis::cmd("ZCARD")
                 .arg(&waiters)
                 .query_async(&mut observer)
                 .await
                 .unwrap();
-            let subscribed: Vec<(String, usize)> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(&channel)
-                .query_async(&mut observer)
-                .await
-                .unwrap();
-            queued == 1 && subscribed.first().is_some_and(|(_, n)| *n == 1)
+            queued == 1 && common::redis_conn::subscribed_waiters(&observer, &base).await == 1
         }
     })
     .await;

@@ -237,13 +237,13 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
         &self.key
     }
 
-    /// Whether another task of this process waits for the key (it may have left since).
+    /// Whether another task of this process waits for the key (it may leave right after).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn has_successor(&self) -> bool {
         self.table
             .shard(&self.key)
             .get(&self.key)
-            .is_some_and(|entry| !entry.queue.is_empty())
+            .is_some_and(|entry| entry.queue.iter().any(|next| !next.is_closed()))
     }
 
     /// Passes the claim on with `baton` for the next task; if no task takes the claim, the

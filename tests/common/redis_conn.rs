@@ -45,3 +45,15 @@ pub async fn take_and_release(lock: &impl k1s0_distributed_lock::DistributedLock
     let guard = lock.try_acquire(key).await.expect("take the key");
     guard.release().await.expect("release the key");
 }
+
+/// How many waiters' channels of the lock `lock_key` (`<lock key>:released:<token>`, one per
+/// waiter) have a subscriber. `lock_key` must not contain glob characters (`*?[\`).
+pub async fn subscribed_waiters(connection: &MultiplexedConnection, lock_key: &str) -> usize {
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg(format!("{lock_key}:released:*"))
+        .query_async(&mut connection.clone())
+        .await
+        .expect("PUBSUB CHANNELS");
+    channels.len()
+}

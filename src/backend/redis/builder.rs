@@ -116,7 +116,14 @@ impl RedisDistributedLockBuilder {
     }
 
     /// Wakes waiters as soon as the lock is released, over a pub/sub connection made with
-    /// `client` (which should point at the same server as the pool). Without it, waiters poll.
+    /// `client` (which should point at the same server as the pool). Without it, waiters poll
+    /// every `retry_interval`.
+    ///
+    /// A subscribed waiter relies on the message: it keeps a longer-lived place in the Redis
+    /// line and renews it about once a second, instead of looking at the lock every poll. The
+    /// connection is pinged every second; when a ping goes unanswered within the command
+    /// timeout or the connection closes, the waiters poll until a new connection has
+    /// subscribed them again (a `warn` event says so). See "Waiting" in docs/redis.md.
     pub fn wake_on_release(mut self, client: redis::Client) -> Self {
         self.wake_client = Some(client);
         self

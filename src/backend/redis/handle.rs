@@ -71,7 +71,11 @@ impl LockRef {
 
     /// Releases the lock and takes it for `next` in the same command, unless waiters in the
     /// Redis line come first (then it only releases).
-    async fn hand_over(&self, next: Uuid) -> Result<HandedOver, LockError> {
+    async fn hand_over(
+        &self,
+        next: Uuid,
+        connection: &mut MultiplexedConnection,
+    ) -> Result<HandedOver, LockError> {
         let shared = &self.shared;
         let (mut holder, mut successor) = ([0u8; 36], [0u8; 36]);
         let keys = [
@@ -87,10 +91,9 @@ impl LockRef {
             Arg::Number(millis(shared.fence_retention)),
             Arg::Text(&self.keys.channel),
         ];
-        let mut connection = shared.connections.connection().await?;
         let (outcome, sent_at) = shared
             .connections
-            .script_on(&mut connection, &HAND_OVER, &keys, &args)
+            .script_on(connection, &HAND_OVER, &keys, &args)
             .await?;
         match outcome {
             fence if fence > 0 => Ok(HandedOver::Passed {
@@ -185,15 +188,25 @@ impl Drop for Grant {
     }
 }
 
-/// Releases `lock` in a task on the current runtime (best effort: it expires at its TTL).
+/// Releases `lock` in a task on the current runtime (best effort: it expires at its TTL, and a
+/// warning says so when there is no runtime to run the release).
 fn release_in_background(lock: LockRef, what: &'static str) {
+    let pending = PendingRelease {
+        key: Arc::clone(&lock.key),
+        ttl: lock.shared.config.get_ttl(),
+        what,
+        done: false,
+    };
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
+        return; // `pending` warns.
     };
     runtime.spawn(async move {
+        // The whole struct moves into the task, so it is dropped with the task.
+        let mut pending = pending;
         if let Err(error) = lock.release().await {
             tracing::debug!(key = ?lock.key, error = &error as &dyn std::error::Error, "could not release {what}; it expires at its TTL");
         }
+        pending.done = true;
     });
 }
 
@@ -323,7 +336,11 @@ async fn hand_over(
         keys: Arc::clone(&lock.keys),
         token: Uuid::new_v4(),
     };
-    match lock.hand_over(next.token).await {
+    let mut connection = match lock.shared.connections.connection().await {
+        Ok(connection) => connection,
+        Err(error) => return Some(Err(error)),
+    };
+    match lock.hand_over(next.token, &mut connection).await {
         Ok(HandedOver::Passed { fence, sent_at }) => {
             let grant = Grant {
                 lock: Some(next),
@@ -336,7 +353,13 @@ async fn hand_over(
         Ok(HandedOver::Released) => Some(Ok(())),
         Err(error) => {
             if matches!(error, LockError::BackendError(_)) {
-                release_in_background(next, "a lock the failed hand-over may have taken");
+                // The script may still run: the clean-up goes on the same connection, so that
+                // Redis runs it afterwards (token-checked, it frees only the fresh token).
+                tokio::spawn(async move {
+                    if let Err(error) = next.abandon(connection).await {
+                        tracing::debug!(key = ?next.key, error = &error as &dyn std::error::Error, "could not clean up after a failed hand-over; a lock it took expires at its TTL");
+                    }
+                });
             }
             Some(Err(error))
         }
@@ -369,9 +392,10 @@ impl LockHandle for RedisHandle {
             );
             return;
         };
-        let pending = PendingDropRelease {
+        let pending = PendingRelease {
             key: Arc::clone(&self.lock.key),
             ttl,
+            what: "a dropped lock guard",
             done: false,
         };
         runtime.spawn(async move {
@@ -390,22 +414,25 @@ impl LockHandle for RedisHandle {
     }
 }
 
-/// Armed while the background release of a dropped guard has not finished; warns if the task
-/// is dropped before that (its runtime shut down, or was shutting down when it was spawned).
-struct PendingDropRelease {
+/// Armed while a background release has not finished; warns if its task is dropped before
+/// that (its runtime shut down, or was shutting down when it was spawned) or there was no
+/// runtime to spawn it on.
+struct PendingRelease {
     key: Arc<str>,
     ttl: Duration,
+    what: &'static str,
     done: bool,
 }
 
-impl Drop for PendingDropRelease {
+impl Drop for PendingRelease {
     fn drop(&mut self) {
         if !self.done {
             tracing::warn!(
                 key = ?self.key,
                 ttl = ?self.ttl,
-                "the release of a dropped lock guard did not run (its runtime is shutting down): \
-                 the lock stays until its TTL runs out"
+                "the release of {} did not run (no runtime, or its runtime is shutting down): \
+                 the lock stays until its TTL runs out",
+                self.what
             );
         }
     }

@@ -43,7 +43,8 @@ pub(crate) struct LockKeys {
     pub(crate) line: String,
     /// `…:waiters`: a sorted set of waiter tokens scored by the deadline of their queue entry.
     pub(crate) waiters: String,
-    /// `…:released`: the pub/sub channel a release announces the next waiter on.
+    /// `…:released`: the prefix of the waiters' pub/sub channels: a release tells the next
+    /// waiter on `…:released:<its token>`.
     pub(crate) channel: String,
 }
 

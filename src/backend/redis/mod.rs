@@ -42,12 +42,15 @@ use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGua
 ///   token, so a stale holder never touches a newer holder's lock. Every key of one lock
 ///   shares one hash tag, so it works on Redis Cluster too. See docs/redis.md.
 /// * **Fencing tokens** strictly increase per key, taken in the same script as the `SET NX`.
-/// * **Fair waiting.** `acquire` queues the caller in Redis (first in, first out); a release
-///   hands the lock to the head of the queue and, with
+/// * **Fair waiting.** The tasks of one lock object queue in the process per key; a release
+///   with one of them waiting passes the lock to it in the same script. Across processes,
+///   `acquire` queues the caller in Redis (first in, first out); a release hands the lock to
+///   the head of the line and, with
 ///   [`wake_on_release`](RedisDistributedLockBuilder::wake_on_release), wakes it over pub/sub
-///   at once. Without it (or when a message is lost) waiters poll every `retry_interval` (at
-///   most 500 ms) with jitter. Queue entries of waiters that vanish time out. While waiters
-///   are queued, a lock that was just released is promised to the first of them:
+///   at once (a subscribed waiter renews its place about once a second). Without it (or while
+///   the pub/sub connection is down) waiters poll every `retry_interval` (at most 500 ms) with
+///   jitter. Places of waiters that vanish expire. While waiters are in line, a lock that was
+///   just released is promised to the first of them:
 ///   `try_acquire` (which never queues) gets [`LockError::AlreadyLocked`] and `is_locked`
 ///   says `true` until that waiter has taken it.
 /// * **Every command has a timeout** ([`command_timeout`](RedisDistributedLockBuilder::command_timeout),
@@ -280,8 +283,11 @@ impl RedisDistributedLock {
                     // Subscribe, then look again at once: a release between the first attempt
                     // and the subscription would otherwise go unnoticed.
                     let mut buffer = [0u8; 36];
-                    let token = token_text(&pending.token, &mut buffer).to_owned();
-                    let subscribing = hub.register(&pending.keys.channel, token);
+                    let token = token_text(&pending.token, &mut buffer);
+                    // A channel of the waiter's own: a release reaches one subscriber, however
+                    // many wait for the key.
+                    let channel = format!("{}:{token}", pending.keys.channel);
+                    let subscribing = hub.register(&channel, token.to_owned());
                     subscribing.subscribed_within(poll).await;
                     registration = Some(subscribing);
                     continue;

@@ -84,7 +84,8 @@ return 0
 "#
 );
 
-/// KEYS: lock, line, waiters. ARGV: token, channel.
+/// KEYS: lock, line, waiters. ARGV: token, channel prefix (the head of the line is told on
+/// `<prefix>:<its token>`).
 /// Returns 1 when the token held the lock (now deleted), 0 otherwise (nothing changed).
 const RELEASE_SOURCE: &str = concat!(
     queue_helpers!(),
@@ -92,16 +93,16 @@ const RELEASE_SOURCE: &str = concat!(
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 local head = live_head(KEYS[2], KEYS[3])
-if head then redis.pcall('PUBLISH', ARGV[2], head) end
+if head then redis.pcall('PUBLISH', ARGV[2] .. ':' .. head, head) end
 return 1
 "#
 );
 
 /// KEYS: lock, fence, line, waiters. ARGV: holder token, next token, ttl ms, fence retention
-/// ms, channel.
+/// ms, channel prefix.
 /// The holder passes the lock to the next task of its own process in one call, unless waiters
 /// in the line come first. Returns the next holder's fencing token (> 0) when passed; 0 when
-/// released to the head of the line instead (told on the channel); -1 when the holder's token
+/// released to the head of the line instead (told on its channel); -1 when the holder's token
 /// does not hold the lock (nothing changed).
 const HAND_OVER_SOURCE: &str = concat!(
     queue_helpers!(),
@@ -110,7 +111,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local head = live_head(KEYS[3], KEYS[4])
 if head then
   redis.call('DEL', KEYS[1])
-  redis.pcall('PUBLISH', ARGV[5], head)
+  redis.pcall('PUBLISH', ARGV[5] .. ':' .. head, head)
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -125,7 +126,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
 
-/// KEYS: lock, line, waiters. ARGV: token, channel.
+/// KEYS: lock, line, waiters. ARGV: token, channel prefix.
 /// A waiter gives up: leaves the line, releases the lock if an interrupted acquire took it,
 /// and wakes the next waiter when the lock is free. Returns 1 if it released the lock.
 const ABANDON_SOURCE: &str = concat!(
@@ -137,7 +138,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local head = live_head(KEYS[2], KEYS[3])
-  if head then redis.pcall('PUBLISH', ARGV[2], head) end
+  if head then redis.pcall('PUBLISH', ARGV[2] .. ':' .. head, head) end
 end
 if held then return 1 end
 return 0

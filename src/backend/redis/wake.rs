@@ -1,8 +1,9 @@
 //! Wake-on-release: one pub/sub connection per lock object, kept by one task, subscribed to the
-//! release channel of every key some local task waits for.
+//! channel of every local task that waits in a Redis line.
 //!
-//! A release publishes the token of the waiter at the head of the key's line; the hub wakes
-//! exactly that waiter. While its channel is subscribed, a waiter relies on these messages and
+//! A release publishes the token of the waiter at the head of the key's line on that waiter's
+//! own channel (`<lock key>:released:<token>`, so a release reaches one subscriber however many
+//! wait); the hub wakes that waiter. While its channel is subscribed, a waiter relies on these messages and
 //! looks at the lock only to keep its place in line (see `RedisDistributedLock::take`). The
 //! task pings the connection; when a ping goes unanswered or the connection closes, every
 //! waiter is woken and polls until the channels are subscribed again, on a new connection.
@@ -78,17 +79,11 @@ impl WakeHub {
         let notify = Arc::new(Notify::new());
         let first_on_channel = {
             let mut state = self.inner.state();
-            if state.subscriber.is_none() {
-                let task = keep_subscriptions(
-                    Arc::downgrade(&self.inner),
-                    Arc::clone(&self.inner.changed),
-                );
-                state.subscriber = Some(tokio::spawn(task).abort_handle());
-            }
             let entry = state.channels.entry(channel.to_owned()).or_default();
             entry.waiters.insert(token.clone(), Arc::clone(&notify));
             entry.waiters.len() == 1
         };
+        self.inner.ensure_subscriber();
         if first_on_channel {
             self.inner.changed.notify_one();
         }
@@ -109,9 +104,14 @@ impl Registration {
     }
 
     /// Whether the current pub/sub connection has confirmed this waiter's channel: a release
-    /// will reach it as a message.
+    /// will reach it as a message. When it has not, makes sure the subscriber task runs (it
+    /// ends with the runtime that started it), so that the channel gets subscribed.
     pub(crate) fn is_subscribed(&self) -> bool {
-        self.hub.is_subscribed(&self.channel)
+        let subscribed = self.hub.is_subscribed(&self.channel);
+        if !subscribed {
+            self.hub.ensure_subscriber();
+        }
+        subscribed
     }
 
     /// Waits up to `limit` for the channel to be subscribed; returns whether it is.
@@ -157,6 +157,20 @@ impl HubInner {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts the subscriber task if it is not running: with the first waiter, and again when
+    /// it ended because its runtime shut down. Must be called on a Tokio runtime.
+    fn ensure_subscriber(self: &Arc<Self>) {
+        let mut state = self.state();
+        let running = state
+            .subscriber
+            .as_ref()
+            .is_some_and(|task| !task.is_finished());
+        if !running {
+            let task = keep_subscriptions(Arc::downgrade(self), Arc::clone(&self.changed));
+            state.subscriber = Some(tokio::spawn(task).abort_handle());
+        }
     }
 
     fn is_subscribed(&self, channel: &str) -> bool {
@@ -284,6 +298,19 @@ impl Link {
     }
 }
 
+/// Dropped with the subscriber task: when the task ends while the lock object lives (its
+/// runtime shut down), nothing is subscribed any more; its waiters poll, and the next waiter
+/// starts a new task.
+struct SubscriberEnding(Weak<HubInner>);
+
+impl Drop for SubscriberEnding {
+    fn drop(&mut self) {
+        if let Some(hub) = self.0.upgrade() {
+            hub.lost(&mut None);
+        }
+    }
+}
+
 /// What woke the subscriber task.
 enum Event {
     Changed,
@@ -296,6 +323,7 @@ enum Event {
 /// subscriptions equal to the channels that have waiters, and pings it every
 /// [`PING_INTERVAL`]. A connection that fails is replaced at the next change or ping.
 async fn keep_subscriptions(hub: Weak<HubInner>, changed: Arc<Notify>) {
+    let _ending = SubscriberEnding(hub.clone());
     let mut link: Option<Link> = None;
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
