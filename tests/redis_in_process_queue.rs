@@ -111,28 +111,6 @@ async fn a_cancelled_first_in_line_leaves_the_tasks_behind_with_timeout() {
     held.release().await.unwrap();
 }
 
-/// The scripts (`EVALSHA`, `EVAL`) a server of the test's own has run since its statistics were
-/// reset.
-async fn scripts_run(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(admin)
-        .await
-        .unwrap();
-    stats
-        .lines()
-        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
-        .filter_map(|line| {
-            line.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// The holder of `key` releases it while another task of the same lock object waits: that
 /// task's guard, and the holder's fencing token.
 async fn release_to_a_waiting_task(
@@ -162,7 +140,7 @@ async fn a_release_hands_the_lock_to_the_next_task_in_one_script() {
     let server = common::redis_server::RedisServer::start().await;
     let config = LockConfig::new().wait_timeout(Duration::from_secs(5));
     let lock = lock_on(&server.url(), "handover:", config).await;
-    let mut admin = common::redis_conn::connection(&server.url()).await;
+    let admin = common::redis_conn::connection(&server.url()).await;
     // Once first, so that the server has every script cached (no `NOSCRIPT` round trips).
     let (warm_up, _) = release_to_a_waiting_task(&lock, "warm-up", async {}).await;
     warm_up.release().await.unwrap();
@@ -177,7 +155,7 @@ async fn a_release_hands_the_lock_to_the_next_task_in_one_script() {
     };
     let (next, first_token) = release_to_a_waiting_task(&lock, "k", reset).await;
     assert_eq!(
-        scripts_run(&mut admin).await,
+        common::redis_conn::calls_run(&admin, &["evalsha", "eval"]).await,
         1,
         "one script from the release to the next holder"
     );

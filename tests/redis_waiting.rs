@@ -64,23 +64,6 @@ async fn places_left(
         .collect()
 }
 
-/// Calls of the commands named by `counted` since the statistics were reset.
-async fn calls(admin: &mut MultiplexedConnection, counted: &[&str]) -> u64 {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(admin)
-        .await
-        .unwrap();
-    stats
-        .lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.strip_prefix("calls=")?.split(',').next()?;
-            counted.contains(&name).then(|| calls.parse::<u64>().ok())?
-        })
-        .sum()
-}
-
 async fn reset_statistics(admin: &mut MultiplexedConnection) {
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -127,7 +110,7 @@ async fn subscribed_waiters_keep_long_places_and_look_rarely() {
 
     reset_statistics(&mut admin).await;
     tokio::time::sleep(WINDOW).await; // the window the scripts are counted over
-    let scripts = calls(&mut admin, &["evalsha", "eval"]).await;
+    let scripts = common::redis_conn::calls_run(&admin, &["evalsha", "eval"]).await;
     let per_waiter_second = scripts as f64 / WAITERS as f64 / WINDOW.as_secs_f64();
     assert!(
         per_waiter_second <= 2.0,
@@ -236,7 +219,7 @@ async fn the_channels_of_many_waiting_keys_are_subscribed_together() {
         }
     })
     .await;
-    let subscribes = calls(&mut admin, &["subscribe"]).await;
+    let subscribes = common::redis_conn::calls_run(&admin, &["subscribe"]).await;
     assert!(
         subscribes <= 3,
         "{subscribes} SUBSCRIBE commands for {KEYS} channels"

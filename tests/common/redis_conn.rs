@@ -57,3 +57,23 @@ pub async fn subscribed_waiters(connection: &MultiplexedConnection, lock_key: &s
         .expect("PUBSUB CHANNELS");
     channels.len()
 }
+
+/// Calls of the commands named in `counted` (`"evalsha"`, `"subscribe"`…) since the server's
+/// statistics were last reset (`INFO commandstats`; commands that scripts call are counted
+/// too). Meaningful on a server of the test's own.
+pub async fn calls_run(connection: &MultiplexedConnection, counted: &[&str]) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection.clone())
+        .await
+        .expect("INFO commandstats");
+    // cmdstat_evalsha:calls=12,usec=...
+    stats
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?;
+            counted.contains(&name).then(|| calls.parse::<u64>().ok())?
+        })
+        .sum()
+}

@@ -78,12 +78,7 @@ impl LockRef {
     ) -> Result<HandedOver, LockError> {
         let shared = &self.shared;
         let (mut holder, mut successor) = ([0u8; 36], [0u8; 36]);
-        let keys = [
-            self.keys.lock.as_str(),
-            self.keys.fence.as_str(),
-            self.keys.line.as_str(),
-            self.keys.waiters.as_str(),
-        ];
+        let keys = self.keys.taking();
         let args = [
             Arg::Text(token_text(&self.token, &mut holder)),
             Arg::Text(token_text(&next, &mut successor)),

@@ -85,6 +85,14 @@ impl LockKeys {
     }
 }
 
+impl LockKeys {
+    /// `KEYS` of the scripts that take the lock and draw a fencing token (*acquire*,
+    /// *hand_over*): lock, fence, line, waiters.
+    pub(crate) fn taking(&self) -> [&str; 4] {
+        [&self.lock, &self.fence, &self.line, &self.waiters]
+    }
+}
+
 /// Appends `key` with `%`, `{` and `}` percent-escaped.
 fn escape_into(key: &str, out: &mut String) {
     let mut rest = key;

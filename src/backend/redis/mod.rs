@@ -521,12 +521,7 @@ impl<'a> PendingAcquire<'a> {
     ) -> Result<(i64, Instant), LockError> {
         let mut buffer = [0u8; 36];
         let token = token_text(&self.token, &mut buffer);
-        let keys = [
-            self.keys.lock.as_str(),
-            self.keys.fence.as_str(),
-            self.keys.line.as_str(),
-            self.keys.waiters.as_str(),
-        ];
+        let keys = self.keys.taking();
         let args = [
             Arg::Text(token),
             Arg::Number(millis(ttl)),

@@ -253,6 +253,12 @@ pub(crate) async fn run_script(
 mod tests {
     use super::*;
 
+    fn all_scripts() -> [&'static LuaScript; 6] {
+        [
+            &ACQUIRE, &RELEASE, &HAND_OVER, &EXTEND, &ABANDON, &IS_LOCKED,
+        ]
+    }
+
     #[test]
     fn numbers_are_written_in_decimal() {
         for n in [0, 7, 10, 1_234_567, u64::MAX] {
@@ -276,14 +282,7 @@ mod tests {
         };
         let helpers = queue_helpers!().trim();
         assert_eq!(block_after("## Scripts"), helpers);
-        let all = [
-            &*ACQUIRE,
-            &*RELEASE,
-            &*HAND_OVER,
-            &*EXTEND,
-            &*ABANDON,
-            &*IS_LOCKED,
-        ];
+        let all = all_scripts();
         for script in all {
             let own_part = script
                 .source
@@ -303,14 +302,7 @@ mod tests {
 
     #[test]
     fn scripts_have_distinct_digests() {
-        let all = [
-            &*ACQUIRE,
-            &*RELEASE,
-            &*HAND_OVER,
-            &*EXTEND,
-            &*ABANDON,
-            &*IS_LOCKED,
-        ];
+        let all = all_scripts();
         let digests: std::collections::HashSet<_> = all.iter().map(|s| &s.sha1).collect();
         assert_eq!(digests.len(), all.len());
         assert!(all.iter().all(|s| s.sha1.len() == 40));
