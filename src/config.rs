@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::KeyVisibility;
+
 use crate::LockError;
 
 /// The longest TTL, retry interval or waiting budget a configuration may ask for (365 days).
@@ -56,6 +58,8 @@ pub struct LockConfig {
     max_retries: u32,
     /// When set, the waiting budget (and `max_retries` has no effect).
     wait_timeout: Option<Duration>,
+    /// How spans show keys.
+    trace_keys: KeyVisibility,
 }
 
 impl Default for LockConfig {
@@ -73,7 +77,21 @@ impl LockConfig {
             retry_interval: Duration::from_millis(100),
             max_retries: 10,
             wait_timeout: None,
+            trace_keys: KeyVisibility::Hashed,
         }
+    }
+
+    /// Sets how the `tracing` spans of lock operations show the key: as given, as a hash
+    /// (the default), or not at all. Metrics never carry the key. See
+    /// [`KeyVisibility`] and docs/observability.md.
+    pub const fn trace_keys(mut self, keys: KeyVisibility) -> Self {
+        self.trace_keys = keys;
+        self
+    }
+
+    /// How the spans of lock operations show the key.
+    pub const fn get_trace_keys(&self) -> KeyVisibility {
+        self.trace_keys
     }
 
     /// Sets how long a lock lives unless released or extended.

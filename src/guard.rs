@@ -10,8 +10,11 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use tracing::Instrument;
+
 use crate::config::validate_ttl;
 use crate::keep_alive::KeepAlive;
+use crate::observe::{self, Held, KeyVisibility, Outcome};
 use crate::{Lease, LockError};
 
 /// What a backend does for one lock it granted. A [`LockGuard`] owns one and calls it.
@@ -119,6 +122,9 @@ pub struct LockGuard {
     /// Taken only by `release` (which consumes the guard) or by `drop`: always `Some` while
     /// the guard can be used.
     handle: Option<Arc<dyn LockHandle>>,
+    /// Which backend granted the lock, for spans and metrics (set by the built-in backends'
+    /// acquire; `None` for a guard of a backend of one's own).
+    held: Option<Held>,
 }
 
 impl LockGuard {
@@ -153,6 +159,57 @@ impl LockGuard {
             },
             lease,
             handle: Some(handle),
+            held: None,
+        }
+    }
+
+    /// Marks the guard as held from a built-in backend (see `observe::observe_acquire`).
+    pub(crate) fn set_held(&mut self, held: Held) {
+        self.held = Some(held);
+    }
+
+    /// A span for a release or extend of this guard.
+    fn operation_span(&self, name: &'static str) -> tracing::Span {
+        let (backend, keys) = self
+            .held
+            .as_ref()
+            .map_or(("custom", KeyVisibility::default()), |held| {
+                (held.backend(), held.keys())
+            });
+        let span = match name {
+            "release" => tracing::debug_span!(
+                "lock.release",
+                backend,
+                key = tracing::field::Empty,
+                fencing_token = self.info.fencing_token,
+                outcome = tracing::field::Empty
+            ),
+            _ => tracing::debug_span!(
+                "lock.extend",
+                backend,
+                key = tracing::field::Empty,
+                fencing_token = self.info.fencing_token,
+                outcome = tracing::field::Empty
+            ),
+        };
+        if !span.is_disabled() {
+            if let Some(key) = keys.render(&self.info.key) {
+                span.record("key", tracing::field::display(key));
+            }
+        }
+        span
+    }
+
+    /// Records how a release or extend ended: in its span, as an event and in the metrics; a
+    /// lost lock is counted once per guard.
+    fn operation_ended(&self, span: &tracing::Span, operation: &'static str, outcome: Outcome) {
+        span.record("outcome", outcome.label(false));
+        let backend = self.held.as_ref().map_or("custom", Held::backend);
+        span.in_scope(|| observe::guard_operation(backend, operation, outcome));
+        if outcome == Outcome::Lost {
+            if let Some(held) = &self.held {
+                span.in_scope(|| held.lost(&self.lease));
+            }
         }
     }
 
@@ -192,8 +249,17 @@ impl LockGuard {
     /// someone else now, and [`LockError::InvalidConfig`] for a TTL that
     /// [`LockConfig`](crate::LockConfig) would refuse; neither changes anything.
     pub async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
-        validate_ttl(ttl)?;
-        extend_lease(self.handle(), &self.lease, ttl).await
+        let span = self.operation_span("extend");
+        let result = match validate_ttl(ttl) {
+            Ok(()) => {
+                extend_lease(self.handle(), &self.lease, ttl)
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        self.operation_ended(&span, "extend", Outcome::of(&result));
+        result
     }
 
     /// Completes once the lock is known to be lost: the lease ran out without extension, an
@@ -242,6 +308,13 @@ impl LockGuard {
     /// cleans up in the background. If this future is dropped before it completes, the release
     /// still happens in the background.
     pub async fn release(mut self) -> Result<(), LockError> {
+        let span = self.operation_span("release");
+        let result = self.release_unobserved().instrument(span.clone()).await;
+        self.operation_ended(&span, "release", Outcome::of(&result));
+        result
+    }
+
+    async fn release_unobserved(&mut self) -> Result<(), LockError> {
         let handle = self.handle.take().expect(LIVE_GUARD);
         if self.lease.is_lost() {
             // The lease ran out or the backend said the lock is gone: the answer is LockLost
@@ -311,6 +384,9 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        if let (Some(held), true) = (&self.held, self.lease.is_lost()) {
+            held.lost(&self.lease);
+        }
         if let Some(handle) = self.handle.take() {
             tracing::trace!(key = ?self.info.key, "lock guard dropped; releasing");
             handle.release_on_drop();

@@ -41,6 +41,7 @@ mod keep_alive;
 mod key;
 pub mod layer;
 mod lease;
+mod observe;
 
 pub use backend::dynamic::DynDistributedLock;
 pub use backend::memory::InMemoryDistributedLock;
@@ -64,6 +65,7 @@ pub use guard::{LockGuard, LockHandle, LockInfo};
 pub use key::{validate_key, MAX_KEY_LEN};
 pub use layer::{LockLayer, LockService, Rejection, RejectionKind};
 pub use lease::Lease;
+pub use observe::KeyVisibility;
 pub use uuid::Uuid;
 
 /// The README's code, compiled and run as doc tests.

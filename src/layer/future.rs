@@ -16,6 +16,7 @@ use super::held::HeldLock;
 use super::rejection::{Outcome, Rejection, RejectionKind};
 use super::settings::Settings;
 use super::ResponseBody;
+use crate::observe::{layer_request, LayerOutcome};
 use crate::{LockError, LockGuard};
 
 /// The lock acquisition of one request; gives the key back with the result.
@@ -37,6 +38,8 @@ pin_project! {
     {
         #[pin]
         state: State<S, ReqBody, ResBody>,
+        // `lock.request`: entered on every poll, so the acquire's span nests inside it.
+        span: tracing::Span,
     }
 }
 
@@ -91,8 +94,11 @@ where
     ResBody: http_body::Body,
 {
     pub(crate) fn unlocked(future: S::Future) -> Self {
+        let span = request_span(false);
+        span.in_scope(|| layer_request(LayerOutcome::Unlocked));
         ResponseFuture {
             state: State::Calling { future, lock: None },
+            span,
         }
     }
 
@@ -111,6 +117,7 @@ where
                 settings,
                 grpc,
             },
+            span: request_span(grpc),
         }
     }
 }
@@ -123,7 +130,9 @@ where
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let this = self.project();
+        let _entered = this.span.enter();
+        let mut state = this.state;
         loop {
             match state.as_mut().project() {
                 StateProj::Acquiring {
@@ -139,11 +148,15 @@ where
                     let (settings, grpc) = (Arc::clone(settings), *grpc);
                     let lock = match Outcome::of(result, settings.fail_open) {
                         Outcome::Locked(guard) => {
+                            layer_request(LayerOutcome::Locked);
                             let lock = HeldLock::new(guard, &settings);
                             request.extensions_mut().insert(lock.info().clone());
                             Some(lock)
                         }
-                        Outcome::Unlocked => None,
+                        Outcome::Unlocked => {
+                            layer_request(LayerOutcome::FailedOpen);
+                            None
+                        }
                         Outcome::Refused(kind, error) => {
                             state.set(State::Done);
                             return Poll::Ready(Ok(refusal(kind, key, error, grpc, &settings)));
@@ -248,8 +261,18 @@ fn refusal<B>(
 where
     B: http_body::Body<Data = Bytes>,
 {
+    layer_request(match kind {
+        RejectionKind::Locked => LayerOutcome::Conflict,
+        RejectionKind::BackendUnavailable => LayerOutcome::BackendError,
+        _ => LayerOutcome::Invalid,
+    });
     let rejection = Rejection::new(kind, key, error, grpc, settings);
     settings.respond(&rejection).map(ResponseBody::rejection)
+}
+
+/// The span of one request through the layer; its `outcome` is recorded once decided.
+fn request_span(grpc: bool) -> tracing::Span {
+    tracing::debug_span!("lock.request", grpc, outcome = tracing::field::Empty)
 }
 
 impl<S, ReqBody, ResBody> fmt::Debug for ResponseFuture<S, ReqBody, ResBody>

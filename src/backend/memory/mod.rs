@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use self::table::{Grant, LockTable, TryTake, WaiterState};
+use crate::observe::{observe_acquire, Mode};
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
 
 /// A lock service that lives in this process. Always compiled; no server needed.
@@ -179,12 +180,16 @@ impl std::fmt::Debug for InMemoryDistributedLock {
 impl DistributedLock for InMemoryDistributedLock {
     // `async fn`, not `ready(..)`: the lock is taken when the future is polled, so a future
     // that is created and dropped unpolled takes nothing (as on the other backends).
-    async fn try_acquire(&self, key: &str) -> Result<LockGuard, LockError> {
-        self.try_acquire_now(key)
+    fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        let keys = self.config().get_trace_keys();
+        observe_acquire("memory", keys, key, Mode::Try, async move {
+            self.try_acquire_now(key)
+        })
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.acquire_waiting(key)
+        let keys = self.config().get_trace_keys();
+        observe_acquire("memory", keys, key, Mode::Wait, self.acquire_waiting(key))
     }
 
     // Looks when polled, not when called (see `try_acquire`).

@@ -43,6 +43,7 @@ use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
 use self::timing::SessionSettings;
 use super::jitter::Jitter;
 use crate::config::validate_duration;
+use crate::observe::{observe_acquire, Mode};
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
 
 pub use self::transaction::TransactionLock;
@@ -675,11 +676,13 @@ impl std::fmt::Debug for PostgresDistributedLock {
 
 impl DistributedLock for PostgresDistributedLock {
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.try_acquire_once(key)
+        let keys = self.config().get_trace_keys();
+        observe_acquire("postgres", keys, key, Mode::Try, self.try_acquire_once(key))
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.acquire_waiting(key)
+        let keys = self.config().get_trace_keys();
+        observe_acquire("postgres", keys, key, Mode::Wait, self.acquire_waiting(key))
     }
 
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {

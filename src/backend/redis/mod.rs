@@ -33,6 +33,7 @@ use self::wake::{Registration, WakeHub};
 pub use self::watchdog::AutoExtend;
 use super::claims::{Claim, ClaimTable, KeyClaim, Overdue};
 use super::jitter::Jitter;
+use crate::observe::{observe_acquire, Mode};
 use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard};
 
 /// A distributed lock on Redis (feature `redis`).
@@ -436,11 +437,13 @@ impl std::fmt::Debug for RedisDistributedLock {
 
 impl DistributedLock for RedisDistributedLock {
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.take(key, false)
+        let keys = self.config().get_trace_keys();
+        observe_acquire("redis", keys, key, Mode::Try, self.take(key, false))
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.take(key, true)
+        let keys = self.config().get_trace_keys();
+        observe_acquire("redis", keys, key, Mode::Wait, self.take(key, true))
     }
 
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {

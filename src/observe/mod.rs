@@ -1,0 +1,15 @@
+//! What the crate tells an operator: a `tracing` span for every lock operation, and (feature
+//! `metrics`) metrics through the [`metrics`](https://docs.rs/metrics) facade, so that any
+//! exporter can publish them. docs/observability.md lists every span, field and metric.
+
+mod acquire;
+mod held;
+mod keys;
+mod outcome;
+mod record;
+
+pub(crate) use acquire::observe_acquire;
+pub(crate) use held::Held;
+pub use keys::KeyVisibility;
+pub(crate) use outcome::{Mode, Outcome};
+pub(crate) use record::{guard_operation, layer_request, LayerOutcome};
