@@ -384,10 +384,11 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let (Some(held), true) = (&self.held, self.lease.is_lost()) {
-            held.lost(&self.lease);
-        }
         if let Some(handle) = self.handle.take() {
+            // Dropped without `release`: a loss not yet seen is counted now.
+            if let Some(held) = self.held.as_ref().filter(|_| self.lease.is_lost()) {
+                held.lost(&self.lease);
+            }
             tracing::trace!(key = ?self.info.key, "lock guard dropped; releasing");
             handle.release_on_drop();
         }

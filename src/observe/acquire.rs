@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use tokio::time::Instant;
+use std::time::Instant;
 use tracing::field::{display, Empty};
 use tracing::Instrument;
 
@@ -37,15 +37,19 @@ where
             span.record("key", display(key));
         }
     }
+    // The clock is read only when a span or the metrics will show the time.
+    let timed = !span.is_disabled() || record::ENABLED;
     let recorded = span.clone();
     async move {
-        let started = Instant::now();
+        let started = timed.then(Instant::now);
         let _waiting = (mode == Mode::Wait).then(|| Waiting::new(backend));
         let mut result = acquire.await;
-        let waited = started.elapsed();
+        let waited = started.map(|started| started.elapsed());
         let outcome = Outcome::of(&result);
         recorded.record("outcome", outcome.label(true));
-        recorded.record("waited_ms", waited.as_secs_f64() * 1_000.0);
+        if let Some(waited) = waited {
+            recorded.record("waited_ms", waited.as_secs_f64() * 1_000.0);
+        }
         match &mut result {
             Ok(guard) => {
                 recorded.record("fencing_token", guard.fencing_token());
@@ -60,7 +64,9 @@ where
             }
             Err(_) => tracing::debug!(outcome = outcome.label(true), "lock not acquired"),
         }
-        record::acquired(backend, mode, outcome, waited);
+        if let Some(waited) = waited {
+            record::acquired(backend, mode, outcome, waited);
+        }
         result
     }
     .instrument(span)

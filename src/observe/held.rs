@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::time::Instant;
+use std::time::Instant;
 
 use super::record::{self, LostCause};
 use super::KeyVisibility;
@@ -15,7 +15,8 @@ use crate::Lease;
 pub(crate) struct Held {
     backend: &'static str,
     keys: KeyVisibility,
-    since: Instant,
+    /// When the lock was taken, for the hold-time metric (read only when metrics are on).
+    since: Option<Instant>,
     /// Whether the loss of the lock was counted (once per guard).
     lost_counted: AtomicBool,
 }
@@ -26,7 +27,7 @@ impl Held {
         Held {
             backend,
             keys,
-            since: Instant::now(),
+            since: record::ENABLED.then(Instant::now),
             lost_counted: AtomicBool::new(false),
         }
     }
@@ -45,7 +46,7 @@ impl Held {
         if self.lost_counted.swap(true, Ordering::Relaxed) {
             return;
         }
-        let cause = if Instant::now() >= lease.deadline() {
+        let cause = if tokio::time::Instant::now() >= lease.deadline() {
             LostCause::Expired
         } else {
             LostCause::Backend
@@ -62,6 +63,8 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         record::held(self.backend, -1.0);
-        record::hold_ended(self.backend, self.since.elapsed());
+        if let Some(since) = self.since {
+            record::hold_ended(self.backend, since.elapsed());
+        }
     }
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use super::{Mode, Outcome};
 
+/// Whether metrics are recorded (the feature `metrics`).
+pub(crate) const ENABLED: bool = cfg!(feature = "metrics");
+
 /// Why a guard's lock was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LostCause {
