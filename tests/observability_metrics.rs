@@ -201,6 +201,56 @@ fn every_backend_and_the_layer_record_the_documented_series() {
         );
     }
 
+    // A connection cut under a server backend: the next operation fails, the one after
+    // reconnects, and the reconnect is counted.
+    for (backend, label) in backends().into_iter().skip(1) {
+        let connection = if label == "redis" {
+            "command"
+        } else {
+            "session"
+        };
+        let reconnects = [("backend", label), ("connection", connection)];
+        let before = counter(
+            &series(&snapshotter),
+            "distributed_lock_reconnects_total",
+            &reconnects,
+        );
+        runtime.block_on(async {
+            let proxy = common::proxy::FaultProxy::start(backend.server_address().await).await;
+            let url = backend.url_via(proxy.address()).await;
+            let lock = backend
+                .lock_at(Some(url), LockConfig::new(), Some(Duration::from_secs(2)))
+                .await;
+            let key = format!("{}reconnect", common::unique_prefix("metrics"));
+            lock.try_acquire(&key)
+                .await
+                .unwrap()
+                .release()
+                .await
+                .unwrap();
+            proxy.cut_all();
+            // The cut may be noticed by this call or only by the next one.
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match lock.try_acquire(&key).await {
+                    Ok(guard) => {
+                        guard.release().await.unwrap();
+                        break;
+                    }
+                    Err(LockError::BackendError(_)) if attempts < 5 => {}
+                    Err(error) => panic!("{label}: {error}"),
+                }
+            }
+        });
+        let after = counter(
+            &series(&snapshotter),
+            "distributed_lock_reconnects_total",
+            &reconnects,
+        );
+        assert_eq!(after - before, 1, "{label}: one reconnect after the cut");
+    }
+
     // The layer: a request under the lock, one refused because the key is held, one the key
     // extractor lets through unlocked.
     runtime.block_on(async {

@@ -12,4 +12,6 @@ pub(crate) use acquire::observe_acquire;
 pub(crate) use held::Held;
 pub use keys::KeyVisibility;
 pub(crate) use outcome::{Mode, Outcome};
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) use record::reconnected;
 pub(crate) use record::{guard_operation, layer_request, LayerOutcome};

@@ -81,6 +81,9 @@ mod sink {
     const OPERATIONS_TOTAL: &str = "distributed_lock_operations_total";
     /// The counter of backend failures, by backend and operation.
     const BACKEND_ERRORS_TOTAL: &str = "distributed_lock_backend_errors_total";
+    /// The counter of connections opened again after one failed, by backend and connection.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    const RECONNECTS_TOTAL: &str = "distributed_lock_reconnects_total";
     /// The counter of requests through `LockLayer`, by outcome.
     const LAYER_REQUESTS_TOTAL: &str = "distributed_lock_layer_requests_total";
 
@@ -130,6 +133,11 @@ mod sink {
     pub(crate) fn layer_request(outcome: LayerOutcome) {
         counter!(LAYER_REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
     }
+
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    pub(crate) fn reconnected(backend: &'static str, connection: &'static str) {
+        counter!(RECONNECTS_TOTAL, "backend" => backend, "connection" => connection).increment(1);
+    }
 }
 
 #[cfg(not(feature = "metrics"))]
@@ -143,6 +151,8 @@ mod sink {
     pub(crate) fn lost(_: &'static str, _: LostCause) {}
     pub(crate) fn operation(_: &'static str, _: &'static str, _: Outcome) {}
     pub(crate) fn layer_request(_: LayerOutcome) {}
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    pub(crate) fn reconnected(_: &'static str, _: &'static str) {}
 }
 
 pub(crate) use sink::{acquired, held, hold_ended, lost, waiting};
@@ -152,6 +162,18 @@ pub(crate) use sink::{acquired, held, hold_ended, lost, waiting};
 pub(crate) fn layer_request(outcome: LayerOutcome) {
     tracing::Span::current().record("outcome", outcome.as_str());
     sink::layer_request(outcome);
+}
+
+/// Records that `backend` opened a `connection` (`command`, `pubsub`, `session`) again after
+/// the previous one failed.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn reconnected(backend: &'static str, connection: &'static str) {
+    tracing::info!(
+        backend,
+        connection,
+        "reconnected after a connection failure"
+    );
+    sink::reconnected(backend, connection);
 }
 
 /// Records the end of a release or extend of a guard from `backend`.

@@ -42,6 +42,9 @@ pub(crate) struct Connections {
     max_age: Duration,
     /// Whether the server's eviction policy was looked at (once, on the first connection).
     policy_checked: AtomicBool,
+    /// Whether the shared connection failed since the last one was opened (the next open is
+    /// a reconnect, for the metrics).
+    failed_since_open: AtomicBool,
     /// Bumped whenever a connection failed or reached the wrong server, so that connections
     /// opened before (the replica-ack connections, see `acks.rs`) are not used again.
     generation: AtomicU64,
@@ -65,6 +68,7 @@ impl Connections {
             timeout,
             max_age,
             policy_checked: AtomicBool::new(false),
+            failed_since_open: AtomicBool::new(false),
             generation: AtomicU64::new(0),
         }
     }
@@ -99,6 +103,9 @@ impl Connections {
             return Ok(current.connection.clone());
         }
         let connection = self.open().await?;
+        if self.failed_since_open.swap(false, Ordering::Relaxed) {
+            crate::observe::reconnected("redis", "command");
+        }
         *self.slot() = Some(Current {
             connection: connection.clone(),
             opened_at: Instant::now(),
@@ -167,6 +174,7 @@ impl Connections {
         {
             tracing::debug!(what, %error, "redis connection failed or points at the wrong server; the next command reconnects");
             *self.slot() = None;
+            self.failed_since_open.store(true, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
         LockError::backend(error)

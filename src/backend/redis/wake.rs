@@ -42,6 +42,8 @@ struct HubState {
     channels: HashMap<String, Channel>,
     /// The subscriber task, started by the first waiter.
     subscriber: Option<AbortHandle>,
+    /// Whether a connection failed since the last one was opened (for the metrics).
+    failed_since_open: bool,
 }
 
 #[derive(Default)]
@@ -198,7 +200,13 @@ impl HubInner {
             Some(link) => link,
             None if self.state().channels.is_empty() => return Ok(()),
             // Connected first, so that waiters that come meanwhile are in the same command.
-            None => link.insert(self.bounded(Link::open(&self.client)).await?),
+            None => {
+                let opened = self.bounded(Link::open(&self.client)).await?;
+                if std::mem::take(&mut self.state().failed_since_open) {
+                    crate::observe::reconnected("redis", "pubsub");
+                }
+                link.insert(opened)
+            }
         };
         let (missing, unused) = {
             let state = self.state();
@@ -243,6 +251,7 @@ impl HubInner {
     fn lost(&self, link: &mut Option<Link>) {
         *link = None;
         let mut state = self.state();
+        state.failed_since_open = true;
         for channel in state.channels.values_mut() {
             // Those that relied on the connection look at the lock now, and poll from then on.
             if std::mem::take(&mut channel.subscribed) {

@@ -56,6 +56,7 @@ impl SessionHandle {
             next_flag_id: 0,
             last_used: Instant::now(),
             idle_since: Instant::now(),
+            lost_since_open: false,
             bound: ConnectionBound::new(Instant::now()),
         };
         tokio::spawn(session.run());

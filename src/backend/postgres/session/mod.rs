@@ -102,6 +102,9 @@ struct Session {
     /// Since when the session holds nothing (no lock, no waiter flag), for closing an unused
     /// connection.
     idle_since: Instant,
+    /// Whether the connection was lost since the last one was opened (the next open is a
+    /// reconnect, for the metrics).
+    lost_since_open: bool,
     /// Until when the server keeps this connection's locks for sure: the send time of its last
     /// answered statement plus the server's bound (see [`SessionSettings::connection_bound`]).
     /// Every lease on the session runs out when it passes.
@@ -537,6 +540,9 @@ impl Session {
         let started = Instant::now();
         let connection = open_session(&self.pool, &self.settings, &self.sql).await?;
         tracing::debug!("opened a PostgreSQL lock session");
+        if std::mem::take(&mut self.lost_since_open) {
+            crate::observe::reconnected("postgres", "session");
+        }
         self.bound
             .confirm(started + self.settings.connection_bound());
         self.last_used = Instant::now();
@@ -550,6 +556,7 @@ impl Session {
     fn lose_session(&mut self, cause: LockError) {
         // Dropping the connection closes its socket at once, without a goodbye to the server.
         self.connection = None;
+        self.lost_since_open = true;
         if !self.held.is_empty() {
             tracing::warn!(
                 locks = self.held.len(),
