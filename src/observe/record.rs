@@ -62,81 +62,212 @@ impl LayerOutcome {
 
 #[cfg(feature = "metrics")]
 mod sink {
-    use super::*;
-    use metrics::{counter, gauge, histogram};
+    //! Every series' `Key` is built once, on first use, and reused: a call records through the
+    //! installed recorder without building a key (no allocation, no hashing of labels).
 
-    /// The counter of acquisitions, by backend, mode and outcome.
+    use std::sync::OnceLock;
+
+    use metrics::{Key, Label, Level, Metadata};
+
+    use super::*;
+
     const ACQUIRE_TOTAL: &str = "distributed_lock_acquire_total";
-    /// The histogram of the time an acquire took (waited), by backend, mode and outcome.
     const ACQUIRE_WAIT_SECONDS: &str = "distributed_lock_acquire_wait_seconds";
-    /// The gauge of callers inside a waiting `acquire`, by backend.
     const WAITING: &str = "distributed_lock_waiting";
-    /// The gauge of locks held by guards of this process, by backend.
     const HELD: &str = "distributed_lock_held";
-    /// The histogram of how long guards held their lock, by backend.
     const HOLD_SECONDS: &str = "distributed_lock_hold_seconds";
-    /// The counter of guards that lost their lock, by backend and cause.
     const LOST_TOTAL: &str = "distributed_lock_lost_total";
-    /// The counter of releases and extensions, by backend, operation and outcome.
     const OPERATIONS_TOTAL: &str = "distributed_lock_operations_total";
-    /// The counter of backend failures, by backend and operation.
     const BACKEND_ERRORS_TOTAL: &str = "distributed_lock_backend_errors_total";
-    /// The counter of connections opened again after one failed, by backend and connection.
     #[cfg(any(feature = "redis", feature = "postgres"))]
     const RECONNECTS_TOTAL: &str = "distributed_lock_reconnects_total";
-    /// The counter of requests through `LockLayer`, by outcome.
     const LAYER_REQUESTS_TOTAL: &str = "distributed_lock_layer_requests_total";
 
+    static METADATA: Metadata<'static> =
+        Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+    const BACKENDS: [&str; 4] = ["memory", "postgres", "redis", "custom"];
+    const MODES: [Mode; 2] = [Mode::Try, Mode::Wait];
+    const OUTCOMES: [Outcome; 6] = [
+        Outcome::Ok,
+        Outcome::Conflict,
+        Outcome::Timeout,
+        Outcome::Lost,
+        Outcome::Error,
+        Outcome::Invalid,
+    ];
+    const OPERATIONS: [&str; 3] = ["acquire", "release", "extend"];
+    const CAUSES: [LostCause; 2] = [LostCause::Expired, LostCause::Backend];
+    const LAYER_OUTCOMES: [LayerOutcome; 6] = [
+        LayerOutcome::Locked,
+        LayerOutcome::Conflict,
+        LayerOutcome::BackendError,
+        LayerOutcome::Invalid,
+        LayerOutcome::Unlocked,
+        LayerOutcome::FailedOpen,
+    ];
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    const CONNECTIONS: [(&str, &str); 3] = [
+        ("redis", "command"),
+        ("redis", "pubsub"),
+        ("postgres", "session"),
+    ];
+
+    fn backend_at(backend: &str) -> usize {
+        BACKENDS.iter().position(|b| *b == backend).unwrap_or(3)
+    }
+
+    fn at<T: PartialEq>(all: &[T], item: T) -> usize {
+        all.iter().position(|one| *one == item).unwrap_or(0)
+    }
+
+    /// The keys of every series, by the positions of their label values in the tables above.
+    struct Keys {
+        acquire_total: Vec<Key>,
+        acquire_wait: Vec<Key>,
+        per_backend: Vec<[Key; 3]>,
+        lost: Vec<Key>,
+        operations: Vec<Key>,
+        backend_errors: Vec<Key>,
+        layer: Vec<Key>,
+        #[cfg(any(feature = "redis", feature = "postgres"))]
+        reconnects: Vec<Key>,
+    }
+
+    fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::from_static_parts(k, v))
+            .collect();
+        Key::from_parts(name, labels)
+    }
+
+    fn keys() -> &'static Keys {
+        static KEYS: OnceLock<Keys> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            let mut keys = Keys {
+                acquire_total: Vec::new(),
+                acquire_wait: Vec::new(),
+                per_backend: Vec::new(),
+                lost: Vec::new(),
+                operations: Vec::new(),
+                backend_errors: Vec::new(),
+                layer: Vec::new(),
+                #[cfg(any(feature = "redis", feature = "postgres"))]
+                reconnects: Vec::new(),
+            };
+            for backend in BACKENDS {
+                let b = ("backend", backend);
+                for mode in MODES {
+                    for outcome in OUTCOMES {
+                        let labels = [b, ("mode", mode.as_str()), ("outcome", outcome.label(true))];
+                        keys.acquire_total.push(key(ACQUIRE_TOTAL, &labels));
+                        keys.acquire_wait.push(key(ACQUIRE_WAIT_SECONDS, &labels));
+                    }
+                }
+                keys.per_backend.push([
+                    key(WAITING, &[b]),
+                    key(HELD, &[b]),
+                    key(HOLD_SECONDS, &[b]),
+                ]);
+                for cause in CAUSES {
+                    keys.lost
+                        .push(key(LOST_TOTAL, &[b, ("cause", cause.as_str())]));
+                }
+                for operation in OPERATIONS {
+                    for outcome in OUTCOMES {
+                        let labels = [
+                            b,
+                            ("operation", operation),
+                            ("outcome", outcome.label(false)),
+                        ];
+                        keys.operations.push(key(OPERATIONS_TOTAL, &labels));
+                    }
+                    let labels = [b, ("operation", operation)];
+                    keys.backend_errors.push(key(BACKEND_ERRORS_TOTAL, &labels));
+                }
+            }
+            for outcome in LAYER_OUTCOMES {
+                keys.layer
+                    .push(key(LAYER_REQUESTS_TOTAL, &[("outcome", outcome.as_str())]));
+            }
+            #[cfg(any(feature = "redis", feature = "postgres"))]
+            for (backend, connection) in CONNECTIONS {
+                let labels = [("backend", backend), ("connection", connection)];
+                keys.reconnects.push(key(RECONNECTS_TOTAL, &labels));
+            }
+            keys
+        })
+    }
+
+    fn count(key: &Key) {
+        metrics::with_recorder(|recorder| recorder.register_counter(key, &METADATA).increment(1));
+    }
+
+    fn backend_error(backend: usize, operation: &'static str) {
+        count(&keys().backend_errors[backend * OPERATIONS.len() + at(&OPERATIONS, operation)]);
+    }
+
     pub(crate) fn acquired(backend: &'static str, mode: Mode, outcome: Outcome, waited: Duration) {
-        let labels = [
-            ("backend", backend),
-            ("mode", mode.as_str()),
-            ("outcome", outcome.label(true)),
-        ];
-        counter!(ACQUIRE_TOTAL, &labels).increment(1);
-        histogram!(ACQUIRE_WAIT_SECONDS, &labels).record(waited.as_secs_f64());
+        let b = backend_at(backend);
+        let series = (b * MODES.len() + at(&MODES, mode)) * OUTCOMES.len() + at(&OUTCOMES, outcome);
+        let keys = keys();
+        count(&keys.acquire_total[series]);
+        metrics::with_recorder(|recorder| {
+            recorder
+                .register_histogram(&keys.acquire_wait[series], &METADATA)
+                .record(waited.as_secs_f64())
+        });
         if outcome == Outcome::Error {
-            counter!(BACKEND_ERRORS_TOTAL, "backend" => backend, "operation" => "acquire")
-                .increment(1);
+            backend_error(b, "acquire");
         }
     }
 
+    fn gauge(backend: &'static str, which: usize, delta: f64) {
+        let key = &keys().per_backend[backend_at(backend)][which];
+        metrics::with_recorder(|recorder| recorder.register_gauge(key, &METADATA).increment(delta));
+    }
+
     pub(crate) fn waiting(backend: &'static str, delta: f64) {
-        gauge!(WAITING, "backend" => backend).increment(delta);
+        gauge(backend, 0, delta);
     }
 
     pub(crate) fn held(backend: &'static str, delta: f64) {
-        gauge!(HELD, "backend" => backend).increment(delta);
+        gauge(backend, 1, delta);
     }
 
     pub(crate) fn hold_ended(backend: &'static str, held_for: Duration) {
-        histogram!(HOLD_SECONDS, "backend" => backend).record(held_for.as_secs_f64());
+        let key = &keys().per_backend[backend_at(backend)][2];
+        metrics::with_recorder(|recorder| {
+            recorder
+                .register_histogram(key, &METADATA)
+                .record(held_for.as_secs_f64())
+        });
     }
 
     pub(crate) fn lost(backend: &'static str, cause: LostCause) {
-        counter!(LOST_TOTAL, "backend" => backend, "cause" => cause.as_str()).increment(1);
+        count(&keys().lost[backend_at(backend) * CAUSES.len() + at(&CAUSES, cause)]);
     }
 
     pub(crate) fn operation(backend: &'static str, operation: &'static str, outcome: Outcome) {
-        let labels = [
-            ("backend", backend),
-            ("operation", operation),
-            ("outcome", outcome.label(false)),
-        ];
-        counter!(OPERATIONS_TOTAL, &labels).increment(1);
+        let b = backend_at(backend);
+        let series = (b * OPERATIONS.len() + at(&OPERATIONS, operation)) * OUTCOMES.len()
+            + at(&OUTCOMES, outcome);
+        count(&keys().operations[series]);
         if outcome == Outcome::Error {
-            counter!(BACKEND_ERRORS_TOTAL, "backend" => backend, "operation" => operation)
-                .increment(1);
+            backend_error(b, operation);
         }
     }
 
     pub(crate) fn layer_request(outcome: LayerOutcome) {
-        counter!(LAYER_REQUESTS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+        count(&keys().layer[at(&LAYER_OUTCOMES, outcome)]);
     }
 
     #[cfg(any(feature = "redis", feature = "postgres"))]
     pub(crate) fn reconnected(backend: &'static str, connection: &'static str) {
-        counter!(RECONNECTS_TOTAL, "backend" => backend, "connection" => connection).increment(1);
+        if let Some(series) = CONNECTIONS.iter().position(|c| *c == (backend, connection)) {
+            count(&keys().reconnects[series]);
+        }
     }
 }
 
