@@ -46,19 +46,18 @@ struct HubState {
     failed_since_open: bool,
 }
 
-#[derive(Default)]
+/// The channel of one waiting task (each waiter has a channel of its own).
 struct Channel {
-    /// Waiter token (hyphenated UUID) → its wake-up.
-    waiters: HashMap<String, Arc<Notify>>,
+    /// The waiter's wake-up.
+    notify: Arc<Notify>,
     /// Whether the current connection confirmed the subscription.
     subscribed: bool,
 }
 
-/// One waiting task's interest in a channel. Dropping it unsubscribes when it was the last.
+/// One waiting task's channel. Dropping it unsubscribes it.
 pub(crate) struct Registration {
     hub: Arc<HubInner>,
     channel: String,
-    token: String,
     notify: Arc<Notify>,
 }
 
@@ -75,24 +74,20 @@ impl WakeHub {
         }
     }
 
-    /// Registers a waiter on `channel`; the subscriber task subscribes the channel if it is
-    /// new. Must be called on a Tokio runtime (it starts that task with the first waiter).
-    pub(crate) fn register(&self, channel: &str, token: String) -> Registration {
+    /// Registers a waiter on its own `channel`; the subscriber task subscribes it. Must be
+    /// called on a Tokio runtime (it starts that task with the first waiter).
+    pub(crate) fn register(&self, channel: String) -> Registration {
         let notify = Arc::new(Notify::new());
-        let first_on_channel = {
-            let mut state = self.inner.state();
-            let entry = state.channels.entry(channel.to_owned()).or_default();
-            entry.waiters.insert(token.clone(), Arc::clone(&notify));
-            entry.waiters.len() == 1
+        let waiter = Channel {
+            notify: Arc::clone(&notify),
+            subscribed: false,
         };
+        self.inner.state().channels.insert(channel.clone(), waiter);
         self.inner.ensure_subscriber();
-        if first_on_channel {
-            self.inner.changed.notify_one();
-        }
+        self.inner.changed.notify_one();
         Registration {
             hub: Arc::clone(&self.inner),
-            channel: channel.to_owned(),
-            token,
+            channel,
             notify,
         }
     }
@@ -134,23 +129,8 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let now_unused = {
-            let mut state = self.hub.state();
-            match state.channels.get_mut(&self.channel) {
-                Some(channel) => {
-                    channel.waiters.remove(&self.token);
-                    let unused = channel.waiters.is_empty();
-                    if unused {
-                        state.channels.remove(&self.channel);
-                    }
-                    unused
-                }
-                None => false,
-            }
-        };
-        if now_unused {
-            self.hub.changed.notify_one();
-        }
+        self.hub.state().channels.remove(&self.channel);
+        self.hub.changed.notify_one();
     }
 }
 
@@ -182,13 +162,9 @@ impl HubInner {
             .is_some_and(|channel| channel.subscribed)
     }
 
-    fn wake(&self, channel: &str, token: &[u8]) {
-        let state = self.state();
-        let waiter = std::str::from_utf8(token)
-            .ok()
-            .and_then(|token| state.channels.get(channel)?.waiters.get(token));
-        if let Some(notify) = waiter {
-            notify.notify_one();
+    fn wake(&self, channel: &str) {
+        if let Some(waiter) = self.state().channels.get(channel) {
+            waiter.notify.notify_one();
         }
     }
 
@@ -255,9 +231,7 @@ impl HubInner {
         for channel in state.channels.values_mut() {
             // Those that relied on the connection look at the lock now, and poll from then on.
             if std::mem::take(&mut channel.subscribed) {
-                for waiter in channel.waiters.values() {
-                    waiter.notify_one();
-                }
+                channel.notify.notify_one();
             }
         }
         drop(state);
@@ -353,7 +327,7 @@ async fn keep_subscriptions(hub: Weak<HubInner>, changed: Arc<Notify>) {
         let Some(hub) = hub.upgrade() else { return };
         match event {
             Event::Message(message) => {
-                hub.wake(message.get_channel_name(), message.get_payload_bytes());
+                hub.wake(message.get_channel_name());
                 continue;
             }
             Event::Closed => {
