@@ -1,11 +1,12 @@
 //! One granted (or being-acquired) lock: release, extend and abandon by token.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use uuid::Uuid;
 
 use tokio::time::Instant;
@@ -183,26 +184,38 @@ impl Drop for Grant {
     }
 }
 
-/// Releases `lock` in a task on the current runtime (best effort: it expires at its TTL, and a
-/// warning says so when there is no runtime to run the release).
-fn release_in_background(lock: LockRef, what: &'static str) {
+/// Releases `lock` in a task on the current runtime (see [`in_background`]); returns the task,
+/// for a caller that waits for it.
+pub(crate) fn release_in_background(lock: LockRef, what: &'static str) -> Option<JoinHandle<()>> {
+    let (key, ttl) = (Arc::clone(&lock.key), lock.shared.config.get_ttl());
+    in_background(key, ttl, what, async move { lock.release().await })
+}
+
+/// Runs `release`, which frees the lock of `key` (`what` says which), in a task on the current
+/// runtime: best effort, a lock it could not free expires at its TTL. When the release cannot
+/// run at all (no runtime, or its runtime shuts down before the task runs), a warning names
+/// the key: nothing in the process can send the command any more.
+fn in_background(
+    key: Arc<str>,
+    ttl: Duration,
+    what: &'static str,
+    release: impl Future<Output = Result<(), LockError>> + Send + 'static,
+) -> Option<JoinHandle<()>> {
     let pending = PendingRelease {
-        key: Arc::clone(&lock.key),
-        ttl: lock.shared.config.get_ttl(),
+        key,
+        ttl,
         what,
         done: false,
     };
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return; // `pending` warns.
-    };
-    runtime.spawn(async move {
+    let runtime = tokio::runtime::Handle::try_current().ok()?; // `pending` warns
+    Some(runtime.spawn(async move {
         // The whole struct moves into the task, so it is dropped with the task.
         let mut pending = pending;
-        if let Err(error) = lock.release().await {
-            tracing::debug!(key = ?lock.key, error = &error as &dyn std::error::Error, "could not release {what}; it expires at its TTL");
+        if let Err(error) = release.await {
+            tracing::debug!(key = ?pending.key, error = &error as &dyn std::error::Error, "could not release {what}; it expires at its TTL");
         }
         pending.done = true;
-    });
+    }))
 }
 
 /// The [`LockHandle`] behind every Redis [`LockGuard`](crate::LockGuard).
@@ -350,10 +363,10 @@ async fn hand_over(
             if matches!(error, LockError::BackendError(_)) {
                 // The script may still run: the clean-up goes on the same connection, so that
                 // Redis runs it afterwards (token-checked, it frees only the fresh token).
-                tokio::spawn(async move {
-                    if let Err(error) = next.abandon(connection).await {
-                        tracing::debug!(key = ?next.key, error = &error as &dyn std::error::Error, "could not clean up after a failed hand-over; a lock it took expires at its TTL");
-                    }
+                let (key, ttl) = (Arc::clone(&next.key), next.shared.config.get_ttl());
+                let what = "a lock the failed hand-over may have taken";
+                in_background(key, ttl, what, async move {
+                    next.abandon(connection).await.map(drop)
                 });
             }
             Some(Err(error))
@@ -378,33 +391,12 @@ impl LockHandle for RedisHandle {
     /// is left.
     fn release_on_drop(self: Arc<Self>) {
         self.stop_watchdog();
-        let ttl = self.lock.shared.config.get_ttl();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(
-                key = ?self.lock.key,
-                ?ttl,
-                "lock guard dropped outside a tokio runtime: the lock stays until its TTL runs out"
-            );
-            return;
-        };
-        let pending = PendingRelease {
-            key: Arc::clone(&self.lock.key),
-            ttl,
-            what: "a dropped lock guard",
-            done: false,
-        };
-        runtime.spawn(async move {
-            // The whole struct moves into the task (a closure would capture only the field),
-            // so it is dropped with the task.
-            let mut pending = pending;
-            if let Err(error) = self.release_and_pass_on().await {
-                tracing::debug!(
-                    key = ?self.lock.key,
-                    error = &error as &dyn std::error::Error,
-                    "background release of a dropped lock guard failed"
-                );
-            }
-            pending.done = true;
+        let (key, ttl) = (
+            Arc::clone(&self.lock.key),
+            self.lock.shared.config.get_ttl(),
+        );
+        in_background(key, ttl, "a dropped lock guard", async move {
+            self.release_and_pass_on().await
         });
     }
 }

@@ -26,7 +26,9 @@ use uuid::Uuid;
 use self::acks::{Exclusive, ReplicaAcks};
 pub use self::builder::RedisDistributedLockBuilder;
 use self::connection::Connections;
-use self::handle::{millis, token_text, Grant, HeldClaim, LockRef, RedisHandle};
+use self::handle::{
+    millis, release_in_background, token_text, Grant, HeldClaim, LockRef, RedisHandle,
+};
 use self::keys::LockKeys;
 use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
 use self::wake::{Registration, WakeHub};
@@ -287,8 +289,7 @@ impl RedisDistributedLock {
                     let token = token_text(&pending.token, &mut buffer);
                     // A channel of the waiter's own: a release reaches one subscriber, however
                     // many wait for the key.
-                    let channel = format!("{}:{token}", pending.keys.channel);
-                    let subscribing = hub.register(&channel, token.to_owned());
+                    let subscribing = hub.register(format!("{}:{token}", pending.keys.channel));
                     subscribing.subscribed_within(poll).await;
                     registration = Some(subscribing);
                     continue;
@@ -461,18 +462,12 @@ fn lease_left_is_usable(sent_at: Instant, ttl: Duration) -> bool {
     (sent_at + ttl).saturating_duration_since(Instant::now()) >= ttl / MIN_LEASE_LEFT_DIVISOR
 }
 
-/// Releases a granted lock that is not handed out (best effort: it expires at its TTL).
+/// Releases a granted lock that is not handed out (best effort: it expires at its TTL), and
+/// waits for it. In a task of its own: a caller that gives up meanwhile must not leave the lock
+/// held until its TTL.
 async fn give_back(lock: LockRef) {
-    // In a task of its own: a caller that gives up meanwhile must not leave the lock held
-    // until its TTL.
-    let key = Arc::clone(&lock.key);
-    let released = tokio::spawn(async move { lock.release().await }).await;
-    if let Ok(Err(error)) = released {
-        tracing::debug!(
-            ?key,
-            error = &error as &dyn std::error::Error,
-            "could not give back a lock that was not handed out; it expires"
-        );
+    if let Some(task) = release_in_background(lock, "a lock granted but not handed out") {
+        let _ = task.await;
     }
 }
 
