@@ -150,6 +150,8 @@ async fn every_operation_has_a_span_with_its_outcome(backend: Backend) {
         ],
         "{acquires:?}"
     );
+    // The timed-out acquire waited its whole budget (50 ms).
+    assert!(acquires[2].fields["waited_ms"].parse::<f64>().unwrap() >= 50.0);
     assert_eq!(
         acquires[0].fields["fencing_token"],
         fencing_token.to_string()
