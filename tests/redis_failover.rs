@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::proxy::FaultProxy;
@@ -14,10 +13,6 @@ use common::redis_server::RedisServer;
 
 use k1s0_distributed_lock::bb8_redis::redis;
 use k1s0_distributed_lock::{DistributedLock, LockError, RedisDistributedLock};
-
-fn address(server: &RedisServer) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], server.port()))
-}
 
 /// A lock that reaches Redis through `proxy`.
 async fn lock_through(proxy: &FaultProxy, prefix: &str, max_age: Duration) -> RedisDistributedLock {
@@ -41,7 +36,7 @@ async fn the_lock_follows_a_failover_that_leaves_the_old_primary_as_a_replica() 
     let old = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]).await;
     let new = RedisServer::start_with(&["--replicaof", "127.0.0.1", &old.port().to_string()]).await;
     new.await_info("replication", "master_link_status:up").await;
-    let proxy = FaultProxy::start(address(&old)).await;
+    let proxy = FaultProxy::start(old.address()).await;
     let prefix = common::unique_prefix("redis_failover_readonly");
     let lock = lock_through(&proxy, &prefix, Duration::from_secs(3600)).await;
     let earlier = lock.try_acquire("k").await.unwrap();
@@ -67,7 +62,7 @@ async fn the_lock_follows_a_failover_that_leaves_the_old_primary_as_a_replica() 
         redis::cmd("REPLICAOF").arg("127.0.0.1").arg(new.port()),
     )
     .await;
-    proxy.repoint(address(&new));
+    proxy.repoint(new.address());
     let refused = lock.try_acquire("k").await;
     assert!(
         matches!(&refused, Err(LockError::BackendError(error)) if error.to_string().contains("read only replica")),
@@ -87,7 +82,7 @@ async fn the_lock_follows_a_failover_that_leaves_the_old_primary_as_a_replica() 
 async fn the_lock_follows_a_repointed_address_within_the_connection_age() {
     let first = RedisServer::start().await;
     let second = RedisServer::start().await;
-    let proxy = FaultProxy::start(address(&first)).await;
+    let proxy = FaultProxy::start(first.address()).await;
     let prefix = common::unique_prefix("redis_failover_age");
     let max_age = Duration::from_millis(300);
     let lock = lock_through(&proxy, &prefix, max_age).await;
@@ -95,7 +90,7 @@ async fn the_lock_follows_a_repointed_address_within_the_connection_age() {
     common::redis_conn::take_and_release(&lock, "k").await;
 
     // Both servers answer as primaries: no error tells the lock to move.
-    proxy.repoint(address(&second));
+    proxy.repoint(second.address());
     let guard = lock.try_acquire("k").await.unwrap();
     assert!(
         first.has_key(&key).await,

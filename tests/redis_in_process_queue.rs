@@ -146,12 +146,7 @@ async fn a_release_hands_the_lock_to_the_next_task_in_one_script() {
     warm_up.release().await.unwrap();
 
     let reset = async {
-        let mut admin = admin.clone();
-        let _: () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
+        common::redis_conn::reset_stats(&admin).await;
     };
     let (next, first_token) = release_to_a_waiting_task(&lock, "k", reset).await;
     assert_eq!(

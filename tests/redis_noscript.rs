@@ -11,15 +11,6 @@ use common::redis_server::RedisServer;
 use k1s0_distributed_lock::bb8_redis::redis;
 use k1s0_distributed_lock::DistributedLock;
 
-/// The `calls=` count of `command` in `INFO commandstats`, 0 when it never ran.
-fn calls(stats: &str, command: &str) -> u64 {
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |count| count.parse().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgotten_scripts_are_sent_again_with_eval() {
     let server = RedisServer::start().await;
@@ -33,23 +24,15 @@ async fn forgotten_scripts_are_sent_again_with_eval() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    let () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    common::redis_conn::reset_stats(&admin).await;
     let guard = lock.try_acquire("k").await.unwrap();
     guard.release().await.unwrap();
 
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    assert_eq!(calls(&stats, "script|load"), 0, "{stats}");
+    let calls_run = common::redis_conn::calls_run;
+    assert_eq!(calls_run(&admin, &["script|load"]).await, 0);
     assert_eq!(
-        calls(&stats, "eval"),
+        calls_run(&admin, &["eval"]).await,
         2,
-        "acquire and release, each once: {stats}"
+        "acquire and release, each once"
     );
 }

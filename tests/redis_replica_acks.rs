@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,10 +21,6 @@ use k1s0_distributed_lock::{
     RedisDistributedLockBuilder,
 };
 
-fn address(server: &RedisServer) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], server.port()))
-}
-
 /// A primary and a replica that reaches it through `link`.
 struct Replicated {
     primary: RedisServer,
@@ -37,7 +32,7 @@ impl Replicated {
     async fn start() -> Replicated {
         // A replica's first sync starts at once, not after the default 5 s delay.
         let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]).await;
-        let link = FaultProxy::start(address(&primary)).await;
+        let link = FaultProxy::start(primary.address()).await;
         let link_port = link.address().port().to_string();
         let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &link_port]).await;
         replica
@@ -99,7 +94,7 @@ async fn an_acknowledged_lock_survives_the_failover() {
     let mut servers = Replicated::start().await;
     // The lock reaches the primary through `front`, re-pointed to the promoted replica after
     // the failover (as a DNS name would be).
-    let front = FaultProxy::start(address(&servers.primary)).await;
+    let front = FaultProxy::start(servers.primary.address()).await;
     let prefix = common::unique_prefix("redis_acks_survives");
     let lock = builder_on(&format!("redis://{}", front.address()), &prefix)
         .await
@@ -112,7 +107,7 @@ async fn an_acknowledged_lock_survives_the_failover() {
     let guard = lock.try_acquire("k").await.expect("acknowledged in time");
 
     servers.fail_over().await;
-    front.repoint(address(&servers.replica));
+    front.repoint(servers.replica.address());
     front.cut_all();
 
     let new_primary = builder_on(&servers.replica.url(), &prefix)

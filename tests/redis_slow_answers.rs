@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::proxy::FaultProxy;
@@ -49,7 +48,7 @@ async fn slow_proxy(server: &RedisServer, one_way: Duration) -> std::sync::Arc<F
     let guard = warm.try_acquire("k").await.unwrap();
     guard.extend(Duration::from_secs(1)).await.unwrap();
     guard.release().await.unwrap();
-    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], server.port()))).await;
+    let proxy = FaultProxy::start(server.address()).await;
     proxy.set_latency(one_way);
     proxy
 }

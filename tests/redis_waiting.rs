@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,10 +36,6 @@ async fn lock_object(url: &str, pubsub_url: &str) -> RedisDistributedLock {
         .unwrap()
 }
 
-fn address(server: &RedisServer) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], server.port()))
-}
-
 /// How long each waiter's place in the line of `key` has left, by the server's clock.
 async fn places_left(
     admin: &mut MultiplexedConnection,
@@ -64,14 +59,6 @@ async fn places_left(
         .collect()
 }
 
-async fn reset_statistics(admin: &mut MultiplexedConnection) {
-    let _: () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async(admin)
-        .await
-        .unwrap();
-}
-
 /// 20 waiters on one key, each through a lock object of its own (20 processes, as far as Redis
 /// can tell), wait while a holder keeps the key. Subscribed, they keep places that outlive a
 /// poller's and run at most 2 scripts a second each (a poller at the same settings runs
@@ -82,7 +69,7 @@ async fn subscribed_waiters_keep_long_places_and_look_rarely() {
     const WINDOW: Duration = Duration::from_secs(3);
     let server = RedisServer::start().await;
     let url = server.url();
-    let mut admin = common::redis_conn::connection(&url).await;
+    let admin = common::redis_conn::connection(&url).await;
     let holder = lock_object(&url, &url).await;
     let guard = holder.acquire("k").await.unwrap();
 
@@ -108,7 +95,7 @@ async fn subscribed_waiters_keep_long_places_and_look_rarely() {
     )
     .await;
 
-    reset_statistics(&mut admin).await;
+    common::redis_conn::reset_stats(&admin).await;
     tokio::time::sleep(WINDOW).await; // the window the scripts are counted over
     let scripts = common::redis_conn::calls_run(&admin, &["evalsha", "eval"]).await;
     let per_waiter_second = scripts as f64 / WAITERS as f64 / WINDOW.as_secs_f64();
@@ -132,7 +119,7 @@ async fn subscribed_waiters_keep_long_places_and_look_rarely() {
 async fn a_pubsub_connection_that_stops_answering_is_noticed() {
     let server = RedisServer::start().await;
     let url = server.url();
-    let proxy = FaultProxy::start(address(&server)).await;
+    let proxy = FaultProxy::start(server.address()).await;
     let proxied = format!("redis://{}", proxy.address());
     let admin = common::redis_conn::connection(&url).await;
     let holder = lock_object(&url, &url).await;
@@ -186,10 +173,10 @@ async fn the_channels_of_many_waiting_keys_are_subscribed_together() {
     const KEYS: usize = 20;
     let server = RedisServer::start().await;
     let url = server.url();
-    let proxy = FaultProxy::start(address(&server)).await;
+    let proxy = FaultProxy::start(server.address()).await;
     proxy.set_latency(Duration::from_millis(100));
     let proxied = format!("redis://{}", proxy.address());
-    let mut admin = common::redis_conn::connection(&url).await;
+    let admin = common::redis_conn::connection(&url).await;
     let holder = lock_object(&url, &url).await;
     let waiter = lock_object(&url, &proxied).await;
     let keys: Vec<String> = (0..KEYS).map(|n| format!("k{n}")).collect();
@@ -198,7 +185,7 @@ async fn the_channels_of_many_waiting_keys_are_subscribed_together() {
         guards.push(holder.acquire(key).await.unwrap());
     }
 
-    reset_statistics(&mut admin).await;
+    common::redis_conn::reset_stats(&admin).await;
     let mut waiting = Vec::new();
     for key in keys.clone() {
         let waiter = waiter.clone();

@@ -77,3 +77,12 @@ pub async fn calls_run(connection: &MultiplexedConnection, counted: &[&str]) -> 
         })
         .sum()
 }
+
+/// Resets the server's statistics (`CONFIG RESETSTAT`), so that [`calls_run`] counts from now.
+pub async fn reset_stats(connection: &MultiplexedConnection) {
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut connection.clone())
+        .await
+        .expect("CONFIG RESETSTAT");
+}

@@ -40,6 +40,11 @@ impl RedisServer {
         self.port
     }
 
+    /// Where the server listens, for a proxy in front of it.
+    pub fn address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
