@@ -353,20 +353,34 @@ async fn waiters_at_scale(n: usize, window: Duration) -> (f64, Vec<Duration>) {
         .collect();
 
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    // Every waiter queued and subscribed (its own channel, `<lock key>:released:<token>`).
     let waiters_key = format!("{}:waiters", holder.redis_key("crowded"));
+    let channels = format!("{}:released:*", holder.redis_key("crowded"));
+    let give_up_at = Instant::now() + Duration::from_secs(60);
     loop {
         let queued: usize = redis::cmd("ZCARD")
             .arg(&waiters_key)
             .query_async(&mut admin)
             .await
             .unwrap();
-        if queued == n {
+        let subscribed: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(&channels)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        if queued == n && subscribed.len() == n {
             break;
         }
+        assert!(
+            Instant::now() < give_up_at,
+            "{queued} of {n} waiters queued, {} subscribed",
+            subscribed.len()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Every waiter has made its first attempts and subscribed by now.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Their places are long-lived from their next look (at most a poll interval away).
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let before = redis_raw::scripts_run(&mut admin).await;
     tokio::time::sleep(window).await;
     let scripts = redis_raw::scripts_run(&mut admin).await - before;
