@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::config::validate_ttl;
 use crate::keep_alive::KeepAlive;
-use crate::observe::{self, Held, KeyVisibility, Outcome};
+use crate::observe::{self, Held, KeyVisibility, Outcome, ShownKey};
 use crate::{Lease, LockError};
 
 /// What a backend does for one lock it granted. A [`LockGuard`] owns one and calls it.
@@ -168,14 +168,22 @@ impl LockGuard {
         self.held = Some(held);
     }
 
+    /// How this guard's spans and log events show its key.
+    fn key_visibility(&self) -> KeyVisibility {
+        self.held
+            .as_ref()
+            .map_or(KeyVisibility::default(), Held::keys)
+    }
+
+    /// The key as this guard's log events show it.
+    fn shown_key(&self) -> ShownKey<'_> {
+        self.key_visibility().show(&self.info.key)
+    }
+
     /// A span for a release or extend of this guard.
     fn operation_span(&self, name: &'static str) -> tracing::Span {
-        let (backend, keys) = self
-            .held
-            .as_ref()
-            .map_or(("custom", KeyVisibility::default()), |held| {
-                (held.backend(), held.keys())
-            });
+        let backend = self.held.as_ref().map_or("custom", Held::backend);
+        let keys = self.key_visibility();
         let span = match name {
             "release" => tracing::debug_span!(
                 "lock.release",
@@ -296,6 +304,7 @@ impl LockGuard {
             Arc::downgrade(self.handle.as_ref().expect(LIVE_GUARD)),
             Arc::clone(&self.lease),
             Arc::clone(&self.info.key),
+            self.key_visibility(),
             max_hold,
         )
     }
@@ -320,7 +329,7 @@ impl LockGuard {
             // The lease ran out or the backend said the lock is gone: the answer is LockLost
             // whatever the backend says now (it may be unreachable). Still clean up, token
             // checked, so an expired-but-untaken lock does not linger until its TTL.
-            tracing::warn!(key = ?self.info.key, "released a lock that was already lost");
+            tracing::warn!(key = %self.shown_key(), "released a lock that was already lost");
             handle.release_on_drop();
             return Err(LockError::LockLost);
         }
@@ -333,13 +342,13 @@ impl LockGuard {
             pending.disarm();
         }
         match &result {
-            Ok(()) => tracing::trace!(key = ?self.info.key, "lock released"),
+            Ok(()) => tracing::trace!(key = %self.shown_key(), "lock released"),
             Err(LockError::LockLost) => {
                 self.lease.mark_lost();
-                tracing::warn!(key = ?self.info.key, "released a lock that was already lost");
+                tracing::warn!(key = %self.shown_key(), "released a lock that was already lost");
             }
             Err(error) => {
-                tracing::warn!(key = ?self.info.key, error = error as &dyn std::error::Error, "lock release failed")
+                tracing::warn!(key = %self.shown_key(), error = error as &dyn std::error::Error, "lock release failed")
             }
         }
         result
@@ -389,7 +398,7 @@ impl Drop for LockGuard {
             if let Some(held) = self.held.as_ref().filter(|_| self.lease.is_lost()) {
                 held.lost(&self.lease);
             }
-            tracing::trace!(key = ?self.info.key, "lock guard dropped; releasing");
+            tracing::trace!(key = %self.shown_key(), "lock guard dropped; releasing");
             handle.release_on_drop();
         }
     }

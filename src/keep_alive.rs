@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::guard::extend_lease;
-use crate::{Lease, LockError, LockHandle};
+use crate::{KeyVisibility, Lease, LockError, LockHandle};
 
 /// Keeps one lock alive: every third of its lease's term, a task extends it by that term.
 ///
@@ -33,6 +33,7 @@ impl KeepAlive {
         handle: Weak<dyn LockHandle>,
         lease: Arc<Lease>,
         key: Arc<str>,
+        keys: KeyVisibility,
         max_hold: Duration,
     ) -> Self {
         let stopped = Arc::new(AtomicBool::new(false));
@@ -41,6 +42,7 @@ impl KeepAlive {
                 handle,
                 lease,
                 key,
+                keys,
                 max_hold,
                 Arc::clone(&stopped),
             ))
@@ -62,9 +64,11 @@ async fn keep_alive(
     handle: Weak<dyn LockHandle>,
     lease: Arc<Lease>,
     key: Arc<str>,
+    keys: KeyVisibility,
     max_hold: Duration,
     stopped: Arc<AtomicBool>,
 ) {
+    let key = keys.show(&key);
     let term = lease.term();
     let give_up_at = Instant::now() + max_hold;
     let mut next = lease.renewed_at() + term / 3;
@@ -75,7 +79,7 @@ async fn keep_alive(
         }
         if Instant::now() >= give_up_at {
             tracing::warn!(
-                key = ?key,
+                key = %key,
                 ?max_hold,
                 "the work has held its lock for max_hold; no longer extending it, it runs out at the end of its term"
             );
@@ -90,17 +94,17 @@ async fn keep_alive(
             () = lease.lost() => break,
         };
         match extended {
-            Ok(()) => tracing::trace!(key = ?key, "lock kept alive"),
+            Ok(()) => tracing::trace!(key = %key, "lock kept alive"),
             // The next turn of the loop reports the loss.
             Err(LockError::LockLost) => {}
             Err(error) => tracing::warn!(
-                key = ?key,
+                key = %key,
                 error = &error as &dyn std::error::Error,
                 "extending the lock failed; trying again a third of its term later"
             ),
         }
     }
     if !stopped.load(Ordering::Acquire) {
-        tracing::warn!(key = ?key, "the lock was lost while the work it protects was still running");
+        tracing::warn!(key = %key, "the lock was lost while the work it protects was still running");
     }
 }

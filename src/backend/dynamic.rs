@@ -60,6 +60,9 @@ pub trait DynDistributedLock: Send + Sync + 'static {
 
     /// [`DistributedLock::validate`].
     fn dyn_validate(&self) -> Result<(), LockError>;
+
+    /// [`DistributedLock::key_visibility`].
+    fn dyn_key_visibility(&self) -> crate::KeyVisibility;
 }
 
 impl<T: DistributedLock> DynDistributedLock for T {
@@ -81,6 +84,10 @@ impl<T: DistributedLock> DynDistributedLock for T {
 
     fn dyn_validate(&self) -> Result<(), LockError> {
         self.validate()
+    }
+
+    fn dyn_key_visibility(&self) -> crate::KeyVisibility {
+        self.key_visibility()
     }
 }
 
@@ -119,6 +126,10 @@ macro_rules! distributed_lock_for_pointer {
 
             fn validate(&self) -> Result<(), LockError> {
                 (**self).dyn_validate()
+            }
+
+            fn key_visibility(&self) -> crate::KeyVisibility {
+                (**self).dyn_key_visibility()
             }
         }
     };

@@ -83,6 +83,15 @@ pub trait DistributedLock: Send + Sync + 'static {
     fn validate(&self) -> Result<(), LockError> {
         Ok(())
     }
+
+    /// How this lock's spans and log events show keys
+    /// ([`LockConfig::trace_keys`](crate::LockConfig::trace_keys)). A
+    /// [`LockLayer`](crate::LockLayer) over the lock logs its decisions the same way. The
+    /// built-in backends answer from their configuration; the default is
+    /// [`KeyVisibility::Hashed`](crate::KeyVisibility::Hashed).
+    fn key_visibility(&self) -> crate::KeyVisibility {
+        crate::KeyVisibility::default()
+    }
 }
 
 impl<T: DistributedLock> DistributedLock for Arc<T> {
@@ -104,5 +113,9 @@ impl<T: DistributedLock> DistributedLock for Arc<T> {
 
     fn validate(&self) -> Result<(), LockError> {
         (**self).validate()
+    }
+
+    fn key_visibility(&self) -> crate::KeyVisibility {
+        (**self).key_visibility()
     }
 }

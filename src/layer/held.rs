@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::settings::Settings;
 use crate::keep_alive::KeepAlive;
-use crate::{LockError, LockGuard, LockInfo};
+use crate::{KeyVisibility, LockError, LockGuard, LockInfo};
 
 /// The guard of one request's lock, with its keep-alive. Dropping it stops the keep-alive and
 /// drops the guard (released in the background); [`release`](Self::release) releases it with
@@ -25,6 +25,8 @@ pub(crate) struct HeldLock {
     /// Until when the lock may be kept alive; `None`: never.
     keep_alive_until: Option<Instant>,
     release_timeout: Duration,
+    /// How log events show the key.
+    keys: KeyVisibility,
 }
 
 impl HeldLock {
@@ -36,6 +38,7 @@ impl HeldLock {
                 .keep_alive_for
                 .map(|max_hold| Instant::now() + max_hold),
             release_timeout: settings.release_timeout,
+            keys: settings.keys,
         }
     }
 
@@ -64,6 +67,7 @@ impl HeldLock {
             keep_alive,
             guard,
             release_timeout,
+            keys,
             ..
         } = self;
         drop(keep_alive);
@@ -73,10 +77,10 @@ impl HeldLock {
                 // The guard logs a lost lock and a failed release itself.
                 Ok(Ok(()) | Err(LockError::LockLost | LockError::BackendError(_))) => {}
                 Ok(Err(error)) => {
-                    tracing::debug!(key = ?key.key(), error = &error as &dyn std::error::Error, "releasing the lock of a finished response failed")
+                    tracing::debug!(key = %keys.show(key.key()), error = &error as &dyn std::error::Error, "releasing the lock of a finished response failed")
                 }
                 Err(_) => tracing::warn!(
-                    key = ?key.key(),
+                    key = %keys.show(key.key()),
                     ?release_timeout,
                     "releasing the lock took longer than release_timeout; the response goes on and the release finishes in the background"
                 ),

@@ -103,12 +103,9 @@ impl<B: DistributedLock> LockLayer<B> {
         K: IntoLockKey,
     {
         lock.validate()?;
-        Ok(LockLayer {
-            lock,
-            settings: Settings::new(Arc::new(move |parts: &Parts| {
-                extractor(parts).into_lock_key()
-            })),
-        })
+        let extractor = Arc::new(move |parts: &Parts| extractor(parts).into_lock_key());
+        let settings = Settings::new(extractor, lock.key_visibility());
+        Ok(LockLayer { lock, settings })
     }
 
     /// The status for a request whose key is locked: 409 Conflict (the default) or 423 Locked.

@@ -50,16 +50,17 @@ impl Rejection {
         grpc: bool,
         settings: &Settings,
     ) -> Self {
+        let key_shown = settings.keys.show(&key);
         match kind {
             RejectionKind::Locked => {
-                tracing::debug!(key = ?key, "request refused: the key is locked")
+                tracing::debug!(key = %key_shown, "request refused: the key is locked")
             }
             // The client's doing: nothing for an operator to act on.
             RejectionKind::InvalidKey => {
-                tracing::debug!(key = ?key, error = &error as &dyn std::error::Error, "request refused: no lockable key")
+                tracing::debug!(key = %key_shown, error = &error as &dyn std::error::Error, "request refused: no lockable key")
             }
             _ => {
-                tracing::warn!(key = ?key, error = &error as &dyn std::error::Error, ?kind, "request refused: the lock could not be taken")
+                tracing::warn!(key = %key_shown, error = &error as &dyn std::error::Error, ?kind, "request refused: the lock could not be taken")
             }
         }
         Rejection {

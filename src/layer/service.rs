@@ -112,7 +112,7 @@ impl<S, B: DistributedLock> LockService<S, B> {
             Some(max) => match WaiterSlot::try_take(&self.settings.waiting, max) {
                 Some(slot) => Some(slot),
                 None => {
-                    tracing::debug!(key = ?key, max_waiters = max, "request refused: too many requests waiting for locks");
+                    tracing::debug!(key = %self.settings.keys.show(&key), max_waiters = max, "request refused: too many requests waiting for locks");
                     return Box::pin(ready((key, Err(LockError::AlreadyLocked))));
                 }
             },

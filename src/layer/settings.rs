@@ -10,6 +10,7 @@ use http::{Response, StatusCode};
 
 use super::key::KeyDecision;
 use super::Rejection;
+use crate::KeyVisibility;
 
 pub(crate) type KeyExtractor = dyn Fn(&Parts) -> KeyDecision + Send + Sync;
 pub(crate) type Responder = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
@@ -33,10 +34,12 @@ pub(crate) struct Settings {
     pub(crate) max_waiters: Option<usize>,
     /// Requests of this layer (all its services) acquiring in wait mode now.
     pub(crate) waiting: Arc<AtomicUsize>,
+    /// How the layer's log events show keys: as the lock's own do.
+    pub(crate) keys: KeyVisibility,
 }
 
 impl Settings {
-    pub(crate) fn new(extractor: Arc<KeyExtractor>) -> Self {
+    pub(crate) fn new(extractor: Arc<KeyExtractor>, keys: KeyVisibility) -> Self {
         Settings {
             extractor,
             wait: false,
@@ -48,6 +51,7 @@ impl Settings {
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
             max_waiters: None,
             waiting: Arc::new(AtomicUsize::new(0)),
+            keys,
         }
     }
 

@@ -1,6 +1,8 @@
-//! How spans show a lock's key.
+//! How spans and log events show a lock's key.
 
-/// How the spans of lock operations show the key ([`LockConfig::trace_keys`](crate::LockConfig::trace_keys)).
+use std::fmt;
+
+/// How the spans and log events of lock operations show the key ([`LockConfig::trace_keys`](crate::LockConfig::trace_keys)).
 ///
 /// Keys can carry personal data (a user id, an e-mail address). Metrics never carry the key in
 /// any form: one series per key would grow without bound.
@@ -31,10 +33,28 @@ pub enum KeyVisibility {
 impl KeyVisibility {
     /// The text a span shows for `key`, or `None` for [`Hidden`](Self::Hidden).
     pub fn render(self, key: &str) -> Option<String> {
-        match self {
-            KeyVisibility::Raw => Some(key.to_owned()),
-            KeyVisibility::Hashed => Some(format!("fnv1a64:{:016x}", fnv1a64(key.as_bytes()))),
-            KeyVisibility::Hidden => None,
+        (self != KeyVisibility::Hidden).then(|| self.show(key).to_string())
+    }
+
+    /// `key` as a log event's `key` field shows it: formatted only if the event is written,
+    /// and `hidden` for [`Hidden`](Self::Hidden).
+    pub(crate) fn show(self, key: &str) -> ShownKey<'_> {
+        ShownKey { key, keys: self }
+    }
+}
+
+/// A key in a log event, as its [`KeyVisibility`] says (`key = %keys.show(key)`).
+pub(crate) struct ShownKey<'a> {
+    key: &'a str,
+    keys: KeyVisibility,
+}
+
+impl fmt::Display for ShownKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.keys {
+            KeyVisibility::Raw => f.write_str(self.key),
+            KeyVisibility::Hashed => write!(f, "fnv1a64:{:016x}", fnv1a64(self.key.as_bytes())),
+            KeyVisibility::Hidden => f.write_str("hidden"),
         }
     }
 }

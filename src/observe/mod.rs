@@ -11,6 +11,7 @@ mod record;
 pub(crate) use acquire::observe_acquire;
 pub(crate) use held::Held;
 pub use keys::KeyVisibility;
+pub(crate) use keys::ShownKey;
 pub(crate) use outcome::{Mode, Outcome};
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) use record::reconnected;

@@ -268,6 +268,15 @@ impl DistributedLock for AnyLock {
             AnyLock::Redis(lock) => lock.is_locked(key).await,
         }
     }
+    fn key_visibility(&self) -> k1s0_distributed_lock::KeyVisibility {
+        match self {
+            AnyLock::Memory(lock) => lock.key_visibility(),
+            #[cfg(feature = "postgres")]
+            AnyLock::Postgres(lock) => lock.key_visibility(),
+            #[cfg(feature = "redis")]
+            AnyLock::Redis(lock) => lock.key_visibility(),
+        }
+    }
 }
 
 /// One test per compiled backend for each scenario `async fn name(backend: Backend)`.

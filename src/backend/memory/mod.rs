@@ -13,7 +13,9 @@ use uuid::Uuid;
 
 use self::table::{Grant, LockTable, TryTake, WaiterState};
 use crate::observe::{observe_acquire, Mode};
-use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
+use crate::{
+    validate_key, DistributedLock, KeyVisibility, LockConfig, LockError, LockGuard, LockHandle,
+};
 
 /// A lock service that lives in this process. Always compiled; no server needed.
 ///
@@ -154,12 +156,16 @@ impl InMemoryDistributedLock {
             let mut waiter = QueuedWaiter {
                 table: Arc::clone(&self.table),
                 key,
+                keys: self.config().get_trace_keys(),
                 id,
                 receiver: Some(receiver),
             };
-            tracing::trace!(key = ?waiter.key, "waiting for the lock");
+            tracing::debug!(key = %waiter.keys.show(&waiter.key), line = "backend", "waiting for the lock");
             match waiter.wait(holder_expires_at, deadline).await {
-                Waited::Granted(grant) => return Ok(self.guard(Arc::clone(&waiter.key), grant)),
+                Waited::Granted(grant) => {
+                    tracing::debug!(key = %waiter.keys.show(&waiter.key), "lock handed over");
+                    return Ok(self.guard(Arc::clone(&waiter.key), grant));
+                }
                 Waited::GaveUp => return Err(LockError::Timeout),
                 Waited::LostPlace if Instant::now() >= deadline => return Err(LockError::Timeout),
                 Waited::LostPlace => continue,
@@ -200,6 +206,10 @@ impl DistributedLock for InMemoryDistributedLock {
     fn validate(&self) -> Result<(), LockError> {
         self.config().validate()
     }
+
+    fn key_visibility(&self) -> crate::KeyVisibility {
+        self.config().get_trace_keys()
+    }
 }
 
 /// A caller queued for a key. Dropping it (a cancelled `acquire`) leaves the queue, and if the
@@ -207,6 +217,8 @@ impl DistributedLock for InMemoryDistributedLock {
 struct QueuedWaiter {
     table: Arc<LockTable>,
     key: Arc<str>,
+    /// How log events show the key.
+    keys: KeyVisibility,
     id: u64,
     /// `None` once the grant was taken.
     receiver: Option<oneshot::Receiver<Grant>>,
@@ -259,7 +271,7 @@ impl QueuedWaiter {
     /// descheduled for longer than the TTL): that lock is given back and the caller queues again.
     fn accept(&self, grant: Grant) -> Waited {
         if grant.lease.is_lost() {
-            tracing::debug!(key = ?self.key, "a lock handed over expired before the waiter woke; queueing again");
+            tracing::debug!(key = %self.keys.show(&self.key), "a lock handed over expired before the waiter woke; queueing again");
             let _ = self.table.release(&self.key, grant.token);
             return Waited::LostPlace;
         }
@@ -270,7 +282,12 @@ impl QueuedWaiter {
 impl Drop for QueuedWaiter {
     fn drop(&mut self) {
         if let Some(receiver) = self.receiver.take() {
-            self.table.abandon_wait(&self.key, self.id, receiver);
+            if self.table.abandon_wait(&self.key, self.id, receiver) {
+                tracing::debug!(
+                    key = %self.keys.show(&self.key),
+                    "an acquire was cancelled just as it was granted; passing the lock on"
+                );
+            }
         }
     }
 }

@@ -170,16 +170,21 @@ impl LockTable {
         }
     }
 
-    /// Removes a waiter that gave up; if it had been handed the lock meanwhile, passes it on.
-    pub(super) fn abandon_wait(&self, key: &str, id: u64, mut receiver: oneshot::Receiver<Grant>) {
+    /// Removes a waiter that gave up; if it had been handed the lock meanwhile, passes it on
+    /// and returns true.
+    pub(super) fn abandon_wait(
+        &self,
+        key: &str,
+        id: u64,
+        mut receiver: oneshot::Receiver<Grant>,
+    ) -> bool {
         let now = Instant::now();
         let mut shard = self.shard(key);
         // Under the shard lock no grant can be in flight: it was either sent already or the
         // waiter is still queued.
         if let Ok(grant) = receiver.try_recv() {
-            tracing::debug!(key = ?key, "an acquire was cancelled just as it was granted; passing the lock on");
             let _ = shard.release(self, key, grant.token, now);
-            return;
+            return true;
         }
         if let Some(entry) = shard.entries.get_mut(key) {
             entry.waiters.retain(|waiter| waiter.id != id);
@@ -188,6 +193,7 @@ impl LockTable {
                 shard.note_expiry(expires_at);
             }
         }
+        false
     }
 
     pub(super) fn release(&self, key: &str, token: Uuid) -> Result<(), LockError> {

@@ -43,7 +43,7 @@ use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
 use self::timing::SessionSettings;
 use super::jitter::Jitter;
 use crate::config::validate_duration;
-use crate::observe::{observe_acquire, Mode};
+use crate::observe::{observe_acquire, Mode, ShownKey};
 use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
 
 pub use self::transaction::TransactionLock;
@@ -411,6 +411,11 @@ impl PostgresDistributedLock {
         )
     }
 
+    /// `key` as this lock's log events show it.
+    fn shown_key<'a>(&self, key: &'a str) -> ShownKey<'a> {
+        self.inner.config.get_trace_keys().show(key)
+    }
+
     async fn try_acquire_once(&self, key: &str) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         self.inner.config.validate()?;
@@ -441,7 +446,7 @@ impl PostgresDistributedLock {
             Err(WaitError::SessionLostWhileWaiting(error)) if Instant::now() < deadline => {
                 tracing::debug!(
                     error = &error as &dyn std::error::Error,
-                    key,
+                    key = %self.shown_key(key),
                     "lock session lost while waiting; waiting on with a new one"
                 );
                 self.wait_for_lock(key, advisory, deadline)
@@ -466,22 +471,29 @@ impl PostgresDistributedLock {
         // First in line among the tasks of this process.
         let claim = match self.inner.claims.claim_or_queue(advisory) {
             Claim::Claimed(claim) => claim,
-            Claim::Queued(mut turn) => match tokio::time::timeout_at(deadline, &mut turn).await {
-                Ok(Ok(claim)) => claim,
-                Ok(Err(_)) => {
-                    return Err(LockError::backend_msg("the lock claim queue was dropped").into())
-                }
-                // The budget is spent, but only the task ahead talks to the server: `Timeout`
-                // only if the key is known to be held, not when the server owes an answer.
-                Err(_) => {
-                    let give_up_at = deadline + self.inner.settings.command_timeout;
-                    match self.inner.claims.overdue(&advisory, turn, give_up_at).await {
-                        Overdue::Held => return Err(LockError::Timeout.into()),
-                        Overdue::Unanswered => return Err(no_answer(config.wait_budget()).into()),
-                        Overdue::Claimed(claim) => claim,
+            Claim::Queued(mut turn) => {
+                tracing::debug!(key = %self.shown_key(key), line = "process", "waiting for the lock");
+                match tokio::time::timeout_at(deadline, &mut turn).await {
+                    Ok(Ok(claim)) => claim,
+                    Ok(Err(_)) => {
+                        return Err(
+                            LockError::backend_msg("the lock claim queue was dropped").into()
+                        )
+                    }
+                    // The budget is spent, but only the task ahead talks to the server: `Timeout`
+                    // only if the key is known to be held, not when the server owes an answer.
+                    Err(_) => {
+                        let give_up_at = deadline + self.inner.settings.command_timeout;
+                        match self.inner.claims.overdue(&advisory, turn, give_up_at).await {
+                            Overdue::Held => return Err(LockError::Timeout.into()),
+                            Overdue::Unanswered => {
+                                return Err(no_answer(config.wait_budget()).into())
+                            }
+                            Overdue::Claimed(claim) => claim,
+                        }
                     }
                 }
-            },
+            }
         };
         let session = self.session_for(advisory)?;
         // The previous holder released while other processes waited: they were notified, so
@@ -500,6 +512,7 @@ impl PostgresDistributedLock {
         }
 
         // Another process holds it: listen, flag the key, retry on notification or timer.
+        tracing::debug!(key = %self.shown_key(key), line = "backend", "waiting for the lock");
         let woken = self.inner.hub.subscribe(advisory);
         // Starting the LISTEN connection takes a pool slot and may wait for one: never past
         // this wait's own deadline (a cancelled start leaves the cell for the next waiter).
@@ -691,6 +704,10 @@ impl DistributedLock for PostgresDistributedLock {
 
     fn validate(&self) -> Result<(), LockError> {
         self.config().validate()
+    }
+
+    fn key_visibility(&self) -> crate::KeyVisibility {
+        self.config().get_trace_keys()
     }
 }
 

@@ -191,7 +191,10 @@ impl PostgresDistributedLock {
                 // The server started afresh (crash recovery, failover, restore) and no lock
                 // session has moved the sequence on yet: do it now, on a connection of the
                 // pool, committed before this transaction draws.
-                tracing::debug!(key, "fencing epoch row missing; running the epoch check");
+                tracing::debug!(
+                    advisory_key = key,
+                    "fencing epoch row missing; running the epoch check"
+                );
                 sqlx::Executor::fetch_optional(
                     &self.inner.pool,
                     sqlx::raw_sql(&self.inner.sql.epoch_check),

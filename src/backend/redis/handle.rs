@@ -14,7 +14,8 @@ use tokio::time::Instant;
 use super::keys::LockKeys;
 use super::scripts::{Arg, ABANDON, EXTEND, HAND_OVER, RELEASE};
 use super::{RedisClaim, Shared};
-use crate::{Lease, LockError, LockHandle};
+use crate::observe::ShownKey;
+use crate::{KeyVisibility, Lease, LockError, LockHandle};
 
 /// A token's claim on one key: what release, extend and the watchdog act on.
 pub(crate) struct LockRef {
@@ -22,6 +23,13 @@ pub(crate) struct LockRef {
     pub(crate) key: Arc<str>,
     pub(crate) keys: Arc<LockKeys>,
     pub(crate) token: Uuid,
+}
+
+impl LockRef {
+    /// The key as log events show it.
+    pub(crate) fn shown_key(&self) -> ShownKey<'_> {
+        self.shared.config.get_trace_keys().show(&self.key)
+    }
 }
 
 /// What the hand-over script did with a released lock.
@@ -187,8 +195,8 @@ impl Drop for Grant {
 /// Releases `lock` in a task on the current runtime (see [`in_background`]); returns the task,
 /// for a caller that waits for it.
 pub(crate) fn release_in_background(lock: LockRef, what: &'static str) -> Option<JoinHandle<()>> {
-    let (key, ttl) = (Arc::clone(&lock.key), lock.shared.config.get_ttl());
-    in_background(key, ttl, what, async move { lock.release().await })
+    let pending = PendingRelease::of(&lock, what);
+    in_background(pending, async move { lock.release().await })
 }
 
 /// Runs `release`, which frees the lock of `key` (`what` says which), in a task on the current
@@ -196,23 +204,20 @@ pub(crate) fn release_in_background(lock: LockRef, what: &'static str) -> Option
 /// run at all (no runtime, or its runtime shuts down before the task runs), a warning names
 /// the key: nothing in the process can send the command any more.
 fn in_background(
-    key: Arc<str>,
-    ttl: Duration,
-    what: &'static str,
+    pending: PendingRelease,
     release: impl Future<Output = Result<(), LockError>> + Send + 'static,
 ) -> Option<JoinHandle<()>> {
-    let pending = PendingRelease {
-        key,
-        ttl,
-        what,
-        done: false,
-    };
     let runtime = tokio::runtime::Handle::try_current().ok()?; // `pending` warns
     Some(runtime.spawn(async move {
         // The whole struct moves into the task, so it is dropped with the task.
         let mut pending = pending;
         if let Err(error) = release.await {
-            tracing::debug!(key = ?pending.key, error = &error as &dyn std::error::Error, "could not release {what}; it expires at its TTL");
+            tracing::debug!(
+                key = %pending.keys.show(&pending.key),
+                error = &error as &dyn std::error::Error,
+                "could not release {}; it expires at its TTL",
+                pending.what
+            );
         }
         pending.done = true;
     }))
@@ -363,9 +368,8 @@ async fn hand_over(
             if matches!(error, LockError::BackendError(_)) {
                 // The script may still run: the clean-up goes on the same connection, so that
                 // Redis runs it afterwards (token-checked, it frees only the fresh token).
-                let (key, ttl) = (Arc::clone(&next.key), next.shared.config.get_ttl());
                 let what = "a lock the failed hand-over may have taken";
-                in_background(key, ttl, what, async move {
+                in_background(PendingRelease::of(&next, what), async move {
                     next.abandon(connection).await.map(drop)
                 });
             }
@@ -391,13 +395,8 @@ impl LockHandle for RedisHandle {
     /// is left.
     fn release_on_drop(self: Arc<Self>) {
         self.stop_watchdog();
-        let (key, ttl) = (
-            Arc::clone(&self.lock.key),
-            self.lock.shared.config.get_ttl(),
-        );
-        in_background(key, ttl, "a dropped lock guard", async move {
-            self.release_and_pass_on().await
-        });
+        let pending = PendingRelease::of(&self.lock, "a dropped lock guard");
+        in_background(pending, async move { self.release_and_pass_on().await });
     }
 }
 
@@ -406,16 +405,30 @@ impl LockHandle for RedisHandle {
 /// runtime to spawn it on.
 struct PendingRelease {
     key: Arc<str>,
+    keys: KeyVisibility,
     ttl: Duration,
     what: &'static str,
     done: bool,
+}
+
+impl PendingRelease {
+    /// The pending release of `lock` (`what` says which lock it is, for the logs).
+    fn of(lock: &LockRef, what: &'static str) -> Self {
+        PendingRelease {
+            key: Arc::clone(&lock.key),
+            keys: lock.shared.config.get_trace_keys(),
+            ttl: lock.shared.config.get_ttl(),
+            what,
+            done: false,
+        }
+    }
 }
 
 impl Drop for PendingRelease {
     fn drop(&mut self) {
         if !self.done {
             tracing::warn!(
-                key = ?self.key,
+                key = %self.keys.show(&self.key),
                 ttl = ?self.ttl,
                 "the release of {} did not run (no runtime, or its runtime is shutting down): \
                  the lock stays until its TTL runs out",

@@ -35,7 +35,7 @@ use self::wake::{Registration, WakeHub};
 pub use self::watchdog::AutoExtend;
 use super::claims::{Claim, ClaimTable, KeyClaim, Overdue};
 use super::jitter::Jitter;
-use crate::observe::{observe_acquire, Mode};
+use crate::observe::{observe_acquire, Mode, ShownKey};
 use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard};
 
 /// A distributed lock on Redis (feature `redis`).
@@ -191,6 +191,11 @@ impl RedisDistributedLock {
         keys::lock_name(&self.shared.prefix, key)
     }
 
+    /// `key` as this lock's log events show it.
+    fn shown_key<'a>(&self, key: &'a str) -> ShownKey<'a> {
+        self.shared.config.get_trace_keys().show(key)
+    }
+
     async fn take(&self, key: &str, wait_call: bool) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         let config = &self.shared.config;
@@ -211,6 +216,7 @@ impl RedisDistributedLock {
             // The task before this one passed the lock over as it released it.
             let (lock, fence, sent_at) = grant.into_parts();
             if lease_left_is_usable(sent_at, ttl) {
+                tracing::debug!(key = %lock.shown_key(), "lock handed over");
                 return Ok(self.guard(lock, Some(claim), sent_at, ttl, fence));
             }
             give_back(lock).await;
@@ -218,6 +224,7 @@ impl RedisDistributedLock {
         let mut pending = PendingAcquire::new(&self.shared, key, Uuid::new_v4(), Some(claim));
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token);
+        let mut waiting = false;
         loop {
             // A waiter whose release channel is subscribed relies on the message and keeps a
             // long-lived place in line; one that polls keeps a short one, so that if it
@@ -255,7 +262,7 @@ impl RedisDistributedLock {
                 // rather than hand out a guard that is lost on arrival.
                 let left = (sent_at + ttl).saturating_duration_since(Instant::now());
                 tracing::warn!(
-                    key,
+                    key = %lock.shown_key(),
                     ?ttl,
                     ?left,
                     "a lock was granted too late to use; giving it back"
@@ -280,6 +287,10 @@ impl RedisDistributedLock {
                 } else {
                     LockError::AlreadyLocked
                 });
+            }
+            if !waiting {
+                waiting = true;
+                tracing::debug!(key = %self.shown_key(key), line = "backend", "waiting for the lock");
             }
             if registration.is_none() {
                 if let Some(hub) = &self.shared.wake {
@@ -349,6 +360,7 @@ impl RedisDistributedLock {
             Claim::Claimed(claim) => return Ok(Some(claim)),
             Claim::Queued(turn) => turn,
         };
+        tracing::debug!(key = %self.shown_key(key), line = "process", "waiting for the lock");
         match tokio::time::timeout_at(deadline, &mut turn).await {
             Ok(Ok(claim)) => Ok(Some(claim)),
             Ok(Err(_)) => Err(LockError::backend_msg("the lock claim queue was dropped")),
@@ -453,6 +465,10 @@ impl DistributedLock for RedisDistributedLock {
 
     fn validate(&self) -> Result<(), LockError> {
         self.config().validate()
+    }
+
+    fn key_visibility(&self) -> crate::KeyVisibility {
+        self.config().get_trace_keys()
     }
 }
 
@@ -597,7 +613,7 @@ impl<'a> PendingAcquire<'a> {
         }
         let answered = lock.abandon(connection).await;
         if let Err(error) = &answered {
-            tracing::debug!(key = ?self.key, error = error as &dyn std::error::Error, "could not leave the wait queue; the entry times out");
+            tracing::debug!(key = %lock.shown_key(), error = error as &dyn std::error::Error, "could not leave the wait queue; the entry times out");
         }
         if let Some(claim) = self.claim.as_mut() {
             match answered {
@@ -638,15 +654,15 @@ impl Drop for PendingAcquire<'_> {
             return;
         };
         let lock = self.lock_ref();
-        tracing::debug!(key = ?lock.key, "acquire interrupted; cleaning up in the background");
+        tracing::debug!(key = %lock.shown_key(), "acquire interrupted; cleaning up in the background");
         runtime.spawn(async move {
             match lock.abandon(connection).await {
                 Ok(true) => {
-                    tracing::debug!(key = ?lock.key, "freed a lock taken by an interrupted acquire")
+                    tracing::debug!(key = %lock.shown_key(), "freed a lock taken by an interrupted acquire")
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::debug!(key = ?lock.key, error = &error as &dyn std::error::Error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
+                    tracing::debug!(key = %lock.shown_key(), error = &error as &dyn std::error::Error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
                 }
             }
         });

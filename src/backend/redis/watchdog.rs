@@ -106,7 +106,7 @@ async fn renew_until_stopped(
         tokio::time::sleep_until(next).await;
         let now = Instant::now();
         let Some(hold_left) = hold_until.checked_duration_since(now) else {
-            tracing::debug!(key = ?lock.key, "auto-extension reached max_hold; letting the lock expire");
+            tracing::debug!(key = %lock.shown_key(), "auto-extension reached max_hold; letting the lock expire");
             return;
         };
         let renew_for = ttl.min(hold_left);
@@ -119,24 +119,24 @@ async fn renew_until_stopped(
                 if lease.is_lost() {
                     // Renewed in Redis only after the local deadline: the guard already counts
                     // the lock lost (and its turn has passed on), so stop keeping it alive.
-                    tracing::warn!(key = ?lock.key, "auto-extension answered after the lease ran out; stopping");
+                    tracing::warn!(key = %lock.shown_key(), "auto-extension answered after the lease ran out; stopping");
                     return;
                 }
-                tracing::trace!(key = ?lock.key, "lock auto-extended");
+                tracing::trace!(key = %lock.shown_key(), "lock auto-extended");
                 next = now + period;
             }
             Err(LockError::LockLost) => {
-                tracing::warn!(key = ?lock.key, "auto-extension found the lock gone; marking it lost");
+                tracing::warn!(key = %lock.shown_key(), "auto-extension found the lock gone; marking it lost");
                 lease.mark_lost();
                 return;
             }
             Err(error) => {
                 if lease.is_lost() {
-                    tracing::warn!(key = ?lock.key, error = &error as &dyn std::error::Error, "auto-extension failed until the lease ran out");
+                    tracing::warn!(key = %lock.shown_key(), error = &error as &dyn std::error::Error, "auto-extension failed until the lease ran out");
                     lease.mark_lost();
                     return;
                 }
-                tracing::debug!(key = ?lock.key, error = &error as &dyn std::error::Error, "auto-extension failed; retrying");
+                tracing::debug!(key = %lock.shown_key(), error = &error as &dyn std::error::Error, "auto-extension failed; retrying");
                 // Retry within what is left of the lease: a quarter period, or half the slack.
                 let slack = lease.remaining().unwrap_or_default();
                 let retry_in = (period / 4).min(slack / 2);

@@ -181,7 +181,7 @@ impl Session {
             self.expiries.remove(&(at, key));
             if let Some(held) = self.held.get(&key) {
                 held.lease.mark_lost();
-                tracing::debug!(key, "lease ran out; unlocking");
+                tracing::debug!(advisory_key = key, "lease ran out; unlocking");
                 let _ = self.unlock_held(key).await;
             }
         }
@@ -309,7 +309,10 @@ impl Session {
         {
             // The acquire was cancelled while the statement ran: undo it before anything else.
             unwanted.lock.settled.store(true, Ordering::Release);
-            tracing::debug!(key, "acquire cancelled as the lock was granted; unlocking");
+            tracing::debug!(
+                advisory_key = key,
+                "acquire cancelled as the lock was granted; unlocking"
+            );
             let _ = self.unlock_held(key).await;
         }
     }
@@ -400,7 +403,7 @@ impl Session {
             // session to drop it would cost every lock on it.
             tracing::warn!(
                 error = &error as &dyn std::error::Error,
-                key,
+                advisory_key = key,
                 "could not clear a lock waiter flag"
             );
         }
@@ -429,7 +432,10 @@ impl Session {
             Ok((true, notified)) => {
                 if let Some(mut held) = self.held_remove(key) {
                     if notified {
-                        tracing::trace!(key, "released a lock that another process awaits");
+                        tracing::trace!(
+                            advisory_key = key,
+                            "released a lock that another process awaits"
+                        );
                         held.claim.set_yield_to_others();
                     }
                 }
