@@ -382,16 +382,21 @@ fn layer_wrk() {
             );
         }
     }
-    if let (Some(memory), Some(bare)) = (
-        find("memory", Server::Default),
-        find("bare", Server::Default),
-    ) {
-        print_ratio(
-            "default server: in-memory layer vs bare axum",
-            memory,
-            bare,
-            Some(0.85),
-        );
+    for (name, label, target) in [
+        ("memory", "in-memory", Some(0.85)),
+        ("redis", "Redis", None),
+        ("postgres", "PostgreSQL", None),
+    ] {
+        if let (Some(layer), Some(bare)) =
+            (find(name, Server::Default), find("bare", Server::Default))
+        {
+            print_ratio(
+                &format!("default server: {label} layer vs bare axum"),
+                layer,
+                bare,
+                target,
+            );
+        }
     }
     if let (Some(with), Some(without)) = (
         find("memory", Server::Default),
@@ -461,6 +466,7 @@ fn print_ratio(
 }
 
 fn main() {
+    support::observe_from_env();
     benches();
     Criterion::default().configure_from_args().final_summary();
     support::print_ratio("layer_http", "with_layer", "bare", "bare");

@@ -73,6 +73,7 @@ fn handoff(c: &mut Criterion) {
 criterion_group!(benches, cycle, handoff);
 
 fn main() {
+    support::observe_from_env();
     benches();
     Criterion::default().configure_from_args().final_summary();
     support::print_ratio(

@@ -113,3 +113,45 @@ where
     }
     (cycles as f64 / run.as_secs_f64(), states)
 }
+
+/// What the run observes, from the environment, printed so that the figures say it:
+/// `BENCH_METRICS=prometheus` installs the Prometheus exporter's recorder (feature `metrics`;
+/// no HTTP listener, the series just accumulate), `BENCH_TRACING=<filter>` installs a
+/// `tracing-subscriber` formatter with that filter (say `k1s0_distributed_lock=debug`) writing
+/// to a sink. Without them nothing listens: spans and metrics cost only their checks.
+pub fn observe_from_env() -> String {
+    let mut what = Vec::new();
+    match std::env::var("BENCH_METRICS").as_deref() {
+        Ok("prometheus") => {
+            #[cfg(feature = "metrics")]
+            {
+                let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .install_recorder()
+                    .expect("install the Prometheus recorder");
+                // Kept for the whole run: dropping the handle would not uninstall anything,
+                // but the recorder's upkeep (histogram draining) belongs to it.
+                std::mem::forget(handle);
+                what.push("Prometheus recorder installed".to_owned());
+            }
+            #[cfg(not(feature = "metrics"))]
+            panic!("BENCH_METRICS=prometheus needs the feature `metrics`");
+        }
+        Ok(other) => panic!("BENCH_METRICS: only `prometheus` is known, not {other:?}"),
+        Err(_) if cfg!(feature = "metrics") => what.push("feature metrics, no recorder".to_owned()),
+        Err(_) => what.push("without the feature metrics".to_owned()),
+    }
+    if let Ok(filter) = std::env::var("BENCH_TRACING") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(&filter))
+            .with_writer(std::io::sink)
+            .init();
+        what.push(format!(
+            "tracing subscriber with filter {filter:?} (to a sink)"
+        ));
+    } else {
+        what.push("no tracing subscriber".to_owned());
+    }
+    let what = what.join(", ");
+    println!("OBSERVING: {what}");
+    what
+}
