@@ -184,7 +184,7 @@ impl LockGuard {
     fn operation_span(&self, name: &'static str) -> tracing::Span {
         let backend = self.held.as_ref().map_or("custom", Held::backend);
         let keys = self.key_visibility();
-        let span = match name {
+        let span = observe::wanted(match name {
             "release" => tracing::debug_span!(
                 "lock.release",
                 backend,
@@ -199,7 +199,7 @@ impl LockGuard {
                 fencing_token = self.info.fencing_token,
                 outcome = tracing::field::Empty
             ),
-        };
+        });
         if !span.is_disabled() {
             if let Some(key) = keys.render(&self.info.key) {
                 span.record("key", tracing::field::display(key));

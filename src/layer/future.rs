@@ -272,7 +272,11 @@ where
 
 /// The span of one request through the layer; its `outcome` is recorded once decided.
 fn request_span(grpc: bool) -> tracing::Span {
-    tracing::debug_span!("lock.request", grpc, outcome = tracing::field::Empty)
+    crate::observe::wanted(tracing::debug_span!(
+        "lock.request",
+        grpc,
+        outcome = tracing::field::Empty
+    ))
 }
 
 impl<S, ReqBody, ResBody> fmt::Debug for ResponseFuture<S, ReqBody, ResBody>

@@ -23,7 +23,7 @@ pub(crate) fn observe_acquire<F>(
 where
     F: Future<Output = Result<LockGuard, LockError>> + Send,
 {
-    let span = tracing::debug_span!(
+    let span = super::wanted(tracing::debug_span!(
         "lock.acquire",
         backend,
         key = Empty,
@@ -31,7 +31,7 @@ where
         outcome = Empty,
         waited_ms = Empty,
         fencing_token = Empty,
-    );
+    ));
     if !span.is_disabled() {
         if let Some(key) = keys.render(key) {
             span.record("key", display(key));

@@ -16,3 +16,14 @@ pub(crate) use outcome::{Mode, Outcome};
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) use record::reconnected;
 pub(crate) use record::{guard_operation, layer_request, LayerOutcome};
+
+/// `span`, or `Span::none()` if no subscriber wants it: recording into, entering and leaving
+/// `Span::none()` costs nothing, where a disabled span still reaches `tracing`'s `log`
+/// compatibility checks when some crate in the build turns that feature on.
+pub(crate) fn wanted(span: tracing::Span) -> tracing::Span {
+    if span.is_disabled() {
+        tracing::Span::none()
+    } else {
+        span
+    }
+}
