@@ -128,10 +128,22 @@ pub fn observe_from_env() -> String {
                 let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
                     .install_recorder()
                     .expect("install the Prometheus recorder");
-                // Kept for the whole run: dropping the handle would not uninstall anything,
-                // but the recorder's upkeep (histogram draining) belongs to it.
-                std::mem::forget(handle);
-                what.push("Prometheus recorder installed".to_owned());
+                // As the exporter's own listener does: drain the histograms' samples every
+                // 5 s (without it they pile up for the whole run), and render every 15 s, as
+                // a scrape would.
+                std::thread::spawn(move || {
+                    for tick in 1u64.. {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        handle.run_upkeep();
+                        if tick % 3 == 0 {
+                            drop(handle.render());
+                        }
+                    }
+                });
+                what.push(
+                    "Prometheus recorder installed (upkeep every 5 s, rendered every 15 s)"
+                        .to_owned(),
+                );
             }
             #[cfg(not(feature = "metrics"))]
             panic!("BENCH_METRICS=prometheus needs the feature `metrics`");
