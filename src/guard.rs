@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::config::validate_ttl;
 use crate::keep_alive::KeepAlive;
 use crate::observe::{self, Held, KeyVisibility, Outcome, ShownKey};
-use crate::{Lease, LockError};
+use crate::{Lease, LockError, LockMode};
 
 /// What a backend does for one lock it granted. A [`LockGuard`] owns one and calls it.
 ///
@@ -155,12 +155,21 @@ impl LockGuard {
                 key,
                 token,
                 fencing_token,
+                mode: LockMode::Exclusive,
                 lease: Arc::clone(&lease),
             },
             lease,
             handle: Some(handle),
             held: None,
         }
+    }
+
+    /// This guard, holding `mode`: a backend of your own that implements
+    /// [`DistributedRwLock`](crate::DistributedRwLock) builds a shared guard with
+    /// [`new`](Self::new) (which makes an exclusive one) and this.
+    pub fn with_mode(mut self, mode: LockMode) -> Self {
+        self.info.mode = mode;
+        self
     }
 
     /// Marks the guard as held from a built-in backend (see `observe::observe_acquire`).
@@ -234,6 +243,12 @@ impl LockGuard {
     /// The fencing token: strictly greater than that of every earlier holder of this key.
     pub fn fencing_token(&self) -> u64 {
         self.info.fencing_token
+    }
+
+    /// Which side of the key's lock this guard holds: exclusive (`try_acquire`, `acquire`) or
+    /// shared (`try_acquire_shared`, `acquire_shared`).
+    pub fn mode(&self) -> LockMode {
+        self.info.mode
     }
 
     /// Key, token and fencing token, as a cheap value to hand around.
@@ -410,6 +425,7 @@ impl fmt::Debug for LockGuard {
             .field("key", &self.info.key)
             .field("token", &self.info.token)
             .field("fencing_token", &self.info.fencing_token)
+            .field("mode", &self.info.mode)
             .field("lost", &self.is_lost())
             .finish()
     }
@@ -464,12 +480,13 @@ impl Drop for ReleaseOnDrop {
 ///     .layer(LockLayer::new(lock, key::path()));
 /// ```
 ///
-/// Equality compares the key, the token and the fencing token.
+/// Equality compares the key, the token, the fencing token and the mode.
 #[derive(Clone)]
 pub struct LockInfo {
     key: Arc<str>,
     token: Uuid,
     fencing_token: u64,
+    mode: LockMode,
     lease: Arc<Lease>,
 }
 
@@ -478,6 +495,7 @@ impl PartialEq for LockInfo {
         self.key == other.key
             && self.token == other.token
             && self.fencing_token == other.fencing_token
+            && self.mode == other.mode
     }
 }
 
@@ -489,6 +507,7 @@ impl fmt::Debug for LockInfo {
             .field("key", &self.key)
             .field("token", &self.token)
             .field("fencing_token", &self.fencing_token)
+            .field("mode", &self.mode)
             .field("lost", &self.lease.is_lost())
             .finish()
     }
@@ -508,6 +527,11 @@ impl LockInfo {
     /// The fencing token of this hold.
     pub fn fencing_token(&self) -> u64 {
         self.fencing_token
+    }
+
+    /// Which side of the key's lock is held: exclusive or shared.
+    pub fn mode(&self) -> LockMode {
+        self.mode
     }
 
     /// True once the lock is known to be lost (see [`LockGuard::is_lost`]). Never turns false

@@ -3,6 +3,8 @@
 //! * [`DistributedLock`] — `try_acquire`, `acquire` (bounded waiting), `release`, `is_locked`;
 //!   [`DynDistributedLock`] is its object-safe form, for a backend chosen at run time
 //!   (`Arc<dyn DynDistributedLock>` is a `DistributedLock` too).
+//! * [`DistributedRwLock`] — the shared (read) side: readers of a key hold it together, a
+//!   writer alone ([`LockMode`]).
 //! * [`LockGuard`] — the held lock: released on drop, with a TTL ([`LockGuard::extend`],
 //!   [`LockGuard::is_lost`]) and a [`fencing token`](LockGuard::fencing_token) that strictly
 //!   increases per key.
@@ -41,9 +43,10 @@ mod keep_alive;
 mod key;
 pub mod layer;
 mod lease;
+mod mode;
 mod observe;
 
-pub use backend::dynamic::DynDistributedLock;
+pub use backend::dynamic::{DynDistributedLock, DynDistributedRwLock};
 pub use backend::memory::InMemoryDistributedLock;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -53,6 +56,7 @@ pub use backend::postgres::{
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use backend::redis::{AutoExtend, RedisDistributedLock, RedisDistributedLockBuilder};
+pub use backend::rw::DistributedRwLock;
 pub use backend::DistributedLock;
 /// The bb8-redis crate this backend is built on (with its `bb8` and `redis`), so that pools and
 /// clients you build have matching versions.
@@ -65,6 +69,7 @@ pub use guard::{LockGuard, LockHandle, LockInfo};
 pub use key::{validate_key, MAX_KEY_LEN};
 pub use layer::{LockLayer, LockService, Rejection, RejectionKind};
 pub use lease::Lease;
+pub use mode::LockMode;
 pub use observe::KeyVisibility;
 pub use uuid::Uuid;
 

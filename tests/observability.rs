@@ -193,3 +193,21 @@ async fn spans_show_the_key_as_configured() {
         }
     }
 }
+
+/// The side of the lock is a field of the acquire's span.
+#[tokio::test]
+async fn an_acquire_span_says_which_side_it_took() {
+    use k1s0_distributed_lock::DistributedRwLock;
+    let lock = k1s0_distributed_lock::InMemoryDistributedLock::new(LockConfig::new());
+    let key = format!("{}order", common::unique_prefix("spans-side"));
+    let (spans, _collecting) = Spans::collect();
+    let reader = lock.try_acquire_shared(&key).await.unwrap();
+    reader.release().await.unwrap();
+    lock.acquire(&key).await.unwrap().release().await.unwrap();
+    let sides: Vec<String> = spans
+        .named("lock.acquire")
+        .iter()
+        .map(|span| span.fields["lock_mode"].clone())
+        .collect();
+    assert_eq!(sides, ["shared", "exclusive"]);
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::{DistributedLock, LockError, LockGuard};
+use crate::{DistributedLock, DistributedRwLock, LockError, LockGuard};
 
 /// [`DistributedLock`] with boxed futures, so that it can be a trait object.
 ///
@@ -137,3 +137,83 @@ macro_rules! distributed_lock_for_pointer {
 
 distributed_lock_for_pointer!(Arc<dyn DynDistributedLock>);
 distributed_lock_for_pointer!(Box<dyn DynDistributedLock>);
+
+/// [`DistributedRwLock`] with boxed futures, so that a backend with a shared side can be
+/// chosen at run time: `Arc<dyn DynDistributedRwLock>` and `Box<dyn DynDistributedRwLock>`
+/// are `DistributedLock` and `DistributedRwLock` again (a
+/// [`LockLayer`](crate::LockLayer) over them offers `shared_when`).
+///
+/// ```
+/// use std::sync::Arc;
+/// use k1s0_distributed_lock::{
+///     DistributedLock, DistributedRwLock, DynDistributedRwLock, InMemoryDistributedLock,
+///     LockConfig, LockError,
+/// };
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), LockError> {
+/// let lock: Arc<dyn DynDistributedRwLock> =
+///     Arc::new(InMemoryDistributedLock::new(LockConfig::new()));
+/// let reader = lock.try_acquire_shared("order:42").await?;
+/// assert!(lock.try_acquire("order:42").await.is_err());
+/// lock.release(reader).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub trait DynDistributedRwLock: DynDistributedLock {
+    /// [`DistributedRwLock::try_acquire_shared`], boxed.
+    fn dyn_try_acquire_shared<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<LockGuard, LockError>>;
+
+    /// [`DistributedRwLock::acquire_shared`], boxed.
+    fn dyn_acquire_shared<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<LockGuard, LockError>>;
+}
+
+impl<T: DistributedRwLock> DynDistributedRwLock for T {
+    fn dyn_try_acquire_shared<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<LockGuard, LockError>> {
+        Box::pin(self.try_acquire_shared(key))
+    }
+
+    fn dyn_acquire_shared<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<LockGuard, LockError>> {
+        Box::pin(self.acquire_shared(key))
+    }
+}
+
+distributed_lock_for_pointer!(Arc<dyn DynDistributedRwLock>);
+distributed_lock_for_pointer!(Box<dyn DynDistributedRwLock>);
+
+/// Implements [`DistributedRwLock`] for a pointer to `dyn DynDistributedRwLock` (the `async
+/// move` blocks as in `distributed_lock_for_pointer`).
+macro_rules! distributed_rw_lock_for_pointer {
+    ($pointer:ty) => {
+        impl DistributedRwLock for $pointer {
+            fn try_acquire_shared(
+                &self,
+                key: &str,
+            ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+                async move { (**self).dyn_try_acquire_shared(key).await }
+            }
+
+            fn acquire_shared(
+                &self,
+                key: &str,
+            ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+                async move { (**self).dyn_acquire_shared(key).await }
+            }
+        }
+    };
+}
+
+distributed_rw_lock_for_pointer!(Arc<dyn DynDistributedRwLock>);
+distributed_rw_lock_for_pointer!(Box<dyn DynDistributedRwLock>);

@@ -15,6 +15,7 @@ pub(crate) mod memory;
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+pub(crate) mod rw;
 
 /// A lock service: takes, tests and gives back named locks.
 ///

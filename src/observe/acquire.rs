@@ -8,16 +8,17 @@ use tracing::Instrument;
 
 use super::record;
 use super::{Held, KeyVisibility, Mode, Outcome};
-use crate::{LockError, LockGuard};
+use crate::{LockError, LockGuard, LockMode};
 
-/// Runs `acquire` (a backend's `try_acquire` or `acquire` of `key`) inside a `lock.acquire`
-/// span, records its outcome, time waited and fencing token in the span and the metrics, and
+/// Runs `acquire` (a backend's `try_acquire` or `acquire` of `key`, or their shared forms, as
+/// `lock_mode` says) inside a `lock.acquire` span, records its outcome, time waited and fencing token in the span and the metrics, and
 /// marks the guard as held by `backend`.
 pub(crate) fn observe_acquire<F>(
     backend: &'static str,
     keys: KeyVisibility,
     key: &str,
     mode: Mode,
+    lock_mode: LockMode,
     acquire: F,
 ) -> impl Future<Output = Result<LockGuard, LockError>> + Send + use<F>
 where
@@ -28,6 +29,7 @@ where
         backend,
         key = Empty,
         mode = mode.as_str(),
+        lock_mode = lock_mode.as_str(),
         outcome = Empty,
         waited_ms = Empty,
         fencing_token = Empty,

@@ -14,7 +14,8 @@ use uuid::Uuid;
 use self::table::{Grant, LockTable, TryTake, WaiterState};
 use crate::observe::{observe_acquire, Mode};
 use crate::{
-    validate_key, DistributedLock, KeyVisibility, LockConfig, LockError, LockGuard, LockHandle,
+    validate_key, DistributedLock, DistributedRwLock, KeyVisibility, LockConfig, LockError,
+    LockGuard, LockHandle, LockMode,
 };
 
 /// A lock service that lives in this process. Always compiled; no server needed.
@@ -122,18 +123,19 @@ impl InMemoryDistributedLock {
             grant.lease,
             Arc::new(handle),
         )
+        .with_mode(grant.mode)
     }
 
-    fn try_acquire_now(&self, key: &str) -> Result<LockGuard, LockError> {
+    fn try_acquire_now(&self, key: &str, mode: LockMode) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         self.config.validate()?;
-        match self.table.try_take(key, self.config.get_ttl(), None) {
+        match self.table.try_take(key, mode, self.config.get_ttl(), None) {
             TryTake::Granted(key, grant) => Ok(self.guard(key, grant)),
             TryTake::Held { .. } => Err(LockError::AlreadyLocked),
         }
     }
 
-    async fn acquire_waiting(&self, key: &str) -> Result<LockGuard, LockError> {
+    async fn acquire_waiting(&self, key: &str, mode: LockMode) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         self.config.validate()?;
         let ttl = self.config.get_ttl();
@@ -142,17 +144,18 @@ impl InMemoryDistributedLock {
         // descheduled for so long that the lock handed to it expired before it looked.
         loop {
             let (sender, receiver) = oneshot::channel();
-            let (key, id, holder_expires_at) = match self.table.try_take(key, ttl, Some(sender)) {
-                TryTake::Granted(key, grant) => return Ok(self.guard(key, grant)),
-                TryTake::Held {
-                    key,
-                    queued_as: Some(id),
-                    expires_at,
-                } => (key, id, expires_at),
-                TryTake::Held {
-                    queued_as: None, ..
-                } => return Err(LockError::Timeout),
-            };
+            let (key, id, holder_expires_at) =
+                match self.table.try_take(key, mode, ttl, Some(sender)) {
+                    TryTake::Granted(key, grant) => return Ok(self.guard(key, grant)),
+                    TryTake::Held {
+                        key,
+                        queued_as: Some(id),
+                        expires_at,
+                    } => (key, id, expires_at),
+                    TryTake::Held {
+                        queued_as: None, ..
+                    } => return Err(LockError::Timeout),
+                };
             let mut waiter = QueuedWaiter {
                 table: Arc::clone(&self.table),
                 key,
@@ -184,18 +187,12 @@ impl std::fmt::Debug for InMemoryDistributedLock {
 }
 
 impl DistributedLock for InMemoryDistributedLock {
-    // `async fn`, not `ready(..)`: the lock is taken when the future is polled, so a future
-    // that is created and dropped unpolled takes nothing (as on the other backends).
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        let keys = self.config().get_trace_keys();
-        observe_acquire("memory", keys, key, Mode::Try, async move {
-            self.try_acquire_now(key)
-        })
+        self.try_acquire_as(key, LockMode::Exclusive)
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        let keys = self.config().get_trace_keys();
-        observe_acquire("memory", keys, key, Mode::Wait, self.acquire_waiting(key))
+        self.acquire_as(key, LockMode::Exclusive)
     }
 
     // Looks when polled, not when called (see `try_acquire`).
@@ -209,6 +206,53 @@ impl DistributedLock for InMemoryDistributedLock {
 
     fn key_visibility(&self) -> crate::KeyVisibility {
         self.config().get_trace_keys()
+    }
+}
+
+impl DistributedRwLock for InMemoryDistributedLock {
+    fn try_acquire_shared(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.try_acquire_as(key, LockMode::Shared)
+    }
+
+    fn acquire_shared(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.acquire_as(key, LockMode::Shared)
+    }
+}
+
+impl InMemoryDistributedLock {
+    // `async`, not `ready(..)`: the lock is taken when the future is polled, so a future that
+    // is created and dropped unpolled takes nothing (as on the other backends).
+    fn try_acquire_as<'s, 'k>(
+        &'s self,
+        key: &'k str,
+        mode: LockMode,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send + use<'s, 'k> {
+        let keys = self.config().get_trace_keys();
+        observe_acquire("memory", keys, key, Mode::Try, mode, async move {
+            self.try_acquire_now(key, mode)
+        })
+    }
+
+    fn acquire_as<'s, 'k>(
+        &'s self,
+        key: &'k str,
+        mode: LockMode,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send + use<'s, 'k> {
+        let keys = self.config().get_trace_keys();
+        observe_acquire(
+            "memory",
+            keys,
+            key,
+            Mode::Wait,
+            mode,
+            self.acquire_waiting(key, mode),
+        )
     }
 }
 

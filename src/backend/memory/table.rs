@@ -10,13 +10,14 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::{Lease, LockError};
+use crate::{Lease, LockError, LockMode};
 
 const SHARDS: usize = 16;
 
 /// A lock handed to a caller: by `try_take` directly, or to a queued waiter over its channel.
 pub(super) struct Grant {
     pub(super) token: Uuid,
+    pub(super) mode: LockMode,
     pub(super) fencing_token: u64,
     pub(super) lease: Arc<Lease>,
 }
@@ -24,8 +25,8 @@ pub(super) struct Grant {
 pub(super) enum TryTake {
     /// The caller holds the lock now; the key is the table's shared copy.
     Granted(Arc<str>, Grant),
-    /// Someone else holds it until `expires_at`; `queued_as` is the caller's place in the queue
-    /// when it asked to wait.
+    /// Others hold it, the first of their leases ending at `expires_at`; `queued_as` is the
+    /// caller's place in the queue when it asked to wait.
     Held {
         key: Arc<str>,
         queued_as: Option<u64>,
@@ -54,23 +55,59 @@ struct Shard {
     next_sweep: Option<Instant>,
 }
 
-/// A held key. An entry exists exactly while some holder has the key (expired or not).
+/// A held key. An entry exists exactly while the key has a holder (expired or not); a key
+/// with waiters always has a holder, since the first waiter is let in as soon as it fits.
 struct Entry {
     key: Arc<str>,
-    holder: Holder,
+    /// One exclusive holder, or any number of shared ones.
+    holders: Vec<Holder>,
+    /// First in, first out. A waiter is let in when it fits beside the holders, and only
+    /// from the front: a shared caller queues behind a waiting exclusive one (writers are not
+    /// starved), and the shared waiters between two exclusive ones go in together.
     waiters: VecDeque<Waiter>,
 }
 
 struct Holder {
     token: Uuid,
+    mode: LockMode,
     expires_at: Instant,
     lease: Arc<Lease>,
 }
 
 struct Waiter {
     id: u64,
+    mode: LockMode,
     ttl: Duration,
     sender: oneshot::Sender<Grant>,
+}
+
+impl Entry {
+    /// Whether a caller asking for `mode` fits beside the current holders.
+    fn fits(&self, mode: LockMode) -> bool {
+        match mode {
+            LockMode::Exclusive => self.holders.is_empty(),
+            LockMode::Shared => self
+                .holders
+                .iter()
+                .all(|holder| holder.mode == LockMode::Shared),
+        }
+    }
+
+    /// When the first of the holders' leases ends.
+    fn next_expiry(&self) -> Option<Instant> {
+        self.holders.iter().map(|holder| holder.expires_at).min()
+    }
+
+    /// Drops the holders whose lease ran out (they are lost).
+    fn drop_expired(&mut self, now: Instant) {
+        self.holders.retain(|holder| {
+            let live = holder.expires_at > now;
+            if !live {
+                holder.lease.mark_lost();
+            }
+            live
+        });
+    }
 }
 
 impl LockTable {
@@ -89,59 +126,61 @@ impl LockTable {
             .sum()
     }
 
-    /// Takes `key` if it is free or its holder expired with nobody queued; otherwise queues the
-    /// caller if it passed a `sender`.
+    /// Takes `key` in `mode` if that fits beside its live holders and nobody waits; otherwise
+    /// queues the caller if it passed a `sender`.
     pub(super) fn try_take(
         &self,
         key: &str,
+        mode: LockMode,
         ttl: Duration,
         sender: Option<oneshot::Sender<Grant>>,
     ) -> TryTake {
         let now = Instant::now();
         let mut shard = self.shard(key);
         shard.sweep_if_due(now);
-        let Shard {
-            entries,
-            next_sweep,
-        } = &mut *shard;
-        if let Some(entry) = entries.get_mut(key) {
-            if entry.holder.expires_at <= now {
-                entry.holder.lease.mark_lost();
-                if !self.hand_off(entry, now) {
-                    let grant = self.new_holder(entry, now, ttl);
-                    note_expiry(next_sweep, entry.holder.expires_at);
-                    return TryTake::Granted(Arc::clone(&entry.key), grant);
+        if let Some(entry) = shard.entries.get_mut(key) {
+            self.settle(entry, now);
+            let outcome = if entry.waiters.is_empty() && entry.fits(mode) {
+                let (holder, grant) = self.grant(now, mode, ttl);
+                entry.holders.push(holder);
+                TryTake::Granted(Arc::clone(&entry.key), grant)
+            } else {
+                let queued_as = sender.map(|sender| {
+                    let id = self.next_waiter_id.fetch_add(1, Ordering::Relaxed);
+                    entry.waiters.push_back(Waiter {
+                        id,
+                        mode,
+                        ttl,
+                        sender,
+                    });
+                    id
+                });
+                TryTake::Held {
+                    key: Arc::clone(&entry.key),
+                    queued_as,
+                    expires_at: entry.next_expiry().expect("a key with waiters has holders"),
                 }
-                note_expiry(next_sweep, entry.holder.expires_at);
-            }
-            let queued_as = sender.map(|sender| {
-                let id = self.next_waiter_id.fetch_add(1, Ordering::Relaxed);
-                entry.waiters.push_back(Waiter { id, ttl, sender });
-                id
-            });
-            return TryTake::Held {
-                key: Arc::clone(&entry.key),
-                queued_as,
-                expires_at: entry.holder.expires_at,
             };
+            shard.tidy(key);
+            return outcome;
         }
         let shared_key: Arc<str> = Arc::from(key);
-        let (holder, grant) = self.grant(now, ttl);
+        let (holder, grant) = self.grant(now, mode, ttl);
         shard.note_expiry(holder.expires_at);
         shard.entries.insert(
             Arc::clone(&shared_key),
             Entry {
                 key: Arc::clone(&shared_key),
-                holder,
+                holders: vec![holder],
                 waiters: VecDeque::new(),
             },
         );
         TryTake::Granted(shared_key, grant)
     }
 
-    /// For a waiter whose timer fired: hands an expired lock to the head of the queue, then
-    /// tells the waiter where it stands. `take_grant` is checked under the shard lock, so a
-    /// grant cannot slip past.
+    /// For a waiter whose timer fired: drops expired holders and lets waiters in, then tells
+    /// the waiter where it stands. `take_grant` is checked under the shard lock, so a grant
+    /// cannot slip past.
     pub(super) fn recheck_waiter(
         &self,
         key: &str,
@@ -153,20 +192,16 @@ impl LockTable {
         let Some(entry) = shard.entries.get_mut(key) else {
             return take_grant().map_or(WaiterState::NotQueued, WaiterState::Granted);
         };
-        if entry.holder.expires_at <= now {
-            entry.holder.lease.mark_lost();
-            self.hand_off(entry, now);
-        }
+        self.settle(entry, now);
         let queued = entry.waiters.iter().any(|waiter| waiter.id == id);
-        let holder_expires_at = entry.holder.expires_at;
-        shard.note_expiry(holder_expires_at);
+        let holder_expires_at = entry.next_expiry();
+        shard.tidy(key);
         if let Some(grant) = take_grant() {
             return WaiterState::Granted(grant);
         }
-        if queued {
-            WaiterState::Queued { holder_expires_at }
-        } else {
-            WaiterState::NotQueued
+        match holder_expires_at {
+            Some(holder_expires_at) if queued => WaiterState::Queued { holder_expires_at },
+            _ => WaiterState::NotQueued,
         }
     }
 
@@ -188,10 +223,9 @@ impl LockTable {
         }
         if let Some(entry) = shard.entries.get_mut(key) {
             entry.waiters.retain(|waiter| waiter.id != id);
-            if entry.waiters.is_empty() {
-                let expires_at = entry.holder.expires_at;
-                shard.note_expiry(expires_at);
-            }
+            // An exclusive waiter that leaves may have held shared ones up behind it.
+            self.settle(entry, now);
+            shard.tidy(key);
         }
         false
     }
@@ -204,52 +238,57 @@ impl LockTable {
     pub(super) fn extend(&self, key: &str, token: Uuid, ttl: Duration) -> Result<(), LockError> {
         let now = Instant::now();
         let mut shard = self.shard(key);
-        let entry = match shard.entries.get_mut(key) {
-            Some(entry) if entry.holder.token == token && entry.holder.expires_at > now => entry,
-            _ => return Err(LockError::LockLost),
+        let holder = shard.entries.get_mut(key).and_then(|entry| {
+            entry
+                .holders
+                .iter_mut()
+                .find(|holder| holder.token == token && holder.expires_at > now)
+        });
+        let Some(holder) = holder else {
+            return Err(LockError::LockLost);
         };
-        entry.holder.expires_at = now + ttl;
+        holder.expires_at = now + ttl;
         Ok(())
     }
 
     pub(super) fn is_held(&self, key: &str) -> bool {
         let now = Instant::now();
-        self.shard(key)
-            .entries
-            .get(key)
-            .is_some_and(|entry| entry.holder.expires_at > now || !entry.waiters.is_empty())
+        self.shard(key).entries.get(key).is_some_and(|entry| {
+            !entry.waiters.is_empty() || entry.holders.iter().any(|h| h.expires_at > now)
+        })
     }
 
-    /// Gives the entry to the first waiter still listening. False if nobody was.
-    fn hand_off(&self, entry: &mut Entry, now: Instant) -> bool {
-        while let Some(waiter) = entry.waiters.pop_front() {
-            let (holder, grant) = self.grant(now, waiter.ttl);
+    /// Drops the entry's expired holders, then lets in waiters from the front of the queue
+    /// while they fit (skipping those gone): one exclusive waiter, or the run of shared ones.
+    fn settle(&self, entry: &mut Entry, now: Instant) {
+        entry.drop_expired(now);
+        while let Some(waiter) = entry.waiters.front() {
+            if !entry.fits(waiter.mode) {
+                break;
+            }
+            let waiter = entry.waiters.pop_front().expect("the front waiter");
+            let (holder, grant) = self.grant(now, waiter.mode, waiter.ttl);
             let token = holder.token;
             if waiter.sender.send(grant).is_ok() {
-                entry.holder = holder;
-                return true;
+                entry.holders.push(holder);
+            } else {
+                tracing::trace!(%token, "skipped a waiter that was gone");
             }
-            tracing::trace!(%token, "skipped a waiter that was gone");
         }
-        false
     }
 
-    fn new_holder(&self, entry: &mut Entry, now: Instant, ttl: Duration) -> Grant {
-        let (holder, grant) = self.grant(now, ttl);
-        entry.holder = holder;
-        grant
-    }
-
-    fn grant(&self, now: Instant, ttl: Duration) -> (Holder, Grant) {
+    fn grant(&self, now: Instant, mode: LockMode, ttl: Duration) -> (Holder, Grant) {
         let token = Uuid::new_v4();
         let lease = Lease::new(now, ttl);
         let holder = Holder {
             token,
+            mode,
             expires_at: now + ttl,
             lease: Arc::clone(&lease),
         };
         let grant = Grant {
             token,
+            mode,
             fencing_token: self.next_fencing_token.fetch_add(1, Ordering::Relaxed),
             lease,
         };
@@ -281,19 +320,16 @@ impl Shard {
         let Some(entry) = self.entries.get_mut(key) else {
             return Err(LockError::LockLost);
         };
-        if entry.holder.token != token {
+        let Some(index) = entry.holders.iter().position(|h| h.token == token) else {
             return Err(LockError::LockLost);
-        }
-        let expired = entry.holder.expires_at <= now;
+        };
+        let holder = entry.holders.swap_remove(index);
+        let expired = holder.expires_at <= now;
         if expired {
-            entry.holder.lease.mark_lost();
+            holder.lease.mark_lost();
         }
-        if table.hand_off(entry, now) {
-            let expires_at = entry.holder.expires_at;
-            self.note_expiry(expires_at);
-        } else {
-            self.entries.remove(key);
-        }
+        table.settle(entry, now);
+        self.tidy(key);
         if expired {
             Err(LockError::LockLost)
         } else {
@@ -301,12 +337,28 @@ impl Shard {
         }
     }
 
+    /// After a change to `key`'s entry: removes it if nobody holds the key (then nobody
+    /// waits either), else brings the next sweep forward to its first expiry.
+    fn tidy(&mut self, key: &str) {
+        let Some(entry) = self.entries.get(key) else {
+            return;
+        };
+        match entry.next_expiry() {
+            Some(expires_at) => self.note_expiry(expires_at),
+            None => {
+                debug_assert!(entry.waiters.is_empty(), "waiters are let in when free");
+                self.entries.remove(key);
+            }
+        }
+    }
+
     fn note_expiry(&mut self, expires_at: Instant) {
         note_expiry(&mut self.next_sweep, expires_at);
     }
 
-    /// Drops entries whose holder expired with nobody waiting, once the earliest expiry passed.
-    /// Entries with waiters are left to them: the first waiter's timer takes the lock over.
+    /// Drops expired holders of entries nobody waits for, and the entries left without a
+    /// holder, once the earliest expiry passed. Entries with waiters are left to them: the
+    /// first waiter's timer lets it in.
     fn sweep_if_due(&mut self, now: Instant) {
         if self.next_sweep.is_none_or(|at| now < at) {
             return;
@@ -316,11 +368,10 @@ impl Shard {
             if !entry.waiters.is_empty() {
                 return true;
             }
-            if entry.holder.expires_at <= now {
-                entry.holder.lease.mark_lost();
+            entry.drop_expired(now);
+            let Some(at) = entry.next_expiry() else {
                 return false;
-            }
-            let at = entry.holder.expires_at;
+            };
             next_sweep = Some(next_sweep.map_or(at, |earliest| earliest.min(at)));
             true
         });

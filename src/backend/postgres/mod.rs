@@ -44,7 +44,9 @@ use self::timing::SessionSettings;
 use super::jitter::Jitter;
 use crate::config::validate_duration;
 use crate::observe::{observe_acquire, Mode, ShownKey};
-use crate::{validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle};
+use crate::{
+    validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle, LockMode,
+};
 
 pub use self::transaction::TransactionLock;
 
@@ -690,12 +692,26 @@ impl std::fmt::Debug for PostgresDistributedLock {
 impl DistributedLock for PostgresDistributedLock {
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
         let keys = self.config().get_trace_keys();
-        observe_acquire("postgres", keys, key, Mode::Try, self.try_acquire_once(key))
+        observe_acquire(
+            "postgres",
+            keys,
+            key,
+            Mode::Try,
+            LockMode::Exclusive,
+            self.try_acquire_once(key),
+        )
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
         let keys = self.config().get_trace_keys();
-        observe_acquire("postgres", keys, key, Mode::Wait, self.acquire_waiting(key))
+        observe_acquire(
+            "postgres",
+            keys,
+            key,
+            Mode::Wait,
+            LockMode::Exclusive,
+            self.acquire_waiting(key),
+        )
     }
 
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {

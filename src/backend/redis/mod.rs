@@ -36,7 +36,7 @@ pub use self::watchdog::AutoExtend;
 use super::claims::{Claim, ClaimTable, KeyClaim, Overdue};
 use super::jitter::Jitter;
 use crate::observe::{observe_acquire, Mode, ShownKey};
-use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard};
+use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard, LockMode};
 
 /// A distributed lock on Redis (feature `redis`).
 ///
@@ -451,12 +451,26 @@ impl std::fmt::Debug for RedisDistributedLock {
 impl DistributedLock for RedisDistributedLock {
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
         let keys = self.config().get_trace_keys();
-        observe_acquire("redis", keys, key, Mode::Try, self.take(key, false))
+        observe_acquire(
+            "redis",
+            keys,
+            key,
+            Mode::Try,
+            LockMode::Exclusive,
+            self.take(key, false),
+        )
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
         let keys = self.config().get_trace_keys();
-        observe_acquire("redis", keys, key, Mode::Wait, self.take(key, true))
+        observe_acquire(
+            "redis",
+            keys,
+            key,
+            Mode::Wait,
+            LockMode::Exclusive,
+            self.take(key, true),
+        )
     }
 
     fn is_locked(&self, key: &str) -> impl Future<Output = Result<bool, LockError>> + Send {
