@@ -11,8 +11,9 @@ use tower_layer::Layer;
 
 use super::key::IntoLockKey;
 use super::settings::Settings;
+use super::shared::{is_safe_method, SharedSide};
 use super::{LockService, Rejection};
-use crate::{DistributedLock, LockError};
+use crate::{DistributedLock, DistributedRwLock, LockError};
 
 /// A Tower layer that takes a lock per request, keyed by a closure over the request head.
 ///
@@ -42,6 +43,7 @@ use crate::{DistributedLock, LockError};
 pub struct LockLayer<B> {
     lock: Arc<B>,
     settings: Settings,
+    shared: Option<SharedSide<B>>,
 }
 
 impl<B: DistributedLock> LockLayer<B> {
@@ -105,7 +107,11 @@ impl<B: DistributedLock> LockLayer<B> {
         lock.validate()?;
         let extractor = Arc::new(move |parts: &Parts| extractor(parts).into_lock_key());
         let settings = Settings::new(extractor, lock.key_visibility());
-        Ok(LockLayer { lock, settings })
+        Ok(LockLayer {
+            lock,
+            settings,
+            shared: None,
+        })
     }
 
     /// The status for a request whose key is locked: 409 Conflict (the default) or 423 Locked.
@@ -222,11 +228,55 @@ impl<B: DistributedLock> LockLayer<B> {
     }
 }
 
+impl<B: DistributedRwLock> LockLayer<B> {
+    /// Takes the shared (read) side of the key for the requests `select` picks, the exclusive
+    /// side for the others: the picked requests of one key run together, and never alongside
+    /// an exclusive one. Waiting, conflicts, keep-alive and the rest work as for exclusive
+    /// requests; a shared request refused because a writer holds the key (or waits for it)
+    /// gets the conflict status. Only for a lock with a shared side ([`DistributedRwLock`]).
+    ///
+    /// A gRPC service picks by path, the method's name being its last segment:
+    ///
+    /// ```
+    /// use k1s0_distributed_lock::{layer::key, InMemoryDistributedLock, LockConfig, LockLayer};
+    ///
+    /// let lock = InMemoryDistributedLock::new(LockConfig::new());
+    /// let layer = LockLayer::new(lock, key::header("x-order-id"))
+    ///     .shared_when(|parts| parts.uri.path().ends_with("/Get"));
+    /// # drop(layer);
+    /// ```
+    pub fn shared_when<F>(mut self, select: F) -> Self
+    where
+        F: Fn(&Parts) -> bool + Send + Sync + 'static,
+    {
+        self.shared = Some(SharedSide::new(select));
+        self
+    }
+
+    /// Takes the shared side for requests with a safe method (GET, HEAD, OPTIONS, TRACE) and
+    /// the exclusive side for the others: reads of one resource run together, a write runs
+    /// alone. See [`shared_when`](Self::shared_when).
+    ///
+    /// ```
+    /// use axum::{routing::get, Router};
+    /// use k1s0_distributed_lock::{layer::key, InMemoryDistributedLock, LockConfig, LockLayer};
+    ///
+    /// let lock = InMemoryDistributedLock::new(LockConfig::new());
+    /// let app: Router = Router::new()
+    ///     .route("/orders/{id}", get(|| async { "order" }).post(|| async { "updated" }))
+    ///     .layer(LockLayer::new(lock, key::path()).shared_for_safe_methods());
+    /// ```
+    pub fn shared_for_safe_methods(self) -> Self {
+        self.shared_when(is_safe_method)
+    }
+}
+
 impl<B> Clone for LockLayer<B> {
     fn clone(&self) -> Self {
         LockLayer {
             lock: Arc::clone(&self.lock),
             settings: self.settings.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -242,6 +292,7 @@ impl<B> fmt::Debug for LockLayer<B> {
             .field("max_hold", &self.settings.keep_alive_for)
             .field("release_timeout", &self.settings.release_timeout)
             .field("max_waiters", &self.settings.max_waiters)
+            .field("shared_when", &self.shared.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -254,6 +305,7 @@ impl<S, B: DistributedLock> Layer<S> for LockLayer<B> {
             inner,
             Arc::clone(&self.lock),
             Arc::new(self.settings.clone()),
+            self.shared.clone(),
         )
     }
 }

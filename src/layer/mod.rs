@@ -33,6 +33,7 @@ mod lock_layer;
 mod rejection;
 mod service;
 mod settings;
+mod shared;
 mod waiters;
 
 pub use body::ResponseBody;

@@ -14,6 +14,7 @@ use tower_service::Service;
 use super::future::{Acquire, InnerService, ResponseFuture};
 use super::key::KeyDecision;
 use super::settings::Settings;
+use super::shared::{AcquireShared, SharedSide};
 use super::waiters::WaiterSlot;
 use super::ResponseBody;
 use crate::{DistributedLock, LockError};
@@ -29,14 +30,21 @@ pub struct LockService<S, B> {
     inner: S,
     lock: Arc<B>,
     settings: Arc<Settings>,
+    shared: Option<SharedSide<B>>,
 }
 
 impl<S, B> LockService<S, B> {
-    pub(crate) fn new(inner: S, lock: Arc<B>, settings: Arc<Settings>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        lock: Arc<B>,
+        settings: Arc<Settings>,
+        shared: Option<SharedSide<B>>,
+    ) -> Self {
         LockService {
             inner,
             lock,
             settings,
+            shared,
         }
     }
 
@@ -73,9 +81,13 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (parts, body) = request.into_parts();
         let decision = (self.settings.extractor)(&parts);
+        let shared = self
+            .shared
+            .as_ref()
+            .and_then(|side| side.for_request(&parts));
         let request = Request::from_parts(parts, body);
         let acquire = match decision {
-            KeyDecision::Lock(key) => self.acquire(key),
+            KeyDecision::Lock(key) => self.acquire(key, shared),
             KeyDecision::PassUnlocked => return ResponseFuture::unlocked(self.inner.call(request)),
             KeyDecision::Refuse(reason) => refused(LockError::invalid_key(reason)),
         };
@@ -97,28 +109,27 @@ where
 }
 
 impl<S, B: DistributedLock> LockService<S, B> {
-    /// The acquisition of `key`: `try_acquire`, or in wait mode `acquire` within a place among
-    /// the layer's waiters (none left: refused as locked at once).
-    fn acquire(&self, key: String) -> Acquire {
+    /// The acquisition of `key`, on the exclusive side or with `shared`: at once, or in wait
+    /// mode within a place among the layer's waiters (none left: refused as locked at once).
+    fn acquire(&self, key: String, shared: Option<AcquireShared<B>>) -> Acquire {
         let lock = Arc::clone(&self.lock);
-        if !self.settings.wait {
-            return Box::pin(async move {
-                let result = lock.try_acquire(&key).await;
-                (key, result)
-            });
-        }
+        let wait = self.settings.wait;
         let slot = match self.settings.max_waiters {
-            None => None,
-            Some(max) => match WaiterSlot::try_take(&self.settings.waiting, max) {
+            Some(max) if wait => match WaiterSlot::try_take(&self.settings.waiting, max) {
                 Some(slot) => Some(slot),
                 None => {
                     tracing::debug!(key = %self.settings.keys.show(&key), max_waiters = max, "request refused: too many requests waiting for locks");
                     return Box::pin(ready((key, Err(LockError::AlreadyLocked))));
                 }
             },
+            _ => None,
         };
         Box::pin(async move {
-            let result = lock.acquire(&key).await;
+            let result = match shared {
+                Some(acquire_shared) => acquire_shared(&lock, &key, wait).await,
+                None if wait => lock.acquire(&key).await,
+                None => lock.try_acquire(&key).await,
+            };
             drop(slot);
             (key, result)
         })
@@ -152,6 +163,7 @@ impl<S: Clone, B> Clone for LockService<S, B> {
             inner: self.inner.clone(),
             lock: Arc::clone(&self.lock),
             settings: Arc::clone(&self.settings),
+            shared: self.shared.clone(),
         }
     }
 }

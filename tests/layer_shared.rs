@@ -1,0 +1,204 @@
+//! `LockLayer::shared_when` and `shared_for_safe_methods`: reads of one key run together, a
+//! write runs alone (conflict status, or waiting with `.wait()`), over HTTP (axum) and gRPC
+//! (tonic).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use common::grpc::{health_client, serve_health};
+use common::http::{client, send};
+use http::StatusCode;
+use k1s0_distributed_lock::{
+    DistributedLock, InMemoryDistributedLock, LockConfig, LockInfo, LockLayer, LockMode,
+};
+use tokio::sync::Barrier;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+
+const READERS: usize = 3;
+
+/// An order resource whose GET handlers wait until `READERS` of them are inside at once, so a
+/// GET can only finish if the others got in beside it; POST answers at once. Each handler
+/// reports the side of the lock it ran under.
+fn orders(
+    prefix: &str,
+    gate: Arc<Barrier>,
+    layer: impl FnOnce(LockLayer<InMemoryDistributedLock>) -> LockLayer<InMemoryDistributedLock>,
+    lock: InMemoryDistributedLock,
+) -> Router {
+    let extractor = common::http::prefixed_path(prefix);
+    Router::new()
+        .route(
+            "/orders/{id}",
+            get(move |axum::Extension(info): axum::Extension<LockInfo>| {
+                let gate = Arc::clone(&gate);
+                async move {
+                    tokio::time::timeout(Duration::from_secs(5), gate.wait())
+                        .await
+                        .expect("the other readers got in beside this one");
+                    format!("{:?}", info.mode())
+                }
+            })
+            .post(
+                |axum::Extension(info): axum::Extension<LockInfo>| async move {
+                    format!("{:?}", info.mode())
+                },
+            ),
+        )
+        .layer(layer(LockLayer::new(lock, extractor)))
+}
+
+async fn body(response: http::Response<hyper::body::Incoming>) -> String {
+    use http_body_util::BodyExt;
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gets_of_one_key_run_together_and_a_post_meanwhile_conflicts() {
+    let prefix = common::unique_prefix("layer-shared");
+    let lock = InMemoryDistributedLock::new(LockConfig::new());
+    // One more party than the readers: the test itself, so it can act while they are inside.
+    let gate = Arc::new(Barrier::new(READERS + 1));
+    let app = orders(
+        &prefix,
+        Arc::clone(&gate),
+        |layer| layer.shared_for_safe_methods(),
+        lock.clone(),
+    );
+    let address = common::http::serve(app).await;
+    let client = client();
+
+    let reads: Vec<_> = (0..READERS)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { send(&client, address, "GET", "/orders/42").await })
+        })
+        .collect();
+    // All readers hold the key together once the key shows locked and a POST is refused.
+    common::wait::assert_eventually("the readers hold the key", || async {
+        lock.is_locked(&format!("{prefix}/orders/42"))
+            .await
+            .unwrap()
+    })
+    .await;
+    let refused = send(&client, address, "POST", "/orders/42").await;
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    // Another resource is not affected.
+    let other = send(&client, address, "POST", "/orders/7").await;
+    assert_eq!(other.status(), StatusCode::OK);
+    assert_eq!(body(other).await, format!("{:?}", LockMode::Exclusive));
+
+    tokio::time::timeout(Duration::from_secs(10), gate.wait())
+        .await
+        .expect("every reader got in beside the others");
+    for read in reads {
+        let response = read.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response).await, format!("{:?}", LockMode::Shared));
+    }
+    assert!(
+        common::suites::becomes_free(
+            &lock,
+            &format!("{prefix}/orders/42"),
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    let write = send(&client, address, "POST", "/orders/42").await;
+    assert_eq!(write.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone() {
+    let prefix = common::unique_prefix("layer-shared-wait");
+    let lock =
+        InMemoryDistributedLock::new(LockConfig::new().wait_timeout(Duration::from_secs(10)));
+    let gate = Arc::new(Barrier::new(READERS + 1));
+    let app = orders(
+        &prefix,
+        Arc::clone(&gate),
+        |layer| {
+            layer
+                .shared_when(|parts| parts.method == http::Method::GET)
+                .wait()
+        },
+        lock.clone(),
+    );
+    let address = common::http::serve(app).await;
+    let client = client();
+    let key = format!("{prefix}/orders/42");
+
+    let reads: Vec<_> = (0..READERS)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { send(&client, address, "GET", "/orders/42").await })
+        })
+        .collect();
+    common::wait::assert_eventually("the readers hold the key", || async {
+        lock.is_locked(&key).await.unwrap()
+    })
+    .await;
+    let write = tokio::spawn({
+        let client = client.clone();
+        async move { send(&client, address, "POST", "/orders/42").await }
+    });
+    // The POST waits behind the readers: a new reader queues behind it (writers first).
+    common::wait::assert_eventually("the POST waits for the key", || async {
+        matches!(
+            k1s0_distributed_lock::DistributedRwLock::try_acquire_shared(&lock, &key).await,
+            Err(k1s0_distributed_lock::LockError::AlreadyLocked)
+        )
+    })
+    .await;
+    assert!(!write.is_finished());
+    tokio::time::timeout(Duration::from_secs(10), gate.wait())
+        .await
+        .expect("every reader got in beside the others");
+    for read in reads {
+        assert_eq!(read.await.unwrap().status(), StatusCode::OK);
+    }
+    let write = write.await.unwrap();
+    assert_eq!(write.status(), StatusCode::OK);
+    assert_eq!(body(write).await, format!("{:?}", LockMode::Exclusive));
+}
+
+fn health_request() -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: String::new(),
+    }
+}
+
+/// gRPC picks the shared side by path: `Watch` streams share the key, `Check` (exclusive) is
+/// aborted while they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_picked_by_path_share_the_key() {
+    let key = format!("{}grpc:health", common::unique_prefix("grpc-shared"));
+    let lock = InMemoryDistributedLock::new(LockConfig::new());
+    let layer_key = key.clone();
+    let layer = LockLayer::new(lock.clone(), move |_: &http::request::Parts| {
+        layer_key.clone()
+    })
+    .shared_when(|parts| parts.uri.path().ends_with("/Watch"));
+    let address = serve_health(layer).await;
+    let mut client = health_client(address).await;
+
+    let mut first = client.watch(health_request()).await.unwrap().into_inner();
+    let mut second = client.watch(health_request()).await.unwrap().into_inner();
+    assert!(first.message().await.unwrap().is_some());
+    assert!(second.message().await.unwrap().is_some());
+    let refused = client.check(health_request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted);
+
+    drop(first);
+    drop(second);
+    assert!(
+        common::suites::becomes_free(&lock, &key, Duration::from_secs(5)).await,
+        "the cancelled streams kept the key"
+    );
+    client.check(health_request()).await.unwrap();
+}
