@@ -1,6 +1,7 @@
 //! The in-memory backend: an uncontended try_acquire + release cycle against a bare
 //! `std::sync::Mutex<HashMap>` insert + remove (the floor of any in-process lock table), and
-//! the hand-off latency from `release` to the next waiter holding the lock.
+//! the hand-off latency from `release` to the next waiter holding the lock; the shared
+//! (read) cycle against the exclusive one, and 8 tasks on one key on either side.
 //!
 //! `cargo bench --bench memory`
 
@@ -11,7 +12,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
-use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig};
+use k1s0_distributed_lock::{
+    DistributedLock, DistributedRwLock, InMemoryDistributedLock, LockConfig,
+};
 
 fn cycle(c: &mut Criterion) {
     let runtime = support::runtime();
@@ -30,6 +33,53 @@ fn cycle(c: &mut Criterion) {
             guard.release().await.unwrap();
         })
     });
+    group.bench_function("try_acquire_shared_release", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let guard = lock.try_acquire_shared("order:42").await.unwrap();
+            guard.release().await.unwrap();
+        })
+    });
+    group.finish();
+}
+
+/// 8 tasks on one key, each taking and releasing it in a loop: on the shared side (they hold
+/// together) and on the exclusive side (one at a time, each waiting for the others).
+fn eight_tasks_one_key(c: &mut Criterion) {
+    const TASKS: u64 = 8;
+    let runtime = support::runtime();
+    let lock = InMemoryDistributedLock::new(LockConfig::new().max_retries(100_000));
+    let mut group = c.benchmark_group("memory_eight_tasks");
+    for shared in [true, false] {
+        let name = if shared { "shared" } else { "exclusive" };
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter_custom(|iterations| {
+                let lock = lock.clone();
+                async move {
+                    let per_task = iterations.div_ceil(TASKS);
+                    let started = Instant::now();
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|_| {
+                            let lock = lock.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..per_task {
+                                    let guard = if shared {
+                                        lock.acquire_shared("hot").await
+                                    } else {
+                                        lock.acquire("hot").await
+                                    };
+                                    guard.unwrap().release().await.unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                    started.elapsed()
+                }
+            })
+        });
+    }
     group.finish();
 }
 
@@ -70,7 +120,7 @@ fn handoff(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, cycle, handoff);
+criterion_group!(benches, cycle, eight_tasks_one_key, handoff);
 
 fn main() {
     support::observe_from_env();
@@ -81,5 +131,59 @@ fn main() {
         "try_acquire_release",
         "floor_mutex_hashmap",
         "floor",
+    );
+    support::print_ratio(
+        "memory_cycle",
+        "try_acquire_shared_release",
+        "try_acquire_release",
+        "exclusive cycle",
+    );
+    support::print_ratio("memory_eight_tasks", "shared", "exclusive", "exclusive");
+    eight_tasks_holding_a_millisecond();
+}
+
+/// 8 tasks on one key, each holding it 1 ms per section (work a reader would do), 100
+/// sections each: sections per second on the shared side against the exclusive side.
+fn eight_tasks_holding_a_millisecond() {
+    const TASKS: usize = 8;
+    const SECTIONS: usize = 100;
+    let runtime = support::runtime();
+    let lock = InMemoryDistributedLock::new(LockConfig::new().max_retries(100_000));
+    let mut rates = Vec::new();
+    for shared in [true, false] {
+        let lock = lock.clone();
+        let elapsed = runtime.block_on(async move {
+            let started = Instant::now();
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|_| {
+                    let lock = lock.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..SECTIONS {
+                            let guard = if shared {
+                                lock.acquire_shared("held").await
+                            } else {
+                                lock.acquire("held").await
+                            };
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            guard.unwrap().release().await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            started.elapsed()
+        });
+        let rate = (TASKS * SECTIONS) as f64 / elapsed.as_secs_f64();
+        let side = if shared { "shared" } else { "exclusive" };
+        println!("memory_eight_tasks_holding_1ms/{side}: {rate:.0} sections/s");
+        rates.push(rate);
+    }
+    println!(
+        "RATIO memory_eight_tasks_holding_1ms: shared {:.0} vs exclusive {:.0} sections/s = {:.2}x",
+        rates[0],
+        rates[1],
+        rates[0] / rates[1]
     );
 }
