@@ -433,3 +433,57 @@ async fn try_acquire_and_is_locked_act_when_polled_not_when_called() {
     let _held = lock.try_acquire("lazy").await.unwrap();
     assert!(asked_early.await.unwrap());
 }
+
+/// A writer queued behind an exclusive holder with a long lease; the holder releases, a reader
+/// queued before the writer is let in with the default 30 s lease, and then hangs on to it (a
+/// stuck task). The writer gets in when the reader's lease runs out, not at the end of the
+/// long lease it was told of when it queued.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_wakes_for_a_holder_let_in_after_it_queued() {
+    use k1s0_distributed_lock::DistributedRwLock;
+    let lock = lock_with(
+        LockConfig::new()
+            .ttl(Duration::from_secs(30))
+            .wait_timeout(Duration::from_secs(1000)),
+    );
+    let first = lock.acquire("stuck-reader").await.unwrap();
+    first.extend(Duration::from_secs(300)).await.unwrap();
+    let mut reader = Box::pin(lock.acquire_shared("stuck-reader"));
+    assert!(poll!(reader.as_mut()).is_pending());
+    let mut writer = Box::pin(lock.acquire("stuck-reader"));
+    assert!(poll!(writer.as_mut()).is_pending());
+    first.release().await.unwrap();
+    let stuck = reader.await.unwrap();
+    let started = Instant::now();
+    let writer = writer.await.unwrap();
+    assert!(stuck.is_lost());
+    let waited = started.elapsed();
+    assert!(
+        waited <= Duration::from_secs(31),
+        "the writer waited {waited:?} for a 30 s lease"
+    );
+    drop((stuck, writer));
+}
+
+/// A holder shortens its lease after a waiter queued, then hangs on to the lock: the waiter
+/// gets in when the shortened lease runs out.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_wakes_when_the_holder_shortens_its_lease() {
+    let lock = lock_with(
+        LockConfig::new()
+            .ttl(Duration::from_secs(30))
+            .wait_timeout(Duration::from_secs(1000)),
+    );
+    let holder = lock.acquire("shortened").await.unwrap();
+    let mut waiter = Box::pin(lock.acquire("shortened"));
+    assert!(poll!(waiter.as_mut()).is_pending());
+    holder.extend(Duration::from_secs(1)).await.unwrap();
+    let started = Instant::now();
+    let waiter = waiter.await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited <= Duration::from_secs(2),
+        "the waiter waited {waited:?} for a 1 s lease"
+    );
+    drop((holder, waiter));
+}

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use self::table::{Grant, LockTable, TryTake, WaiterState};
+use self::table::{Grant, Listener, LockTable, TryTake, WaiterState};
 use crate::observe::{observe_acquire, Mode};
 use crate::{
     validate_key, DistributedLock, DistributedRwLock, KeyVisibility, LockConfig, LockError,
@@ -144,8 +144,13 @@ impl InMemoryDistributedLock {
         // descheduled for so long that the lock handed to it expired before it looked.
         loop {
             let (sender, receiver) = oneshot::channel();
+            let recheck = Arc::new(Notify::new());
+            let listener = Listener {
+                grant: sender,
+                recheck: Arc::clone(&recheck),
+            };
             let (key, id, holder_expires_at) =
-                match self.table.try_take(key, mode, ttl, Some(sender)) {
+                match self.table.try_take(key, mode, ttl, Some(listener)) {
                     TryTake::Granted(key, grant) => return Ok(self.guard(key, grant)),
                     TryTake::Held {
                         key,
@@ -162,6 +167,7 @@ impl InMemoryDistributedLock {
                 keys: self.config().get_trace_keys(),
                 id,
                 receiver: Some(receiver),
+                recheck,
             };
             tracing::debug!(key = %waiter.keys.show(&waiter.key), line = "backend", "waiting for the lock");
             match waiter.wait(holder_expires_at, deadline).await {
@@ -266,6 +272,8 @@ struct QueuedWaiter {
     id: u64,
     /// `None` once the grant was taken.
     receiver: Option<oneshot::Receiver<Grant>>,
+    /// Notified when the moment to look again may have come earlier.
+    recheck: Arc<Notify>,
 }
 
 enum Waited {
@@ -277,8 +285,9 @@ enum Waited {
 }
 
 impl QueuedWaiter {
-    /// Waits for the lock to be handed over, waking when the holder's TTL or the budget runs
-    /// out to take an expired lock over or give up.
+    /// Waits for the lock to be handed over, waking when the first holder's lease or the
+    /// budget runs out (or the table says that moment came earlier) to let itself in past
+    /// expired holders or give up.
     async fn wait(&mut self, mut holder_expires_at: Instant, deadline: Instant) -> Waited {
         loop {
             let receiver = self.receiver.as_mut().expect("kept until granted");
@@ -292,6 +301,7 @@ impl QueuedWaiter {
                     };
                 }
                 () = tokio::time::sleep_until(holder_expires_at.min(deadline)) => {}
+                () = self.recheck.notified() => {}
             }
             let receiver = self.receiver.as_mut().expect("kept until granted");
             match self

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -32,6 +32,14 @@ pub(super) enum TryTake {
         queued_as: Option<u64>,
         expires_at: Instant,
     },
+}
+
+/// How the table reaches a queued caller: the grant when it is let in, and a nudge to look
+/// again when the moment it should wake has come earlier (a holder with a shorter lease was let
+/// in, a lease was shortened, the waiter became first in line).
+pub(super) struct Listener {
+    pub(super) grant: oneshot::Sender<Grant>,
+    pub(super) recheck: Arc<Notify>,
 }
 
 /// Where a waiter stands after its timer fired.
@@ -78,7 +86,7 @@ struct Waiter {
     id: u64,
     mode: LockMode,
     ttl: Duration,
-    sender: oneshot::Sender<Grant>,
+    listener: Listener,
 }
 
 impl Entry {
@@ -96,6 +104,14 @@ impl Entry {
     /// When the first of the holders' leases ends.
     fn next_expiry(&self) -> Option<Instant> {
         self.holders.iter().map(|holder| holder.expires_at).min()
+    }
+
+    /// Tells the first waiter to look again: the others wait behind it, whatever happens to
+    /// the holders.
+    fn nudge_first_waiter(&self) {
+        if let Some(first) = self.waiters.front() {
+            first.listener.recheck.notify_one();
+        }
     }
 
     /// Drops the holders whose lease ran out (they are lost).
@@ -133,7 +149,7 @@ impl LockTable {
         key: &str,
         mode: LockMode,
         ttl: Duration,
-        sender: Option<oneshot::Sender<Grant>>,
+        listener: Option<Listener>,
     ) -> TryTake {
         let now = Instant::now();
         let mut shard = self.shard(key);
@@ -145,13 +161,13 @@ impl LockTable {
                 entry.holders.push(holder);
                 TryTake::Granted(Arc::clone(&entry.key), grant)
             } else {
-                let queued_as = sender.map(|sender| {
+                let queued_as = listener.map(|listener| {
                     let id = self.next_waiter_id.fetch_add(1, Ordering::Relaxed);
                     entry.waiters.push_back(Waiter {
                         id,
                         mode,
                         ttl,
-                        sender,
+                        listener,
                     });
                     id
                 });
@@ -222,9 +238,14 @@ impl LockTable {
             return true;
         }
         if let Some(entry) = shard.entries.get_mut(key) {
+            let was_first = entry.waiters.front().is_some_and(|waiter| waiter.id == id);
             entry.waiters.retain(|waiter| waiter.id != id);
-            // An exclusive waiter that leaves may have held shared ones up behind it.
+            // An exclusive waiter that leaves may have held shared ones up behind it; and the
+            // next one is first now, with its own moment to wake.
             self.settle(entry, now);
+            if was_first {
+                entry.nudge_first_waiter();
+            }
             shard.tidy(key);
         }
         false
@@ -247,7 +268,13 @@ impl LockTable {
         let Some(holder) = holder else {
             return Err(LockError::LockLost);
         };
+        let shortened = now + ttl < holder.expires_at;
         holder.expires_at = now + ttl;
+        if shortened {
+            let entry = shard.entries.get(key).expect("the holder's entry");
+            entry.nudge_first_waiter();
+            shard.note_expiry(now + ttl);
+        }
         Ok(())
     }
 
@@ -260,8 +287,11 @@ impl LockTable {
 
     /// Drops the entry's expired holders, then lets in waiters from the front of the queue
     /// while they fit (skipping those gone): one exclusive waiter, or the run of shared ones.
+    /// If it let anyone in, the waiter now first is told to look again: the first lease to end
+    /// may be a new holder's, sooner than the moment it was told.
     fn settle(&self, entry: &mut Entry, now: Instant) {
         entry.drop_expired(now);
+        let mut let_in = false;
         while let Some(waiter) = entry.waiters.front() {
             if !entry.fits(waiter.mode) {
                 break;
@@ -269,11 +299,15 @@ impl LockTable {
             let waiter = entry.waiters.pop_front().expect("the front waiter");
             let (holder, grant) = self.grant(now, waiter.mode, waiter.ttl);
             let token = holder.token;
-            if waiter.sender.send(grant).is_ok() {
+            if waiter.listener.grant.send(grant).is_ok() {
                 entry.holders.push(holder);
+                let_in = true;
             } else {
                 tracing::trace!(%token, "skipped a waiter that was gone");
             }
+        }
+        if let_in {
+            entry.nudge_first_waiter();
         }
     }
 
