@@ -45,7 +45,6 @@ fn cycle(c: &mut Criterion) {
 /// 8 tasks on one key, each taking and releasing it in a loop: on the shared side (they hold
 /// together) and on the exclusive side (one at a time, each waiting for the others).
 fn eight_tasks_one_key(c: &mut Criterion) {
-    const TASKS: u64 = 8;
     let runtime = support::runtime();
     let lock = InMemoryDistributedLock::new(LockConfig::new().max_retries(100_000));
     let mut group = c.benchmark_group("memory_eight_tasks");
@@ -53,34 +52,47 @@ fn eight_tasks_one_key(c: &mut Criterion) {
         let name = if shared { "shared" } else { "exclusive" };
         group.bench_function(name, |b| {
             b.to_async(&runtime).iter_custom(|iterations| {
-                let lock = lock.clone();
-                async move {
-                    let per_task = iterations.div_ceil(TASKS);
-                    let started = Instant::now();
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|_| {
-                            let lock = lock.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..per_task {
-                                    let guard = if shared {
-                                        lock.acquire_shared("hot").await
-                                    } else {
-                                        lock.acquire("hot").await
-                                    };
-                                    guard.unwrap().release().await.unwrap();
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.unwrap();
-                    }
-                    started.elapsed()
-                }
+                let sections = iterations.div_ceil(EIGHT_TASKS as u64);
+                run_eight_tasks(lock.clone(), shared, sections, Duration::ZERO)
             })
         });
     }
     group.finish();
+}
+
+const EIGHT_TASKS: usize = 8;
+
+/// Runs 8 tasks that each take `lock`'s key "hot" `sections` times on one side, holding it
+/// `hold` each time; returns how long all of them took.
+async fn run_eight_tasks(
+    lock: InMemoryDistributedLock,
+    shared: bool,
+    sections: u64,
+    hold: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..EIGHT_TASKS)
+        .map(|_| {
+            let lock = lock.clone();
+            tokio::spawn(async move {
+                for _ in 0..sections {
+                    let guard = if shared {
+                        lock.acquire_shared("hot").await
+                    } else {
+                        lock.acquire("hot").await
+                    };
+                    if !hold.is_zero() {
+                        tokio::time::sleep(hold).await;
+                    }
+                    guard.unwrap().release().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    started.elapsed()
 }
 
 /// Time from the holder's `release` call to the waiting task holding the lock.
@@ -145,37 +157,18 @@ fn main() {
 /// 8 tasks on one key, each holding it 1 ms per section (work a reader would do), 100
 /// sections each: sections per second on the shared side against the exclusive side.
 fn eight_tasks_holding_a_millisecond() {
-    const TASKS: usize = 8;
-    const SECTIONS: usize = 100;
+    const SECTIONS: u64 = 100;
     let runtime = support::runtime();
     let lock = InMemoryDistributedLock::new(LockConfig::new().max_retries(100_000));
     let mut rates = Vec::new();
     for shared in [true, false] {
-        let lock = lock.clone();
-        let elapsed = runtime.block_on(async move {
-            let started = Instant::now();
-            let tasks: Vec<_> = (0..TASKS)
-                .map(|_| {
-                    let lock = lock.clone();
-                    tokio::spawn(async move {
-                        for _ in 0..SECTIONS {
-                            let guard = if shared {
-                                lock.acquire_shared("held").await
-                            } else {
-                                lock.acquire("held").await
-                            };
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                            guard.unwrap().release().await.unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for task in tasks {
-                task.await.unwrap();
-            }
-            started.elapsed()
-        });
-        let rate = (TASKS * SECTIONS) as f64 / elapsed.as_secs_f64();
+        let elapsed = runtime.block_on(run_eight_tasks(
+            lock.clone(),
+            shared,
+            SECTIONS,
+            Duration::from_millis(1),
+        ));
+        let rate = (EIGHT_TASKS as u64 * SECTIONS) as f64 / elapsed.as_secs_f64();
         let side = if shared { "shared" } else { "exclusive" };
         println!("memory_eight_tasks_holding_1ms/{side}: {rate:.0} sections/s");
         rates.push(rate);

@@ -52,6 +52,19 @@ fn orders(
         .layer(layer(LockLayer::new(lock, extractor)))
 }
 
+/// `READERS` concurrent `GET /orders/42`.
+fn read_concurrently(
+    client: &common::http::HttpClient,
+    address: std::net::SocketAddr,
+) -> Vec<tokio::task::JoinHandle<http::Response<hyper::body::Incoming>>> {
+    (0..READERS)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { send(&client, address, "GET", "/orders/42").await })
+        })
+        .collect()
+}
+
 async fn body(response: http::Response<hyper::body::Incoming>) -> String {
     use http_body_util::BodyExt;
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -73,12 +86,7 @@ async fn gets_of_one_key_run_together_and_a_post_meanwhile_conflicts() {
     let address = common::http::serve(app).await;
     let client = client();
 
-    let reads: Vec<_> = (0..READERS)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { send(&client, address, "GET", "/orders/42").await })
-        })
-        .collect();
+    let reads = read_concurrently(&client, address);
     // All readers hold the key together once the key shows locked and a POST is refused.
     common::wait::assert_eventually("the readers hold the key", || async {
         lock.is_locked(&format!("{prefix}/orders/42"))
@@ -133,12 +141,7 @@ async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone() {
     let client = client();
     let key = format!("{prefix}/orders/42");
 
-    let reads: Vec<_> = (0..READERS)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { send(&client, address, "GET", "/orders/42").await })
-        })
-        .collect();
+    let reads = read_concurrently(&client, address);
     common::wait::assert_eventually("the readers hold the key", || async {
         lock.is_locked(&key).await.unwrap()
     })
