@@ -87,6 +87,8 @@ struct Waiter {
     mode: LockMode,
     ttl: Duration,
     listener: Listener,
+    /// The moment this waiter was last told to look again at (the first lease to end then).
+    told: Instant,
 }
 
 impl Entry {
@@ -106,11 +108,17 @@ impl Entry {
         self.holders.iter().map(|holder| holder.expires_at).min()
     }
 
-    /// Tells the first waiter to look again: the others wait behind it, whatever happens to
-    /// the holders.
-    fn nudge_first_waiter(&self) {
-        if let Some(first) = self.waiters.front() {
-            first.listener.recheck.notify_one();
+    /// Tells the first waiter to look again if the first lease now ends sooner than the
+    /// moment it was told (the others wait behind it, whatever happens to the holders).
+    fn nudge_first_waiter_if_sooner(&mut self) {
+        let Some(expiry) = self.next_expiry() else {
+            return;
+        };
+        if let Some(first) = self.waiters.front_mut() {
+            if expiry < first.told {
+                first.told = expiry;
+                first.listener.recheck.notify_one();
+            }
         }
     }
 
@@ -156,11 +164,13 @@ impl LockTable {
         shard.sweep_if_due(now);
         if let Some(entry) = shard.entries.get_mut(key) {
             self.settle(entry, now);
+            let told = entry.next_expiry();
             let outcome = if entry.waiters.is_empty() && entry.fits(mode) {
                 let (holder, grant) = self.grant(now, mode, ttl);
                 entry.holders.push(holder);
                 TryTake::Granted(Arc::clone(&entry.key), grant)
             } else {
+                let told = told.expect("a key with waiters has holders");
                 let queued_as = listener.map(|listener| {
                     let id = self.next_waiter_id.fetch_add(1, Ordering::Relaxed);
                     entry.waiters.push_back(Waiter {
@@ -168,13 +178,14 @@ impl LockTable {
                         mode,
                         ttl,
                         listener,
+                        told,
                     });
                     id
                 });
                 TryTake::Held {
                     key: Arc::clone(&entry.key),
                     queued_as,
-                    expires_at: entry.next_expiry().expect("a key with waiters has holders"),
+                    expires_at: told,
                 }
             };
             shard.tidy(key);
@@ -209,8 +220,12 @@ impl LockTable {
             return take_grant().map_or(WaiterState::NotQueued, WaiterState::Granted);
         };
         self.settle(entry, now);
-        let queued = entry.waiters.iter().any(|waiter| waiter.id == id);
         let holder_expires_at = entry.next_expiry();
+        let waiter = entry.waiters.iter_mut().find(|waiter| waiter.id == id);
+        let queued = waiter.is_some();
+        if let (Some(waiter), Some(at)) = (waiter, holder_expires_at) {
+            waiter.told = at;
+        }
         shard.tidy(key);
         if let Some(grant) = take_grant() {
             return WaiterState::Granted(grant);
@@ -238,14 +253,11 @@ impl LockTable {
             return true;
         }
         if let Some(entry) = shard.entries.get_mut(key) {
-            let was_first = entry.waiters.front().is_some_and(|waiter| waiter.id == id);
             entry.waiters.retain(|waiter| waiter.id != id);
             // An exclusive waiter that leaves may have held shared ones up behind it; and the
-            // next one is first now, with its own moment to wake.
+            // next one may be first now, told of a later moment to wake.
             self.settle(entry, now);
-            if was_first {
-                entry.nudge_first_waiter();
-            }
+            entry.nudge_first_waiter_if_sooner();
             shard.tidy(key);
         }
         false
@@ -271,8 +283,8 @@ impl LockTable {
         let shortened = now + ttl < holder.expires_at;
         holder.expires_at = now + ttl;
         if shortened {
-            let entry = shard.entries.get(key).expect("the holder's entry");
-            entry.nudge_first_waiter();
+            let entry = shard.entries.get_mut(key).expect("the holder's entry");
+            entry.nudge_first_waiter_if_sooner();
             shard.note_expiry(now + ttl);
         }
         Ok(())
@@ -287,8 +299,8 @@ impl LockTable {
 
     /// Drops the entry's expired holders, then lets in waiters from the front of the queue
     /// while they fit (skipping those gone): one exclusive waiter, or the run of shared ones.
-    /// If it let anyone in, the waiter now first is told to look again: the first lease to end
-    /// may be a new holder's, sooner than the moment it was told.
+    /// If it let anyone in, the waiter now first is told to look again when the first lease to
+    /// end (maybe a new holder's) ends sooner than the moment it was told.
     fn settle(&self, entry: &mut Entry, now: Instant) {
         entry.drop_expired(now);
         let mut let_in = false;
@@ -307,7 +319,7 @@ impl LockTable {
             }
         }
         if let_in {
-            entry.nudge_first_waiter();
+            entry.nudge_first_waiter_if_sooner();
         }
     }
 
