@@ -487,3 +487,31 @@ async fn a_waiter_wakes_when_the_holder_shortens_its_lease() {
     );
     drop((holder, waiter));
 }
+
+/// The waiter ahead leaves: the one behind it, now first, gets in when the holder's shortened
+/// lease runs out, not at the end of the longer lease it was told of when it queued.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_that_becomes_first_wakes_for_the_current_lease() {
+    let lock = lock_with(
+        LockConfig::new()
+            .ttl(Duration::from_secs(30))
+            .wait_timeout(Duration::from_secs(1000)),
+    );
+    let holder = lock.acquire("first-leaves").await.unwrap();
+    holder.extend(Duration::from_secs(300)).await.unwrap();
+    let mut ahead = Box::pin(lock.acquire("first-leaves"));
+    assert!(poll!(ahead.as_mut()).is_pending());
+    let mut behind = Box::pin(lock.acquire("first-leaves"));
+    assert!(poll!(behind.as_mut()).is_pending());
+    // Only the first waiter hears of the shorter lease; then it leaves.
+    holder.extend(Duration::from_secs(1)).await.unwrap();
+    drop(ahead);
+    let started = Instant::now();
+    let behind = behind.await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited <= Duration::from_secs(2),
+        "the waiter waited {waited:?} for a 1 s lease"
+    );
+    drop((holder, behind));
+}

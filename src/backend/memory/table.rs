@@ -299,11 +299,11 @@ impl LockTable {
 
     /// Drops the entry's expired holders, then lets in waiters from the front of the queue
     /// while they fit (skipping those gone): one exclusive waiter, or the run of shared ones.
-    /// If it let anyone in, the waiter now first is told to look again when the first lease to
+    /// If the first waiter changed, the new one is told to look again when the first lease to
     /// end (maybe a new holder's) ends sooner than the moment it was told.
     fn settle(&self, entry: &mut Entry, now: Instant) {
         entry.drop_expired(now);
-        let mut let_in = false;
+        let mut front_changed = false;
         while let Some(waiter) = entry.waiters.front() {
             if !entry.fits(waiter.mode) {
                 break;
@@ -313,12 +313,13 @@ impl LockTable {
             let token = holder.token;
             if waiter.listener.grant.send(grant).is_ok() {
                 entry.holders.push(holder);
-                let_in = true;
             } else {
                 tracing::trace!(%token, "skipped a waiter that was gone");
             }
+            // Either way the first waiter changed.
+            front_changed = true;
         }
-        if let_in {
+        if front_changed {
             entry.nudge_first_waiter_if_sooner();
         }
     }
