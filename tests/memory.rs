@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use futures::poll;
 use k1s0_distributed_lock::{
-    DistributedLock, InMemoryDistributedLock, LockConfig, LockError, MAX_KEY_LEN,
+    DistributedLock, InMemoryDistributedLock, LockConfig, LockError, LockGuard, MAX_KEY_LEN,
 };
 use tokio::time::Instant;
 
@@ -434,6 +435,32 @@ async fn try_acquire_and_is_locked_act_when_polled_not_when_called() {
     assert!(asked_early.await.unwrap());
 }
 
+/// A lock with 30 s leases and a waiting budget far beyond them, for the paused-clock tests of
+/// when a waiter wakes.
+fn thirty_second_leases() -> InMemoryDistributedLock {
+    lock_with(
+        LockConfig::new()
+            .ttl(Duration::from_secs(30))
+            .wait_timeout(Duration::from_secs(1000)),
+    )
+}
+
+/// Awaits a queued acquire, failing if it took longer (on the paused clock) than `lease`, the
+/// lease it waits for, plus a second.
+async fn gets_in_after_the_lease(
+    waiter: impl Future<Output = Result<LockGuard, LockError>>,
+    lease: Duration,
+) -> LockGuard {
+    let started = Instant::now();
+    let guard = waiter.await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited <= lease + Duration::from_secs(1),
+        "the waiter waited {waited:?} for a {lease:?} lease"
+    );
+    guard
+}
+
 /// A writer queued behind an exclusive holder with a long lease; the holder releases, a reader
 /// queued before the writer is let in with the default 30 s lease, and then hangs on to it (a
 /// stuck task). The writer gets in when the reader's lease runs out, not at the end of the
@@ -441,11 +468,7 @@ async fn try_acquire_and_is_locked_act_when_polled_not_when_called() {
 #[tokio::test(start_paused = true)]
 async fn a_waiter_wakes_for_a_holder_let_in_after_it_queued() {
     use k1s0_distributed_lock::DistributedRwLock;
-    let lock = lock_with(
-        LockConfig::new()
-            .ttl(Duration::from_secs(30))
-            .wait_timeout(Duration::from_secs(1000)),
-    );
+    let lock = thirty_second_leases();
     let first = lock.acquire("stuck-reader").await.unwrap();
     first.extend(Duration::from_secs(300)).await.unwrap();
     let mut reader = Box::pin(lock.acquire_shared("stuck-reader"));
@@ -454,14 +477,8 @@ async fn a_waiter_wakes_for_a_holder_let_in_after_it_queued() {
     assert!(poll!(writer.as_mut()).is_pending());
     first.release().await.unwrap();
     let stuck = reader.await.unwrap();
-    let started = Instant::now();
-    let writer = writer.await.unwrap();
+    let writer = gets_in_after_the_lease(writer, Duration::from_secs(30)).await;
     assert!(stuck.is_lost());
-    let waited = started.elapsed();
-    assert!(
-        waited <= Duration::from_secs(31),
-        "the writer waited {waited:?} for a 30 s lease"
-    );
     drop((stuck, writer));
 }
 
@@ -469,22 +486,12 @@ async fn a_waiter_wakes_for_a_holder_let_in_after_it_queued() {
 /// gets in when the shortened lease runs out.
 #[tokio::test(start_paused = true)]
 async fn a_waiter_wakes_when_the_holder_shortens_its_lease() {
-    let lock = lock_with(
-        LockConfig::new()
-            .ttl(Duration::from_secs(30))
-            .wait_timeout(Duration::from_secs(1000)),
-    );
+    let lock = thirty_second_leases();
     let holder = lock.acquire("shortened").await.unwrap();
     let mut waiter = Box::pin(lock.acquire("shortened"));
     assert!(poll!(waiter.as_mut()).is_pending());
     holder.extend(Duration::from_secs(1)).await.unwrap();
-    let started = Instant::now();
-    let waiter = waiter.await.unwrap();
-    let waited = started.elapsed();
-    assert!(
-        waited <= Duration::from_secs(2),
-        "the waiter waited {waited:?} for a 1 s lease"
-    );
+    let waiter = gets_in_after_the_lease(waiter, Duration::from_secs(1)).await;
     drop((holder, waiter));
 }
 
@@ -492,11 +499,7 @@ async fn a_waiter_wakes_when_the_holder_shortens_its_lease() {
 /// lease runs out, not at the end of the longer lease it was told of when it queued.
 #[tokio::test(start_paused = true)]
 async fn a_waiter_that_becomes_first_wakes_for_the_current_lease() {
-    let lock = lock_with(
-        LockConfig::new()
-            .ttl(Duration::from_secs(30))
-            .wait_timeout(Duration::from_secs(1000)),
-    );
+    let lock = thirty_second_leases();
     let holder = lock.acquire("first-leaves").await.unwrap();
     holder.extend(Duration::from_secs(300)).await.unwrap();
     let mut ahead = Box::pin(lock.acquire("first-leaves"));
@@ -506,12 +509,6 @@ async fn a_waiter_that_becomes_first_wakes_for_the_current_lease() {
     // Only the first waiter hears of the shorter lease; then it leaves.
     holder.extend(Duration::from_secs(1)).await.unwrap();
     drop(ahead);
-    let started = Instant::now();
-    let behind = behind.await.unwrap();
-    let waited = started.elapsed();
-    assert!(
-        waited <= Duration::from_secs(2),
-        "the waiter waited {waited:?} for a 1 s lease"
-    );
+    let behind = gets_in_after_the_lease(behind, Duration::from_secs(1)).await;
     drop((holder, behind));
 }
