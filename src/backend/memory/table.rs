@@ -92,14 +92,13 @@ struct Waiter {
 }
 
 impl Entry {
-    /// Whether a caller asking for `mode` fits beside the current holders.
+    /// Whether a caller asking for `mode` fits beside the current holders. An exclusive
+    /// holder is always alone, so the first holder's mode is that of all of them.
     fn fits(&self, mode: LockMode) -> bool {
-        match mode {
-            LockMode::Exclusive => self.holders.is_empty(),
-            LockMode::Shared => self
-                .holders
-                .iter()
-                .all(|holder| holder.mode == LockMode::Shared),
+        match (mode, self.holders.first()) {
+            (_, None) => true,
+            (LockMode::Shared, Some(holder)) => holder.mode == LockMode::Shared,
+            (LockMode::Exclusive, Some(_)) => false,
         }
     }
 
@@ -111,14 +110,16 @@ impl Entry {
     /// Tells the first waiter to look again if the first lease now ends sooner than the
     /// moment it was told (the others wait behind it, whatever happens to the holders).
     fn nudge_first_waiter_if_sooner(&mut self) {
+        if self.waiters.is_empty() {
+            return;
+        }
         let Some(expiry) = self.next_expiry() else {
             return;
         };
-        if let Some(first) = self.waiters.front_mut() {
-            if expiry < first.told {
-                first.told = expiry;
-                first.listener.recheck.notify_one();
-            }
+        let first = self.waiters.front_mut().expect("a waiter");
+        if expiry < first.told {
+            first.told = expiry;
+            first.listener.recheck.notify_one();
         }
     }
 
@@ -164,13 +165,13 @@ impl LockTable {
         shard.sweep_if_due(now);
         if let Some(entry) = shard.entries.get_mut(key) {
             self.settle(entry, now);
-            let told = entry.next_expiry();
             let outcome = if entry.waiters.is_empty() && entry.fits(mode) {
                 let (holder, grant) = self.grant(now, mode, ttl);
                 entry.holders.push(holder);
                 TryTake::Granted(Arc::clone(&entry.key), grant)
             } else {
-                let told = told.expect("a key with waiters has holders");
+                // A caller that does not fit, or has waiters ahead, finds holders.
+                let told = entry.next_expiry().expect("a key with waiters has holders");
                 let queued_as = listener.map(|listener| {
                     let id = self.next_waiter_id.fetch_add(1, Ordering::Relaxed);
                     entry.waiters.push_back(Waiter {
@@ -188,7 +189,8 @@ impl LockTable {
                     expires_at: told,
                 }
             };
-            shard.tidy(key);
+            let next_expiry = entry.next_expiry();
+            shard.tidy(key, next_expiry);
             return outcome;
         }
         let shared_key: Arc<str> = Arc::from(key);
@@ -226,7 +228,7 @@ impl LockTable {
         if let (Some(waiter), Some(at)) = (waiter, holder_expires_at) {
             waiter.told = at;
         }
-        shard.tidy(key);
+        shard.tidy(key, holder_expires_at);
         if let Some(grant) = take_grant() {
             return WaiterState::Granted(grant);
         }
@@ -255,10 +257,10 @@ impl LockTable {
         if let Some(entry) = shard.entries.get_mut(key) {
             entry.waiters.retain(|waiter| waiter.id != id);
             // An exclusive waiter that leaves may have held shared ones up behind it; and the
-            // next one may be first now, told of a later moment to wake.
+            // next one may be first now, told of a later moment to wake (settle sees to both).
             self.settle(entry, now);
-            entry.nudge_first_waiter_if_sooner();
-            shard.tidy(key);
+            let next_expiry = entry.next_expiry();
+            shard.tidy(key, next_expiry);
         }
         false
     }
@@ -299,11 +301,10 @@ impl LockTable {
 
     /// Drops the entry's expired holders, then lets in waiters from the front of the queue
     /// while they fit (skipping those gone): one exclusive waiter, or the run of shared ones.
-    /// If the first waiter changed, the new one is told to look again when the first lease to
-    /// end (maybe a new holder's) ends sooner than the moment it was told.
+    /// Then the first waiter (maybe a new one) is told to look again if the first lease to end
+    /// (maybe a new holder's) ends sooner than the moment it was told.
     fn settle(&self, entry: &mut Entry, now: Instant) {
         entry.drop_expired(now);
-        let mut front_changed = false;
         while let Some(waiter) = entry.waiters.front() {
             if !entry.fits(waiter.mode) {
                 break;
@@ -316,12 +317,8 @@ impl LockTable {
             } else {
                 tracing::trace!(%token, "skipped a waiter that was gone");
             }
-            // Either way the first waiter changed.
-            front_changed = true;
         }
-        if front_changed {
-            entry.nudge_first_waiter_if_sooner();
-        }
+        entry.nudge_first_waiter_if_sooner();
     }
 
     fn grant(&self, now: Instant, mode: LockMode, ttl: Duration) -> (Holder, Grant) {
@@ -376,7 +373,8 @@ impl Shard {
             holder.lease.mark_lost();
         }
         table.settle(entry, now);
-        self.tidy(key);
+        let next_expiry = entry.next_expiry();
+        self.tidy(key, next_expiry);
         if expired {
             Err(LockError::LockLost)
         } else {
@@ -384,17 +382,18 @@ impl Shard {
         }
     }
 
-    /// After a change to `key`'s entry: removes it if nobody holds the key (then nobody
-    /// waits either), else brings the next sweep forward to its first expiry.
-    fn tidy(&mut self, key: &str) {
-        let Some(entry) = self.entries.get(key) else {
-            return;
-        };
-        match entry.next_expiry() {
+    /// After a change to `key`'s entry, whose first lease now ends at `next_expiry`: removes
+    /// it if nobody holds the key (then nobody waits either), else brings the next sweep
+    /// forward to that moment.
+    fn tidy(&mut self, key: &str, next_expiry: Option<Instant>) {
+        match next_expiry {
             Some(expires_at) => self.note_expiry(expires_at),
             None => {
-                debug_assert!(entry.waiters.is_empty(), "waiters are let in when free");
-                self.entries.remove(key);
+                let entry = self.entries.remove(key);
+                debug_assert!(
+                    entry.is_none_or(|entry| entry.waiters.is_empty()),
+                    "waiters are let in when free"
+                );
             }
         }
     }
