@@ -192,28 +192,23 @@ impl LockGuard {
     /// A span for a release or extend of this guard.
     fn operation_span(&self, name: &'static str) -> tracing::Span {
         let backend = self.held.as_ref().map_or("custom", Held::backend);
-        let keys = self.key_visibility();
+        let key = self.key_visibility().shown(&self.info.key);
         let span = observe::wanted(match name {
             "release" => tracing::debug_span!(
                 "lock.release",
                 backend,
-                key = tracing::field::Empty,
+                key = key.map(tracing::field::display),
                 fencing_token = self.info.fencing_token,
                 outcome = tracing::field::Empty
             ),
             _ => tracing::debug_span!(
                 "lock.extend",
                 backend,
-                key = tracing::field::Empty,
+                key = key.map(tracing::field::display),
                 fencing_token = self.info.fencing_token,
                 outcome = tracing::field::Empty
             ),
         });
-        if !span.is_disabled() {
-            if let Some(key) = keys.render(&self.info.key) {
-                span.record("key", tracing::field::display(key));
-            }
-        }
         span
     }
 

@@ -3,7 +3,7 @@
 use std::future::Future;
 
 use std::time::Instant;
-use tracing::field::{display, Empty};
+use tracing::field::Empty;
 use tracing::Instrument;
 
 use super::record;
@@ -27,18 +27,13 @@ where
     let span = super::wanted(tracing::debug_span!(
         "lock.acquire",
         backend,
-        key = Empty,
+        key = keys.shown(key).map(display),
         mode = mode.as_str(),
         lock_mode = lock_mode.as_str(),
         outcome = Empty,
         waited_ms = Empty,
         fencing_token = Empty,
     ));
-    if !span.is_disabled() {
-        if let Some(key) = keys.render(key) {
-            span.record("key", display(key));
-        }
-    }
     // The clock is read only when a span or the metrics will show the time.
     let timed = !span.is_disabled() || record::ENABLED;
     let recorded = span.clone();

@@ -33,7 +33,13 @@ pub enum KeyVisibility {
 impl KeyVisibility {
     /// The text a span shows for `key`, or `None` for [`Hidden`](Self::Hidden).
     pub fn render(self, key: &str) -> Option<String> {
-        (self != KeyVisibility::Hidden).then(|| self.show(key).to_string())
+        self.shown(key).map(|shown| shown.to_string())
+    }
+
+    /// `key` as a span's `key` field shows it, or `None` for [`Hidden`](Self::Hidden) (the
+    /// field stays empty). Formatted only if the span is recorded.
+    pub(crate) fn shown(self, key: &str) -> Option<ShownKey<'_>> {
+        (self != KeyVisibility::Hidden).then(|| self.show(key))
     }
 
     /// `key` as a log event's `key` field shows it: formatted only if the event is written,
