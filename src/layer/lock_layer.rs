@@ -11,7 +11,7 @@ use tower_layer::Layer;
 
 use super::key::IntoLockKey;
 use super::settings::Settings;
-use super::shared::{is_safe_method, SharedSide};
+use super::shared::SharedSide;
 use super::{LockService, Rejection};
 use crate::{DistributedLock, DistributedRwLock, LockError};
 
@@ -267,7 +267,7 @@ impl<B: DistributedRwLock> LockLayer<B> {
     ///     .layer(LockLayer::new(lock, key::path()).shared_for_safe_methods());
     /// ```
     pub fn shared_for_safe_methods(self) -> Self {
-        self.shared_when(is_safe_method)
+        self.shared_when(|parts| parts.method.is_safe())
     }
 }
 

@@ -81,10 +81,14 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let (parts, body) = request.into_parts();
         let decision = (self.settings.extractor)(&parts);
-        let shared = self
-            .shared
-            .as_ref()
-            .and_then(|side| side.for_request(&parts));
+        // The selector runs only for a request that is to be locked.
+        let shared = match &decision {
+            KeyDecision::Lock(_) => self
+                .shared
+                .as_ref()
+                .and_then(|side| side.for_request(&parts)),
+            _ => None,
+        };
         let request = Request::from_parts(parts, body);
         let acquire = match decision {
             KeyDecision::Lock(key) => self.acquire(key, shared),

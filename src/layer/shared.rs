@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use http::request::Parts;
-use http::Method;
 
 use crate::{DistributedRwLock, LockError, LockGuard};
 
@@ -56,12 +55,4 @@ fn acquire_shared<'a, B: DistributedRwLock>(
     } else {
         Box::pin(lock.try_acquire_shared(key))
     }
-}
-
-/// Whether a request's method is safe (RFC 9110, section 9.2.1: GET, HEAD, OPTIONS, TRACE).
-pub(crate) fn is_safe_method(parts: &Parts) -> bool {
-    matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
 }
