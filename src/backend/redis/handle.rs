@@ -199,6 +199,23 @@ pub(crate) fn release_in_background(lock: LockRef, what: &'static str) -> Option
     in_background(pending, async move { lock.release().await })
 }
 
+/// Takes `lock`'s token out of the key's lock and line on `connection` (the one its last
+/// command went on, so that Redis runs this after it), in a task on the current runtime (see
+/// [`in_background`]).
+pub(crate) fn abandon_in_background(
+    lock: LockRef,
+    connection: MultiplexedConnection,
+    what: &'static str,
+) -> Option<JoinHandle<()>> {
+    let pending = PendingRelease::of(&lock, what);
+    in_background(pending, async move {
+        if lock.abandon(connection).await? {
+            tracing::debug!(key = %lock.shown_key(), "freed {what}");
+        }
+        Ok(())
+    })
+}
+
 /// Runs `release`, which frees the lock of `key` (`what` says which), in a task on the current
 /// runtime: best effort, a lock it could not free expires at its TTL. When the release cannot
 /// run at all (no runtime, or its runtime shuts down before the task runs), a warning names
@@ -368,10 +385,11 @@ async fn hand_over(
             if matches!(error, LockError::BackendError(_)) {
                 // The script may still run: the clean-up goes on the same connection, so that
                 // Redis runs it afterwards (token-checked, it frees only the fresh token).
-                let what = "a lock the failed hand-over may have taken";
-                in_background(PendingRelease::of(&next, what), async move {
-                    next.abandon(connection).await.map(drop)
-                });
+                abandon_in_background(
+                    next,
+                    connection,
+                    "a lock the failed hand-over may have taken",
+                );
             }
             Some(Err(error))
         }

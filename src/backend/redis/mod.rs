@@ -27,7 +27,8 @@ use self::acks::{Exclusive, ReplicaAcks};
 pub use self::builder::RedisDistributedLockBuilder;
 use self::connection::Connections;
 use self::handle::{
-    millis, release_in_background, token_text, Grant, HeldClaim, LockRef, RedisHandle,
+    abandon_in_background, millis, release_in_background, token_text, Grant, HeldClaim, LockRef,
+    RedisHandle,
 };
 use self::keys::LockKeys;
 use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
@@ -664,21 +665,12 @@ impl Drop for PendingAcquire<'_> {
         let Some(connection) = self.connection.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let lock = self.lock_ref();
         tracing::debug!(key = %lock.shown_key(), "acquire interrupted; cleaning up in the background");
-        runtime.spawn(async move {
-            match lock.abandon(connection).await {
-                Ok(true) => {
-                    tracing::debug!(key = %lock.shown_key(), "freed a lock taken by an interrupted acquire")
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::debug!(key = %lock.shown_key(), error = &error as &dyn std::error::Error, "clean-up of an interrupted acquire failed; its lock and queue entry time out")
-                }
-            }
-        });
+        abandon_in_background(
+            lock,
+            connection,
+            "a lock an interrupted acquire may have taken",
+        );
     }
 }
