@@ -492,6 +492,8 @@ async fn a_waiter_wakes_when_the_holder_shortens_its_lease() {
     assert!(poll!(waiter.as_mut()).is_pending());
     holder.extend(Duration::from_secs(1)).await.unwrap();
     let waiter = gets_in_after_the_lease(waiter, Duration::from_secs(1)).await;
+    // It got in because the lease ran out, not before.
+    assert!(holder.is_lost());
     drop((holder, waiter));
 }
 
@@ -510,5 +512,6 @@ async fn a_waiter_that_becomes_first_wakes_for_the_current_lease() {
     holder.extend(Duration::from_secs(1)).await.unwrap();
     drop(ahead);
     let behind = gets_in_after_the_lease(behind, Duration::from_secs(1)).await;
+    assert!(holder.is_lost());
     drop((holder, behind));
 }

@@ -97,6 +97,7 @@ fn every_backend_and_the_layer_record_the_documented_series() {
         .unwrap();
 
     for (backend, label) in backends() {
+        let kind = backend;
         runtime.block_on(async {
             let config = LockConfig::new()
                 .ttl(Duration::from_millis(300))
@@ -199,6 +200,16 @@ fn every_backend_and_the_layer_record_the_documented_series() {
                 .all(|(_, labels, _)| labels.iter().all(|(k, _)| k != "key")),
             "no series carries the key"
         );
+        // The held gauge moves while a lock is held (the counts above are read: a snapshot
+        // drains the counters).
+        runtime.block_on(async {
+            let lock = kind.lock(LockConfig::new()).await;
+            let key = format!("{}held", common::unique_prefix("metrics"));
+            let guard = lock.try_acquire(&key).await.unwrap();
+            let held = gauge(&series(&snapshotter), "distributed_lock_held", &[backend]);
+            assert_eq!(held, 1.0, "{label}");
+            guard.release().await.unwrap();
+        });
     }
 
     // A connection cut under a server backend: the next operation fails, the one after

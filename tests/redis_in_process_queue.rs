@@ -284,11 +284,16 @@ async fn a_hand_over_delayed_past_the_command_timeout_leaves_no_lock() {
 
     slow.set_latency(Duration::from_millis(1_500));
     entry.repoint(address(&url));
-    drop(held); // the background release hands over, on the slow connection
-                // The hand-over has timed out (300 ms) and the task it was for gives up.
+    // The background release hands over, on the slow connection.
+    drop(held);
+    // The hand-over has timed out (300 ms) and the task it was for gives up.
     tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !next.is_finished(),
+        "the task got the lock: no delayed hand-over to test"
+    );
     next.abort();
-    let _ = next.await;
+    assert!(next.await.unwrap_err().is_cancelled());
 
     let admin = common::redis_conn::connection(&url).await;
     let key = lock.redis_key("k");
