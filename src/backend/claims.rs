@@ -1,8 +1,12 @@
-//! In-process exclusion: at most one task of this process works on a key at a time.
+//! In-process exclusion: one task of this process works on a key at a time, or several that
+//! all want its shared side.
 //!
-//! A [`KeyClaim`] is the local right to hold, or to try for, one key. Claims are exclusive per
-//! key; tasks that want a claimed key queue first in, first out, and dropping a claim hands it
-//! straight to the longest-waiting task that is still listening. The backends use it so that
+//! A [`KeyClaim`] is the local right to hold, or to try for, one key, in a [`LockMode`]. An
+//! exclusive claim excludes every other claim of the key; shared claims coexist. Tasks that
+//! must wait queue first in, first out; a shared claimant queues too while any task waits, so a
+//! waiting exclusive claimant is not starved. Dropping the last claim of a key hands it
+//! straight to the longest-waiting task that is still listening, and with a shared claimant to
+//! every shared claimant queued before the next exclusive one. The backends use it so that
 //! the tasks of one process hand a lock to each other at once, and only the first in line
 //! talks to the server: PostgreSQL, whose advisory locks are re-entrant per session (the
 //! server cannot tell two tasks sharing a session apart), and Redis, whose waiters would
@@ -21,6 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
+
+use crate::LockMode;
 
 const SHARDS: usize = 16;
 
@@ -43,9 +49,12 @@ impl<K: Hash + Eq + Clone, S: BuildHasher + Default + Clone, B> Default for Clai
     }
 }
 
-/// A claimed key: the tasks queued for it, and whether the server owes an answer about it.
+/// A claimed key: who has it, the tasks queued for it, and whether the server owes an answer
+/// about it.
 struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher, B> {
-    queue: VecDeque<oneshot::Sender<KeyClaim<K, S, B>>>,
+    /// The live shared claims; 0 while an exclusive claim has the key.
+    shared: usize,
+    queue: VecDeque<Queued<K, S, B>>,
     /// A statement about this key was sent and has had no answer: it is in flight, or it
     /// failed (a stalled server, a command timeout, a lost session). Stays set when the claim
     /// passes on after a failure; cleared by the next answer, or when the key is unclaimed.
@@ -54,13 +63,28 @@ struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher, B> {
     answered: Option<watch::Sender<()>>,
 }
 
-impl<K: Hash + Eq + Clone, S: BuildHasher, B> Default for KeyEntry<K, S, B> {
-    fn default() -> Self {
+/// A task waiting for its claim.
+struct Queued<K: Hash + Eq + Clone, S: BuildHasher, B> {
+    mode: LockMode,
+    turn: oneshot::Sender<KeyClaim<K, S, B>>,
+}
+
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyEntry<K, S, B> {
+    fn new(mode: LockMode) -> Self {
         KeyEntry {
+            shared: usize::from(mode == LockMode::Shared),
             queue: VecDeque::new(),
             unanswered: false,
             answered: None,
         }
+    }
+
+    /// Whether a new claimant in `mode` joins the claims the key has now: only a shared one
+    /// joining shared ones, and only while no task waits.
+    fn admits(&self, mode: LockMode) -> bool {
+        mode == LockMode::Shared
+            && self.shared > 0
+            && self.queue.iter().all(|queued| queued.turn.is_closed())
     }
 }
 
@@ -84,11 +108,12 @@ pub(crate) enum Claim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()
     Queued(oneshot::Receiver<KeyClaim<K, S, B>>),
 }
 
-/// The exclusive local right to one key. Dropping it passes it on, with its baton if it
-/// carries one.
+/// The local right to one key, exclusive or shared. Dropping the last claim of a key passes it
+/// on, with its baton if it carries one.
 pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
     table: Arc<ClaimTable<K, S, B>>,
     key: K,
+    mode: LockMode,
     /// False only for the claim `pass_on` retires when no task waits: dropping it must not
     /// pass it on again.
     live: bool,
@@ -106,28 +131,38 @@ pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B
 }
 
 impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
-    /// Claims `key` if no task of this process has it.
-    pub(crate) fn try_claim(self: &Arc<Self>, key: K) -> Option<KeyClaim<K, S, B>> {
+    /// Claims `key` in `mode` if no task of this process has it, or (shared) if only shared
+    /// claims have it and no task waits.
+    pub(crate) fn try_claim(self: &Arc<Self>, key: K, mode: LockMode) -> Option<KeyClaim<K, S, B>> {
         match self.shard(&key).entry(key.clone()) {
+            Entry::Occupied(mut entry) if entry.get().admits(mode) => {
+                entry.get_mut().shared += 1;
+                Some(self.new_claim(key, mode))
+            }
             Entry::Occupied(_) => None,
             Entry::Vacant(slot) => {
-                slot.insert(KeyEntry::default());
-                Some(self.new_claim(key))
+                slot.insert(KeyEntry::new(mode));
+                Some(self.new_claim(key, mode))
             }
         }
     }
 
-    /// Claims `key`, or queues the caller behind the tasks that have or want it.
-    pub(crate) fn claim_or_queue(self: &Arc<Self>, key: K) -> Claim<K, S, B> {
+    /// Claims `key` in `mode` as [`try_claim`](Self::try_claim) does, or queues the caller
+    /// behind the tasks that have or want it.
+    pub(crate) fn claim_or_queue(self: &Arc<Self>, key: K, mode: LockMode) -> Claim<K, S, B> {
         match self.shard(&key).entry(key.clone()) {
+            Entry::Occupied(mut entry) if entry.get().admits(mode) => {
+                entry.get_mut().shared += 1;
+                Claim::Claimed(self.new_claim(key, mode))
+            }
             Entry::Occupied(mut entry) => {
-                let (sender, receiver) = oneshot::channel();
-                entry.get_mut().queue.push_back(sender);
+                let (turn, receiver) = oneshot::channel();
+                entry.get_mut().queue.push_back(Queued { mode, turn });
                 Claim::Queued(receiver)
             }
             Entry::Vacant(slot) => {
-                slot.insert(KeyEntry::default());
-                Claim::Claimed(self.new_claim(key))
+                slot.insert(KeyEntry::new(mode));
+                Claim::Claimed(self.new_claim(key, mode))
             }
         }
     }
@@ -182,10 +217,11 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         self.shard(key).contains_key(key)
     }
 
-    fn new_claim(self: &Arc<Self>, key: K) -> KeyClaim<K, S, B> {
+    fn new_claim(self: &Arc<Self>, key: K, mode: LockMode) -> KeyClaim<K, S, B> {
         KeyClaim {
             table: Arc::clone(self),
             key,
+            mode,
             live: true,
             yield_to_others: false,
             unanswered_before: false,
@@ -194,29 +230,58 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         }
     }
 
-    /// Gives a dropped claim, and its baton, to the first queued task still listening, or
-    /// frees the key (and drops the baton).
-    fn pass_on(self: &Arc<Self>, key: &K, yield_to_others: bool, baton: Option<B>) {
+    /// Takes back a dropped claim in `mode`. Once the key has no claim left, gives it to the
+    /// first queued task still listening (with the baton if that task wants the exclusive
+    /// side), and if that task wants the shared side, to every shared claimant queued after it
+    /// up to the next exclusive one; or frees the key. A baton nobody takes is dropped.
+    fn pass_on(
+        self: &Arc<Self>,
+        key: &K,
+        mode: LockMode,
+        yield_to_others: bool,
+        mut baton: Option<B>,
+    ) {
         let mut shard = self.shard(key);
         let Some(entry) = shard.get_mut(key) else {
             debug_assert!(false, "a live claim always has its table entry");
             return;
         };
-        let mut claim = self.new_claim(key.clone());
-        claim.yield_to_others = yield_to_others;
-        claim.baton = baton;
-        while let Some(next) = entry.queue.pop_front() {
-            match next.send(claim) {
-                Ok(()) => return,
-                // That task gave up waiting; try the next one with the same claim.
-                Err(returned) => claim = returned,
+        if mode == LockMode::Shared {
+            entry.shared -= 1;
+        }
+        let mut passed_exclusive = false;
+        if entry.shared == 0 {
+            while let Some(next) = entry.queue.front() {
+                if entry.shared > 0 && next.mode == LockMode::Exclusive {
+                    break;
+                }
+                let Queued { mode, turn } = entry.queue.pop_front().expect("looked at just now");
+                let mut claim = self.new_claim(key.clone(), mode);
+                claim.yield_to_others = yield_to_others;
+                if mode == LockMode::Exclusive {
+                    claim.baton = baton.take();
+                }
+                match turn.send(claim) {
+                    Ok(()) if mode == LockMode::Exclusive => {
+                        passed_exclusive = true;
+                        break;
+                    }
+                    Ok(()) => entry.shared += 1,
+                    // That task gave up waiting: the claim comes back; retire it (dropping it
+                    // must not pass it on) and keep its baton for the next task.
+                    Err(mut refused) => {
+                        refused.live = false;
+                        baton = refused.baton.take().or(baton);
+                    }
+                }
+            }
+            if !passed_exclusive && entry.shared == 0 {
+                shard.remove(key);
             }
         }
-        claim.live = false;
-        shard.remove(key);
         drop(shard);
-        // The baton goes with the claim, outside the shard's lock.
-        drop(claim);
+        // A baton nobody took goes outside the shard's lock.
+        drop(baton);
     }
 
     fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K, S, B>> {
@@ -237,13 +302,25 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
         &self.key
     }
 
-    /// Whether another task of this process waits for the key (it may leave right after).
+    /// The side of the key this claim has.
+    pub(crate) fn mode(&self) -> LockMode {
+        self.mode
+    }
+
+    /// Whether the next task of this process that waits for the key wants its exclusive side
+    /// (it may leave right after): the task an exclusive holder can hand its lock to.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn has_successor(&self) -> bool {
         self.table
             .shard(&self.key)
             .get(&self.key)
-            .is_some_and(|entry| entry.queue.iter().any(|next| !next.is_closed()))
+            .is_some_and(|entry| {
+                entry
+                    .queue
+                    .iter()
+                    .find(|next| !next.turn.is_closed())
+                    .is_some_and(|next| next.mode == LockMode::Exclusive)
+            })
     }
 
     /// Passes the claim on with `baton` for the next task; if no task takes the claim, the
@@ -343,7 +420,7 @@ where
             // A claim dropped inside `pass_on` (a queued task dropped its receiver with the
             // claim in it) is not possible under the shard lock: `send` hands back refused
             // claims instead of dropping them.
-            Arc::clone(&self.table).pass_on(&self.key, self.yield_to_others, baton);
+            Arc::clone(&self.table).pass_on(&self.key, self.mode, self.yield_to_others, baton);
         }
     }
 }
@@ -352,18 +429,21 @@ where
 mod tests {
     use super::*;
 
+    const X: LockMode = LockMode::Exclusive;
+    const S: LockMode = LockMode::Shared;
+
     #[test]
     fn a_claim_is_exclusive_and_passes_in_order() {
         let table = Arc::new(ClaimTable::<i64>::default());
-        let first = table.try_claim(7).expect("free key");
-        assert!(table.try_claim(7).is_none());
-        let Claim::Queued(mut second) = table.claim_or_queue(7) else {
+        let first = table.try_claim(7, X).expect("free key");
+        assert!(table.try_claim(7, X).is_none());
+        let Claim::Queued(mut second) = table.claim_or_queue(7, X) else {
             panic!("claimed key must queue");
         };
-        let Claim::Queued(gone) = table.claim_or_queue(7) else {
+        let Claim::Queued(gone) = table.claim_or_queue(7, X) else {
             panic!("claimed key must queue");
         };
-        let Claim::Queued(mut third) = table.claim_or_queue(7) else {
+        let Claim::Queued(mut third) = table.claim_or_queue(7, X) else {
             panic!("claimed key must queue");
         };
         drop(gone);
@@ -375,11 +455,11 @@ mod tests {
         assert!(table.is_claimed(&7));
         drop(third);
         assert!(!table.is_claimed(&7));
-        assert!(table.try_claim(7).is_some());
+        assert!(table.try_claim(7, X).is_some());
     }
 
     fn queued(table: &Arc<ClaimTable<i64>>, key: i64) -> oneshot::Receiver<KeyClaim<i64>> {
-        match table.claim_or_queue(key) {
+        match table.claim_or_queue(key, X) {
             Claim::Queued(turn) => turn,
             Claim::Claimed(_) => panic!("claimed key must queue"),
         }
@@ -391,7 +471,7 @@ mod tests {
         let give_up_at = || Instant::now() + std::time::Duration::from_secs(1);
 
         // Nothing asked, or asked and answered: the key is held by the task ahead.
-        let mut first = table.try_claim(3).expect("free key");
+        let mut first = table.try_claim(3, X).expect("free key");
         assert!(matches!(
             table.overdue(&3, queued(&table, 3), give_up_at()).await,
             Overdue::Held
@@ -433,7 +513,7 @@ mod tests {
             let table = Arc::clone(&table);
             async move { table.overdue(&3, third, give_up_at()).await }
         });
-        let Claim::Queued(fourth) = table.claim_or_queue(3) else {
+        let Claim::Queued(fourth) = table.claim_or_queue(3, X) else {
             panic!("claimed key must queue");
         };
         tokio::task::yield_now().await;
@@ -454,15 +534,80 @@ mod tests {
     #[test]
     fn a_claim_dropped_in_its_channel_passes_on() {
         let table = Arc::new(ClaimTable::<i64>::default());
-        let first = table.try_claim(1).expect("free key");
-        let Claim::Queued(second) = table.claim_or_queue(1) else {
+        let first = table.try_claim(1, X).expect("free key");
+        let Claim::Queued(second) = table.claim_or_queue(1, X) else {
             panic!("claimed key must queue");
         };
-        let Claim::Queued(mut third) = table.claim_or_queue(1) else {
+        let Claim::Queued(mut third) = table.claim_or_queue(1, X) else {
             panic!("claimed key must queue");
         };
         drop(first); // sent to `second`, which is never read
         drop(second);
         assert!(third.try_recv().is_ok());
+    }
+
+    #[test]
+    fn shared_claims_coexist_and_queue_behind_a_waiting_exclusive_one() {
+        let table = Arc::new(ClaimTable::<i64>::default());
+        let first = table.try_claim(5, S).expect("free key");
+        let second = table.try_claim(5, S).expect("readers share");
+        assert!(table.try_claim(5, X).is_none());
+        let mut writer = queued_as(&table, 5, X);
+        // A reader that comes after a waiting writer queues behind it.
+        assert!(table.try_claim(5, S).is_none());
+        let mut late_reader = queued_as(&table, 5, S);
+        let mut later_reader = queued_as(&table, 5, S);
+        let mut last_writer = queued_as(&table, 5, X);
+        drop(first);
+        assert!(writer.try_recv().is_err(), "one reader still holds");
+        drop(second);
+        let writer = writer.try_recv().expect("the writer is next");
+        assert_eq!(writer.mode(), X);
+        assert!(late_reader.try_recv().is_err());
+        assert!(!writer.has_successor(), "the next in line is a reader");
+        drop(writer);
+        // Both readers queued before the next writer go in together.
+        let late_reader = late_reader.try_recv().expect("first reader in");
+        let later_reader = later_reader.try_recv().expect("second reader in with it");
+        assert_eq!(later_reader.mode(), S);
+        assert!(last_writer.try_recv().is_err());
+        drop(late_reader);
+        assert!(last_writer.try_recv().is_err());
+        drop(later_reader);
+        let last_writer = last_writer.try_recv().expect("then the writer");
+        drop(last_writer);
+        assert!(!table.is_claimed(&5));
+    }
+
+    #[test]
+    fn a_reader_that_left_the_line_is_skipped_and_the_batch_stops_at_a_writer() {
+        let table = Arc::new(ClaimTable::<i64>::default());
+        let writer = table.try_claim(9, X).expect("free key");
+        let gone = queued_as(&table, 9, S);
+        let mut reader = queued_as(&table, 9, S);
+        let mut next_writer = queued_as(&table, 9, X);
+        let mut behind = queued_as(&table, 9, S);
+        drop(gone);
+        drop(writer);
+        let reader = reader.try_recv().expect("the listening reader is let in");
+        assert!(next_writer.try_recv().is_err());
+        assert!(behind.try_recv().is_err(), "a reader behind a writer waits");
+        drop(reader);
+        let next_writer = next_writer.try_recv().expect("then the writer");
+        drop(next_writer);
+        let behind = behind.try_recv().expect("then the last reader");
+        drop(behind);
+        assert!(!table.is_claimed(&9));
+    }
+
+    fn queued_as(
+        table: &Arc<ClaimTable<i64>>,
+        key: i64,
+        mode: LockMode,
+    ) -> oneshot::Receiver<KeyClaim<i64>> {
+        match table.claim_or_queue(key, mode) {
+            Claim::Queued(turn) => turn,
+            Claim::Claimed(_) => panic!("this claim must queue"),
+        }
     }
 }

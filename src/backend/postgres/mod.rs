@@ -422,7 +422,7 @@ impl PostgresDistributedLock {
         validate_key(key)?;
         self.inner.config.validate()?;
         let advisory = self.inner.key_cache.advisory_key(key);
-        let Some(claim) = self.inner.claims.try_claim(advisory) else {
+        let Some(claim) = self.inner.claims.try_claim(advisory, LockMode::Exclusive) else {
             return Err(LockError::AlreadyLocked);
         };
         let session = self.session_for(advisory)?;
@@ -471,7 +471,11 @@ impl PostgresDistributedLock {
         let ttl = config.get_ttl();
 
         // First in line among the tasks of this process.
-        let claim = match self.inner.claims.claim_or_queue(advisory) {
+        let claim = match self
+            .inner
+            .claims
+            .claim_or_queue(advisory, LockMode::Exclusive)
+        {
             Claim::Claimed(claim) => claim,
             Claim::Queued(mut turn) => {
                 tracing::debug!(key = %self.shown_key(key), line = "process", "waiting for the lock");

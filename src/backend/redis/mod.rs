@@ -355,9 +355,9 @@ impl RedisDistributedLock {
         let claims = &self.shared.claims;
         let name: Arc<str> = Arc::from(key);
         if !wait {
-            return Ok(claims.try_claim(name));
+            return Ok(claims.try_claim(name, LockMode::Exclusive));
         }
-        let mut turn = match claims.claim_or_queue(Arc::clone(&name)) {
+        let mut turn = match claims.claim_or_queue(Arc::clone(&name), LockMode::Exclusive) {
             Claim::Claimed(claim) => return Ok(Some(claim)),
             Claim::Queued(turn) => turn,
         };
