@@ -20,8 +20,11 @@
 
 use std::collections::hash_map::{Entry, HashMap, RandomState};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::hash::{BuildHasher, Hash};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -105,7 +108,44 @@ pub(crate) enum Claim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()
     /// The key was free locally: the caller has it.
     Claimed(KeyClaim<K, S, B>),
     /// Another task has it; the claim arrives on this channel when it is the caller's turn.
-    Queued(oneshot::Receiver<KeyClaim<K, S, B>>),
+    Queued(Turn<K, S, B>),
+}
+
+/// A queued task's place in a key's line: resolves to its claim when its turn comes. Dropping it
+/// leaves the line (a claim that reached it meanwhile is passed on).
+pub(crate) struct Turn<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
+    table: Arc<ClaimTable<K, S, B>>,
+    key: K,
+    receiver: oneshot::Receiver<KeyClaim<K, S, B>>,
+}
+
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> Turn<K, S, B> {
+    /// The claim, if the turn has come.
+    pub(crate) fn try_recv(&mut self) -> Result<KeyClaim<K, S, B>, oneshot::error::TryRecvError> {
+        self.receiver.try_recv()
+    }
+}
+
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> Future for Turn<K, S, B> {
+    type Output = Result<KeyClaim<K, S, B>, oneshot::error::RecvError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.get_mut().receiver).poll(cx)
+    }
+}
+
+// Nothing in a turn is pinned: it only forwards to its receiver.
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> Unpin for Turn<K, S, B> {}
+
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> Drop for Turn<K, S, B> {
+    fn drop(&mut self) {
+        self.receiver.close();
+        match self.receiver.try_recv() {
+            // Dropping it passes it on.
+            Ok(claim) => drop(claim),
+            Err(_) => self.table.left_the_line(&self.key),
+        }
+    }
 }
 
 /// The local right to one key, exclusive or shared. Dropping the last claim of a key passes it
@@ -158,7 +198,11 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
             Entry::Occupied(mut entry) => {
                 let (turn, receiver) = oneshot::channel();
                 entry.get_mut().queue.push_back(Queued { mode, turn });
-                Claim::Queued(receiver)
+                Claim::Queued(Turn {
+                    table: Arc::clone(self),
+                    key,
+                    receiver,
+                })
             }
             Entry::Vacant(slot) => {
                 slot.insert(KeyEntry::new(mode));
@@ -176,7 +220,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
     pub(crate) async fn overdue(
         self: &Arc<Self>,
         key: &K,
-        mut turn: oneshot::Receiver<KeyClaim<K, S, B>>,
+        mut turn: Turn<K, S, B>,
         give_up_at: Instant,
     ) -> Overdue<K, S, B> {
         loop {
@@ -249,32 +293,8 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         if mode == LockMode::Shared {
             entry.shared -= 1;
         }
-        let mut passed_exclusive = false;
         if entry.shared == 0 {
-            while let Some(next) = entry.queue.front() {
-                if entry.shared > 0 && next.mode == LockMode::Exclusive {
-                    break;
-                }
-                let Queued { mode, turn } = entry.queue.pop_front().expect("looked at just now");
-                let mut claim = self.new_claim(key.clone(), mode);
-                claim.yield_to_others = yield_to_others;
-                if mode == LockMode::Exclusive {
-                    claim.baton = baton.take();
-                }
-                match turn.send(claim) {
-                    Ok(()) if mode == LockMode::Exclusive => {
-                        passed_exclusive = true;
-                        break;
-                    }
-                    Ok(()) => entry.shared += 1,
-                    // That task gave up waiting: the claim comes back; retire it (dropping it
-                    // must not pass it on) and keep its baton for the next task.
-                    Err(mut refused) => {
-                        refused.live = false;
-                        baton = refused.baton.take().or(baton);
-                    }
-                }
-            }
+            let passed_exclusive = self.admit(key, entry, yield_to_others, &mut baton);
             if !passed_exclusive && entry.shared == 0 {
                 shard.remove(key);
             }
@@ -282,6 +302,57 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         drop(shard);
         // A baton nobody took goes outside the shard's lock.
         drop(baton);
+    }
+
+    /// Lets in the tasks at the front of `key`'s queue that may go in now: with no claim left,
+    /// the first one still listening (with the baton if it wants the exclusive side); while
+    /// shared claims have the key, every shared claimant up to the next exclusive one. Returns
+    /// whether an exclusive claim went out.
+    fn admit(
+        self: &Arc<Self>,
+        key: &K,
+        entry: &mut KeyEntry<K, S, B>,
+        yield_to_others: bool,
+        baton: &mut Option<B>,
+    ) -> bool {
+        while let Some(next) = entry.queue.front() {
+            if entry.shared > 0 && next.mode == LockMode::Exclusive {
+                if !next.turn.is_closed() {
+                    return false;
+                }
+                // That task left the line: the shared claimants behind it may join.
+                entry.queue.pop_front();
+                continue;
+            }
+            let Queued { mode, turn } = entry.queue.pop_front().expect("looked at just now");
+            let mut claim = self.new_claim(key.clone(), mode);
+            claim.yield_to_others = yield_to_others;
+            if mode == LockMode::Exclusive {
+                claim.baton = baton.take();
+            }
+            match turn.send(claim) {
+                Ok(()) if mode == LockMode::Exclusive => return true,
+                Ok(()) => entry.shared += 1,
+                // That task gave up waiting: the claim comes back; retire it (dropping it must
+                // not pass it on) and keep its baton for the next task.
+                Err(mut refused) => {
+                    refused.live = false;
+                    *baton = refused.baton.take().or(baton.take());
+                }
+            }
+        }
+        false
+    }
+
+    /// A queued task left the line: if shared claims have the key, the shared claimants it
+    /// held back may join them.
+    fn left_the_line(self: &Arc<Self>, key: &K) {
+        let mut shard = self.shard(key);
+        if let Some(entry) = shard.get_mut(key) {
+            if entry.shared > 0 {
+                self.admit(key, entry, false, &mut None);
+            }
+        }
     }
 
     fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K, S, B>> {
@@ -303,6 +374,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
     }
 
     /// The side of the key this claim has.
+    #[cfg(test)]
     pub(crate) fn mode(&self) -> LockMode {
         self.mode
     }
@@ -458,7 +530,7 @@ mod tests {
         assert!(table.try_claim(7, X).is_some());
     }
 
-    fn queued(table: &Arc<ClaimTable<i64>>, key: i64) -> oneshot::Receiver<KeyClaim<i64>> {
+    fn queued(table: &Arc<ClaimTable<i64>>, key: i64) -> Turn<i64> {
         match table.claim_or_queue(key, X) {
             Claim::Queued(turn) => turn,
             Claim::Claimed(_) => panic!("claimed key must queue"),
@@ -600,11 +672,31 @@ mod tests {
         assert!(!table.is_claimed(&9));
     }
 
+    #[test]
+    fn a_writer_that_leaves_the_line_lets_the_readers_behind_it_join() {
+        let table = Arc::new(ClaimTable::<i64>::default());
+        let reader = table.try_claim(4, S).expect("free key");
+        let writer = queued_as(&table, 4, X);
+        let mut second = queued_as(&table, 4, S);
+        let mut third = queued_as(&table, 4, S);
+        let mut last_writer = queued_as(&table, 4, X);
+        assert!(second.try_recv().is_err());
+        drop(writer);
+        let (second, third) = (
+            second.try_recv().expect("joins the reader"),
+            third.try_recv().expect("so does the next"),
+        );
+        assert!(last_writer.try_recv().is_err());
+        drop((reader, second, third));
+        drop(last_writer.try_recv().expect("then the last writer"));
+        assert!(!table.is_claimed(&4));
+    }
+
     fn queued_as(
         table: &Arc<ClaimTable<i64>>,
         key: i64,
         mode: LockMode,
-    ) -> oneshot::Receiver<KeyClaim<i64>> {
+    ) -> Turn<i64> {
         match table.claim_or_queue(key, mode) {
             Claim::Queued(turn) => turn,
             Claim::Claimed(_) => panic!("this claim must queue"),
