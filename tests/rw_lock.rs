@@ -31,6 +31,12 @@ macro_rules! rw_tests {
                     })
                     .await;
                 }
+
+                #[cfg(feature = "redis")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$scenario(super::common::redis_conn::rw_lock).await;
+                }
             }
         )*
     };

@@ -692,11 +692,7 @@ mod tests {
         assert!(!table.is_claimed(&4));
     }
 
-    fn queued_as(
-        table: &Arc<ClaimTable<i64>>,
-        key: i64,
-        mode: LockMode,
-    ) -> Turn<i64> {
+    fn queued_as(table: &Arc<ClaimTable<i64>>, key: i64, mode: LockMode) -> Turn<i64> {
         match table.claim_or_queue(key, mode) {
             Claim::Queued(turn) => turn,
             Claim::Claimed(_) => panic!("this claim must queue"),

@@ -32,6 +32,19 @@ pub async fn lock_builder(url: &str, pubsub_url: &str) -> RedisDistributedLockBu
         .wake_on_release(redis::Client::open(pubsub_url).expect("redis url"))
 }
 
+/// A lock with wake-ups on the test server, keys under `k1s0test:`, with `config`.
+pub async fn rw_lock(
+    config: k1s0_distributed_lock::LockConfig,
+) -> k1s0_distributed_lock::RedisDistributedLock {
+    let url = super::redis_url().await;
+    lock_builder(&url, &url)
+        .await
+        .config(config)
+        .key_prefix("k1s0test:")
+        .build()
+        .expect("a valid lock")
+}
+
 /// A lock on a pool of 2 to `url` with keys under `prefix`, the other settings the defaults.
 pub async fn plain_lock(url: &str, prefix: &str) -> k1s0_distributed_lock::RedisDistributedLock {
     k1s0_distributed_lock::RedisDistributedLock::builder(pool(url, 2).await)

@@ -15,14 +15,47 @@ use super::keys::LockKeys;
 use super::scripts::{Arg, ABANDON, EXTEND, HAND_OVER, RELEASE};
 use super::{RedisClaim, Shared};
 use crate::observe::ShownKey;
-use crate::{KeyVisibility, Lease, LockError, LockHandle};
+use crate::{KeyVisibility, Lease, LockError, LockHandle, LockMode};
 
 /// A token's claim on one key: what release, extend and the watchdog act on.
 pub(crate) struct LockRef {
     pub(crate) shared: Arc<Shared>,
     pub(crate) key: Arc<str>,
     pub(crate) keys: Arc<LockKeys>,
-    pub(crate) token: Uuid,
+    pub(crate) token: Token,
+}
+
+/// A holder's or waiter's token: a random id, and the side of the key it is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Token {
+    pub(crate) id: Uuid,
+    pub(crate) mode: LockMode,
+}
+
+/// Room for the longest token text: `s:` and a hyphenated UUID.
+pub(crate) type TokenBuffer = [u8; 38];
+
+impl Token {
+    pub(crate) fn new(mode: LockMode) -> Self {
+        Token {
+            id: Uuid::new_v4(),
+            mode,
+        }
+    }
+
+    /// The token as stored in Redis: the hyphenated lower-case UUID, after `s:` for the shared
+    /// side (the scripts tell the sides apart by that prefix).
+    pub(crate) fn text<'b>(&self, buffer: &'b mut TokenBuffer) -> &'b str {
+        let (prefix, id) = match self.mode {
+            LockMode::Exclusive => (0, &mut buffer[..36]),
+            LockMode::Shared => {
+                buffer[..2].copy_from_slice(b"s:");
+                (2, &mut buffer[2..])
+            }
+        };
+        let len = self.id.hyphenated().encode_lower(id).len();
+        std::str::from_utf8(&buffer[..prefix + len]).expect("ASCII")
+    }
 }
 
 impl LockRef {
@@ -40,11 +73,6 @@ enum HandedOver {
     Released,
 }
 
-/// The textual token as stored in Redis: a hyphenated lower-case UUID.
-pub(crate) fn token_text<'b>(token: &Uuid, buffer: &'b mut [u8; 36]) -> &'b str {
-    token.hyphenated().encode_lower(buffer)
-}
-
 /// Milliseconds for a `PX`/`PEXPIRE` argument: at least 1.
 pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
@@ -54,18 +82,16 @@ pub(crate) fn millis(duration: Duration) -> u64 {
 
 impl LockRef {
     /// The keys and arguments of the release and abandon scripts, which take the same ones.
-    fn release_input<'a>(&'a self, buffer: &'a mut [u8; 36]) -> ([&'a str; 3], [Arg<'a>; 2]) {
-        let keys = [
-            self.keys.lock.as_str(),
-            self.keys.line.as_str(),
-            self.keys.waiters.as_str(),
-        ];
-        let token = token_text(&self.token, buffer);
-        (keys, [Arg::Text(token), Arg::Text(&self.keys.channel)])
+    fn release_input<'a>(&'a self, buffer: &'a mut TokenBuffer) -> ([&'a str; 4], [Arg<'a>; 2]) {
+        let token = self.token.text(buffer);
+        (
+            self.keys.freeing(),
+            [Arg::Text(token), Arg::Text(&self.keys.channel)],
+        )
     }
 
     pub(crate) async fn release(&self) -> Result<(), LockError> {
-        let mut buffer = [0u8; 36];
+        let mut buffer = [0u8; 38];
         let (keys, args) = self.release_input(&mut buffer);
         match self
             .shared
@@ -82,15 +108,15 @@ impl LockRef {
     /// Redis line come first (then it only releases).
     async fn hand_over(
         &self,
-        next: Uuid,
+        next: Token,
         connection: &mut MultiplexedConnection,
     ) -> Result<HandedOver, LockError> {
         let shared = &self.shared;
-        let (mut holder, mut successor) = ([0u8; 36], [0u8; 36]);
+        let (mut holder, mut successor) = ([0u8; 38], [0u8; 38]);
         let keys = self.keys.taking();
         let args = [
-            Arg::Text(token_text(&self.token, &mut holder)),
-            Arg::Text(token_text(&next, &mut successor)),
+            Arg::Text(self.token.text(&mut holder)),
+            Arg::Text(next.text(&mut successor)),
             Arg::Number(millis(shared.config.get_ttl())),
             Arg::Number(millis(shared.fence_retention)),
             Arg::Text(&self.keys.channel),
@@ -115,10 +141,10 @@ impl LockRef {
     /// failover may lose it. The caller's lease is then not renewed (the guard keeps its
     /// earlier deadline, the watchdog retries within it).
     pub(crate) async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
-        let mut buffer = [0u8; 36];
-        let token = token_text(&self.token, &mut buffer);
+        let mut buffer = [0u8; 38];
+        let token = self.token.text(&mut buffer);
         let args = [Arg::Text(token), Arg::Number(millis(ttl))];
-        let keys = [self.keys.lock.as_str()];
+        let keys = [self.keys.lock.as_str(), self.keys.readers.as_str()];
         let connections = &self.shared.connections;
         let renewed = match &self.shared.replica_acks {
             None => connections.script(&EXTEND, &keys, &args).await?,
@@ -153,7 +179,7 @@ impl LockRef {
         &self,
         mut connection: MultiplexedConnection,
     ) -> Result<bool, LockError> {
-        let mut buffer = [0u8; 36];
+        let mut buffer = [0u8; 38];
         let (keys, args) = self.release_input(&mut buffer);
         let (released, _sent_at) = self
             .shared
@@ -329,7 +355,10 @@ impl RedisHandle {
     /// release and an acquire), unless waiters of other processes are in line first. With
     /// replica acknowledgement on, the next task acquires for itself (its `WAIT` included).
     async fn release_and_pass_on(&self) -> Result<(), LockError> {
-        let result = if self.lock.shared.replica_acks.is_none() && self.claim.has_successor() {
+        let result = if self.lock.shared.replica_acks.is_none()
+            && self.lock.token.mode == LockMode::Exclusive
+            && self.claim.has_successor()
+        {
             // In a task of its own: once the command is sent, only its answer says who holds
             // the lock, and a caller that leaves meanwhile must not lose it.
             let (lock, claim) = (Arc::clone(&self.lock), self.claim.shared());
@@ -364,7 +393,7 @@ async fn hand_over(
         shared: Arc::clone(&lock.shared),
         key: Arc::clone(&lock.key),
         keys: Arc::clone(&lock.keys),
-        token: Uuid::new_v4(),
+        token: Token::new(LockMode::Exclusive),
     };
     let mut connection = match lock.shared.connections.connection().await {
         Ok(connection) => connection,

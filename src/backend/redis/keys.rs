@@ -43,6 +43,9 @@ pub(crate) struct LockKeys {
     pub(crate) line: String,
     /// `…:waiters`: a sorted set of waiter tokens scored by the deadline of their queue entry.
     pub(crate) waiters: String,
+    /// `…:readers`: a sorted set of the shared holders' tokens scored by the end of their
+    /// lease (server time in ms).
+    pub(crate) readers: String,
     /// `…:released`: the prefix of the waiters' pub/sub channels: a release tells the next
     /// waiter on `…:released:<its token>`.
     pub(crate) channel: String,
@@ -52,6 +55,8 @@ const FENCE: &str = ":fence";
 const LINE: &str = ":line";
 /// The suffix of the waiters' sorted set, for callers that need only it and the lock.
 pub(crate) const WAITERS: &str = ":waiters";
+/// The suffix of the shared holders' sorted set, for callers that need only it.
+pub(crate) const READERS: &str = ":readers";
 const RELEASED: &str = ":released";
 
 /// The lock's own key, `<prefix>{<escaped key>}`, without the other four names.
@@ -79,6 +84,7 @@ impl LockKeys {
             fence: with_suffix(&lock, FENCE),
             line: with_suffix(&lock, LINE),
             waiters: with_suffix(&lock, WAITERS),
+            readers: with_suffix(&lock, READERS),
             channel: with_suffix(&lock, RELEASED),
             lock,
         }
@@ -87,9 +93,21 @@ impl LockKeys {
 
 impl LockKeys {
     /// `KEYS` of the scripts that take the lock and draw a fencing token (*acquire*,
-    /// *hand_over*): lock, fence, line, waiters.
-    pub(crate) fn taking(&self) -> [&str; 4] {
-        [&self.lock, &self.fence, &self.line, &self.waiters]
+    /// *hand_over*): lock, fence, line, waiters, readers.
+    pub(crate) fn taking(&self) -> [&str; 5] {
+        [
+            &self.lock,
+            &self.fence,
+            &self.line,
+            &self.waiters,
+            &self.readers,
+        ]
+    }
+
+    /// `KEYS` of the scripts that free the key and tell waiters (*release*, *abandon*): lock,
+    /// line, waiters, readers.
+    pub(crate) fn freeing(&self) -> [&str; 4] {
+        [&self.lock, &self.line, &self.waiters, &self.readers]
     }
 }
 
@@ -129,7 +147,7 @@ mod tests {
         for user_key in ["plain", "{", "}", "{x}", "a}b{c", "%7B", "日本 *\n", "}{"] {
             let keys = LockKeys::new("lock:", user_key);
             let tag = hash_tag(&keys.lock);
-            for name in [&keys.fence, &keys.line, &keys.waiters] {
+            for name in [&keys.fence, &keys.line, &keys.waiters, &keys.readers] {
                 assert_eq!(hash_tag(name), tag, "{name:?}");
             }
             assert!(!tag.contains('}'));

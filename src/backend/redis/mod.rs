@@ -21,14 +21,13 @@ use bb8::Pool;
 use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use self::acks::{Exclusive, ReplicaAcks};
 pub use self::builder::RedisDistributedLockBuilder;
 use self::connection::Connections;
 use self::handle::{
-    abandon_in_background, millis, release_in_background, token_text, Grant, HeldClaim, LockRef,
-    RedisHandle,
+    abandon_in_background, millis, release_in_background, Grant, HeldClaim, LockRef, RedisHandle,
+    Token,
 };
 use self::keys::LockKeys;
 use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
@@ -37,7 +36,10 @@ pub use self::watchdog::AutoExtend;
 use super::claims::{Claim, ClaimTable, KeyClaim, Overdue};
 use super::jitter::Jitter;
 use crate::observe::{observe_acquire, Mode, ShownKey};
-use crate::{validate_key, DistributedLock, Lease, LockConfig, LockError, LockGuard, LockMode};
+use crate::{
+    validate_key, DistributedLock, DistributedRwLock, Lease, LockConfig, LockError, LockGuard,
+    LockMode,
+};
 
 /// A distributed lock on Redis (feature `redis`).
 ///
@@ -197,7 +199,12 @@ impl RedisDistributedLock {
         self.shared.config.get_trace_keys().show(key)
     }
 
-    async fn take(&self, key: &str, wait_call: bool) -> Result<LockGuard, LockError> {
+    async fn take(
+        &self,
+        key: &str,
+        mode: LockMode,
+        wait_call: bool,
+    ) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         let config = &self.shared.config;
         config.validate()?;
@@ -206,7 +213,7 @@ impl RedisDistributedLock {
         let wait = wait_call && !budget.is_zero();
         let started = Instant::now();
         let poll = config.get_retry_interval().clamp(MIN_POLL, MAX_POLL);
-        let Some(mut claim) = self.claim(key, wait, started + budget).await? else {
+        let Some(mut claim) = self.claim(key, mode, wait, started + budget).await? else {
             return Err(if wait_call {
                 LockError::Timeout
             } else {
@@ -222,9 +229,9 @@ impl RedisDistributedLock {
             }
             give_back(lock).await;
         }
-        let mut pending = PendingAcquire::new(&self.shared, key, Uuid::new_v4(), Some(claim));
+        let mut pending = PendingAcquire::new(&self.shared, key, Token::new(mode), Some(claim));
         let mut registration: Option<Registration> = None;
-        let mut jitter = Jitter::new(pending.token);
+        let mut jitter = Jitter::new(pending.token.id);
         let mut waiting = false;
         loop {
             // A waiter whose release channel is subscribed relies on the message and keeps a
@@ -297,8 +304,8 @@ impl RedisDistributedLock {
                 if let Some(hub) = &self.shared.wake {
                     // Subscribe, then look again at once: a release between the first attempt
                     // and the subscription would otherwise go unnoticed.
-                    let mut buffer = [0u8; 36];
-                    let token = token_text(&pending.token, &mut buffer);
+                    let mut buffer = [0u8; 38];
+                    let token = pending.token.text(&mut buffer);
                     // A channel of the waiter's own: a release reaches one subscriber, however
                     // many wait for the key.
                     let subscribing = hub.register(format!("{}:{token}", pending.keys.channel));
@@ -349,15 +356,16 @@ impl RedisDistributedLock {
     async fn claim(
         &self,
         key: &str,
+        mode: LockMode,
         wait: bool,
         deadline: Instant,
     ) -> Result<Option<RedisClaim>, LockError> {
         let claims = &self.shared.claims;
         let name: Arc<str> = Arc::from(key);
         if !wait {
-            return Ok(claims.try_claim(name, LockMode::Exclusive));
+            return Ok(claims.try_claim(name, mode));
         }
-        let mut turn = match claims.claim_or_queue(Arc::clone(&name), LockMode::Exclusive) {
+        let mut turn = match claims.claim_or_queue(Arc::clone(&name), mode) {
             Claim::Claimed(claim) => return Ok(Some(claim)),
             Claim::Queued(turn) => turn,
         };
@@ -403,7 +411,7 @@ impl RedisDistributedLock {
         });
         LockGuard::from_shared(
             key,
-            token,
+            token.id,
             fence,
             Arc::clone(&lease),
             Arc::new(RedisHandle {
@@ -412,17 +420,23 @@ impl RedisDistributedLock {
                 claim: HeldClaim::new(claim, &lease),
             }),
         )
+        .with_mode(token.mode)
     }
 
     async fn locked(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
-        // Only the two names the script reads.
+        // Only the three names the script reads.
         let lock = keys::lock_name(&self.shared.prefix, key);
         let waiters = keys::with_suffix(&lock, keys::WAITERS);
+        let readers = keys::with_suffix(&lock, keys::READERS);
         let held = self
             .shared
             .connections
-            .script(&IS_LOCKED, &[lock.as_str(), waiters.as_str()], &[])
+            .script(
+                &IS_LOCKED,
+                &[lock.as_str(), waiters.as_str(), readers.as_str()],
+                &[],
+            )
             .await?;
         Ok(held == 1)
     }
@@ -458,7 +472,7 @@ impl DistributedLock for RedisDistributedLock {
             key,
             Mode::Try,
             LockMode::Exclusive,
-            self.take(key, false),
+            self.take(key, LockMode::Exclusive, false),
         )
     }
 
@@ -470,7 +484,7 @@ impl DistributedLock for RedisDistributedLock {
             key,
             Mode::Wait,
             LockMode::Exclusive,
-            self.take(key, true),
+            self.take(key, LockMode::Exclusive, true),
         )
     }
 
@@ -484,6 +498,38 @@ impl DistributedLock for RedisDistributedLock {
 
     fn key_visibility(&self) -> crate::KeyVisibility {
         self.config().get_trace_keys()
+    }
+}
+
+impl DistributedRwLock for RedisDistributedLock {
+    fn try_acquire_shared(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        let keys = self.config().get_trace_keys();
+        observe_acquire(
+            "redis",
+            keys,
+            key,
+            Mode::Try,
+            LockMode::Shared,
+            self.take(key, LockMode::Shared, false),
+        )
+    }
+
+    fn acquire_shared(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        let keys = self.config().get_trace_keys();
+        observe_acquire(
+            "redis",
+            keys,
+            key,
+            Mode::Wait,
+            LockMode::Shared,
+            self.take(key, LockMode::Shared, true),
+        )
     }
 }
 
@@ -510,7 +556,7 @@ struct PendingAcquire<'a> {
     shared: &'a Arc<Shared>,
     key: &'a str,
     keys: Arc<LockKeys>,
-    token: Uuid,
+    token: Token,
     /// The connection the acquire script was sent on; `Some` exactly while a clean-up may be
     /// needed (the drop sends it there).
     connection: Option<MultiplexedConnection>,
@@ -528,7 +574,7 @@ pub(crate) type RedisClaim = KeyClaim<Arc<str>, RandomState, Grant>;
 type RedisClaims = ClaimTable<Arc<str>, RandomState, Grant>;
 
 impl<'a> PendingAcquire<'a> {
-    fn new(shared: &'a Arc<Shared>, key: &'a str, token: Uuid, claim: Option<RedisClaim>) -> Self {
+    fn new(shared: &'a Arc<Shared>, key: &'a str, token: Token, claim: Option<RedisClaim>) -> Self {
         PendingAcquire {
             shared,
             key,
@@ -548,8 +594,8 @@ impl<'a> PendingAcquire<'a> {
         ttl: Duration,
         entry_ttl_ms: u64,
     ) -> Result<(i64, Instant), LockError> {
-        let mut buffer = [0u8; 36];
-        let token = token_text(&self.token, &mut buffer);
+        let mut buffer = [0u8; 38];
+        let token = self.token.text(&mut buffer);
         let keys = self.keys.taking();
         let args = [
             Arg::Text(token),

@@ -17,19 +17,66 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Shared (read) tokens start with 's:'; every other token is exclusive.
+local function is_shared(token)
+  return string.sub(token, 1, 2) == 's:'
+end
+-- Whether the waiter's queue entry is still live; drops it from the line if not.
+local function live_waiter(line, waiters, token, now)
+  local deadline = redis.call('ZSCORE', waiters, token)
+  if deadline and tonumber(deadline) > now then return true end
+  redis.call('ZREM', line, token)
+  redis.call('ZREM', waiters, token)
+  return false
+end
 -- Removes waiters whose queue entry ran out from the head of the line; returns the first
 -- live waiter's token, or nil when nobody waits.
 local function live_head(line, waiters)
-  local now
+  local now = now_ms()
   while true do
     local head = redis.call('ZRANGE', line, 0, 0)[1]
     if not head then return nil end
-    now = now or now_ms()
-    local deadline = redis.call('ZSCORE', waiters, head)
-    if deadline and tonumber(deadline) > now then return head end
-    redis.call('ZREM', line, head)
-    redis.call('ZREM', waiters, head)
+    if live_waiter(line, waiters, head, now) then return head end
   end
+end
+-- Drops shared holders whose lease ran out; returns how many hold the key.
+local function live_readers(readers)
+  redis.call('ZREMRANGEBYSCORE', readers, '-inf', now_ms())
+  return redis.call('ZCARD', readers)
+end
+-- The live waiters from the head of the line up to the first exclusive one (excluded), or up
+-- to `token` (excluded) if it comes first; and whether an exclusive waiter stopped the walk.
+local function shared_run(line, waiters, token)
+  local now = now_ms()
+  local run = {}
+  for _, waiter in ipairs(redis.call('ZRANGE', line, 0, -1)) do
+    if waiter == token then return run, false end
+    if live_waiter(line, waiters, waiter, now) then
+      if not is_shared(waiter) then return run, true end
+      run[#run + 1] = waiter
+    end
+  end
+  return run, false
+end
+-- With no exclusive holder: tells the waiters that may now go in, each on its own channel
+-- `<prefix>:<token>`: the head of the line if it waits for the exclusive side and no shared
+-- holder is left, or every shared waiter before the first exclusive one.
+local function wake(lock, line, waiters, readers, prefix)
+  if redis.call('EXISTS', lock) == 1 then return end
+  local head = live_head(line, waiters)
+  if not head then return end
+  if not is_shared(head) then
+    if live_readers(readers) == 0 then redis.pcall('PUBLISH', prefix .. ':' .. head, head) end
+    return
+  end
+  for _, waiter in ipairs((shared_run(line, waiters, nil))) do
+    redis.pcall('PUBLISH', prefix .. ':' .. waiter, waiter)
+  end
+end
+-- Sets the key of the shared holders to expire with the last of them.
+local function expire_readers(readers)
+  local last = redis.call('ZRANGE', readers, -1, -1, 'WITHSCORES')[2]
+  if last then redis.call('PEXPIREAT', readers, last) end
 end
 -- The next fencing token: the larger of the last token + 1 and the server clock in
 -- microseconds, so that a counter that came back older (a restart from a snapshot, a
@@ -48,22 +95,40 @@ end
     };
 }
 
-/// KEYS: lock, fence, line, waiters.
-/// ARGV: token, ttl ms, queue entry ttl ms (0: do not queue), fence retention ms.
-/// Returns the fencing token (> 0) when taken. Otherwise `-pttl` of the holder when the caller
-/// is next in line (or did not queue), and 0 when it waits behind others or the free lock is
-/// promised to the waiter at the head of the line.
+/// KEYS: lock, fence, line, waiters, readers.
+/// ARGV: token (`s:…` for the shared side), ttl ms, queue entry ttl ms (0: do not queue),
+/// fence retention ms.
+/// Returns the fencing token (> 0) when taken. Otherwise `-pttl` of the lease the caller waits
+/// for when it is next to go in (or did not queue), and 0 when it waits behind others or the
+/// free lock is promised to waiters ahead of it.
 const ACQUIRE_SOURCE: &str = concat!(
     queue_helpers!(),
     r#"
 local token = ARGV[1]
+local shared = is_shared(token)
 local head = live_head(KEYS[3], KEYS[4])
-if (not head or head == token) and redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[2]) then
-  if head then
+local readers = live_readers(KEYS[5])
+local first = not head or head == token
+if shared then
+  local _, writer_ahead = shared_run(KEYS[3], KEYS[4], token)
+  first = not writer_ahead
+end
+if first and redis.call('EXISTS', KEYS[1]) == 0 then
+  local taken = false
+  if shared then
+    local t = redis.call('TIME')
+    local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+    redis.call('ZADD', KEYS[5], expiry, token)
+    expire_readers(KEYS[5])
+    taken = true
+  elseif readers == 0 then
+    taken = redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+  end
+  if taken then
     redis.call('ZREM', KEYS[3], token)
     redis.call('ZREM', KEYS[4], token)
+    return next_fence(KEYS[2], ARGV[4])
   end
-  return next_fence(KEYS[2], ARGV[4])
 end
 local entry_ttl = tonumber(ARGV[3])
 if entry_ttl > 0 then
@@ -71,47 +136,56 @@ if entry_ttl > 0 then
     local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
     redis.call('ZADD', KEYS[3], (tonumber(last) or 0) + 1, token)
     head = head or token
+    if not shared then first = head == token end
   end
   redis.call('ZADD', KEYS[4], now_ms() + entry_ttl, token)
   local latest = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')[2]
   redis.call('PEXPIREAT', KEYS[3], latest)
   redis.call('PEXPIREAT', KEYS[4], latest)
-  if head ~= token then return 0 end
+  if not first then return 0 end
 end
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl > 0 then return -pttl end
+if not shared then
+  pttl = redis.call('PTTL', KEYS[5])
+  if pttl > 0 then return -pttl end
+end
 return 0
 "#
 );
 
-/// KEYS: lock, line, waiters. ARGV: token, channel prefix (the head of the line is told on
+/// KEYS: lock, line, waiters, readers. ARGV: token, channel prefix (a waiter is told on
 /// `<prefix>:<its token>`).
-/// Returns 1 when the token held the lock (now deleted), 0 otherwise (nothing changed).
+/// Returns 1 when the token held the key (now released), 0 otherwise (nothing changed).
 const RELEASE_SOURCE: &str = concat!(
     queue_helpers!(),
     r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-local head = live_head(KEYS[2], KEYS[3])
-if head then redis.pcall('PUBLISH', ARGV[2] .. ':' .. head, head) end
+if is_shared(ARGV[1]) then
+  local expiry = redis.call('ZSCORE', KEYS[4], ARGV[1])
+  if not expiry or tonumber(expiry) <= now_ms() then return 0 end
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+  redis.call('DEL', KEYS[1])
+end
+wake(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2])
 return 1
 "#
 );
 
-/// KEYS: lock, fence, line, waiters. ARGV: holder token, next token, ttl ms, fence retention
-/// ms, channel prefix.
-/// The holder passes the lock to the next task of its own process in one call, unless waiters
-/// in the line come first. Returns the next holder's fencing token (> 0) when passed; 0 when
-/// released to the head of the line instead (told on its channel); -1 when the holder's token
-/// does not hold the lock (nothing changed).
+/// KEYS: lock, fence, line, waiters, readers. ARGV: holder token, next token, ttl ms, fence
+/// retention ms, channel prefix.
+/// An exclusive holder passes the lock to the next task of its own process in one call, unless
+/// waiters in the line come first. Returns the next holder's fencing token (> 0) when passed;
+/// 0 when released to the line instead (its waiters told on their channels); -1 when the
+/// holder's token does not hold the lock (nothing changed).
 const HAND_OVER_SOURCE: &str = concat!(
     queue_helpers!(),
     r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local head = live_head(KEYS[3], KEYS[4])
-if head then
+if live_head(KEYS[3], KEYS[4]) then
   redis.call('DEL', KEYS[1])
-  redis.pcall('PUBLISH', ARGV[5] .. ':' .. head, head)
+  wake(KEYS[1], KEYS[3], KEYS[4], KEYS[5], ARGV[5])
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -119,37 +193,53 @@ return next_fence(KEYS[2], ARGV[4])
 "#
 );
 
-/// KEYS: lock. ARGV: token, ttl ms. Returns 1 when renewed, 0 when the token does not hold it.
+/// KEYS: lock, readers. ARGV: token, ttl ms. Returns 1 when renewed, 0 when the token does not
+/// hold the key.
 const EXTEND_SOURCE: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local token = ARGV[1]
+if string.sub(token, 1, 2) ~= 's:' then
+  if redis.call('GET', KEYS[1]) ~= token then return 0 end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expiry = redis.call('ZSCORE', KEYS[2], token)
+if not expiry or tonumber(expiry) <= now then return 0 end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), token)
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')[2]
+redis.call('PEXPIREAT', KEYS[2], last)
 return 1
 "#;
 
-/// KEYS: lock, line, waiters. ARGV: token, channel prefix.
-/// A waiter gives up: leaves the line, releases the lock if an interrupted acquire took it,
-/// and wakes the next waiter when the lock is free. Returns 1 if it released the lock.
+/// KEYS: lock, line, waiters, readers. ARGV: token, channel prefix.
+/// A waiter gives up: leaves the line, releases the key if an interrupted acquire took it, and
+/// tells the waiters that may then go in. Returns 1 if it released the key.
 const ABANDON_SOURCE: &str = concat!(
     queue_helpers!(),
     r#"
-local held = redis.call('GET', KEYS[1]) == ARGV[1]
-if held then redis.call('DEL', KEYS[1]) end
+local held
+if is_shared(ARGV[1]) then
+  held = redis.call('ZREM', KEYS[4], ARGV[1]) == 1
+elseif redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  held = true
+end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local head = live_head(KEYS[2], KEYS[3])
-  if head then redis.pcall('PUBLISH', ARGV[2] .. ':' .. head, head) end
-end
+wake(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2])
 if held then return 1 end
 return 0
 "#
 );
 
-/// KEYS: lock, waiters. Returns 1 when the lock is held, or free but promised to a live waiter.
+/// KEYS: lock, waiters, readers. Returns 1 when the key has a holder of either side, or is free
+/// but promised to a live waiter.
 const IS_LOCKED_SOURCE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') > 0 then return 1 end
 if redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf') > 0 then return 1 end
 return 0
 "#;
