@@ -64,6 +64,30 @@ rw_tests!(
     shared_guards_extend_release_and_expire_like_exclusive_ones,
     readers_see_a_consistent_pair_while_writers_update_it,
     a_writer_gets_in_while_readers_keep_overlapping,
+    shared_acquires_cancelled_at_every_await_point_leave_nothing_held,
+    hostile_keys_lock_exactly_themselves_on_the_shared_side,
+);
+
+/// One test per server backend for each scenario `async fn name(make_lock)` whose lock objects
+/// stand for processes of their own: each `make_lock(config)` opens its own connections.
+macro_rules! process_tests {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[cfg(feature = "redis")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$scenario(super::common::redis_conn::rw_lock).await;
+                }
+            }
+        )*
+    };
+}
+
+process_tests!(
+    readers_of_two_processes_share_and_a_writer_excludes_them,
+    a_writer_waiting_in_one_process_stops_new_readers_of_another,
+    a_writer_gets_in_while_readers_of_other_processes_keep_overlapping,
 );
 
 async fn readers_share_and_writers_exclude<L: DistributedRwLock + Clone>(
@@ -392,6 +416,260 @@ async fn a_writer_gets_in_while_readers_keep_overlapping<L: DistributedRwLock + 
     // each.
     assert!(
         during <= READERS as u64,
+        "{during} reader sections went ahead of a waiting writer"
+    );
+}
+
+/// `try_acquire_shared` and `acquire_shared` (of a free key, and of a key a writer holds)
+/// dropped at each of their await points leave the key free again at once, and the lock
+/// object usable.
+async fn shared_acquires_cancelled_at_every_await_point_leave_nothing_held<
+    L: DistributedRwLock + Clone,
+>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
+    use common::cancel::drop_at_suspension;
+    use common::suites::{becomes_free, FREE_AGAIN_WITHIN};
+
+    let lock = make_lock(config().wait_timeout(Duration::from_millis(300))).await;
+    let prefix = key("cancel-shared");
+    for waits in [false, true] {
+        for n in 1.. {
+            let key = format!("{prefix}:{waits}:{n}");
+            let acquire = async {
+                if waits {
+                    lock.acquire_shared(&key).await
+                } else {
+                    lock.try_acquire_shared(&key).await
+                }
+            };
+            match drop_at_suspension(acquire, n).await {
+                Some(guard) => {
+                    drop(guard.expect("a free key"));
+                    break;
+                }
+                None => assert!(
+                    becomes_free(&lock, &key, FREE_AGAIN_WITHIN).await,
+                    "a shared acquire (waits: {waits}) cancelled at await point {n} left the key locked"
+                ),
+            }
+        }
+    }
+    let key = format!("{prefix}:contended");
+    for n in 1..=12 {
+        let writer = lock.try_acquire(&key).await.expect("free key");
+        let waited = drop_at_suspension(lock.acquire_shared(&key), n).await;
+        writer.release().await.unwrap();
+        assert!(
+            becomes_free(&lock, &key, FREE_AGAIN_WITHIN).await,
+            "a reader cancelled at await point {n} kept the key locked"
+        );
+        match waited {
+            None => {}
+            Some(Err(LockError::Timeout)) => break,
+            Some(other) => panic!("a reader of a written key ended with {other:?}"),
+        }
+    }
+    let writer = lock.try_acquire(&key).await.expect("still usable");
+    writer.release().await.unwrap();
+}
+
+/// Keys with braces, percent signs, quotes, Lua and SQL text, control and non-ASCII
+/// characters, and the shared tokens' own prefix lock exactly themselves on the shared side;
+/// an empty key and one too long are refused and change nothing.
+async fn hostile_keys_lock_exactly_themselves_on_the_shared_side<L: DistributedRwLock + Clone>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
+    let lock = make_lock(config()).await;
+    let prefix = key("hostile-shared");
+    let neighbour = format!("{prefix}neighbour");
+    let odd = [
+        "{",
+        "}",
+        "{x}",
+        "a}b{c",
+        "%",
+        "%7B",
+        "s:",
+        "s:x",
+        "'; DROP TABLE t; --",
+        "redis.call('FLUSHALL')",
+        "\\0\\n",
+        "\u{0}",
+        "\n\r\t",
+        "日本 *",
+        "$1",
+    ];
+    for tail in odd {
+        let key = format!("{prefix}{tail}");
+        let first = lock.try_acquire_shared(&key).await.unwrap();
+        let second = lock.acquire_shared(&key).await.unwrap();
+        assert_eq!(first.key(), key);
+        assert!(lock.is_locked(&key).await.unwrap());
+        assert!(
+            !lock.is_locked(&neighbour).await.unwrap(),
+            "{key:?} locked its neighbour"
+        );
+        assert!(matches!(
+            lock.try_acquire(&key).await,
+            Err(LockError::AlreadyLocked)
+        ));
+        first.release().await.unwrap();
+        second.release().await.unwrap();
+        assert!(
+            !lock.is_locked(&key).await.unwrap(),
+            "{key:?} stayed locked"
+        );
+    }
+    let too_long = "k".repeat(k1s0_distributed_lock::MAX_KEY_LEN + 1);
+    for bad in [String::new(), too_long] {
+        assert!(matches!(
+            lock.try_acquire_shared(&bad).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            lock.acquire_shared(&bad).await,
+            Err(LockError::InvalidKey { .. })
+        ));
+    }
+}
+
+/// Readers of two processes hold one key together; a writer of either process is kept out
+/// until the last reader of both has gone, and then keeps out the readers of both.
+async fn readers_of_two_processes_share_and_a_writer_excludes_them<L: DistributedRwLock + Clone>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
+    let (one, other) = (make_lock(config()).await, make_lock(config()).await);
+    let key = key("two-processes");
+    let reader = one.acquire_shared(&key).await.unwrap();
+    let other_reader = other.acquire_shared(&key).await.unwrap();
+    for lock in [&one, &other] {
+        assert!(matches!(
+            lock.try_acquire(&key).await,
+            Err(LockError::AlreadyLocked)
+        ));
+    }
+    reader.release().await.unwrap();
+    assert!(matches!(
+        one.try_acquire(&key).await,
+        Err(LockError::AlreadyLocked)
+    ));
+    other_reader.release().await.unwrap();
+    let writer = one.acquire(&key).await.unwrap();
+    for lock in [&one, &other] {
+        assert!(matches!(
+            lock.try_acquire_shared(&key).await,
+            Err(LockError::AlreadyLocked)
+        ));
+    }
+    let waiting_reader = tokio::spawn({
+        let (other, key) = (other.clone(), key.clone());
+        async move { other.acquire_shared(&key).await }
+    });
+    let writer_token = writer.fencing_token();
+    writer.release().await.unwrap();
+    let reader = waiting_reader.await.unwrap().unwrap();
+    assert!(reader.fencing_token() > writer_token);
+    reader.release().await.unwrap();
+}
+
+/// A writer of one process waits behind a reader; from then on readers of another process are
+/// kept out (`try_acquire_shared` answers `AlreadyLocked`, `acquire_shared` waits), and the
+/// writer goes in when the reader leaves, before them.
+async fn a_writer_waiting_in_one_process_stops_new_readers_of_another<
+    L: DistributedRwLock + Clone,
+>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
+    let (readers, writers) = (make_lock(config()).await, make_lock(config()).await);
+    let key = key("writer-first-across");
+    let reader = readers.acquire_shared(&key).await.unwrap();
+    let writer = tokio::spawn({
+        let (writers, key) = (writers.clone(), key.clone());
+        async move { writers.acquire(&key).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            match readers.try_acquire_shared(&key).await {
+                Ok(guard) => {
+                    guard.release().await.unwrap();
+                    false
+                }
+                Err(LockError::AlreadyLocked) => true,
+                Err(other) => panic!("{other:?}"),
+            }
+        })
+        .await,
+        "readers of another process kept getting in past a waiting writer"
+    );
+    let late_reader = tokio::spawn({
+        let (readers, key) = (readers.clone(), key.clone());
+        async move { readers.acquire_shared(&key).await }
+    });
+    reader.release().await.unwrap();
+    let writer = writer.await.unwrap().unwrap();
+    assert!(
+        !late_reader.is_finished(),
+        "a reader got in beside the writer"
+    );
+    let writer_token = writer.fencing_token();
+    writer.release().await.unwrap();
+    let late_reader = late_reader.await.unwrap().unwrap();
+    assert!(late_reader.fencing_token() > writer_token);
+    late_reader.release().await.unwrap();
+}
+
+/// 8 readers on 4 processes keep the key read-locked, each holding 20 ms, overlapping; a
+/// writer of a fifth process gets in after a few reader holds, not never.
+async fn a_writer_gets_in_while_readers_of_other_processes_keep_overlapping<
+    L: DistributedRwLock + Clone,
+>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
+    const READERS: usize = 8;
+    let mut processes = Vec::new();
+    for _ in 0..4 {
+        processes.push(make_lock(config()).await);
+    }
+    let writers = make_lock(config()).await;
+    let key = key("no-starvation-across");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sections = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for index in 0..READERS {
+        let (lock, key, stop, sections) = (
+            processes[index % processes.len()].clone(),
+            key.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&sections),
+        );
+        readers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let guard = lock.acquire_shared(&key).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                sections.fetch_add(1, Ordering::SeqCst);
+                guard.release().await.unwrap();
+            }
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sections.load(Ordering::SeqCst) >= READERS as u64
+        })
+        .await
+    );
+    let before = sections.load(Ordering::SeqCst);
+    let writer = writers.acquire(&key).await.expect("the writer got in");
+    let during = sections.load(Ordering::SeqCst) - before;
+    writer.release().await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    // The readers inside when the writer queued finish before it, and those on their way in
+    // (between their release and their next acquire): about two sections each at most.
+    assert!(
+        during <= 2 * READERS as u64,
         "{during} reader sections went ahead of a waiting writer"
     );
 }
