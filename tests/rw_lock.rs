@@ -689,3 +689,67 @@ async fn a_dyn_lock_offers_the_shared_side() {
     lock.release(second).await.unwrap();
     assert!(!lock.is_locked(&key).await.unwrap());
 }
+
+/// W1 holds; R1, R2, W2 and R3, each of a process of its own, queue in the Redis line in that
+/// order. W1's release lets R1 and R2 in together; W2 goes in once both are gone, and R3 only
+/// after W2.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_between_writers_of_other_processes_go_in_together_on_redis() {
+    use k1s0_distributed_lock::bb8_redis::redis::AsyncCommands;
+
+    let make = || common::redis_conn::rw_lock(config());
+    let (first_writer, r1, r2, w2, r3) = (
+        make().await,
+        make().await,
+        make().await,
+        make().await,
+        make().await,
+    );
+    let key = key("batch-across");
+    let url = common::redis_url().await;
+    let mut conn = common::redis_conn::connection(&url).await;
+    let line = format!("{}:line", first_writer.redis_key(&key));
+
+    let holder = first_writer.acquire(&key).await.unwrap();
+    let mut waiting = Vec::new();
+    for (place, lock) in [r1, r2, w2, r3].into_iter().enumerate() {
+        let key = key.clone();
+        waiting.push(tokio::spawn(async move {
+            if place == 2 {
+                lock.acquire(&key).await
+            } else {
+                lock.acquire_shared(&key).await
+            }
+        }));
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let (mut conn, line) = (conn.clone(), line.clone());
+                async move { conn.zcard::<_, usize>(&line).await.unwrap() == place + 1 }
+            })
+            .await,
+            "waiter {place} never queued"
+        );
+    }
+    let mut waiting = waiting.into_iter();
+    let (r1, r2, w2, r3) = (
+        waiting.next().unwrap(),
+        waiting.next().unwrap(),
+        waiting.next().unwrap(),
+        waiting.next().unwrap(),
+    );
+    holder.release().await.unwrap();
+    let (r1, r2) = (r1.await.unwrap().unwrap(), r2.await.unwrap().unwrap());
+    assert!(!w2.is_finished() && !r3.is_finished());
+    r1.release().await.unwrap();
+    assert!(!w2.is_finished(), "a writer got in beside a reader");
+    r2.release().await.unwrap();
+    let w2 = w2.await.unwrap().unwrap();
+    assert!(!r3.is_finished(), "a reader got in beside a writer");
+    let w2_token = w2.fencing_token();
+    w2.release().await.unwrap();
+    let r3 = r3.await.unwrap().unwrap();
+    assert!(r3.fencing_token() > w2_token);
+    r3.release().await.unwrap();
+    let _: () = conn.del(&line).await.unwrap();
+}
