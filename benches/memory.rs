@@ -52,47 +52,12 @@ fn eight_tasks_one_key(c: &mut Criterion) {
         let name = if shared { "shared" } else { "exclusive" };
         group.bench_function(name, |b| {
             b.to_async(&runtime).iter_custom(|iterations| {
-                let sections = iterations.div_ceil(EIGHT_TASKS as u64);
-                run_eight_tasks(lock.clone(), shared, sections, Duration::ZERO)
+                let sections = iterations.div_ceil(support::EIGHT_TASKS as u64);
+                support::run_eight_tasks(lock.clone(), shared, sections, Duration::ZERO)
             })
         });
     }
     group.finish();
-}
-
-const EIGHT_TASKS: usize = 8;
-
-/// Runs 8 tasks that each take `lock`'s key "hot" `sections` times on one side, holding it
-/// `hold` each time; returns how long all of them took.
-async fn run_eight_tasks(
-    lock: InMemoryDistributedLock,
-    shared: bool,
-    sections: u64,
-    hold: Duration,
-) -> Duration {
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..EIGHT_TASKS)
-        .map(|_| {
-            let lock = lock.clone();
-            tokio::spawn(async move {
-                for _ in 0..sections {
-                    let guard = if shared {
-                        lock.acquire_shared("hot").await
-                    } else {
-                        lock.acquire("hot").await
-                    };
-                    if !hold.is_zero() {
-                        tokio::time::sleep(hold).await;
-                    }
-                    guard.unwrap().release().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    started.elapsed()
 }
 
 /// Time from the holder's `release` call to the waiting task holding the lock.
@@ -162,13 +127,13 @@ fn eight_tasks_holding_a_millisecond() {
     let lock = InMemoryDistributedLock::new(LockConfig::new().max_retries(100_000));
     let mut rates = Vec::new();
     for shared in [true, false] {
-        let elapsed = runtime.block_on(run_eight_tasks(
+        let elapsed = runtime.block_on(support::run_eight_tasks(
             lock.clone(),
             shared,
             SECTIONS,
             Duration::from_millis(1),
         ));
-        let rate = (EIGHT_TASKS as u64 * SECTIONS) as f64 / elapsed.as_secs_f64();
+        let rate = (support::EIGHT_TASKS as u64 * SECTIONS) as f64 / elapsed.as_secs_f64();
         let side = if shared { "shared" } else { "exclusive" };
         println!("memory_eight_tasks_holding_1ms/{side}: {rate:.0} sections/s");
         rates.push(rate);

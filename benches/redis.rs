@@ -12,6 +12,11 @@
 //! sections per second, hand-off p50/p99 and each task's share, against a bare polling loop
 //! (8 tasks, each `SET NX PX` until it succeeds, then compare-and-delete) on one connection.
 //!
+//! The shared side: `redis_shared/try_acquire_shared_release` (criterion), then the shared
+//! cycle against the exclusive one interleaved in the same process, and 8 tasks on one key of
+//! one lock object over 2 s each: critical sections per second on the shared side against the
+//! exclusive side, with empty sections and with 1 ms holds.
+//!
 //! Last, the cost of waiting at scale: 10, 100 and 1,000 waiters on one key, each through a
 //! lock object of its own: scripts the server runs per waiter per second while they wait, and
 //! hand-off latency p50/p99 as the lock passes through all of them.
@@ -30,7 +35,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis::{self, aio::MultiplexedConnection};
 use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
-use k1s0_distributed_lock::{DistributedLock, LockConfig, RedisDistributedLock};
+use k1s0_distributed_lock::{DistributedLock, DistributedRwLock, LockConfig, RedisDistributedLock};
 
 fn prefix() -> String {
     format!("bench:{}:", uuid::Uuid::new_v4().simple())
@@ -135,6 +140,67 @@ fn cycle(c: &mut Criterion) {
         quartile(0.25),
         quartile(0.75)
     );
+}
+
+async fn shared_cycle(lock: &RedisDistributedLock) {
+    let guard = lock.try_acquire_shared("cycle").await.unwrap();
+    guard.release().await.unwrap();
+}
+
+fn shared_side(c: &mut Criterion) {
+    let runtime = support::runtime();
+    let lock = runtime.block_on(lock(
+        LockConfig::new().wait_timeout(Duration::from_secs(60)),
+    ));
+    let mut group = c.benchmark_group("redis_shared");
+    group.bench_function("try_acquire_shared_release", |b| {
+        b.iter(|| runtime.block_on(shared_cycle(&lock)))
+    });
+    group.finish();
+
+    let ratios = runtime.block_on(async {
+        const ROUNDS: usize = 30;
+        const CYCLES: u32 = 300;
+        let mut ratios = Vec::new();
+        for _ in 0..ROUNDS {
+            let start = Instant::now();
+            for _ in 0..CYCLES {
+                our_cycle(&lock).await;
+            }
+            let exclusive = start.elapsed();
+            let start = Instant::now();
+            for _ in 0..CYCLES {
+                shared_cycle(&lock).await;
+            }
+            ratios.push(start.elapsed().as_secs_f64() / exclusive.as_secs_f64());
+        }
+        ratios
+    });
+    println!(
+        "redis_shared interleaved: shared cycle / exclusive cycle, median {:.3}x",
+        support::median(ratios)
+    );
+    for hold in [Duration::ZERO, Duration::from_millis(1)] {
+        let mut rates = Vec::new();
+        for shared in [true, false] {
+            let sections = 0u64;
+            let run_for = Duration::from_secs(2);
+            let (mut done, mut elapsed) = (sections, Duration::ZERO);
+            while elapsed < run_for {
+                let took =
+                    runtime.block_on(support::run_eight_tasks(lock.clone(), shared, 25, hold));
+                done += 25 * support::EIGHT_TASKS as u64;
+                elapsed += took;
+            }
+            rates.push(done as f64 / elapsed.as_secs_f64());
+        }
+        println!(
+            "redis_shared 8 tasks, one key, holds of {hold:?}: shared {:.0} sections/s, exclusive {:.0} sections/s, {:.2}x",
+            rates[0],
+            rates[1],
+            rates[0] / rates[1]
+        );
+    }
 }
 
 fn median(samples: &mut [f64]) -> f64 {
@@ -416,6 +482,7 @@ fn waiting_at_scale(_: &mut Criterion) {
 criterion_group!(
     benches,
     cycle,
+    shared_side,
     handoff,
     contention_with_new,
     waiting_at_scale

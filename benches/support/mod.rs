@@ -9,6 +9,9 @@ pub mod redis_raw;
 pub mod wrk;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k1s0_distributed_lock::DistributedRwLock;
 
 /// The Redis server `REDIS_URL` names, or the local one this project's machines run.
 pub fn redis_url() -> String {
@@ -166,4 +169,40 @@ pub fn observe_from_env() -> String {
     let what = what.join(", ");
     println!("OBSERVING: {what}");
     what
+}
+
+/// How many tasks [`run_eight_tasks`] runs.
+pub const EIGHT_TASKS: usize = 8;
+
+/// Runs 8 tasks that each take `lock`'s key "hot" `sections` times on one side, holding it
+/// `hold` each time; returns how long all of them took.
+pub async fn run_eight_tasks<L: DistributedRwLock + Clone>(
+    lock: L,
+    shared: bool,
+    sections: u64,
+    hold: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..EIGHT_TASKS)
+        .map(|_| {
+            let lock = lock.clone();
+            tokio::spawn(async move {
+                for _ in 0..sections {
+                    let guard = if shared {
+                        lock.acquire_shared("hot").await
+                    } else {
+                        lock.acquire("hot").await
+                    };
+                    if !hold.is_zero() {
+                        tokio::time::sleep(hold).await;
+                    }
+                    guard.unwrap().release().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    started.elapsed()
 }
