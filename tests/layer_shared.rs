@@ -13,7 +13,7 @@ use common::grpc::{health_client, serve_health};
 use common::http::{client, send};
 use http::StatusCode;
 use k1s0_distributed_lock::{
-    DistributedLock, InMemoryDistributedLock, LockConfig, LockInfo, LockLayer, LockMode,
+    DistributedLock, DistributedRwLock, LockConfig, LockInfo, LockLayer, LockMode,
 };
 use tokio::sync::Barrier;
 use tonic::Code;
@@ -21,14 +21,44 @@ use tonic_health::pb::HealthCheckRequest;
 
 const READERS: usize = 3;
 
+/// One test per backend for each scenario `async fn name(make_lock)`, where `make_lock(config)`
+/// builds a lock object of that backend.
+macro_rules! layer_tests {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn in_memory() {
+                    super::$scenario(async |config| {
+                        k1s0_distributed_lock::InMemoryDistributedLock::new(config)
+                    })
+                    .await;
+                }
+
+                #[cfg(feature = "redis")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$scenario(super::common::redis_conn::rw_lock).await;
+                }
+            }
+        )*
+    };
+}
+
+layer_tests!(
+    gets_of_one_key_run_together_and_a_post_meanwhile_conflicts,
+    in_wait_mode_a_post_waits_for_the_gets_then_runs_alone,
+    grpc_calls_picked_by_path_share_the_key,
+);
+
 /// An order resource whose GET handlers wait until `READERS` of them are inside at once, so a
 /// GET can only finish if the others got in beside it; POST answers at once. Each handler
 /// reports the side of the lock it ran under.
-fn orders(
+fn orders<L: DistributedRwLock + Clone>(
     prefix: &str,
     gate: Arc<Barrier>,
-    layer: impl FnOnce(LockLayer<InMemoryDistributedLock>) -> LockLayer<InMemoryDistributedLock>,
-    lock: InMemoryDistributedLock,
+    layer: impl FnOnce(LockLayer<L>) -> LockLayer<L>,
+    lock: L,
 ) -> Router {
     let extractor = common::http::prefixed_path(prefix);
     Router::new()
@@ -71,10 +101,13 @@ async fn body(response: http::Response<hyper::body::Incoming>) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gets_of_one_key_run_together_and_a_post_meanwhile_conflicts() {
+async fn gets_of_one_key_run_together_and_a_post_meanwhile_conflicts<
+    L: DistributedRwLock + Clone,
+>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
     let prefix = common::unique_prefix("layer-shared");
-    let lock = InMemoryDistributedLock::new(LockConfig::new());
+    let lock = make_lock(LockConfig::new()).await;
     // One more party than the readers: the test itself, so it can act while they are inside.
     let gate = Arc::new(Barrier::new(READERS + 1));
     let app = orders(
@@ -121,11 +154,11 @@ async fn gets_of_one_key_run_together_and_a_post_meanwhile_conflicts() {
     assert_eq!(write.status(), StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone() {
+async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone<L: DistributedRwLock + Clone>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
     let prefix = common::unique_prefix("layer-shared-wait");
-    let lock =
-        InMemoryDistributedLock::new(LockConfig::new().wait_timeout(Duration::from_secs(10)));
+    let lock = make_lock(LockConfig::new().wait_timeout(Duration::from_secs(10))).await;
     let gate = Arc::new(Barrier::new(READERS + 1));
     let app = orders(
         &prefix,
@@ -153,7 +186,7 @@ async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone() {
     // The POST waits behind the readers: a new reader queues behind it (writers first).
     common::wait::assert_eventually("the POST waits for the key", || async {
         matches!(
-            k1s0_distributed_lock::DistributedRwLock::try_acquire_shared(&lock, &key).await,
+            lock.try_acquire_shared(&key).await,
             Err(k1s0_distributed_lock::LockError::AlreadyLocked)
         )
     })
@@ -178,10 +211,11 @@ fn health_request() -> HealthCheckRequest {
 
 /// gRPC picks the shared side by path: `Watch` streams share the key, `Check` (exclusive) is
 /// aborted while they run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_calls_picked_by_path_share_the_key() {
+async fn grpc_calls_picked_by_path_share_the_key<L: DistributedRwLock + Clone>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
     let key = format!("{}grpc:health", common::unique_prefix("grpc-shared"));
-    let lock = InMemoryDistributedLock::new(LockConfig::new());
+    let lock = make_lock(LockConfig::new()).await;
     let layer_key = key.clone();
     let layer = LockLayer::new(lock.clone(), move |_: &http::request::Parts| {
         layer_key.clone()

@@ -61,6 +61,12 @@ use crate::{
 ///   says `true` until that waiter has taken it.
 /// * **Every command has a timeout** ([`command_timeout`](RedisDistributedLockBuilder::command_timeout),
 ///   default 1 s): Redis being down gives [`LockError::BackendError`], never a hang.
+/// * **Readers and writers.** [`DistributedRwLock`] is implemented: shared holders of a key
+///   are the members of `<prefix>{<key>}:readers`, scored by the end of their lease, and wait
+///   in the same line as writers. A shared caller goes in while no writer holds the key or
+///   waits ahead of it, so a waiting writer stops new readers of every process, and the
+///   readers queued before the next writer go in together, each woken on its own channel.
+///   Extend, release, drop, lease loss and cancellation work as for exclusive guards.
 /// * **Auto-extension** is opt-in: [`AutoExtend`].
 /// * **Dropping a guard** releases its lock in a task on the current Tokio runtime. Outside a
 ///   runtime, or while that runtime shuts down (the task is dropped before it sends the
