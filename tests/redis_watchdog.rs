@@ -144,3 +144,31 @@ async fn the_watchdog_gives_up_at_max_hold() {
     next.release().await.unwrap();
     drop(guard);
 }
+
+#[tokio::test]
+async fn the_watchdog_keeps_a_shared_lock_past_several_ttls_and_stops_after_drop() {
+    use k1s0_distributed_lock::DistributedRwLock;
+
+    let prefix = common::unique_prefix("redis_watchdog_shared");
+    let holder_lock = lock(&prefix, Some(AutoExtend::new(Duration::from_secs(30)))).await;
+    let other = lock(&prefix, None).await;
+    let guard = holder_lock.try_acquire_shared("long-read").await.unwrap();
+    let readers = format!("{}:readers", holder_lock.redis_key("long-read"));
+
+    // Hold for six TTLs; the read lock must stay ours the whole time, and keep writers out.
+    for _ in 0..12 {
+        tokio::time::sleep(TTL / 2).await;
+        assert!(!guard.is_lost());
+        assert!(matches!(
+            other.try_acquire("long-read").await,
+            Err(LockError::AlreadyLocked)
+        ));
+    }
+    drop(guard);
+    let writer = other.acquire("long-read").await.unwrap();
+    assert!(
+        !exists(&readers).await,
+        "the readers' set outlived its last member"
+    );
+    writer.release().await.unwrap();
+}
