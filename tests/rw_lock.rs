@@ -87,6 +87,7 @@ macro_rules! process_tests {
 process_tests!(
     readers_of_two_processes_share_and_a_writer_excludes_them,
     a_writer_waiting_in_one_process_stops_new_readers_of_another,
+    a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another,
     a_writer_gets_in_while_readers_of_other_processes_keep_overlapping,
 );
 
@@ -617,6 +618,48 @@ async fn a_writer_waiting_in_one_process_stops_new_readers_of_another<
     let late_reader = late_reader.await.unwrap().unwrap();
     assert!(late_reader.fencing_token() > writer_token);
     late_reader.release().await.unwrap();
+}
+
+/// A writer waits behind a reader of its own process; readers of another process are then
+/// kept out too, and the writer goes in before them.
+async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another<
+    L: DistributedRwLock + Clone,
+>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
+    let (own, other) = (make_lock(config()).await, make_lock(config()).await);
+    let key = key("writer-behind-own-readers");
+    let reader = own.acquire_shared(&key).await.unwrap();
+    let writer = tokio::spawn({
+        let (own, key) = (own.clone(), key.clone());
+        async move { own.acquire(&key).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            match other.try_acquire_shared(&key).await {
+                Ok(guard) => {
+                    guard.release().await.unwrap();
+                    false
+                }
+                Err(LockError::AlreadyLocked) => true,
+                Err(other) => panic!("{other:?}"),
+            }
+        })
+        .await,
+        "readers of another process kept getting in past a writer waiting behind its own reader"
+    );
+    let late_reader = tokio::spawn({
+        let (other, key) = (other.clone(), key.clone());
+        async move { other.acquire_shared(&key).await }
+    });
+    reader.release().await.unwrap();
+    let writer = writer.await.unwrap().unwrap();
+    assert!(
+        !late_reader.is_finished(),
+        "a reader got in beside the writer"
+    );
+    writer.release().await.unwrap();
+    late_reader.await.unwrap().unwrap().release().await.unwrap();
 }
 
 /// 8 readers on 4 processes keep the key read-locked, each holding 20 ms, overlapping; a

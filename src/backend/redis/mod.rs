@@ -219,23 +219,33 @@ impl RedisDistributedLock {
         let wait = wait_call && !budget.is_zero();
         let started = Instant::now();
         let poll = config.get_retry_interval().clamp(MIN_POLL, MAX_POLL);
-        let Some(mut claim) = self.claim(key, mode, wait, started + budget).await? else {
-            return Err(if wait_call {
-                LockError::Timeout
-            } else {
-                LockError::AlreadyLocked
-            });
-        };
-        if let Some(grant) = claim.take_baton() {
-            // The task before this one passed the lock over as it released it.
-            let (lock, fence, sent_at) = grant.into_parts();
-            if lease_left_is_usable(sent_at, ttl) {
-                tracing::debug!(key = %lock.shown_key(), "lock handed over");
-                return Ok(self.guard(lock, Some(claim), sent_at, ttl, fence));
+        // Exclusive callers take their turn among the tasks of this lock object first; shared
+        // callers go to Redis at once, each with a token of its own, so that Redis alone
+        // decides their order against every writer, of this process or another (a writer
+        // waiting behind local readers is in the Redis line, where it stops new readers).
+        let claim = match mode {
+            LockMode::Shared => None,
+            LockMode::Exclusive => {
+                let Some(mut claim) = self.claim(key, wait, started + budget).await? else {
+                    return Err(if wait_call {
+                        LockError::Timeout
+                    } else {
+                        LockError::AlreadyLocked
+                    });
+                };
+                if let Some(grant) = claim.take_baton() {
+                    // The task before this one passed the lock over as it released it.
+                    let (lock, fence, sent_at) = grant.into_parts();
+                    if lease_left_is_usable(sent_at, ttl) {
+                        tracing::debug!(key = %lock.shown_key(), "lock handed over");
+                        return Ok(self.guard(lock, Some(claim), sent_at, ttl, fence));
+                    }
+                    give_back(lock).await;
+                }
+                Some(claim)
             }
-            give_back(lock).await;
-        }
-        let mut pending = PendingAcquire::new(&self.shared, key, Token::new(mode), Some(claim));
+        };
+        let mut pending = PendingAcquire::new(&self.shared, key, Token::new(mode), claim);
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token.id);
         let mut waiting = false;
@@ -362,16 +372,15 @@ impl RedisDistributedLock {
     async fn claim(
         &self,
         key: &str,
-        mode: LockMode,
         wait: bool,
         deadline: Instant,
     ) -> Result<Option<RedisClaim>, LockError> {
         let claims = &self.shared.claims;
         let name: Arc<str> = Arc::from(key);
         if !wait {
-            return Ok(claims.try_claim(name, mode));
+            return Ok(claims.try_claim(name, LockMode::Exclusive));
         }
-        let mut turn = match claims.claim_or_queue(Arc::clone(&name), mode) {
+        let mut turn = match claims.claim_or_queue(Arc::clone(&name), LockMode::Exclusive) {
             Claim::Claimed(claim) => return Ok(Some(claim)),
             Claim::Queued(turn) => turn,
         };
