@@ -82,7 +82,7 @@ pub(crate) fn millis(duration: Duration) -> u64 {
 
 impl LockRef {
     /// The keys and arguments of the release and abandon scripts, which take the same ones.
-    fn release_input<'a>(&'a self, buffer: &'a mut TokenBuffer) -> ([&'a str; 4], [Arg<'a>; 2]) {
+    fn release_input<'a>(&'a self, buffer: &'a mut TokenBuffer) -> ([&'a str; 5], [Arg<'a>; 2]) {
         let token = self.token.text(buffer);
         (
             self.keys.freeing(),

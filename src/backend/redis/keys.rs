@@ -46,6 +46,8 @@ pub(crate) struct LockKeys {
     /// `…:readers`: a sorted set of the shared holders' tokens scored by the end of their
     /// lease (server time in ms).
     pub(crate) readers: String,
+    /// `…:writers`: the exclusive waiters of `line`, with the same scores (their places).
+    pub(crate) writers: String,
     /// `…:released`: the prefix of the waiters' pub/sub channels: a release tells the next
     /// waiter on `…:released:<its token>`.
     pub(crate) channel: String,
@@ -57,6 +59,7 @@ const LINE: &str = ":line";
 pub(crate) const WAITERS: &str = ":waiters";
 /// The suffix of the shared holders' sorted set, for callers that need only it.
 pub(crate) const READERS: &str = ":readers";
+const WRITERS: &str = ":writers";
 const RELEASED: &str = ":released";
 
 /// The lock's own key, `<prefix>{<escaped key>}`, without the other four names.
@@ -85,6 +88,7 @@ impl LockKeys {
             line: with_suffix(&lock, LINE),
             waiters: with_suffix(&lock, WAITERS),
             readers: with_suffix(&lock, READERS),
+            writers: with_suffix(&lock, WRITERS),
             channel: with_suffix(&lock, RELEASED),
             lock,
         }
@@ -93,21 +97,28 @@ impl LockKeys {
 
 impl LockKeys {
     /// `KEYS` of the scripts that take the lock and draw a fencing token (*acquire*,
-    /// *hand_over*): lock, fence, line, waiters, readers.
-    pub(crate) fn taking(&self) -> [&str; 5] {
+    /// *hand_over*): lock, fence, line, waiters, readers, writers.
+    pub(crate) fn taking(&self) -> [&str; 6] {
         [
             &self.lock,
             &self.fence,
             &self.line,
             &self.waiters,
             &self.readers,
+            &self.writers,
         ]
     }
 
     /// `KEYS` of the scripts that free the key and tell waiters (*release*, *abandon*): lock,
-    /// line, waiters, readers.
-    pub(crate) fn freeing(&self) -> [&str; 4] {
-        [&self.lock, &self.line, &self.waiters, &self.readers]
+    /// line, waiters, readers, writers.
+    pub(crate) fn freeing(&self) -> [&str; 5] {
+        [
+            &self.lock,
+            &self.line,
+            &self.waiters,
+            &self.readers,
+            &self.writers,
+        ]
     }
 }
 
@@ -147,7 +158,13 @@ mod tests {
         for user_key in ["plain", "{", "}", "{x}", "a}b{c", "%7B", "日本 *\n", "}{"] {
             let keys = LockKeys::new("lock:", user_key);
             let tag = hash_tag(&keys.lock);
-            for name in [&keys.fence, &keys.line, &keys.waiters, &keys.readers] {
+            for name in [
+                &keys.fence,
+                &keys.line,
+                &keys.waiters,
+                &keys.readers,
+                &keys.writers,
+            ] {
                 assert_eq!(hash_tag(name), tag, "{name:?}");
             }
             assert!(!tag.contains('}'));

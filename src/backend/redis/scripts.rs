@@ -22,54 +22,63 @@ local function is_shared(token)
   return string.sub(token, 1, 2) == 's:'
 end
 -- Whether the waiter's queue entry is still live; drops it from the line if not.
-local function live_waiter(line, waiters, token, now)
+local function live_waiter(line, waiters, writers, token, now)
   local deadline = redis.call('ZSCORE', waiters, token)
   if deadline and tonumber(deadline) > now then return true end
   redis.call('ZREM', line, token)
   redis.call('ZREM', waiters, token)
+  redis.call('ZREM', writers, token)
   return false
 end
 -- Removes waiters whose queue entry ran out from the head of the line; returns the first
 -- live waiter's token, or nil when nobody waits.
-local function live_head(line, waiters)
-  local now = now_ms()
+local function live_head(line, waiters, writers)
+  local now
   while true do
     local head = redis.call('ZRANGE', line, 0, 0)[1]
     if not head then return nil end
-    if live_waiter(line, waiters, head, now) then return head end
+    now = now or now_ms()
+    if live_waiter(line, waiters, writers, head, now) then return head end
   end
+end
+-- The place in line of the first live exclusive waiter (dropping those whose entry ran out
+-- before it), or nil when none waits.
+local function first_writer(line, waiters, writers)
+  local now = now_ms()
+  while true do
+    local first = redis.call('ZRANGE', writers, 0, 0, 'WITHSCORES')
+    if not first[1] then return nil end
+    if live_waiter(line, waiters, writers, first[1], now) then return tonumber(first[2]) end
+  end
+end
+-- Whether a live exclusive waiter is ahead of `token` in the line (anywhere in it, when
+-- `token` is not in the line).
+local function writer_ahead(line, waiters, writers, token)
+  local writer = first_writer(line, waiters, writers)
+  if not writer then return false end
+  local place = redis.call('ZSCORE', line, token)
+  return not place or writer < tonumber(place)
 end
 -- Drops shared holders whose lease ran out; returns how many hold the key.
 local function live_readers(readers)
+  if redis.call('EXISTS', readers) == 0 then return 0 end
   redis.call('ZREMRANGEBYSCORE', readers, '-inf', now_ms())
   return redis.call('ZCARD', readers)
 end
--- The live waiters from the head of the line up to the first exclusive one (excluded), or up
--- to `token` (excluded) if it comes first; and whether an exclusive waiter stopped the walk.
-local function shared_run(line, waiters, token)
-  local now = now_ms()
-  local run = {}
-  for _, waiter in ipairs(redis.call('ZRANGE', line, 0, -1)) do
-    if waiter == token then return run, false end
-    if live_waiter(line, waiters, waiter, now) then
-      if not is_shared(waiter) then return run, true end
-      run[#run + 1] = waiter
-    end
-  end
-  return run, false
-end
--- With no exclusive holder: tells the waiters that may now go in, each on its own channel
+-- Called with no exclusive holder: tells the waiters that may now go in, each on its own channel
 -- `<prefix>:<token>`: the head of the line if it waits for the exclusive side and no shared
--- holder is left, or every shared waiter before the first exclusive one.
-local function wake(lock, line, waiters, readers, prefix)
-  if redis.call('EXISTS', lock) == 1 then return end
-  local head = live_head(line, waiters)
+-- holder is left, or every waiter before the first exclusive one.
+local function wake(line, waiters, writers, readers, prefix)
+  local head = live_head(line, waiters, writers)
   if not head then return end
   if not is_shared(head) then
     if live_readers(readers) == 0 then redis.pcall('PUBLISH', prefix .. ':' .. head, head) end
     return
   end
-  for _, waiter in ipairs((shared_run(line, waiters, nil))) do
+  local writer = first_writer(line, waiters, writers)
+  local before = '+inf'
+  if writer then before = '(' .. writer end
+  for _, waiter in ipairs(redis.call('ZRANGEBYSCORE', line, '-inf', before)) do
     redis.pcall('PUBLISH', prefix .. ':' .. waiter, waiter)
   end
 end
@@ -95,7 +104,7 @@ end
     };
 }
 
-/// KEYS: lock, fence, line, waiters, readers.
+/// KEYS: lock, fence, line, waiters, readers, writers.
 /// ARGV: token (`s:…` for the shared side), ttl ms, queue entry ttl ms (0: do not queue),
 /// fence retention ms.
 /// Returns the fencing token (> 0) when taken. Otherwise `-pttl` of the lease the caller waits
@@ -106,27 +115,25 @@ const ACQUIRE_SOURCE: &str = concat!(
     r#"
 local token = ARGV[1]
 local shared = is_shared(token)
-local head = live_head(KEYS[3], KEYS[4])
-local readers = live_readers(KEYS[5])
+local head = live_head(KEYS[3], KEYS[4], KEYS[6])
 local first = not head or head == token
-if shared then
-  local _, writer_ahead = shared_run(KEYS[3], KEYS[4], token)
-  first = not writer_ahead
-end
-if first and redis.call('EXISTS', KEYS[1]) == 0 then
+if shared then first = not writer_ahead(KEYS[3], KEYS[4], KEYS[6], token) end
+if first then
   local taken = false
   if shared then
-    local t = redis.call('TIME')
-    local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-    redis.call('ZADD', KEYS[5], expiry, token)
-    expire_readers(KEYS[5])
-    taken = true
-  elseif readers == 0 then
-    taken = redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+    if redis.call('EXISTS', KEYS[1]) == 0 then
+      redis.call('ZADD', KEYS[5], now_ms() + tonumber(ARGV[2]), token)
+      expire_readers(KEYS[5])
+      taken = true
+    end
+  elseif live_readers(KEYS[5]) == 0 then
+    taken = redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[2])
   end
   if taken then
-    redis.call('ZREM', KEYS[3], token)
-    redis.call('ZREM', KEYS[4], token)
+    if (shared or head == token) and redis.call('ZREM', KEYS[3], token) == 1 then
+      redis.call('ZREM', KEYS[4], token)
+      redis.call('ZREM', KEYS[6], token)
+    end
     return next_fence(KEYS[2], ARGV[4])
   end
 end
@@ -134,14 +141,18 @@ local entry_ttl = tonumber(ARGV[3])
 if entry_ttl > 0 then
   if not redis.call('ZSCORE', KEYS[3], token) then
     local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
-    redis.call('ZADD', KEYS[3], (tonumber(last) or 0) + 1, token)
-    head = head or token
-    if not shared then first = head == token end
+    local place = (tonumber(last) or 0) + 1
+    redis.call('ZADD', KEYS[3], place, token)
+    if not shared then
+      redis.call('ZADD', KEYS[6], place, token)
+      first = (head or token) == token
+    end
   end
   redis.call('ZADD', KEYS[4], now_ms() + entry_ttl, token)
   local latest = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')[2]
   redis.call('PEXPIREAT', KEYS[3], latest)
   redis.call('PEXPIREAT', KEYS[4], latest)
+  redis.call('PEXPIREAT', KEYS[6], latest)
   if not first then return 0 end
 end
 local pttl = redis.call('PTTL', KEYS[1])
@@ -154,7 +165,7 @@ return 0
 "#
 );
 
-/// KEYS: lock, line, waiters, readers. ARGV: token, channel prefix (a waiter is told on
+/// KEYS: lock, line, waiters, readers, writers. ARGV: token, channel prefix (a waiter is told on
 /// `<prefix>:<its token>`).
 /// Returns 1 when the token held the key (now released), 0 otherwise (nothing changed).
 const RELEASE_SOURCE: &str = concat!(
@@ -168,12 +179,12 @@ else
   if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
   redis.call('DEL', KEYS[1])
 end
-wake(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2])
+wake(KEYS[2], KEYS[3], KEYS[5], KEYS[4], ARGV[2])
 return 1
 "#
 );
 
-/// KEYS: lock, fence, line, waiters, readers. ARGV: holder token, next token, ttl ms, fence
+/// KEYS: lock, fence, line, waiters, readers, writers. ARGV: holder token, next token, ttl ms, fence
 /// retention ms, channel prefix.
 /// An exclusive holder passes the lock to the next task of its own process in one call, unless
 /// waiters in the line come first. Returns the next holder's fencing token (> 0) when passed;
@@ -183,9 +194,9 @@ const HAND_OVER_SOURCE: &str = concat!(
     queue_helpers!(),
     r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-if live_head(KEYS[3], KEYS[4]) then
+if live_head(KEYS[3], KEYS[4], KEYS[6]) then
   redis.call('DEL', KEYS[1])
-  wake(KEYS[1], KEYS[3], KEYS[4], KEYS[5], ARGV[5])
+  wake(KEYS[3], KEYS[4], KEYS[6], KEYS[5], ARGV[5])
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -212,7 +223,7 @@ redis.call('PEXPIREAT', KEYS[2], last)
 return 1
 "#;
 
-/// KEYS: lock, line, waiters, readers. ARGV: token, channel prefix.
+/// KEYS: lock, line, waiters, readers, writers. ARGV: token, channel prefix.
 /// A waiter gives up: leaves the line, releases the key if an interrupted acquire took it, and
 /// tells the waiters that may then go in. Returns 1 if it released the key.
 const ABANDON_SOURCE: &str = concat!(
@@ -227,7 +238,8 @@ elseif redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
-wake(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then wake(KEYS[2], KEYS[3], KEYS[5], KEYS[4], ARGV[2]) end
 if held then return 1 end
 return 0
 "#
