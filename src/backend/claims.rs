@@ -58,11 +58,15 @@ struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher, B> {
     /// The live shared claims; 0 while an exclusive claim has the key.
     shared: usize,
     queue: VecDeque<Queued<K, S, B>>,
-    /// A statement about this key was sent and has had no answer: it is in flight, or it
-    /// failed (a stalled server, a command timeout, a lost session). Stays set when the claim
-    /// passes on after a failure; cleared by the next answer, or when the key is unclaimed.
-    unanswered: bool,
-    /// Told when `unanswered` is cleared; made by the first overdue task that waits for it.
+    /// Statements about this key sent and not answered yet (several shared claims may ask at
+    /// once).
+    in_flight: usize,
+    /// The last statement about this key that ended got no answer (a stalled server, a
+    /// command timeout, a lost session). Stays set when the claim passes on after a failure;
+    /// cleared by the next answer, or when the key is unclaimed.
+    failed: bool,
+    /// Told when the key stops being [`unanswered`](Self::unanswered); made by the first
+    /// overdue task that waits for it.
     answered: Option<watch::Sender<()>>,
 }
 
@@ -77,8 +81,24 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyEntry<K, S, B> {
         KeyEntry {
             shared: usize::from(mode == LockMode::Shared),
             queue: VecDeque::new(),
-            unanswered: false,
+            in_flight: 0,
+            failed: false,
             answered: None,
+        }
+    }
+
+    /// Whether the server owes an answer about the key: a statement is in flight, or the last
+    /// one failed.
+    fn unanswered(&self) -> bool {
+        self.in_flight > 0 || self.failed
+    }
+
+    /// Tells the overdue tasks waiting for an answer, once none is owed.
+    fn tell_if_answered(&self) {
+        if !self.unanswered() {
+            if let Some(answered) = &self.answered {
+                answered.send_replace(());
+            }
         }
     }
 
@@ -160,9 +180,6 @@ pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B
     /// Set when the lock was just released to waiters of other processes: the task that gets
     /// the claim next lets them go first (see `PostgresDistributedLock::acquire`).
     yield_to_others: bool,
-    /// The key's `unanswered` before [`asking_server`](KeyClaim::asking_server), for
-    /// [`not_asked`](KeyClaim::not_asked).
-    unanswered_before: bool,
     /// A question this claim's holder asked is still open: neither answered nor failed.
     asking: bool,
     /// What the previous holder handed over with the claim (the Redis backend: a lock it
@@ -235,7 +252,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
             let mut answered = {
                 let mut shard = self.shard(key);
                 match shard.get_mut(key) {
-                    Some(entry) if entry.unanswered => entry
+                    Some(entry) if entry.unanswered() => entry
                         .answered
                         .get_or_insert_with(|| watch::channel(()).0)
                         .subscribe(),
@@ -268,7 +285,6 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
             mode,
             live: true,
             yield_to_others: false,
-            unanswered_before: false,
             asking: false,
             baton: None,
         }
@@ -424,36 +440,37 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
     /// Records that a statement about this key is being sent: until [`answered`](Self::answered),
     /// tasks queued behind this one cannot tell whether the key is held.
     pub(crate) fn asking_server(&mut self) {
-        self.unanswered_before =
-            self.with_entry(|entry| std::mem::replace(&mut entry.unanswered, true));
-        self.asking = true;
+        if !std::mem::replace(&mut self.asking, true) {
+            self.with_entry(|entry| entry.in_flight += 1);
+        }
     }
 
     /// Records that the server answered a statement about this key.
     pub(crate) fn answered(&mut self) {
-        self.asking = false;
-        self.with_entry(|entry| {
-            if std::mem::take(&mut entry.unanswered) {
-                if let Some(answered) = &entry.answered {
-                    answered.send_replace(());
-                }
-            }
-        });
+        self.end_question(|entry| entry.failed = false);
     }
 
     /// Records that the statement got no answer: the doubt stays for the tasks queued behind.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn failed(&mut self) {
-        self.asking = false;
+        self.end_question(|entry| entry.failed = true);
     }
 
     /// Undoes [`asking_server`](Self::asking_server) when the statement was never run (its
     /// caller left before the session got to it).
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn not_asked(&mut self) {
-        self.asking = false;
-        let before = self.unanswered_before;
-        self.with_entry(|entry| entry.unanswered = before);
+        self.end_question(|_| {});
+    }
+
+    /// Ends this claim's open question (if any) with `outcome`.
+    fn end_question(&mut self, outcome: impl FnOnce(&mut KeyEntry<K, S, B>)) {
+        let was_asking = std::mem::replace(&mut self.asking, false);
+        self.with_entry(|entry| {
+            if was_asking {
+                entry.in_flight -= 1;
+            }
+            outcome(entry);
+            entry.tell_if_answered();
+        });
     }
 
     /// Gives the claim up; a question still open is withdrawn ([`not_asked`](Self::not_asked)),
@@ -466,7 +483,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
     }
 
     fn is_unanswered(&self) -> bool {
-        self.with_entry(|entry| entry.unanswered)
+        self.with_entry(|entry| entry.unanswered())
     }
 
     fn with_entry<T: Default>(&self, f: impl FnOnce(&mut KeyEntry<K, S, B>) -> T) -> T {
@@ -488,6 +505,10 @@ where
 {
     fn drop(&mut self) {
         if self.live {
+            if self.asking {
+                // Dropped with its question open: the answer is owed to the tasks behind.
+                self.failed();
+            }
             let baton = self.baton.take();
             // A claim dropped inside `pass_on` (a queued task dropped its receiver with the
             // claim in it) is not possible under the shard lock: `send` hands back refused
@@ -690,6 +711,34 @@ mod tests {
         drop((reader, second, third));
         drop(last_writer.try_recv().expect("then the last writer"));
         assert!(!table.is_claimed(&4));
+    }
+
+    /// Two shared claims ask at once; one is answered, the other withdraws its question: nothing
+    /// is owed any more, so a writer whose budget ran out behind them learns the key is held.
+    #[tokio::test(start_paused = true)]
+    async fn questions_of_shared_claims_end_in_any_order() {
+        let table = Arc::new(ClaimTable::<i64>::default());
+        let give_up_at = Instant::now() + std::time::Duration::from_secs(1);
+        let mut first = table.try_claim(6, S).expect("free key");
+        let mut second = table.try_claim(6, S).expect("readers share");
+        first.asking_server();
+        second.asking_server();
+        first.answered();
+        assert!(second.is_unanswered(), "the second question is still open");
+        second.withdraw();
+        let started = Instant::now();
+        assert!(matches!(
+            table.overdue(&6, queued_as(&table, 6, X), give_up_at).await,
+            Overdue::Held
+        ));
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+        // A failure keeps the doubt until the next answer.
+        first.asking_server();
+        first.failed();
+        assert!(first.is_unanswered());
+        first.asking_server();
+        first.answered();
+        assert!(!first.is_unanswered());
     }
 
     fn queued_as(table: &Arc<ClaimTable<i64>>, key: i64, mode: LockMode) -> Turn<i64> {
