@@ -12,9 +12,7 @@ use axum::Router;
 use common::grpc::{health_client, serve_health};
 use common::http::{client, send};
 use http::StatusCode;
-use k1s0_distributed_lock::{
-    DistributedLock, DistributedRwLock, LockConfig, LockInfo, LockLayer, LockMode,
-};
+use k1s0_distributed_lock::{DistributedRwLock, LockConfig, LockInfo, LockLayer, LockMode};
 use tokio::sync::Barrier;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
