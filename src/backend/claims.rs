@@ -20,9 +20,13 @@
 
 use std::collections::hash_map::{Entry, HashMap, RandomState};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::hash::{BuildHasher, Hash};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
+use tokio::sync::oneshot::error::{RecvError, TryRecvError};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -104,8 +108,50 @@ pub(crate) enum Overdue<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = 
 pub(crate) enum Claim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
     /// The key was free locally: the caller has it.
     Claimed(KeyClaim<K, S, B>),
-    /// Another task has it; the claim arrives on this channel when it is the caller's turn.
-    Queued(oneshot::Receiver<KeyClaim<K, S, B>>),
+    /// Another task has it; the claim arrives through this place in line when it is the
+    /// caller's turn.
+    Queued(Turn<K, S, B>),
+}
+
+/// A task's place in a key's line: a future that resolves to its claim. Dropping it leaves the
+/// line; if shared claims hold the key, the shared claimants now first in line (behind an
+/// exclusive one that left) join them at once.
+pub(crate) struct Turn<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
+    table: Arc<ClaimTable<K, S, B>>,
+    key: K,
+    /// Taken only by `drop`.
+    receiver: Option<oneshot::Receiver<KeyClaim<K, S, B>>>,
+}
+
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> Turn<K, S, B> {
+    /// The claim, if it has arrived.
+    fn try_recv(&mut self) -> Result<KeyClaim<K, S, B>, TryRecvError> {
+        self.receiver
+            .as_mut()
+            .expect("kept until dropped")
+            .try_recv()
+    }
+}
+
+impl<K: Hash + Eq + Clone + Unpin, S: BuildHasher, B> Future for Turn<K, S, B> {
+    type Output = Result<KeyClaim<K, S, B>, RecvError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let receiver = self
+            .get_mut()
+            .receiver
+            .as_mut()
+            .expect("kept until dropped");
+        Pin::new(receiver).poll(cx)
+    }
+}
+
+impl<K: Hash + Eq + Clone, S: BuildHasher, B> Drop for Turn<K, S, B> {
+    fn drop(&mut self) {
+        // Closed first (a claim already in it passes on), so that the table sees it gone.
+        drop(self.receiver.take());
+        self.table.after_leaving(&self.key);
+    }
 }
 
 /// The local right to one key, exclusive or shared. Dropping the last claim of a key passes it
@@ -158,7 +204,11 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
             Entry::Occupied(mut entry) => {
                 let (turn, receiver) = oneshot::channel();
                 entry.get_mut().queue.push_back(Queued { mode, turn });
-                Claim::Queued(receiver)
+                Claim::Queued(Turn {
+                    table: Arc::clone(self),
+                    key,
+                    receiver: Some(receiver),
+                })
             }
             Entry::Vacant(slot) => {
                 slot.insert(KeyEntry::new(mode));
@@ -176,9 +226,12 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
     pub(crate) async fn overdue(
         self: &Arc<Self>,
         key: &K,
-        mut turn: oneshot::Receiver<KeyClaim<K, S, B>>,
+        mut turn: Turn<K, S, B>,
         give_up_at: Instant,
-    ) -> Overdue<K, S, B> {
+    ) -> Overdue<K, S, B>
+    where
+        K: Unpin,
+    {
         loop {
             // A claim that reached this task as its budget ended is its turn after all.
             if let Ok(claim) = turn.try_recv() {
@@ -249,38 +302,60 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         if mode == LockMode::Shared {
             entry.shared -= 1;
         }
-        let mut passed_exclusive = false;
         if entry.shared == 0 {
-            while let Some(next) = entry.queue.front() {
-                if entry.shared > 0 && next.mode == LockMode::Exclusive {
-                    break;
-                }
-                let Queued { mode, turn } = entry.queue.pop_front().expect("looked at just now");
-                let mut claim = self.new_claim(key.clone(), mode);
-                claim.yield_to_others = yield_to_others;
-                if mode == LockMode::Exclusive {
-                    claim.baton = baton.take();
-                }
-                match turn.send(claim) {
-                    Ok(()) if mode == LockMode::Exclusive => {
-                        passed_exclusive = true;
-                        break;
-                    }
-                    Ok(()) => entry.shared += 1,
-                    // That task gave up waiting: the claim comes back; retire it (dropping it
-                    // must not pass it on) and keep its baton for the next task.
-                    Err(mut refused) => {
-                        refused.live = false;
-                        baton = refused.baton.take().or(baton);
-                    }
-                }
-            }
+            let passed_exclusive = self.admit_first(key, entry, yield_to_others, &mut baton);
             if !passed_exclusive && entry.shared == 0 {
                 shard.remove(key);
             }
         }
         drop(shard);
         // A baton nobody took goes outside the shard's lock.
+        drop(baton);
+    }
+
+    /// Gives the key to the first queued task still listening, and if it (or the claims that
+    /// hold the key) are shared, to every shared one queued after it up to the next exclusive
+    /// one still listening. Returns whether an exclusive claimant got it.
+    fn admit_first(
+        self: &Arc<Self>,
+        key: &K,
+        entry: &mut KeyEntry<K, S, B>,
+        yield_to_others: bool,
+        baton: &mut Option<B>,
+    ) -> bool {
+        while let Some(next) = entry.queue.front() {
+            if entry.shared > 0 && next.mode == LockMode::Exclusive && !next.turn.is_closed() {
+                return false;
+            }
+            let Queued { mode, turn } = entry.queue.pop_front().expect("looked at just now");
+            let mut claim = self.new_claim(key.clone(), mode);
+            claim.yield_to_others = yield_to_others;
+            if mode == LockMode::Exclusive {
+                claim.baton = baton.take();
+            }
+            match turn.send(claim) {
+                Ok(()) if mode == LockMode::Exclusive => return true,
+                Ok(()) => entry.shared += 1,
+                // That task gave up waiting: the claim comes back; retire it (dropping it
+                // must not pass it on) and keep its baton for the next task.
+                Err(mut refused) => {
+                    refused.live = false;
+                    *baton = refused.baton.take().or(baton.take());
+                }
+            }
+        }
+        false
+    }
+
+    /// A queued task left the line of `key`: while shared claims hold it, the shared
+    /// claimants now first in line join them (the exclusive one they queued behind is gone).
+    fn after_leaving(self: &Arc<Self>, key: &K) {
+        let mut shard = self.shard(key);
+        let mut baton = None;
+        if let Some(entry) = shard.get_mut(key).filter(|entry| entry.shared > 0) {
+            self.admit_first(key, entry, false, &mut baton);
+        }
+        drop(shard);
         drop(baton);
     }
 
@@ -458,7 +533,7 @@ mod tests {
         assert!(table.try_claim(7, X).is_some());
     }
 
-    fn queued(table: &Arc<ClaimTable<i64>>, key: i64) -> oneshot::Receiver<KeyClaim<i64>> {
+    fn queued(table: &Arc<ClaimTable<i64>>, key: i64) -> Turn<i64> {
         match table.claim_or_queue(key, X) {
             Claim::Queued(turn) => turn,
             Claim::Claimed(_) => panic!("claimed key must queue"),
@@ -600,11 +675,29 @@ mod tests {
         assert!(!table.is_claimed(&9));
     }
 
-    fn queued_as(
-        table: &Arc<ClaimTable<i64>>,
-        key: i64,
-        mode: LockMode,
-    ) -> oneshot::Receiver<KeyClaim<i64>> {
+    #[test]
+    fn readers_queued_behind_a_writer_that_leaves_join_the_readers_holding() {
+        let table = Arc::new(ClaimTable::<i64>::default());
+        let reader = table.try_claim(4, S).expect("free key");
+        let writer = queued_as(&table, 4, X);
+        let mut second = queued_as(&table, 4, S);
+        let mut third = queued_as(&table, 4, S);
+        let mut last_writer = queued_as(&table, 4, X);
+        let mut behind = queued_as(&table, 4, S);
+        assert!(second.try_recv().is_err(), "behind a waiting writer");
+        drop(writer);
+        let second = second.try_recv().expect("the writer ahead left");
+        let third = third.try_recv().expect("with the reader ahead of it");
+        assert!(last_writer.try_recv().is_err());
+        assert!(behind.try_recv().is_err(), "behind the next writer");
+        drop((reader, second, third));
+        let last_writer = last_writer.try_recv().expect("then the writer");
+        drop(last_writer);
+        drop(behind.try_recv().expect("then the last reader"));
+        assert!(!table.is_claimed(&4));
+    }
+
+    fn queued_as(table: &Arc<ClaimTable<i64>>, key: i64, mode: LockMode) -> Turn<i64> {
         match table.claim_or_queue(key, mode) {
             Claim::Queued(turn) => turn,
             Claim::Claimed(_) => panic!("this claim must queue"),
