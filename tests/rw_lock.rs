@@ -18,7 +18,8 @@ use k1s0_distributed_lock::{
 
 use common::wait::eventually;
 
-/// One test per backend with a shared side for each scenario `async fn name(make_lock)`, where
+/// One test per backend with a shared side (in memory, and PostgreSQL in a build with it) for
+/// each scenario `async fn name(make_lock)`, where
 /// `make_lock(config)` builds a lock object of that backend.
 macro_rules! rw_tests {
     ($($scenario:ident),* $(,)?) => {
@@ -28,6 +29,18 @@ macro_rules! rw_tests {
                 async fn in_memory() {
                     super::$scenario(async |config| {
                         k1s0_distributed_lock::InMemoryDistributedLock::new(config)
+                    })
+                    .await;
+                }
+
+                #[cfg(feature = "postgres")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario(async |config| {
+                        k1s0_distributed_lock::PostgresDistributedLock::new(
+                            $crate::common::backends::postgres_pool(None).await,
+                            config,
+                        )
                     })
                     .await;
                 }
