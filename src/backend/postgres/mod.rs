@@ -132,6 +132,20 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   backend, broken network, timed-out statement) is closed and all its guards report lost.
 ///   A process cut off from the server loses its locks after about the
 ///   [`network_timeout`](PostgresDistributedLockBuilder::network_timeout) (10 s by default).
+/// * **Shared side** ([`DistributedRwLock`]): `try_acquire_shared` and `acquire_shared` take
+///   the key's advisory lock in shared mode; several readers of this process share their
+///   session's lock (the server counts it), and guards of both sides release, extend, expire,
+///   report lost and cancel alike. Within this process callers wait first in, first out, new
+///   readers behind a waiting writer. **Across processes the order is phase-fair, not first in,
+///   first out**: a writer waiting on the server holds a *writer-waiting mark* that keeps new
+///   readers of every process out (writers are not starved), and readers that found the key
+///   held by a writer hold a *readers' turn mark* while they wait, which keeps the next writer
+///   out until they are in (readers are not starved). Within a phase, waiters of different
+///   processes go in the order their retries reach the server. A reader refused because a
+///   writer waited counts as having waited through a writer only once one of its retries finds
+///   a writer holding the key, so while writers of other processes keep one waiting at every
+///   release it waits for a `retry_interval` retry that falls within a writer's hold. The SQL,
+///   for clients in other languages, is in docs/postgres.md.
 /// * **Fencing tokens** come from one sequence (`public.k1s0_lock_fencing_seq`, created on first use,
 ///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
 ///   disk. They still increase across a server crash: the first lock session after crash
