@@ -309,6 +309,10 @@ async fn no_writer_takes_the_key_while_readers_that_waited_through_a_writer_are_
         Duration::from_secs(5),
     )
     .await;
+    // A waiter tries once more right after setting its marks (a release may have come in
+    // between), then sleeps until a notification or its 5-10 s retry. Nothing shows from
+    // outside that both readers are past that try: give them a moment, far below the retry.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(advisory)
         .execute(&mut plain)

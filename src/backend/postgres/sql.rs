@@ -75,19 +75,19 @@ impl SequenceName {
 
 /// The waiter flag's two `int4` halves of the advisory key `$1`, computed by the server so
 /// that the hot statements bind one parameter: the same values as
-/// [`flag_key`](super::key_hash::flag_key) (the high 32 bits and the low 32 bits, each read as
+/// `key_hash::flag_key` (the high 32 bits and the low 32 bits, each read as
 /// a signed 32-bit integer; PostgreSQL's `>>` on `bigint` is arithmetic).
 const FLAG_HIGH: &str = "($1 >> 32)::int4";
 /// See [`FLAG_HIGH`].
 const FLAG_LOW: &str = "(($1 << 32) >> 32)::int4";
 /// The writer-waiting mark's halves: those of `~$1` (the advisory key's bits inverted), the
-/// same values as [`writer_mark_key`](super::key_hash::writer_mark_key).
+/// same values as `key_hash::writer_mark_key`.
 const WRITER_HIGH: &str = "((~$1) >> 32)::int4";
 /// See [`WRITER_HIGH`].
 const WRITER_LOW: &str = "(((~$1) << 32) >> 32)::int4";
 /// The readers'-turn mark's halves: those of `$1 # 6148914691236517205` (the advisory key
 /// XOR `0x5555_5555_5555_5555`), the same values as
-/// [`readers_mark_key`](super::key_hash::readers_mark_key).
+/// `key_hash::readers_mark_key`.
 const READERS_HIGH: &str = "(($1 # 6148914691236517205) >> 32)::int4";
 /// See [`READERS_HIGH`].
 const READERS_LOW: &str = "((($1 # 6148914691236517205) << 32) >> 32)::int4";
