@@ -17,9 +17,9 @@ struct DocumentedSql {
     epoch_check: String,
     lock: String,
     unlock: String,
-    set_flag: String,
+    set_marks: String,
     lock_and_unflag: String,
-    clear_flag: String,
+    clear_marks: String,
     is_locked: String,
 }
 
@@ -44,9 +44,9 @@ fn documented_sql() -> DocumentedSql {
         epoch_check: next(),
         lock: next(),
         unlock: next(),
-        set_flag: next(),
+        set_marks: next(),
         lock_and_unflag: next(),
-        clear_flag: next(),
+        clear_marks: next(),
         is_locked: next(),
     }
 }
@@ -208,14 +208,18 @@ async fn a_foreign_waiter_is_notified_by_the_crate_release() {
 
     let guard = lock.try_acquire(&key).await.unwrap();
     assert_eq!(sql.lock(&mut foreign, advisory).await, None);
-    let (high, low) = flag_halves(advisory);
-    sqlx::query(&sql.set_flag)
-        .bind(high)
-        .bind(low)
-        .execute(&mut foreign)
+    // A writer waiting: the flag and the writer-waiting mark.
+    let set: (Option<bool>, Option<bool>, Option<bool>) = sqlx::query_as(&sql.set_marks)
+        .bind(advisory)
+        .bind(true)
+        .bind(true)
+        .bind(false)
+        .fetch_one(&mut foreign)
         .await
         .unwrap();
+    assert_eq!(set, (Some(true), Some(true), None));
     assert_eq!(pg_support::waiter_flags(&mut admin, &key).await, 1);
+    assert_eq!(pg_support::writer_marks(&mut admin, &key).await, 1);
     let crate_token = guard.fencing_token();
     guard.release().await.unwrap();
 
@@ -229,34 +233,38 @@ async fn a_foreign_waiter_is_notified_by_the_crate_release() {
             break;
         }
     }
-    let (token, unflagged): (Option<i64>, Option<bool>) = sqlx::query_as(&sql.lock_and_unflag)
-        .bind(advisory)
-        .fetch_one(&mut foreign)
-        .await
-        .unwrap();
+    let (token, unflagged, unmarked): (Option<i64>, Option<bool>, Option<bool>) =
+        sqlx::query_as(&sql.lock_and_unflag)
+            .bind(advisory)
+            .bind(true)
+            .bind(true)
+            .fetch_one(&mut foreign)
+            .await
+            .unwrap();
     assert!(token.expect("the key is free") as u64 > crate_token);
-    assert_eq!(unflagged, Some(true));
+    assert_eq!((unflagged, unmarked), (Some(true), Some(true)));
     assert_eq!(pg_support::waiter_flags(&mut admin, &key).await, 0);
+    assert_eq!(pg_support::writer_marks(&mut admin, &key).await, 0);
     assert!(matches!(
         lock.try_acquire(&key).await,
         Err(LockError::AlreadyLocked)
     ));
     assert_eq!(sql.unlock(&mut foreign, advisory).await, (true, false));
 
-    // A waiter that gives up drops its flag as documented.
-    sqlx::query(&sql.set_flag)
-        .bind(high)
-        .bind(low)
-        .execute(&mut foreign)
-        .await
-        .unwrap();
-    sqlx::query(&sql.clear_flag)
-        .bind(high)
-        .bind(low)
-        .execute(&mut foreign)
-        .await
-        .unwrap();
+    // A waiter that gives up drops its marks as documented.
+    for statement in [&sql.set_marks, &sql.clear_marks] {
+        sqlx::query(statement)
+            .bind(advisory)
+            .bind(true)
+            .bind(true)
+            .bind(true)
+            .execute(&mut foreign)
+            .await
+            .unwrap();
+    }
     assert_eq!(pg_support::waiter_flags(&mut admin, &key).await, 0);
+    assert_eq!(pg_support::writer_marks(&mut admin, &key).await, 0);
+    assert_eq!(pg_support::readers_marks(&mut admin, &key).await, 0);
 }
 
 /// A client that only calls `pg_advisory_lock` excludes the crate's locks, and is excluded.

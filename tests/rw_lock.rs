@@ -18,7 +18,8 @@ use k1s0_distributed_lock::{
 
 use common::wait::eventually;
 
-/// One test per backend with a shared side for each scenario `async fn name(make_lock)`, where
+/// One test per backend with a shared side (in memory, and PostgreSQL in a build with it) for
+/// each scenario `async fn name(make_lock)`, where
 /// `make_lock(config)` builds a lock object of that backend.
 macro_rules! rw_tests {
     ($($scenario:ident),* $(,)?) => {
@@ -37,9 +38,24 @@ macro_rules! rw_tests {
                 async fn redis() {
                     super::$scenario(super::common::redis_conn::rw_lock).await;
                 }
+
+                #[cfg(feature = "postgres")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario(super::postgres_lock).await;
+                }
             }
         )*
     };
+}
+
+/// A PostgreSQL lock object on a pool of its own, with `config`.
+#[cfg(feature = "postgres")]
+async fn postgres_lock(config: LockConfig) -> k1s0_distributed_lock::PostgresDistributedLock {
+    k1s0_distributed_lock::PostgresDistributedLock::new(
+        common::backends::postgres_pool(None).await,
+        config,
+    )
 }
 
 /// Generous waiting budget, short retry interval, a TTL far beyond the tests' holds.
@@ -79,6 +95,12 @@ macro_rules! process_tests {
                 async fn redis() {
                     super::$scenario(super::common::redis_conn::rw_lock).await;
                 }
+
+                #[cfg(feature = "postgres")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario(super::postgres_lock).await;
+                }
             }
         )*
     };
@@ -87,7 +109,6 @@ macro_rules! process_tests {
 process_tests!(
     readers_of_two_processes_share_and_a_writer_excludes_them,
     a_writer_waiting_in_one_process_stops_new_readers_of_another,
-    a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another,
     a_writer_gets_in_while_readers_of_other_processes_keep_overlapping,
 );
 
@@ -537,7 +558,7 @@ async fn hostile_keys_lock_exactly_themselves_on_the_shared_side<L: DistributedR
 
 /// Readers of two processes hold one key together; a writer of either process is kept out
 /// until the last reader of both has gone, and then keeps out the readers of both.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
 async fn readers_of_two_processes_share_and_a_writer_excludes_them<L: DistributedRwLock + Clone>(
     make_lock: impl AsyncFn(LockConfig) -> L,
 ) {
@@ -578,7 +599,7 @@ async fn readers_of_two_processes_share_and_a_writer_excludes_them<L: Distribute
 /// A writer of one process waits behind a reader; from then on readers of another process are
 /// kept out (`try_acquire_shared` answers `AlreadyLocked`, `acquire_shared` waits), and the
 /// writer goes in when the reader leaves, before them.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
 async fn a_writer_waiting_in_one_process_stops_new_readers_of_another<
     L: DistributedRwLock + Clone,
 >(
@@ -623,8 +644,19 @@ async fn a_writer_waiting_in_one_process_stops_new_readers_of_another<
 }
 
 /// A writer waits behind a reader of its own process; readers of another process are then
-/// kept out too, and the writer goes in before them.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+/// kept out too, and the writer goes in before them. (Redis only: on PostgreSQL such a writer
+/// waits in its process, unseen by others, until its own readers are gone; see
+/// `PostgresDistributedLock`.)
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another_on_redis() {
+    a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another(
+        common::redis_conn::rw_lock,
+    )
+    .await;
+}
+
+#[cfg(feature = "redis")]
 async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another<
     L: DistributedRwLock + Clone,
 >(
@@ -667,7 +699,7 @@ async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_ano
 
 /// 8 readers on 4 processes keep the key read-locked, each holding 20 ms, overlapping; a
 /// writer of a fifth process gets in after a few reader holds, not never.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
 async fn a_writer_gets_in_while_readers_of_other_processes_keep_overlapping<
     L: DistributedRwLock + Clone,
 >(

@@ -390,7 +390,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
     }
 
     /// The side of the key this claim has.
-    #[cfg(test)]
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn mode(&self) -> LockMode {
         self.mode
     }

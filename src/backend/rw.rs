@@ -22,6 +22,9 @@ use crate::{LockError, LockGuard};
 ///   stream of readers; when a writer is done, the shared callers queued before the next
 ///   writer go in together, so readers are not starved by a queue of writers. A
 ///   `try_acquire_shared` while a writer waits answers [`LockError::AlreadyLocked`].
+///   `PostgresDistributedLock` (feature `postgres`) keeps this order within a process; across
+///   processes its order is phase-fair rather than first in, first out (see its
+///   documentation).
 /// * **No upgrade or downgrade**: a holder that asks for the other side of a key it holds
 ///   waits like anyone else, behind itself: `acquire` then ends with
 ///   [`LockError::Timeout`] when its budget runs out (and `try_acquire` with

@@ -59,8 +59,63 @@ pub async fn queued_flags(admin: &mut PgConnection, key: &str) -> i64 {
     count_locks(admin, key, 2, false).await
 }
 
+/// Writer-waiting marks of `key` (its advisory key inverted, in the two-integer form) held by
+/// any session: an exclusive acquire waits there.
+pub async fn writer_marks(admin: &mut PgConnection, key: &str) -> i64 {
+    let advisory = PostgresDistributedLock::advisory_key(key);
+    count_number(admin, !advisory, 2, true).await
+}
+
+/// Readers' turn marks of `key` (its advisory key XOR 0x5555_5555_5555_5555, in the
+/// two-integer form) held by any session: a shared acquire that found the key held
+/// exclusively waits there.
+pub async fn readers_marks(admin: &mut PgConnection, key: &str) -> i64 {
+    let advisory = PostgresDistributedLock::advisory_key(key);
+    count_number(admin, advisory ^ 0x5555_5555_5555_5555, 2, true).await
+}
+
+/// A mark a waiter sets on the server (see docs/postgres.md, "Reader-writer locks").
+#[derive(Debug, Clone, Copy)]
+pub enum Mark {
+    WriterWaiting,
+    ReadersTurn,
+}
+
+/// Waits up to `within` until at least `at_least` sessions hold `mark` of `key` (waiters
+/// elsewhere wait on the server).
+pub async fn wait_for_mark(
+    admin: &mut PgConnection,
+    key: &str,
+    mark: Mark,
+    at_least: i64,
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let count = match mark {
+            Mark::WriterWaiting => writer_marks(admin, key).await,
+            Mark::ReadersTurn => readers_marks(admin, key).await,
+        };
+        if count >= at_least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fewer than {at_least} sessions held {mark:?} of {key} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn count_locks(admin: &mut PgConnection, key: &str, objsubid: i16, granted: bool) -> i64 {
-    let advisory = PostgresDistributedLock::advisory_key(key) as u64;
+    let advisory = PostgresDistributedLock::advisory_key(key);
+    count_number(admin, advisory, objsubid, granted).await
+}
+
+/// Advisory locks on the halves of `number` in the bigint (`objsubid` 1) or two-integer (2)
+/// form.
+async fn count_number(admin: &mut PgConnection, number: i64, objsubid: i16, granted: bool) -> i64 {
+    let advisory = number as u64;
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \

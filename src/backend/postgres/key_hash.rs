@@ -85,10 +85,33 @@ pub(crate) fn pg_locks_halves(key: i64) -> (i64, i64) {
 
 /// The same halves as signed 32-bit integers, for the two-argument advisory lock functions
 /// (`pg_advisory_lock_shared(int, int)`), which live in a lock space separate from the bigint
-/// form. The backend uses that space for its "a waiter in another process" flag.
+/// form. The backend uses that space for its waiter flag and marks (the server computes them
+/// from the advisory key, see `sql`; these give the tests the same numbers).
+#[cfg(test)]
 pub(crate) fn flag_key(key: i64) -> (i32, i32) {
     let bits = key as u64;
     ((bits >> 32) as u32 as i32, bits as u32 as i32)
+}
+
+/// The writer-waiting mark of an advisory key: the halves (as [`flag_key`]) of the key with
+/// every bit inverted. A session holds it (shared) while an exclusive acquire of its process
+/// waits for the key on the server; a shared try that heeds it takes nothing meanwhile.
+#[cfg(test)]
+pub(crate) fn writer_mark_key(key: i64) -> (i32, i32) {
+    flag_key(!key)
+}
+
+/// What the readers'-turn mark's key is XORed with: alternate bits, so that it differs from
+/// the key, from the waiter flag and from the writer-waiting mark in every half.
+#[cfg(test)]
+const READERS_MARK_XOR: i64 = 0x5555_5555_5555_5555;
+
+/// The readers'-turn mark of an advisory key: the halves (as [`flag_key`]) of the key XOR
+/// `0x5555_5555_5555_5555`. A session holds it (shared) while a shared acquire of its process
+/// that found the key held exclusively waits for it; an exclusive try takes nothing meanwhile.
+#[cfg(test)]
+pub(crate) fn readers_mark_key(key: i64) -> (i32, i32) {
+    flag_key(key ^ READERS_MARK_XOR)
 }
 
 /// A map keyed by advisory key. Advisory keys are already uniform (SHA-256), so they only need
@@ -159,6 +182,39 @@ mod tests {
         assert_eq!(advisory_key("order:42"), -2_708_853_543_617_250_617); // da68380de022bac7
         assert_eq!(advisory_key("ключ"), 2_153_681_812_738_117_024); // 1de36a32af798da0
         assert_eq!(advisory_key("a'b\\c\0d"), 807_657_165_946_115_799); // 0b355fe9cc8456d7
+    }
+
+    #[test]
+    fn the_marks_match_the_documented_test_vectors() {
+        // Also in docs/postgres.md ("Reader-writer locks: the shared side"), which the test
+        // below reads.
+        let key = advisory_key("order:42");
+        assert_eq!(flag_key(key), (-630_704_115, -534_594_873));
+        assert_eq!(writer_mark_key(key), (630_704_114, 534_594_872));
+        assert_eq!(readers_mark_key(key), (-1_891_799_720, -1_250_431_086));
+    }
+
+    #[test]
+    fn the_documented_mark_halves_are_the_crate_s() {
+        let doc = include_str!("../../../docs/postgres.md");
+        let start = doc
+            .find("## Reader-writer locks: the shared side")
+            .expect("the shared-side section");
+        let section = &doc[start..];
+        let key = advisory_key("order:42");
+        for (name, (high, low)) in [
+            ("waiter flag F", flag_key(key)),
+            ("writer-waiting mark W", writer_mark_key(key)),
+            ("readers' turn mark R", readers_mark_key(key)),
+        ] {
+            let halves = format!("`{high}`, `{low}`");
+            assert!(
+                section
+                    .lines()
+                    .any(|line| line.starts_with(&format!("| {name} |")) && line.contains(&halves)),
+                "docs/postgres.md lacks the {name} row with {halves}"
+            );
+        }
     }
 
     #[test]

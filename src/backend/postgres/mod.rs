@@ -14,6 +14,8 @@
 //!   statement errors leave a connection intact.
 //! * `notify` — the LISTEN connection that wakes waiters when another process releases.
 //! * `sql` — statement text and the fencing sequence name.
+//! * `wait_marks` — the marks a waiter sets on the server: the waiter flag, and the
+//!   writer-waiting and readers' turn marks that order the two sides across processes.
 //! * `transaction` — transaction-scoped locks on the caller's own transaction.
 
 mod fencing;
@@ -25,6 +27,7 @@ mod sql;
 mod statement_errors;
 mod timing;
 mod transaction;
+mod wait_marks;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
@@ -38,14 +41,16 @@ use tokio::time::Instant;
 use self::claims::{Claim, ClaimTable, Overdue};
 use self::key_hash::{advisory_key, AdvisoryKeyCache};
 use self::notify::{Listener, WakeHub};
-use self::session::{Granted, HeldLockRef, SessionHandle, TryOutcome};
+use self::session::{Attempt, Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use self::sql::{SequenceName, Statements, DEFAULT_SEQUENCE};
 use self::timing::SessionSettings;
+use self::wait_marks::Marks;
 use super::jitter::Jitter;
 use crate::config::validate_duration;
 use crate::observe::{observe_acquire, Mode, ShownKey};
 use crate::{
-    validate_key, DistributedLock, LockConfig, LockError, LockGuard, LockHandle, LockMode,
+    validate_key, DistributedLock, DistributedRwLock, LockConfig, LockError, LockGuard, LockHandle,
+    LockMode,
 };
 
 pub use self::transaction::TransactionLock;
@@ -127,6 +132,21 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   backend, broken network, timed-out statement) is closed and all its guards report lost.
 ///   A process cut off from the server loses its locks after about the
 ///   [`network_timeout`](PostgresDistributedLockBuilder::network_timeout) (10 s by default).
+/// * **Shared side** ([`DistributedRwLock`]): `try_acquire_shared` and `acquire_shared` take
+///   the key's advisory lock in shared mode; several readers of this process share their
+///   session's lock (the server counts it), and guards of both sides release, extend, expire,
+///   report lost and cancel alike. Within this process callers wait first in, first out, new
+///   readers behind a waiting writer. **Across processes the order is phase-fair, not first in,
+///   first out**: a writer waiting on the server holds a *writer-waiting mark* that keeps new
+///   readers of every process out (writers are not starved), and readers that found the key
+///   held by a writer hold a *readers' turn mark* while they wait, which keeps the next writer
+///   out until they are in (readers are not starved). Within a phase, waiters of different
+///   processes go in the order their retries reach the server. A reader refused because a
+///   writer waits while another writer holds the key counts as having waited through that
+///   writer, so a queue of writers cannot keep readers out. A writer that waits in this
+///   process behind readers of this process is not on the server yet: until those readers are
+///   gone, readers of other processes still get in beside them. The SQL, for clients in other
+///   languages, is in docs/postgres.md.
 /// * **Fencing tokens** come from one sequence (`public.k1s0_lock_fencing_seq`, created on first use,
 ///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
 ///   disk. They still increase across a server crash: the first lock session after crash
@@ -398,7 +418,7 @@ impl PostgresDistributedLock {
         Ok(slot.insert(session).clone())
     }
 
-    fn guard(&self, key: &str, granted: Granted) -> LockGuard {
+    fn guard(&self, key: &str, mode: LockMode, granted: Granted) -> LockGuard {
         let Granted {
             fencing_token,
             lease,
@@ -411,6 +431,7 @@ impl PostgresDistributedLock {
             lease,
             Arc::new(PostgresLockHandle { lock }),
         )
+        .with_mode(mode)
     }
 
     /// `key` as this lock's log events show it.
@@ -418,30 +439,31 @@ impl PostgresDistributedLock {
         self.inner.config.get_trace_keys().show(key)
     }
 
-    async fn try_acquire_once(&self, key: &str) -> Result<LockGuard, LockError> {
+    async fn try_acquire_once(&self, key: &str, mode: LockMode) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         self.inner.config.validate()?;
         let advisory = self.inner.key_cache.advisory_key(key);
-        let Some(claim) = self.inner.claims.try_claim(advisory, LockMode::Exclusive) else {
+        let Some(claim) = self.inner.claims.try_claim(advisory, mode) else {
             return Err(LockError::AlreadyLocked);
         };
         let session = self.session_for(advisory)?;
+        let ttl = self.inner.config.get_ttl();
         match session
-            .try_lock(claim, None, self.inner.config.get_ttl(), Instant::now())
+            .try_lock(claim, Attempt::FIRST, None, ttl, Instant::now())
             .await?
         {
-            TryOutcome::Granted(granted) => Ok(self.guard(key, granted)),
-            TryOutcome::Busy(_claim) => Err(LockError::AlreadyLocked),
+            TryOutcome::Granted(granted) => Ok(self.guard(key, mode, granted)),
+            TryOutcome::Busy(..) => Err(LockError::AlreadyLocked),
         }
     }
 
-    async fn acquire_waiting(&self, key: &str) -> Result<LockGuard, LockError> {
+    async fn acquire_waiting(&self, key: &str, mode: LockMode) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         let config = self.inner.config;
         config.validate()?;
         let deadline = Instant::now() + config.wait_budget();
         let advisory = self.inner.key_cache.advisory_key(key);
-        match self.wait_for_lock(key, advisory, deadline).await {
+        match self.wait_for_lock(key, advisory, mode, deadline).await {
             // The session died under a waiter that held nothing (terminated, or its connection
             // broke): nothing was lost, so wait on with a fresh session, once. A server that is
             // really gone fails that second attempt at its first statement.
@@ -451,7 +473,7 @@ impl PostgresDistributedLock {
                     key = %self.shown_key(key),
                     "lock session lost while waiting; waiting on with a new one"
                 );
-                self.wait_for_lock(key, advisory, deadline)
+                self.wait_for_lock(key, advisory, mode, deadline)
                     .await
                     .map_err(WaitError::into_lock_error)
             }
@@ -459,23 +481,20 @@ impl PostgresDistributedLock {
         }
     }
 
-    /// One wait for `key` (whose advisory key is `advisory`) until `deadline`: in this
-    /// process's queue, then on the server.
+    /// One wait for the side `mode` of `key` (whose advisory key is `advisory`) until
+    /// `deadline`: in this process's queue, then on the server.
     async fn wait_for_lock(
         &self,
         key: &str,
         advisory: i64,
+        mode: LockMode,
         deadline: Instant,
     ) -> Result<LockGuard, WaitError> {
         let config = self.inner.config;
         let ttl = config.get_ttl();
 
         // First in line among the tasks of this process.
-        let claim = match self
-            .inner
-            .claims
-            .claim_or_queue(advisory, LockMode::Exclusive)
-        {
+        let claim = match self.inner.claims.claim_or_queue(advisory, mode) {
             Claim::Claimed(claim) => claim,
             Claim::Queued(mut turn) => {
                 tracing::debug!(key = %self.shown_key(key), line = "process", "waiting for the lock");
@@ -505,12 +524,19 @@ impl PostgresDistributedLock {
         // The previous holder released while other processes waited: they were notified, so
         // let them go first instead of retaking the lock at once (fairness across processes).
         let yield_first = claim.yield_to_others();
+        let mut attempt = Attempt::FIRST;
         let mut claim = if yield_first {
             claim
         } else {
-            match session.try_lock(claim, None, ttl, Instant::now()).await? {
-                TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
-                TryOutcome::Busy(claim) => claim,
+            match session
+                .try_lock(claim, attempt, None, ttl, Instant::now())
+                .await?
+            {
+                TryOutcome::Granted(granted) => return Ok(self.guard(key, mode, granted)),
+                TryOutcome::Busy(claim, busy) => {
+                    attempt = attempt.after(busy);
+                    claim
+                }
             }
         };
         if Instant::now() >= deadline {
@@ -537,45 +563,52 @@ impl PostgresDistributedLock {
             }
         };
         let flag_sent_at = Instant::now();
-        let mut flag = Self::flag(&session, &mut claim).await?;
+        let flag = session.wait_flag(advisory);
+        let mut marked =
+            Self::mark(&session, &mut claim, &flag, wanted_marks(mode, attempt)).await?;
         // Long enough for a notified waiter elsewhere to retry (about a round trip after the
         // notification), short enough to cost little if none does.
         let head_start = (flag_sent_at.elapsed() * YIELD_ROUND_TRIPS)
             .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
             .min(config.get_retry_interval());
         let mut jitter = Jitter::new(uuid::Uuid::new_v4());
-        if yield_first && flag.is_some() {
+        if yield_first && marked.contains(Marks::FLAG) {
             let retry_at = (Instant::now() + head_start).min(deadline);
             tokio::select! {
                 () = woken.woken() => {}
                 () = tokio::time::sleep_until(retry_at) => {}
             }
         }
-        // The flag was refused because a release was in progress: retry at once, once.
-        let mut retry_now = flag.is_none();
+        // A mark was refused because a statement was checking it (a release, an attempt of the
+        // other side): retry at once, once.
+        let mut retry_now = !marked.contains(wanted_marks(mode, attempt));
         // Races lost after a notification: each one shortens this waiter's random delay.
         let mut races_lost = 0;
         loop {
             match session
-                .try_lock(claim, flag.as_ref(), ttl, Instant::now())
+                .try_lock(claim, attempt, Some(&flag), ttl, Instant::now())
                 .await
                 .map_err(WaitError::while_waiting)?
             {
-                TryOutcome::Granted(granted) => return Ok(self.guard(key, granted)),
-                TryOutcome::Busy(returned) => claim = returned,
+                TryOutcome::Granted(granted) => return Ok(self.guard(key, mode, granted)),
+                TryOutcome::Busy(returned, busy) => {
+                    claim = returned;
+                    attempt = attempt.after(busy);
+                }
             }
             if Instant::now() >= deadline {
                 return Err(LockError::Timeout.into());
             }
-            if flag.is_none() {
-                flag = Self::flag(&session, &mut claim).await?;
-                if flag.is_none() && !std::mem::replace(&mut retry_now, true) {
+            let wanted = wanted_marks(mode, attempt);
+            if !marked.contains(wanted) {
+                marked = Self::mark(&session, &mut claim, &flag, wanted).await?;
+                if !marked.contains(wanted) && !std::mem::replace(&mut retry_now, true) {
                     continue;
                 }
             }
             retry_now = false;
             // Without a flag no release notifies this process: poll.
-            let notifiable = listening && flag.is_some();
+            let notifiable = listening && marked.contains(Marks::FLAG);
             let now = Instant::now();
             let retry_at = (now + self.poll_interval(notifiable, &mut jitter)).min(deadline);
             let notified = tokio::select! {
@@ -595,19 +628,21 @@ impl PostgresDistributedLock {
         }
     }
 
-    /// Flags the claimed key as awaited (see [`SessionHandle::set_flag`]); `None` while a
-    /// release of it is in progress.
-    async fn flag(
+    /// Sets the marks `wanted` of the waiter `flag` on the claimed key (see
+    /// [`SessionHandle::set_marks`]); answers those it holds.
+    async fn mark(
         session: &SessionHandle,
         claim: &mut claims::KeyClaim,
-    ) -> Result<Option<session::WaitFlag>, WaitError> {
+        flag: &WaitFlag,
+        wanted: Marks,
+    ) -> Result<Marks, WaitError> {
         claim.asking_server();
-        let flag = session
-            .set_flag(*claim.key())
+        let marked = session
+            .set_marks(flag, wanted)
             .await
             .map_err(WaitError::while_waiting)?;
         claim.answered();
-        Ok(flag)
+        Ok(marked)
     }
 
     /// The fallback retry period while waiting for another process: `retry_interval` with
@@ -642,6 +677,17 @@ impl PostgresDistributedLock {
         validate_key(key)?;
         let advisory = self.inner.key_cache.advisory_key(key);
         self.session_for(advisory)?.is_locked(advisory).await
+    }
+}
+
+/// The marks a waiter for the side `mode` sets while it waits on the server: the waiter flag,
+/// and for a writer the writer-waiting mark, for a reader that found the key held
+/// exclusively the readers' turn mark.
+fn wanted_marks(mode: LockMode, attempt: Attempt) -> Marks {
+    match mode {
+        LockMode::Exclusive => Marks::FLAG | Marks::WRITER_WAITING,
+        LockMode::Shared if attempt.heed_waiting_writers => Marks::FLAG,
+        LockMode::Shared => Marks::FLAG | Marks::READERS_TURN,
     }
 }
 
@@ -702,7 +748,7 @@ impl DistributedLock for PostgresDistributedLock {
             key,
             Mode::Try,
             LockMode::Exclusive,
-            self.try_acquire_once(key),
+            self.try_acquire_once(key, LockMode::Exclusive),
         )
     }
 
@@ -714,7 +760,7 @@ impl DistributedLock for PostgresDistributedLock {
             key,
             Mode::Wait,
             LockMode::Exclusive,
-            self.acquire_waiting(key),
+            self.acquire_waiting(key, LockMode::Exclusive),
         )
     }
 
@@ -728,6 +774,38 @@ impl DistributedLock for PostgresDistributedLock {
 
     fn key_visibility(&self) -> crate::KeyVisibility {
         self.config().get_trace_keys()
+    }
+}
+
+impl DistributedRwLock for PostgresDistributedLock {
+    fn try_acquire_shared(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        let keys = self.config().get_trace_keys();
+        observe_acquire(
+            "postgres",
+            keys,
+            key,
+            Mode::Try,
+            LockMode::Shared,
+            self.try_acquire_once(key, LockMode::Shared),
+        )
+    }
+
+    fn acquire_shared(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        let keys = self.config().get_trace_keys();
+        observe_acquire(
+            "postgres",
+            keys,
+            key,
+            Mode::Wait,
+            LockMode::Shared,
+            self.acquire_waiting(key, LockMode::Shared),
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 //! Wake-ups for waiters whose key is held by another process: one `LISTEN` connection per lock
-//! service, fanning `pg_notify` payloads (advisory keys) out to the local waiter of that key.
+//! service, fanning `pg_notify` payloads (advisory keys) out to the local waiters of that key
+//! (one exclusive waiter, or every shared one waiting on the server at once).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,7 +16,7 @@ use crate::LockError;
 /// Who waits for which key, shared by the listener task and the waiters.
 #[derive(Default)]
 pub(super) struct WakeHub {
-    waiters: Mutex<HashMap<i64, (Arc<Notify>, usize)>>,
+    waiters: Mutex<HashMap<i64, Vec<Arc<Notify>>>>,
 }
 
 /// A waiter's registration for one key. Dropping it unregisters.
@@ -28,33 +29,35 @@ pub(super) struct Subscription {
 impl WakeHub {
     /// Registers interest in `key`. A wake-up that arrives before the waiter waits is kept.
     pub(super) fn subscribe(self: &Arc<Self>, key: i64) -> Subscription {
-        let mut waiters = self.lock();
-        let (notify, count) = waiters
+        let notify = Arc::new(Notify::new());
+        self.lock()
             .entry(key)
-            .or_insert_with(|| (Arc::new(Notify::new()), 0));
-        *count += 1;
+            .or_default()
+            .push(Arc::clone(&notify));
         Subscription {
             hub: Arc::clone(self),
             key,
-            notify: Arc::clone(notify),
+            notify,
         }
     }
 
-    /// Wakes the waiter of `key`, if there is one.
+    /// Wakes every waiter of `key`.
     pub(super) fn wake(&self, key: i64) {
-        if let Some((notify, _)) = self.lock().get(&key) {
-            notify.notify_one();
+        if let Some(waiters) = self.lock().get(&key) {
+            for notify in waiters {
+                notify.notify_one();
+            }
         }
     }
 
     /// Wakes every waiter (after the listener lost its connection and may have missed some).
     pub(super) fn wake_all(&self) {
-        for (notify, _) in self.lock().values() {
+        for notify in self.lock().values().flatten() {
             notify.notify_one();
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (Arc<Notify>, usize)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<Arc<Notify>>>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -69,9 +72,9 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut waiters = self.hub.lock();
-        if let Some((_, count)) = waiters.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(of_key) = waiters.get_mut(&self.key) {
+            of_key.retain(|notify| !Arc::ptr_eq(notify, &self.notify));
+            if of_key.is_empty() {
                 waiters.remove(&self.key);
             }
         }

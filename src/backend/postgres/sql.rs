@@ -75,11 +75,22 @@ impl SequenceName {
 
 /// The waiter flag's two `int4` halves of the advisory key `$1`, computed by the server so
 /// that the hot statements bind one parameter: the same values as
-/// [`flag_key`](super::key_hash::flag_key) (the high 32 bits and the low 32 bits, each read as
+/// `key_hash::flag_key` (the high 32 bits and the low 32 bits, each read as
 /// a signed 32-bit integer; PostgreSQL's `>>` on `bigint` is arithmetic).
 const FLAG_HIGH: &str = "($1 >> 32)::int4";
 /// See [`FLAG_HIGH`].
 const FLAG_LOW: &str = "(($1 << 32) >> 32)::int4";
+/// The writer-waiting mark's halves: those of `~$1` (the advisory key's bits inverted), the
+/// same values as `key_hash::writer_mark_key`.
+const WRITER_HIGH: &str = "((~$1) >> 32)::int4";
+/// See [`WRITER_HIGH`].
+const WRITER_LOW: &str = "(((~$1) << 32) >> 32)::int4";
+/// The readers'-turn mark's halves: those of `$1 # 6148914691236517205` (the advisory key
+/// XOR `0x5555_5555_5555_5555`), the same values as
+/// `key_hash::readers_mark_key`.
+const READERS_HIGH: &str = "(($1 # 6148914691236517205) >> 32)::int4";
+/// See [`READERS_HIGH`].
+const READERS_LOW: &str = "((($1 # 6148914691236517205) << 32) >> 32)::int4";
 
 /// Every statement of one lock service, built once.
 #[derive(Debug)]
@@ -88,14 +99,26 @@ pub(super) struct Statements {
     pub(super) sequence: String,
     /// Whether the sequence is [`DEFAULT_SEQUENCE`].
     pub(super) default_sequence: bool,
-    /// `$1` advisory key → the fencing token if the lock was taken, else NULL.
+    /// `$1` advisory key → the fencing token if the exclusive lock was taken, else NULL.
+    /// Takes nothing while some session holds the key's readers'-turn mark (see
+    /// [`READERS_HIGH`]): readers that waited through a writer go in before the next writer.
     pub(super) try_lock: String,
-    /// Like `try_lock`, and on success also drops this session's waiter flag (the halves of
-    /// `$1`, see [`FLAG_HIGH`]) in the same statement.
+    /// Like `try_lock`, and on success also drops, in the same statement, this session's
+    /// waiter flag (the halves of `$1`, see [`FLAG_HIGH`]) if `$2`, and its writer-waiting
+    /// mark (see [`WRITER_HIGH`]) if `$3` → (token, flag dropped, mark dropped).
     pub(super) try_lock_unflag: String,
+    /// `$1` advisory key, `$2` heed the writer-waiting mark, `$3` drop the waiter flag, `$4`
+    /// drop the readers'-turn mark on success → (no writer waits, the fencing token if the
+    /// shared lock was taken, a writer holds the key, flag dropped, mark dropped). With `$2`,
+    /// takes nothing while some session holds the writer-waiting mark (the first column is then
+    /// false, and the third says whether a writer holds the key meanwhile); a NULL token with
+    /// the first column true means an exclusive holder has the key.
+    pub(super) try_lock_shared: String,
     /// `$1` key → (released, notified). Notifies [`NOTIFY_CHANNEL`] with the key in decimal
     /// when some session holds the key's waiter flag (the halves of `$1`, see [`FLAG_HIGH`]).
     pub(super) unlock: String,
+    /// Like `unlock`, for one shared hold of the key.
+    pub(super) unlock_shared: String,
     /// `$1` advisory key → (the fencing epoch is current, the fencing token if the lock was
     /// taken, else NULL), run on the caller's own transaction: `pg_try_advisory_xact_lock` on
     /// the same advisory key as [`try_lock`](Self::try_lock), released when that transaction
@@ -103,10 +126,13 @@ pub(super) struct Statements {
     /// session since a crash has not moved the sequence on yet), so a token is never drawn
     /// from a sequence that a crash may have taken back.
     pub(super) transaction_try_lock: String,
-    /// `$1`/`$2` flag halves.
-    pub(super) set_flag: &'static str,
-    /// `$1`/`$2` flag halves.
-    pub(super) clear_flag: &'static str,
+    /// `$1` advisory key; takes (shared) the waiter flag if `$2`, the writer-waiting mark if
+    /// `$3`, the readers'-turn mark if `$4` → for each, whether it was taken (NULL if not
+    /// asked). A try: each is refused only for the length of a statement that checks it.
+    pub(super) set_marks: String,
+    /// `$1` advisory key; drops (one shared hold of) the waiter flag if `$2`, the
+    /// writer-waiting mark if `$3`, the readers'-turn mark if `$4`.
+    pub(super) clear_marks: String,
     /// `$1`/`$2` `pg_locks` halves → whether any session holds the key.
     pub(super) is_locked: &'static str,
     /// A round trip that proves the session is alive.
@@ -145,14 +171,33 @@ impl Statements {
         Statements {
             sequence: sequence.quoted().to_owned(),
             default_sequence: *sequence == SequenceName::parse(DEFAULT_SEQUENCE).expect("valid"),
+            // CASE, not AND: its branches are evaluated in order, so nothing is locked while
+            // the readers' turn mark is held.
             try_lock: format!(
-                "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END"
+                "SELECT CASE WHEN NOT pg_try_advisory_xact_lock({READERS_HIGH}, {READERS_LOW}) \
+                 THEN NULL WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END"
             ),
             try_lock_unflag: format!(
-                "SELECT t.token, CASE WHEN t.token IS NOT NULL \
-                 THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END \
-                 FROM (SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END AS token \
+                "SELECT t.token, \
+                 CASE WHEN t.token IS NOT NULL AND $2 \
+                 THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END, \
+                 CASE WHEN t.token IS NOT NULL AND $3 \
+                 THEN pg_advisory_unlock_shared({WRITER_HIGH}, {WRITER_LOW}) END \
+                 FROM (SELECT CASE WHEN NOT pg_try_advisory_xact_lock({READERS_HIGH}, {READERS_LOW}) \
+                 THEN NULL WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END AS token \
                  OFFSET 0) AS t"
+            ),
+            try_lock_shared: format!(
+                "SELECT t.writer_free, t.token, \
+                 CASE WHEN t.writer_free THEN false ELSE NOT pg_try_advisory_xact_lock_shared($1) END, \
+                 CASE WHEN t.token IS NOT NULL AND $3 \
+                 THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END, \
+                 CASE WHEN t.token IS NOT NULL AND $4 \
+                 THEN pg_advisory_unlock_shared({READERS_HIGH}, {READERS_LOW}) END \
+                 FROM (SELECT w.free AS writer_free, CASE WHEN NOT w.free THEN NULL \
+                 WHEN pg_try_advisory_lock_shared($1) THEN nextval('{seq}') END AS token \
+                 FROM (SELECT CASE WHEN $2 THEN pg_try_advisory_xact_lock({WRITER_HIGH}, {WRITER_LOW}) \
+                 ELSE true END AS free OFFSET 0) AS w OFFSET 0) AS t"
             ),
             // CASE, not AND: its branches are evaluated in order, so a missing epoch row takes
             // no lock and draws no token.
@@ -175,10 +220,24 @@ impl Statements {
                  ELSE (set_config('synchronous_commit', 'off', true) \
                  || pg_notify('{NOTIFY_CHANNEL}', $1::text)::text) IS NOT NULL END"
             ),
-            // A try: the flag is held exclusively only by a release in progress (for the length of
-            // its statement), and nothing ever waits inside the server.
-            set_flag: "SELECT pg_try_advisory_lock_shared($1, $2)",
-            clear_flag: "SELECT pg_advisory_unlock_shared($1, $2)",
+            unlock_shared: format!(
+                "SELECT pg_advisory_unlock_shared($1), \
+                 CASE WHEN pg_try_advisory_xact_lock({FLAG_HIGH}, {FLAG_LOW}) THEN false \
+                 ELSE (set_config('synchronous_commit', 'off', true) \
+                 || pg_notify('{NOTIFY_CHANNEL}', $1::text)::text) IS NOT NULL END"
+            ),
+            // Tries: the flag and the marks are held exclusively only by a statement that checks
+            // them (for its length), and nothing ever waits inside the server.
+            set_marks: format!(
+                "SELECT CASE WHEN $2 THEN pg_try_advisory_lock_shared({FLAG_HIGH}, {FLAG_LOW}) END, \
+                 CASE WHEN $3 THEN pg_try_advisory_lock_shared({WRITER_HIGH}, {WRITER_LOW}) END, \
+                 CASE WHEN $4 THEN pg_try_advisory_lock_shared({READERS_HIGH}, {READERS_LOW}) END"
+            ),
+            clear_marks: format!(
+                "SELECT CASE WHEN $2 THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END, \
+                 CASE WHEN $3 THEN pg_advisory_unlock_shared({WRITER_HIGH}, {WRITER_LOW}) END, \
+                 CASE WHEN $4 THEN pg_advisory_unlock_shared({READERS_HIGH}, {READERS_LOW}) END"
+            ),
             is_locked: "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
                         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                         AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
@@ -243,9 +302,11 @@ mod tests {
             ("epoch_check", sql.epoch_check.as_str()),
             ("try_lock", &sql.try_lock),
             ("unlock", &sql.unlock),
-            ("set_flag", sql.set_flag),
+            ("set_marks", &sql.set_marks),
             ("try_lock_unflag", &sql.try_lock_unflag),
-            ("clear_flag", sql.clear_flag),
+            ("clear_marks", &sql.clear_marks),
+            ("try_lock_shared", &sql.try_lock_shared),
+            ("unlock_shared", &sql.unlock_shared),
             ("is_locked", sql.is_locked),
             ("transaction_try_lock", &sql.transaction_try_lock),
         ] {

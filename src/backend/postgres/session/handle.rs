@@ -1,8 +1,8 @@
 //! The callers' side of a lock session: the command channel, and the links a guard or a waiter
 //! keeps to what the session holds for it.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +12,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::super::claims::KeyClaim;
-use super::super::key_hash::AdvisoryKeyMap;
+use super::super::key_hash::{AdvisoryKeyHashing, AdvisoryKeyMap};
 use super::super::sql::Statements;
 use super::super::timing::SessionSettings;
+use super::super::wait_marks::Marks;
 use super::Session;
 use crate::lease::ConnectionBound;
 use crate::{Lease, LockError};
@@ -29,8 +30,41 @@ pub(crate) struct Granted {
 /// What a lock attempt found.
 pub(crate) enum TryOutcome {
     Granted(Granted),
-    /// Another session holds the key. The caller keeps its claim, to try again.
-    Busy(KeyClaim),
+    /// The key is not to be had now. The caller keeps its claim, to try again.
+    Busy(KeyClaim, Busy),
+}
+
+/// Why a lock attempt took nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Busy {
+    /// Another session holds the key (exclusively, for a shared attempt), or, for an exclusive
+    /// attempt, readers that waited through a writer are about to go in.
+    Held,
+    /// A shared attempt that heeds waiting writers found one waiting.
+    WriterWaiting,
+}
+
+/// How a lock attempt goes about the key, beyond its claim's mode.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Attempt {
+    /// A shared attempt takes nothing while a writer waits (see [`Busy::WriterWaiting`]). False
+    /// for a shared caller that has found the key held exclusively: it waited through that
+    /// writer and goes in before the next one.
+    pub(crate) heed_waiting_writers: bool,
+}
+
+impl Attempt {
+    /// A caller's first attempt.
+    pub(crate) const FIRST: Attempt = Attempt {
+        heed_waiting_writers: true,
+    };
+
+    /// The next attempt after one that found the key `busy`.
+    pub(crate) fn after(self, busy: Busy) -> Attempt {
+        Attempt {
+            heed_waiting_writers: self.heed_waiting_writers && busy != Busy::Held,
+        }
+    }
 }
 
 /// The caller's side of a session: sends commands to its task and waits for the replies.
@@ -50,10 +84,9 @@ impl SessionHandle {
             sender: sender.downgrade(),
             commands,
             connection: None,
-            held: AdvisoryKeyMap::default(),
+            held: HashMap::with_hasher(AdvisoryKeyHashing::default()),
             expiries: BTreeSet::new(),
             flags: AdvisoryKeyMap::default(),
-            next_flag_id: 0,
             last_used: Instant::now(),
             idle_since: Instant::now(),
             lost_since_open: false,
@@ -68,25 +101,45 @@ impl SessionHandle {
         !self.sender.is_closed()
     }
 
-    /// Tries to take the claimed key on this session, with a lease of `ttl` from `sent_at`.
-    /// With `flag`, a successful attempt also drops that waiter flag.
+    /// Tries to take the claimed key, on the side its claim has, on this session, with a
+    /// lease of `ttl` from `sent_at`. With `flag`, a successful attempt also drops the marks
+    /// that waiter holds.
     pub(crate) async fn try_lock(
         &self,
         mut claim: KeyClaim,
+        attempt: Attempt,
         flag: Option<&WaitFlag>,
         ttl: Duration,
         sent_at: Instant,
     ) -> Result<TryOutcome, LockError> {
         claim.asking_server();
         let flag = flag.map(|flag| flag.id);
-        self.ask(|reply| Command::TryLock(claim, flag, ttl, sent_at, reply))
+        self.ask(|reply| Command::TryLock(claim, attempt, flag, ttl, sent_at, reply))
             .await
     }
 
-    /// Marks the key as awaited by this process, so that releases elsewhere `pg_notify` it.
-    /// `None` if a release of the key was in progress (the key is likely free: try again).
-    pub(crate) async fn set_flag(&self, key: i64) -> Result<Option<WaitFlag>, LockError> {
-        self.ask(|reply| Command::SetFlag(key, reply)).await
+    /// A waiter's link to the marks it will set on `key` (none yet). Dropping it drops them.
+    pub(crate) fn wait_flag(&self, key: i64) -> WaitFlag {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        WaitFlag {
+            sender: self.sender.clone(),
+            key,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Sets `wanted` for the waiter `flag` (see [`super::super::wait_marks`]): the waiter flag
+    /// has releases elsewhere `pg_notify` the key. Returns the marks the waiter now holds; one
+    /// missing was refused because a statement was checking it at that moment (a release, or
+    /// a lock attempt of the other side): try again.
+    pub(crate) async fn set_marks(
+        &self,
+        flag: &WaitFlag,
+        wanted: Marks,
+    ) -> Result<Marks, LockError> {
+        let (key, id) = (flag.key, flag.id);
+        self.ask(|reply| Command::SetMarks(key, id, wanted, reply))
+            .await
     }
 
     /// Whether any session (of any process) holds the key.
@@ -162,21 +215,19 @@ impl Drop for HeldLockRef {
     }
 }
 
-/// "A task of this process waits for this key": a shared advisory lock in the two-integer key
-/// space, which a release elsewhere tests to decide whether to `pg_notify`. Dropping it clears
-/// the flag.
+/// "A task of this process waits for this key": its link to the marks it set on the server
+/// (the waiter flag, which a release elsewhere tests to decide whether to `pg_notify`, and the
+/// writer-waiting or readers' turn mark). Dropping it drops the marks that no other waiter of
+/// this session holds.
 pub(crate) struct WaitFlag {
-    pub(super) sender: mpsc::UnboundedSender<Command>,
-    pub(super) key: i64,
-    pub(super) id: u64,
-    pub(super) armed: bool,
+    sender: mpsc::UnboundedSender<Command>,
+    key: i64,
+    id: u64,
 }
 
 impl Drop for WaitFlag {
     fn drop(&mut self) {
-        if self.armed {
-            let _ = self.sender.send(Command::ClearFlag(self.key, self.id));
-        }
+        let _ = self.sender.send(Command::ClearFlag(self.key, self.id));
     }
 }
 
@@ -186,9 +237,17 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, LockError>>;
 /// What a caller asks of the session. Keys are advisory keys, `Uuid`s a hold's id, `u64`s a
 /// waiter flag's id, `Instant`s when the caller sent the command (a lease counts from then).
 pub(super) enum Command {
-    /// Claim, the caller's waiter flag to drop on success, TTL, send time.
-    TryLock(KeyClaim, Option<u64>, Duration, Instant, Reply<TryOutcome>),
-    SetFlag(i64, Reply<Option<WaitFlag>>),
+    /// Claim, how to try, the caller's waiter flag to drop on success, TTL, send time.
+    TryLock(
+        KeyClaim,
+        Attempt,
+        Option<u64>,
+        Duration,
+        Instant,
+        Reply<TryOutcome>,
+    ),
+    /// The marks a waiter wants.
+    SetMarks(i64, u64, Marks, Reply<Marks>),
     ClearFlag(i64, u64),
     /// No reply for a guard dropped without releasing.
     Release(i64, Uuid, Option<Reply<()>>),

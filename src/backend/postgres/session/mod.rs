@@ -20,7 +20,7 @@
 
 mod handle;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,21 +31,26 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+pub(super) use self::handle::{
+    Attempt, Busy, Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag,
+};
 use self::handle::{Command, Reply};
-pub(super) use self::handle::{Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag};
 use super::claims::KeyClaim;
-use super::key_hash::{flag_key, pg_locks_halves, AdvisoryKeyMap};
+use super::key_hash::{pg_locks_halves, AdvisoryKeyHashing, AdvisoryKeyMap};
 use super::setup::{open_session, SessionConnection};
 use super::sql::Statements;
 use super::statement_errors::is_statement_error;
 use super::timing::SessionSettings;
+use super::wait_marks::Marks;
 use crate::lease::ConnectionBound;
-use crate::{Lease, LockError};
+use crate::{Lease, LockError, LockMode};
 
-/// A lock this session holds for a guard.
+/// A lock this session holds for a guard (its id is the key of [`Session::held`]).
 struct Held {
-    id: Uuid,
-    /// Keeps other tasks of this process off the key until the server lock is gone.
+    /// The advisory key.
+    key: i64,
+    /// Keeps other tasks of this process off the key (or, shared, off its exclusive side)
+    /// until the server lock is gone; its mode says how to unlock.
     claim: KeyClaim,
     lease: Arc<Lease>,
     /// The entry in `expiries`: the lease's own deadline (the connection bound is watched
@@ -71,14 +76,24 @@ impl Failure {
     }
 }
 
+/// What a lock statement answered.
+enum Locked {
+    /// The fencing token if it took the lock, else `None`; the marks it dropped.
+    Token(Option<i64>, Marks),
+    /// A shared attempt that heeds waiting writers found one waiting; nothing taken.
+    WriterWaiting,
+}
+
 /// The bound parameters of a statement.
 #[derive(Clone, Copy)]
 enum Args {
     None,
     /// An advisory key.
     Key(i64),
-    /// The two halves of a waiter flag's key.
-    Flag(i32, i32),
+    /// An advisory key and two switches.
+    KeyAnd2(i64, bool, bool),
+    /// An advisory key and three switches.
+    KeyAnd3(i64, bool, bool, bool),
     /// The halves of an advisory key as `pg_locks` shows them (`classid`, `objid`).
     Oids(i64, i64),
 }
@@ -91,12 +106,14 @@ struct Session {
     sender: mpsc::WeakUnboundedSender<Command>,
     commands: mpsc::UnboundedReceiver<Command>,
     connection: Option<SessionConnection>,
-    held: AdvisoryKeyMap<Held>,
+    /// By hold id: a key has one exclusive hold, or any number of shared ones (the server
+    /// counts a session's shared locks of one key).
+    held: HashMap<Uuid, Held, AdvisoryKeyHashing>,
     /// Lease deadlines of `held`, earliest first.
-    expiries: BTreeSet<(Instant, i64)>,
-    /// Waiter flags set on the server, by key: the ids of the local waiters that asked.
-    flags: AdvisoryKeyMap<HashSet<u64>>,
-    next_flag_id: u64,
+    expiries: BTreeSet<(Instant, Uuid)>,
+    /// The waiters' marks, by key, then by waiter: the session holds a mark of a key on the
+    /// server (once) while any of its waiters has it.
+    flags: AdvisoryKeyMap<HashMap<u64, Marks>>,
     /// Last statement sent, for pings.
     last_used: Instant,
     /// Since when the session holds nothing (no lock, no waiter flag), for closing an unused
@@ -177,12 +194,12 @@ impl Session {
             ));
             return;
         }
-        while let Some(&(at, key)) = self.expiries.first().filter(|&&(at, _)| at <= now) {
-            self.expiries.remove(&(at, key));
-            if let Some(held) = self.held.get(&key) {
+        while let Some(&(at, id)) = self.expiries.first().filter(|&&(at, _)| at <= now) {
+            self.expiries.remove(&(at, id));
+            if let Some(held) = self.held.get(&id) {
                 held.lease.mark_lost();
-                tracing::debug!(advisory_key = key, "lease ran out; unlocking");
-                let _ = self.unlock_held(key).await;
+                tracing::debug!(advisory_key = held.key, "lease ran out; unlocking");
+                let _ = self.unlock_held(id).await;
             }
         }
         if self.connection.is_none() {
@@ -205,10 +222,13 @@ impl Session {
 
     async fn handle(&mut self, command: Command) {
         match command {
-            Command::TryLock(claim, flag, ttl, sent_at, reply) => {
-                self.try_lock(claim, flag, ttl, sent_at, reply).await;
+            Command::TryLock(claim, attempt, flag, ttl, sent_at, reply) => {
+                self.try_lock(claim, attempt, flag, ttl, sent_at, reply)
+                    .await;
             }
-            Command::SetFlag(key, reply) => self.set_flag(key, reply).await,
+            Command::SetMarks(key, id, wanted, reply) => {
+                self.set_marks(key, id, wanted, reply).await;
+            }
             Command::ClearFlag(key, id) => self.clear_flag(key, id).await,
             Command::Release(key, id, reply) => {
                 let result = self.release(key, id).await;
@@ -234,6 +254,7 @@ impl Session {
     async fn try_lock(
         &mut self,
         mut claim: KeyClaim,
+        attempt: Attempt,
         flag: Option<u64>,
         ttl: Duration,
         sent_at: Instant,
@@ -245,23 +266,25 @@ impl Session {
             return;
         }
         let key = *claim.key();
-        // Drop the server flag in the same statement only if this waiter is its last user.
-        let last_waiter =
-            |ids: &HashSet<u64>| ids.len() == 1 && flag.is_some_and(|id| ids.contains(&id));
-        let sql: fn(&Statements) -> &str = if self.flags.get(&key).is_some_and(last_waiter) {
-            |sql| &sql.try_lock_unflag
-        } else {
-            |sql| &sql.try_lock
-        };
+        let mode = claim.mode();
+        // The marks the statement drops if it takes the lock: those of this waiter that no
+        // other waiter of this session holds.
+        let to_drop = flag.map_or(Marks::NONE, |id| self.marks_only_of(key, id));
         // The fencing sequence was created (if missing) when the connection opened; if it has
         // been dropped since, this fails rather than silently restarting the tokens from 1.
-        let token = match self.query::<(Option<i64>,)>(sql, Args::Key(key)).await {
-            Ok((token,)) => token,
+        let answer = self.lock_statement(key, mode, attempt, to_drop).await;
+        let (token, dropped) = match answer {
+            Ok(Locked::Token(token, dropped)) => (token, dropped),
+            Ok(Locked::WriterWaiting) => {
+                claim.answered();
+                let _ = reply.send(Ok(TryOutcome::Busy(claim, Busy::WriterWaiting)));
+                return;
+            }
             // The claim passes on with the answer still owed (see `ClaimTable::overdue`).
             Err(failure) => {
                 if let Failure::Statement(_) = &failure {
                     // A session lock taken before the error would survive it.
-                    self.force_unlock(key).await;
+                    self.force_unlock(key, mode).await;
                 }
                 // Let go of the key before answering, so that the caller's next attempt finds
                 // it free in this process.
@@ -272,27 +295,29 @@ impl Session {
         };
         claim.answered();
         let Some(token) = token else {
-            let _ = reply.send(Ok(TryOutcome::Busy(claim)));
+            let _ = reply.send(Ok(TryOutcome::Busy(claim, Busy::Held)));
             return;
         };
         if let Some(id) = flag {
-            // The statement dropped the server flag iff this was its last waiter.
-            self.forget_flag(key, id);
+            // The statement dropped the marks this waiter alone held, as far as it could.
+            let left = self.forget_flag(key, id) - dropped;
+            if !left.is_empty() {
+                self.clear_marks(key, left).await;
+            }
         }
         let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
         let (id, expires_at) = (Uuid::new_v4(), lease.term_deadline());
-        self.expiries.insert((expires_at, key));
+        self.expiries.insert((expires_at, id));
         let held = Held {
-            id,
+            key,
             claim,
             lease: Arc::clone(&lease),
             expires_at,
         };
-        let previous = self.held.insert(key, held);
-        debug_assert!(previous.is_none(), "a claim is exclusive per key");
+        self.held.insert(id, held);
         let Some(sender) = self.sender.upgrade() else {
             // Nobody can release it any more: do it now.
-            let _ = self.unlock_held(key).await;
+            let _ = self.unlock_held(id).await;
             return;
         };
         let granted = Granted {
@@ -313,19 +338,71 @@ impl Session {
                 advisory_key = key,
                 "acquire cancelled as the lock was granted; unlocking"
             );
-            let _ = self.unlock_held(key).await;
+            let _ = self.unlock_held(id).await;
+        }
+    }
+
+    /// Runs the statement that tries `key` on the side `mode`, dropping the marks `to_drop`
+    /// (as far as that side's statement can) if it takes the lock.
+    async fn lock_statement(
+        &mut self,
+        key: i64,
+        mode: LockMode,
+        attempt: Attempt,
+        to_drop: Marks,
+    ) -> Result<Locked, Failure> {
+        match mode {
+            LockMode::Exclusive => {
+                let to_drop = to_drop - Marks::READERS_TURN;
+                if to_drop.is_empty() {
+                    let (token,) = self
+                        .query::<(Option<i64>,)>(|sql| &sql.try_lock, Args::Key(key))
+                        .await?;
+                    return Ok(Locked::Token(token, Marks::NONE));
+                }
+                let (flag, writer, _) = to_drop.as_params();
+                let (token, flag, writer) = self
+                    .query::<(Option<i64>, Option<bool>, Option<bool>)>(
+                        |sql| &sql.try_lock_unflag,
+                        Args::KeyAnd2(key, flag, writer),
+                    )
+                    .await?;
+                Ok(Locked::Token(
+                    token,
+                    Marks::from_answers((flag, writer, None)),
+                ))
+            }
+            LockMode::Shared => {
+                let (flag, _, readers) = (to_drop - Marks::WRITER_WAITING).as_params();
+                let (writer_free, token, writer_holds, flag, readers) = self
+                    .query::<(bool, Option<i64>, bool, Option<bool>, Option<bool>)>(
+                        |sql| &sql.try_lock_shared,
+                        Args::KeyAnd3(key, attempt.heed_waiting_writers, flag, readers),
+                    )
+                    .await?;
+                // Refused for a waiting writer while another writer holds the key: this caller
+                // waits through that writer's hold (goes in before the waiting one), as if the
+                // key had been found held.
+                if !writer_free && !writer_holds {
+                    return Ok(Locked::WriterWaiting);
+                }
+                Ok(Locked::Token(
+                    token,
+                    Marks::from_answers((flag, None, readers)),
+                ))
+            }
         }
     }
 
     /// The hold `id` on `key`, or `LockLost` if it is gone.
     fn hold(&mut self, key: i64, id: Uuid) -> Result<&mut Held, LockError> {
-        let held = self.held.get_mut(&key).filter(|held| held.id == id);
+        let held = self.held.get_mut(&id).filter(|held| held.key == key);
         held.ok_or(LockError::LockLost)
     }
 
     async fn release(&mut self, key: i64, id: Uuid) -> Result<(), LockError> {
         let expired = self.hold(key, id)?.lease.is_lost();
-        let result = self.unlock_held(key).await;
+        let result = self.unlock_held(id).await;
         if expired {
             Err(LockError::LockLost)
         } else {
@@ -341,7 +418,7 @@ impl Session {
         sent_at: Instant,
     ) -> Result<(), LockError> {
         if self.hold(key, id)?.lease.is_lost() {
-            let _ = self.unlock_held(key).await;
+            let _ = self.unlock_held(id).await;
             return Err(LockError::LockLost);
         }
         // A live connection still holds every lock it took: proving it alive proves the lock.
@@ -354,83 +431,124 @@ impl Session {
         held.lease.renew(sent_at, ttl);
         let (scheduled, expires_at) = (held.expires_at, held.lease.term_deadline());
         held.expires_at = expires_at;
-        self.expiries.remove(&(scheduled, key));
-        self.expiries.insert((expires_at, key));
+        self.expiries.remove(&(scheduled, id));
+        self.expiries.insert((expires_at, id));
         Ok(())
     }
 
-    async fn set_flag(&mut self, key: i64, reply: Reply<Option<WaitFlag>>) {
+    /// Sets the marks `wanted` for waiter `id` of `key`: on the server, those that no waiter
+    /// of this session holds yet. Answers the marks the waiter now holds.
+    async fn set_marks(&mut self, key: i64, id: u64, wanted: Marks, reply: Reply<Marks>) {
         if reply.is_closed() {
             return;
         }
-        let Some(sender) = self.sender.upgrade() else {
-            return;
-        };
-        if !self.flags.contains_key(&key) {
-            let (high, low) = flag_key(key);
-            let set = self.query(|sql| sql.set_flag, Args::Flag(high, low)).await;
-            // Not set: a release of the key holds the flag for its statement.
-            if !matches!(set, Ok((true,))) {
-                let _ = reply.send(set.map(|_| None).map_err(Failure::into_error));
-                return;
+        let held = self.server_marks(key);
+        let mut got = wanted & held;
+        let needed = wanted - held;
+        if !needed.is_empty() {
+            let (flag, writer, readers) = needed.as_params();
+            let set = self
+                .query::<(Option<bool>, Option<bool>, Option<bool>)>(
+                    |sql| &sql.set_marks,
+                    Args::KeyAnd3(key, flag, writer, readers),
+                )
+                .await;
+            match set {
+                // A mark not set: a statement that checks it holds it for its length.
+                Ok(answers) => got = got | Marks::from_answers(answers),
+                Err(failure) => {
+                    let _ = reply.send(Err(failure.into_error()));
+                    return;
+                }
             }
         }
-        let id = self.next_flag_id;
-        self.next_flag_id += 1;
-        self.flags.entry(key).or_default().insert(id);
-        let flag = WaitFlag {
-            sender,
-            key,
-            id,
-            armed: true,
-        };
-        if let Err(Ok(Some(mut unwanted))) = reply.send(Ok(Some(flag))) {
-            unwanted.armed = false;
-            self.clear_flag(key, id).await;
-        }
+        let marks = self.flags.entry(key).or_default().entry(id).or_default();
+        *marks = *marks | got;
+        // A caller gone by now dropped its `WaitFlag`, whose `ClearFlag` comes next.
+        let _ = reply.send(Ok(*marks));
     }
 
     async fn clear_flag(&mut self, key: i64, id: u64) {
-        if !self.forget_flag(key, id) {
-            return;
+        let unused = self.forget_flag(key, id);
+        if !unused.is_empty() {
+            self.clear_marks(key, unused).await;
         }
-        let (high, low) = flag_key(key);
+    }
+
+    /// Drops `marks` of `key` on the server.
+    async fn clear_marks(&mut self, key: i64, marks: Marks) {
+        let (flag, writer, readers) = marks.as_params();
         let result = self
-            .query::<(bool,)>(|sql| sql.clear_flag, Args::Flag(high, low))
+            .query::<(Option<bool>, Option<bool>, Option<bool>)>(
+                |sql| &sql.clear_marks,
+                Args::KeyAnd3(key, flag, writer, readers),
+            )
             .await;
         if let Err(Failure::Statement(error)) = result {
-            // A stale flag only costs other processes a needless notification; closing the
-            // session to drop it would cost every lock on it.
+            // A stale flag only costs other processes a needless notification, a stale mark
+            // a wait until their next retry; closing the session to drop it would cost every
+            // lock on it.
             tracing::warn!(
                 error = &error as &dyn std::error::Error,
                 advisory_key = key,
-                "could not clear a lock waiter flag"
+                "could not clear a lock waiter's marks"
             );
         }
     }
 
-    /// Forgets waiter `id` of `key`; true if it was the last, so the server flag is to go.
-    fn forget_flag(&mut self, key: i64, id: u64) -> bool {
-        let Some(ids) = self.flags.get_mut(&key) else {
-            return false;
-        };
-        if !ids.remove(&id) || !ids.is_empty() {
-            return false;
-        }
-        self.flags.remove(&key);
-        self.note_if_idle();
-        true
+    /// The marks of `key` this session holds on the server: those of any of its waiters.
+    fn server_marks(&self, key: i64) -> Marks {
+        self.flags.get(&key).map_or(Marks::NONE, |waiters| {
+            waiters
+                .values()
+                .fold(Marks::NONE, |all, &marks| all | marks)
+        })
     }
 
-    /// Unlocks a held key (notifying other processes' waiters), removes it from the session
+    /// The marks of waiter `id` of `key` that no other waiter of this session holds.
+    fn marks_only_of(&self, key: i64, id: u64) -> Marks {
+        let Some(waiters) = self.flags.get(&key) else {
+            return Marks::NONE;
+        };
+        let others = waiters
+            .iter()
+            .filter(|(&other, _)| other != id)
+            .fold(Marks::NONE, |all, (_, &marks)| all | marks);
+        waiters
+            .get(&id)
+            .map_or(Marks::NONE, |&marks| marks - others)
+    }
+
+    /// Forgets waiter `id` of `key`; returns the marks it alone held, which are to go from
+    /// the server.
+    fn forget_flag(&mut self, key: i64, id: u64) -> Marks {
+        let unused = self.marks_only_of(key, id);
+        let Some(waiters) = self.flags.get_mut(&key) else {
+            return Marks::NONE;
+        };
+        waiters.remove(&id);
+        if waiters.is_empty() {
+            self.flags.remove(&key);
+            self.note_if_idle();
+        }
+        unused
+    }
+
+    /// Unlocks the hold `id` (notifying other processes' waiters), removes it from the session
     /// and passes its claim on. On any failure the session is closed, which frees the lock too.
-    async fn unlock_held(&mut self, key: i64) -> Result<(), LockError> {
-        let result = self
-            .query::<(bool, bool)>(|sql| &sql.unlock, Args::Key(key))
-            .await;
+    async fn unlock_held(&mut self, id: Uuid) -> Result<(), LockError> {
+        let Some(held) = self.held.get(&id) else {
+            return Err(LockError::LockLost);
+        };
+        let key = held.key;
+        let sql: for<'s> fn(&'s Statements) -> &'s str = match held.claim.mode() {
+            LockMode::Exclusive => |sql| &sql.unlock,
+            LockMode::Shared => |sql| &sql.unlock_shared,
+        };
+        let result = self.query::<(bool, bool)>(sql, Args::Key(key)).await;
         match result {
             Ok((true, notified)) => {
-                if let Some(mut held) = self.held_remove(key) {
+                if let Some(mut held) = self.held_remove(id) {
                     if notified {
                         tracing::trace!(
                             advisory_key = key,
@@ -446,7 +564,7 @@ impl Session {
                     key,
                     "the server did not hold a lock this session had granted"
                 );
-                if let Some(held) = self.held_remove(key) {
+                if let Some(held) = self.held_remove(id) {
                     held.lease.mark_lost();
                 }
                 Err(LockError::LockLost)
@@ -465,18 +583,33 @@ impl Session {
         }
     }
 
-    fn held_remove(&mut self, key: i64) -> Option<Held> {
-        let held = self.held.remove(&key)?;
-        self.expiries.remove(&(held.expires_at, key));
+    fn held_remove(&mut self, id: Uuid) -> Option<Held> {
+        let held = self.held.remove(&id)?;
+        self.expiries.remove(&(held.expires_at, id));
         self.note_if_idle();
         Some(held)
     }
 
-    /// After a failed lock statement: makes sure the key is not left locked on this session.
-    async fn force_unlock(&mut self, key: i64) {
-        let result = self
-            .query::<(bool,)>(|_| "SELECT pg_advisory_unlock($1)", Args::Key(key))
-            .await;
+    /// After a failed lock statement: makes sure the key is not left locked on this session
+    /// (on the side `mode`).
+    async fn force_unlock(&mut self, key: i64, mode: LockMode) {
+        let sql: for<'s> fn(&'s Statements) -> &'s str = match mode {
+            LockMode::Exclusive => |_| "SELECT pg_advisory_unlock($1)",
+            LockMode::Shared => {
+                if self.held.values().any(|held| held.key == key) {
+                    // The server counts this session's shared locks of the key, and nothing
+                    // tells whether the failed statement took one: unlocking one could take
+                    // the lock from another holder. Closing the session frees them all, and
+                    // their guards report lost.
+                    self.lose_session(LockError::backend_msg(
+                        "a shared lock statement failed on a key this session holds shared",
+                    ));
+                    return;
+                }
+                |_| "SELECT pg_advisory_unlock_shared($1)"
+            }
+        };
+        let result = self.query::<(bool,)>(sql, Args::Key(key)).await;
         if let Err(Failure::Statement(error)) = result {
             tracing::warn!(
                 error = &error as &dyn std::error::Error,
@@ -512,7 +645,10 @@ impl Session {
         let query = match args {
             Args::None => query,
             Args::Key(key) => query.bind(key),
-            Args::Flag(high, low) => query.bind(high).bind(low),
+            Args::KeyAnd2(key, first, second) => query.bind(key).bind(first).bind(second),
+            Args::KeyAnd3(key, first, second, third) => {
+                query.bind(key).bind(first).bind(second).bind(third)
+            }
             Args::Oids(high, low) => query.bind(high).bind(low),
         };
         let timeout = self.settings.command_timeout;
