@@ -14,6 +14,11 @@
 //!   (release called → next holder's `acquire` returns), p50 and p99, with 8 tasks on one key
 //!   in one lock instance and spread over 8 instances (as 8 processes would be).
 //!
+//! * The shared side, printed: the shared cycle (`try_acquire_shared` + `release`) against the
+//!   exclusive one in alternating batches, and 8 tasks on one key of one lock service over 2 s
+//!   each, critical sections per second on the shared side against the exclusive side, with
+//!   empty sections and with 1 ms holds. `BENCH_ONLY=shared` runs only this part.
+//!
 //! Run: `cargo bench --all-features --bench postgres`
 mod support;
 
@@ -23,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use k1s0_distributed_lock::{DistributedLock, LockConfig, PostgresDistributedLock};
+use k1s0_distributed_lock::{
+    DistributedLock, DistributedRwLock, LockConfig, PostgresDistributedLock,
+};
 use sqlx::PgConnection;
 use tokio::runtime::Runtime;
 
@@ -470,10 +477,67 @@ fn report_handoff(rt: &Runtime) {
     });
 }
 
+/// The shared cycle against the exclusive one, and 8 tasks on one key on each side.
+fn report_shared_side(rt: &Runtime) {
+    let lock = rt.block_on(async {
+        PostgresDistributedLock::new(
+            pg::pool(POOL_SIZE).await,
+            LockConfig::new().wait_timeout(Duration::from_secs(60)),
+        )
+    });
+    let key = unique_key("shared-cycle");
+    let ratios = rt.block_on(async {
+        const ROUNDS: usize = 30;
+        const CYCLES: u32 = 200;
+        let mut ratios = Vec::new();
+        for _ in 0..ROUNDS {
+            let start = Instant::now();
+            for _ in 0..CYCLES {
+                backend_cycle(&lock, &key).await;
+            }
+            let exclusive = start.elapsed();
+            let start = Instant::now();
+            for _ in 0..CYCLES {
+                let guard = lock.try_acquire_shared(&key).await.unwrap();
+                guard.release().await.unwrap();
+            }
+            ratios.push(start.elapsed().as_secs_f64() / exclusive.as_secs_f64());
+        }
+        ratios
+    });
+    println!(
+        "postgres_shared alternating: shared cycle / exclusive cycle, median {:.3}x",
+        support::median(ratios)
+    );
+    for hold in [Duration::ZERO, Duration::from_millis(1)] {
+        let mut rates = Vec::new();
+        for shared in [true, false] {
+            const ROUND: u64 = 25;
+            let (mut done, mut elapsed) = (0, Duration::ZERO);
+            while elapsed < Duration::from_secs(2) {
+                elapsed += rt.block_on(support::run_eight_tasks(lock.clone(), shared, ROUND, hold));
+                done += ROUND * support::EIGHT_TASKS as u64;
+            }
+            rates.push(done as f64 / elapsed.as_secs_f64());
+        }
+        println!(
+            "postgres_shared 8 tasks, one key, holds of {hold:?}: shared {:.0} sections/s, exclusive {:.0} sections/s, {:.2}x",
+            rates[0],
+            rates[1],
+            rates[0] / rates[1]
+        );
+    }
+}
+
 fn main() {
     let rt = support::runtime();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("shared") {
+        report_shared_side(&rt);
+        return;
+    }
     let mut criterion = Criterion::default().configure_from_args();
     bench_cycle(&mut criterion, &rt);
     report_handoff(&rt);
+    report_shared_side(&rt);
     criterion.final_summary();
 }
