@@ -605,16 +605,41 @@ async fn a_writer_waiting_in_one_process_stops_new_readers_of_another<
 >(
     make_lock: impl AsyncFn(LockConfig) -> L,
 ) {
-    let (readers, writers) = (make_lock(config()).await, make_lock(config()).await);
+    a_waiting_writer_keeps_out_readers_of_another_process(make_lock, false).await;
+}
+
+/// The same with the writer waiting behind a reader of its own process. (Redis only: on
+/// PostgreSQL such a writer waits in its process, unseen by others, until its own readers are
+/// gone; see `PostgresDistributedLock`.)
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another_on_redis() {
+    a_waiting_writer_keeps_out_readers_of_another_process(common::redis_conn::rw_lock, true).await;
+}
+
+/// A reader of one process holds the key; a writer waits for it, in that process
+/// (`behind_its_own_reader`) or in a second one; readers of the process the writer is not in
+/// are then kept out, and the writer goes in before them once the reader leaves.
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+async fn a_waiting_writer_keeps_out_readers_of_another_process<L: DistributedRwLock + Clone>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+    behind_its_own_reader: bool,
+) {
+    let (first, second) = (make_lock(config()).await, make_lock(config()).await);
     let key = key("writer-first-across");
-    let reader = readers.acquire_shared(&key).await.unwrap();
+    let reader = first.acquire_shared(&key).await.unwrap();
+    let (writers, others) = if behind_its_own_reader {
+        (first, second)
+    } else {
+        (second, first)
+    };
     let writer = tokio::spawn({
         let (writers, key) = (writers.clone(), key.clone());
         async move { writers.acquire(&key).await }
     });
     assert!(
         eventually(Duration::from_secs(5), || async {
-            match readers.try_acquire_shared(&key).await {
+            match others.try_acquire_shared(&key).await {
                 Ok(guard) => {
                     guard.release().await.unwrap();
                     false
@@ -627,8 +652,8 @@ async fn a_writer_waiting_in_one_process_stops_new_readers_of_another<
         "readers of another process kept getting in past a waiting writer"
     );
     let late_reader = tokio::spawn({
-        let (readers, key) = (readers.clone(), key.clone());
-        async move { readers.acquire_shared(&key).await }
+        let (others, key) = (others.clone(), key.clone());
+        async move { others.acquire_shared(&key).await }
     });
     reader.release().await.unwrap();
     let writer = writer.await.unwrap().unwrap();
@@ -641,60 +666,6 @@ async fn a_writer_waiting_in_one_process_stops_new_readers_of_another<
     let late_reader = late_reader.await.unwrap().unwrap();
     assert!(late_reader.fencing_token() > writer_token);
     late_reader.release().await.unwrap();
-}
-
-/// A writer waits behind a reader of its own process; readers of another process are then
-/// kept out too, and the writer goes in before them. (Redis only: on PostgreSQL such a writer
-/// waits in its process, unseen by others, until its own readers are gone; see
-/// `PostgresDistributedLock`.)
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another_on_redis() {
-    a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another(
-        common::redis_conn::rw_lock,
-    )
-    .await;
-}
-
-#[cfg(feature = "redis")]
-async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another<
-    L: DistributedRwLock + Clone,
->(
-    make_lock: impl AsyncFn(LockConfig) -> L,
-) {
-    let (own, other) = (make_lock(config()).await, make_lock(config()).await);
-    let key = key("writer-behind-own-readers");
-    let reader = own.acquire_shared(&key).await.unwrap();
-    let writer = tokio::spawn({
-        let (own, key) = (own.clone(), key.clone());
-        async move { own.acquire(&key).await }
-    });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            match other.try_acquire_shared(&key).await {
-                Ok(guard) => {
-                    guard.release().await.unwrap();
-                    false
-                }
-                Err(LockError::AlreadyLocked) => true,
-                Err(other) => panic!("{other:?}"),
-            }
-        })
-        .await,
-        "readers of another process kept getting in past a writer waiting behind its own reader"
-    );
-    let late_reader = tokio::spawn({
-        let (other, key) = (other.clone(), key.clone());
-        async move { other.acquire_shared(&key).await }
-    });
-    reader.release().await.unwrap();
-    let writer = writer.await.unwrap().unwrap();
-    assert!(
-        !late_reader.is_finished(),
-        "a reader got in beside the writer"
-    );
-    writer.release().await.unwrap();
-    late_reader.await.unwrap().unwrap().release().await.unwrap();
 }
 
 /// 8 readers on 4 processes keep the key read-locked, each holding 20 ms, overlapping; a
