@@ -109,6 +109,7 @@ macro_rules! process_tests {
 process_tests!(
     readers_of_two_processes_share_and_a_writer_excludes_them,
     a_writer_waiting_in_one_process_stops_new_readers_of_another,
+    a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another,
     a_writer_gets_in_while_readers_of_other_processes_keep_overlapping,
 );
 
@@ -608,13 +609,14 @@ async fn a_writer_waiting_in_one_process_stops_new_readers_of_another<
     a_waiting_writer_keeps_out_readers_of_another_process(make_lock, false).await;
 }
 
-/// The same with the writer waiting behind a reader of its own process. (Redis only: on
-/// PostgreSQL such a writer waits in its process, unseen by others, until its own readers are
-/// gone; see `PostgresDistributedLock`.)
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another_on_redis() {
-    a_waiting_writer_keeps_out_readers_of_another_process(common::redis_conn::rw_lock, true).await;
+/// The same with the writer waiting behind a reader of its own process.
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+async fn a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another<
+    L: DistributedRwLock + Clone,
+>(
+    make_lock: impl AsyncFn(LockConfig) -> L,
+) {
+    a_waiting_writer_keeps_out_readers_of_another_process(make_lock, true).await;
 }
 
 /// A reader of one process holds the key; a writer waits for it, in that process

@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::LockMode;
@@ -57,6 +57,11 @@ impl<K: Hash + Eq + Clone, S: BuildHasher + Default + Clone, B> Default for Clai
 struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher, B> {
     /// The live shared claims; 0 while an exclusive claim has the key.
     shared: usize,
+    /// Those of the shared claims whose holders have their lock on the server.
+    granted_shared: usize,
+    /// Told when a shared claim's holder gets its lock; made by the first task that waits for
+    /// it (see [`ClaimTable::grant_signal`]).
+    granted: Option<Arc<Notify>>,
     queue: VecDeque<Queued<K, S, B>>,
     /// Statements about this key sent and not answered yet (several shared claims may ask at
     /// once).
@@ -80,6 +85,8 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyEntry<K, S, B> {
     fn new(mode: LockMode) -> Self {
         KeyEntry {
             shared: usize::from(mode == LockMode::Shared),
+            granted_shared: 0,
+            granted: None,
             queue: VecDeque::new(),
             in_flight: 0,
             failed: false,
@@ -174,6 +181,8 @@ pub(crate) struct KeyClaim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B
     table: Arc<ClaimTable<K, S, B>>,
     key: K,
     mode: LockMode,
+    /// Its holder has the lock on the server ([`mark_granted`](Self::mark_granted)).
+    granted: bool,
     /// False only for the claim `pass_on` retires when no task waits: dropping it must not
     /// pass it on again.
     live: bool,
@@ -272,6 +281,23 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         }
     }
 
+    /// Whether shared claims have `key` and every one of their holders has its lock on the
+    /// server ([`KeyClaim::mark_granted`]): none of them waits for anything.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn shared_holders_all_granted(&self, key: &K) -> bool {
+        self.shard(key)
+            .get(key)
+            .is_some_and(|entry| entry.shared > 0 && entry.granted_shared == entry.shared)
+    }
+
+    /// Told whenever a shared claim of `key` is granted; `None` if nobody has claimed `key`.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn grant_signal(&self, key: &K) -> Option<Arc<Notify>> {
+        self.shard(key)
+            .get_mut(key)
+            .map(|entry| Arc::clone(entry.granted.get_or_insert_with(Arc::default)))
+    }
+
     /// Whether some task of this process has claimed `key`.
     #[cfg(test)]
     pub(crate) fn is_claimed(&self, key: &K) -> bool {
@@ -283,6 +309,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
             table: Arc::clone(self),
             key,
             mode,
+            granted: false,
             live: true,
             yield_to_others: false,
             asking: false,
@@ -298,6 +325,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         self: &Arc<Self>,
         key: &K,
         mode: LockMode,
+        granted: bool,
         yield_to_others: bool,
         mut baton: Option<B>,
     ) {
@@ -308,6 +336,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         };
         if mode == LockMode::Shared {
             entry.shared -= 1;
+            entry.granted_shared -= usize::from(granted);
         }
         if entry.shared == 0 {
             let passed_exclusive = self.admit(key, entry, yield_to_others, &mut baton);
@@ -387,6 +416,20 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
     /// The claimed key.
     pub(crate) fn key(&self) -> &K {
         &self.key
+    }
+
+    /// Records that this claim's holder has its lock on the server (it waits for nothing any
+    /// more); see [`ClaimTable::shared_holders_all_granted`].
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn mark_granted(&mut self) {
+        if self.mode == LockMode::Shared && !std::mem::replace(&mut self.granted, true) {
+            self.with_entry(|entry| {
+                entry.granted_shared += 1;
+                if let Some(granted) = &entry.granted {
+                    granted.notify_waiters();
+                }
+            });
+        }
     }
 
     /// The side of the key this claim has.
@@ -513,7 +556,14 @@ where
             // A claim dropped inside `pass_on` (a queued task dropped its receiver with the
             // claim in it) is not possible under the shard lock: `send` hands back refused
             // claims instead of dropping them.
-            Arc::clone(&self.table).pass_on(&self.key, self.mode, self.yield_to_others, baton);
+            let table = Arc::clone(&self.table);
+            table.pass_on(
+                &self.key,
+                self.mode,
+                self.granted,
+                self.yield_to_others,
+                baton,
+            );
         }
     }
 }
@@ -739,6 +789,33 @@ mod tests {
         first.asking_server();
         first.answered();
         assert!(!first.is_unanswered());
+    }
+
+    /// The table tells when every shared claim of a key has its lock on the server, and says so
+    /// to a task that waits for it.
+    #[tokio::test]
+    async fn it_tells_when_every_shared_holder_has_its_lock() {
+        let table = Arc::new(ClaimTable::<i64>::default());
+        assert!(!table.shared_holders_all_granted(&8));
+        let mut first = table.try_claim(8, S).expect("free key");
+        let mut second = table.try_claim(8, S).expect("readers share");
+        let signal = table.grant_signal(&8).expect("claimed key");
+        let told = signal.notified();
+        first.mark_granted();
+        told.await;
+        assert!(!table.shared_holders_all_granted(&8), "one still waits");
+        second.mark_granted();
+        second.mark_granted(); // counted once
+        assert!(table.shared_holders_all_granted(&8));
+        drop(first);
+        assert!(table.shared_holders_all_granted(&8));
+        let waiting = table.try_claim(8, S).expect("readers share");
+        assert!(!table.shared_holders_all_granted(&8), "a new reader has no lock yet");
+        drop((second, waiting));
+        assert!(!table.shared_holders_all_granted(&8));
+        let mut writer = table.try_claim(8, X).expect("free again");
+        writer.mark_granted();
+        assert!(!table.shared_holders_all_granted(&8), "no shared claims");
     }
 
     fn queued_as(table: &Arc<ClaimTable<i64>>, key: i64, mode: LockMode) -> Turn<i64> {

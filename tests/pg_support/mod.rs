@@ -113,14 +113,15 @@ async fn count_locks(admin: &mut PgConnection, key: &str, objsubid: i16, granted
 }
 
 /// Advisory locks on the halves of `number` in the bigint (`objsubid` 1) or two-integer (2)
-/// form.
+/// form. In the two-integer form only shared ones count: the marks are shared locks, and the
+/// statements that check a mark hold it exclusively for their length.
 async fn count_number(admin: &mut PgConnection, number: i64, objsubid: i16, granted: bool) -> i64 {
     let advisory = number as u64;
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = $3 \
-         AND granted = $4",
+         AND granted = $4 AND (objsubid = 1 OR mode = 'ShareLock')",
     )
     .bind((advisory >> 32) as i64)
     .bind((advisory & 0xffff_ffff) as i64)
@@ -146,7 +147,8 @@ async fn pids_holding(admin: &mut PgConnection, key: &str, objsubid: i16) -> Vec
     sqlx::query_scalar(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = $3 AND granted",
+         AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = $3 AND granted \
+         AND (objsubid = 1 OR mode = 'ShareLock')",
     )
     .bind((advisory >> 32) as i64)
     .bind((advisory & 0xffff_ffff) as i64)

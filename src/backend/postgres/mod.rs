@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
+use tokio::sync::oneshot::error::RecvError;
 use tokio::time::Instant;
 
 use self::claims::{Claim, ClaimTable, Overdue};
@@ -64,6 +65,7 @@ mod claims {
     pub(super) type KeyClaim = keyed::KeyClaim<i64, AdvisoryKeyHashing>;
     pub(super) type Claim = keyed::Claim<i64, AdvisoryKeyHashing>;
     pub(super) type Overdue = keyed::Overdue<i64, AdvisoryKeyHashing>;
+    pub(super) type Turn = keyed::Turn<i64, AdvisoryKeyHashing>;
 }
 
 /// Without `sessions(n)`, a lock service uses half its pool's connections as lock sessions,
@@ -498,7 +500,13 @@ impl PostgresDistributedLock {
             Claim::Claimed(claim) => claim,
             Claim::Queued(mut turn) => {
                 tracing::debug!(key = %self.shown_key(key), line = "process", "waiting for the lock");
-                match tokio::time::timeout_at(deadline, &mut turn).await {
+                let waited = match mode {
+                    LockMode::Exclusive => {
+                        self.wait_turn_marked(advisory, &mut turn, deadline).await?
+                    }
+                    LockMode::Shared => tokio::time::timeout_at(deadline, &mut turn).await.ok(),
+                };
+                match waited.ok_or(()) {
                     Ok(Ok(claim)) => claim,
                     Ok(Err(_)) => {
                         return Err(
@@ -643,6 +651,58 @@ impl PostgresDistributedLock {
             .map_err(WaitError::while_waiting)?;
         claim.answered();
         Ok(marked)
+    }
+
+    /// A writer's wait for its turn in this process, until `deadline` (`None` once it passes).
+    /// While every claim ahead of it is a shared one whose holder has its lock on the server,
+    /// the writer marks the key as awaited by a writer (W), so that readers of other processes
+    /// queue behind it as they would behind a writer waiting on the server; the mark goes when
+    /// the wait ends. Readers still waiting on the server are not marked past: they wait for a
+    /// writer elsewhere, whose own mark already keeps new readers out, and marking past them
+    /// could close a cycle with the same situation in another process.
+    async fn wait_turn_marked(
+        &self,
+        advisory: i64,
+        turn: &mut claims::Turn,
+        deadline: Instant,
+    ) -> Result<Option<Result<claims::KeyClaim, RecvError>>, LockError> {
+        let mut mark: Option<WaitFlag> = None;
+        loop {
+            let signal = self.inner.claims.grant_signal(&advisory);
+            // Made before the look below, so a grant right after the look is not missed (a
+            // `Notified` hears every `notify_waiters` from its creation on).
+            let granted = signal.as_ref().map(|signal| signal.notified());
+            let granted = async {
+                match granted {
+                    Some(granted) => granted.await,
+                    None => std::future::pending().await,
+                }
+            };
+            if mark.is_none() && self.inner.claims.shared_holders_all_granted(&advisory) {
+                mark = Some(self.mark_writer_waiting(advisory).await?);
+            }
+            tokio::select! {
+                claim = &mut *turn => return Ok(Some(claim)),
+                () = granted, if mark.is_none() => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(None),
+            }
+        }
+    }
+
+    /// Sets the writer-waiting mark of `advisory` for a writer waiting in this process; dropping
+    /// the returned link drops the mark. A mark refused because a reader's statement was
+    /// checking it at that moment is tried once more; refused again, the writer waits unmarked
+    /// until the next grant or its own wait on the server.
+    async fn mark_writer_waiting(&self, advisory: i64) -> Result<WaitFlag, LockError> {
+        let session = self.session_for(advisory)?;
+        let flag = session.wait_flag(advisory);
+        for _ in 0..2 {
+            let marked = session.set_marks(&flag, Marks::WRITER_WAITING).await?;
+            if marked.contains(Marks::WRITER_WAITING) {
+                break;
+            }
+        }
+        Ok(flag)
     }
 
     /// The fallback retry period while waiting for another process: `retry_interval` with

@@ -308,6 +308,7 @@ impl Session {
         let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
         let (id, expires_at) = (Uuid::new_v4(), lease.term_deadline());
         self.expiries.insert((expires_at, id));
+        claim.mark_granted();
         let held = Held {
             key,
             claim,
