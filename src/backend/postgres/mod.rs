@@ -146,9 +146,11 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   processes go in the order their retries reach the server. A reader refused because a
 ///   writer waits while another writer holds the key counts as having waited through that
 ///   writer, so a queue of writers cannot keep readers out. A writer that waits in this
-///   process behind readers of this process is not on the server yet: until those readers are
-///   gone, readers of other processes still get in beside them. The SQL, for clients in other
-///   languages, is in docs/postgres.md.
+///   process behind readers of this process sets the writer-waiting mark as soon as all those
+///   readers hold their lock, so readers of other processes queue behind it; while one of
+///   those readers still waits on the server (for a writer elsewhere, whose own mark keeps new
+///   readers out), it does not. The SQL, for clients in other languages, is in
+///   docs/postgres.md.
 /// * **Fencing tokens** come from one sequence (`public.k1s0_lock_fencing_seq`, created on first use,
 ///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
 ///   disk. They still increase across a server crash: the first lock session after crash
