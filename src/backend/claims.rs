@@ -810,7 +810,10 @@ mod tests {
         drop(first);
         assert!(table.shared_holders_all_granted(&8));
         let waiting = table.try_claim(8, S).expect("readers share");
-        assert!(!table.shared_holders_all_granted(&8), "a new reader has no lock yet");
+        assert!(
+            !table.shared_holders_all_granted(&8),
+            "a new reader has no lock yet"
+        );
         drop((second, waiting));
         assert!(!table.shared_holders_all_granted(&8));
         let mut writer = table.try_claim(8, X).expect("free again");
