@@ -43,9 +43,7 @@ fn unique_key(name: &str) -> String {
 
 /// The backend's lock and unlock statements (as docs/postgres.md gives them), on the fencing
 /// sequence the backend itself uses (drawing from it only moves later tokens on).
-const BACKEND_LOCK_SQL: &str = "SELECT CASE WHEN NOT pg_try_advisory_xact_lock(\
-     (($1 # 6148914691236517205) >> 32)::int4, ((($1 # 6148914691236517205) << 32) >> 32)::int4) \
-     THEN NULL WHEN pg_try_advisory_lock($1) THEN nextval('\"k1s0_lock_fencing_seq\"') END";
+const BACKEND_LOCK_SQL: &str = "SELECT CASE WHEN CASE WHEN pg_try_advisory_xact_lock((($1 # 6148914691236517205) >> 32)::int4, ((($1 # 6148914691236517205) << 32) >> 32)::int4) THEN false ELSE EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND classid = (($1 # 6148914691236517205) >> 32)::int4::oid AND objid = ((($1 # 6148914691236517205) << 32) >> 32)::int4::oid AND objsubid = 2 AND mode = 'ShareLock' AND granted AND pid <> pg_backend_pid()) END THEN NULL WHEN pg_try_advisory_lock($1) THEN nextval('\"public\".\"k1s0_lock_fencing_seq\"') END";
 const BACKEND_UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($1), \
      CASE WHEN pg_try_advisory_xact_lock(($1 >> 32)::int4, (($1 << 32) >> 32)::int4) THEN false \
      ELSE (set_config('synchronous_commit', 'off', true) \

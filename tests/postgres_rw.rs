@@ -804,3 +804,42 @@ async fn pair_workers(lock: &PostgresDistributedLock, key: &str, pair: &Pair) {
         task.await.unwrap();
     }
 }
+
+/// Readers of two lock objects try the shared side over and over while a third holds it, and
+/// no writer is anywhere: every try gets in. (The statement-scoped check of the writer-waiting
+/// mark in one try refuses the same check in a concurrent try; that alone must not count as a
+/// waiting writer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_shared_tries_with_no_writer_all_get_in() {
+    const TRIES: usize = 400;
+    let key = key("pg_rw_no_writer");
+    let holder = pg_support::lock(config()).await;
+    let held = holder.acquire_shared(&key).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let lock = pg_support::lock(config()).await;
+        for _ in 0..2 {
+            let (lock, key) = (lock.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut refused = 0;
+                for _ in 0..TRIES {
+                    match lock.try_acquire_shared(&key).await {
+                        Ok(guard) => guard.release().await.unwrap(),
+                        Err(LockError::AlreadyLocked) => refused += 1,
+                        Err(other) => panic!("{other:?}"),
+                    }
+                }
+                refused
+            }));
+        }
+    }
+    let mut refused = 0;
+    for task in tasks {
+        refused += task.await.unwrap();
+    }
+    held.release().await.unwrap();
+    assert_eq!(
+        refused, 0,
+        "{refused} shared tries refused with no writer anywhere"
+    );
+}

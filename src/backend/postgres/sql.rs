@@ -92,6 +92,19 @@ const READERS_HIGH: &str = "(($1 # 6148914691236517205) >> 32)::int4";
 /// See [`READERS_HIGH`].
 const READERS_LOW: &str = "((($1 # 6148914691236517205) << 32) >> 32)::int4";
 
+/// Whether a session other than this one holds the mark whose halves are `high` and `low`
+/// (marks are shared advisory locks in the two-`int4` key space). Asked only after the mark's
+/// statement-scoped check was refused: that check is an exclusive lock, which the same check of
+/// a concurrent statement also refuses, with no mark held anywhere.
+fn mark_held_elsewhere(high: &str, low: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid = {high}::oid AND objid = {low}::oid AND objsubid = 2 \
+         AND mode = 'ShareLock' AND granted AND pid <> pg_backend_pid())"
+    )
+}
+
 /// Every statement of one lock service, built once.
 #[derive(Debug)]
 pub(super) struct Statements {
@@ -168,14 +181,27 @@ pub(super) struct Statements {
 impl Statements {
     pub(super) fn new(sequence: &SequenceName) -> Self {
         let seq = &sequence.quoted;
+        // Whether another session holds the readers' turn mark (an exclusive try takes nothing
+        // then): its statement-scoped check first, `pg_locks` only when that is refused. CASE,
+        // not AND or OR: its branches are evaluated in order.
+        let readers_turn = format!(
+            "CASE WHEN pg_try_advisory_xact_lock({READERS_HIGH}, {READERS_LOW}) THEN false \
+             ELSE {} END",
+            mark_held_elsewhere(READERS_HIGH, READERS_LOW)
+        );
+        let writer_waits = mark_held_elsewhere(WRITER_HIGH, WRITER_LOW);
+        // Whether another session holds the key exclusively.
+        let writer_holds = "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND classid = ($1 >> 32)::int4::oid AND objid = (($1 << 32) >> 32)::int4::oid \
+             AND objsubid = 1 AND mode = 'ExclusiveLock' AND granted AND pid <> pg_backend_pid())";
         Statements {
             sequence: sequence.quoted().to_owned(),
             default_sequence: *sequence == SequenceName::parse(DEFAULT_SEQUENCE).expect("valid"),
-            // CASE, not AND: its branches are evaluated in order, so nothing is locked while
-            // the readers' turn mark is held.
+            // Nothing is locked while the readers' turn mark is held elsewhere.
             try_lock: format!(
-                "SELECT CASE WHEN NOT pg_try_advisory_xact_lock({READERS_HIGH}, {READERS_LOW}) \
-                 THEN NULL WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END"
+                "SELECT CASE WHEN {readers_turn} THEN NULL \
+                 WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END"
             ),
             try_lock_unflag: format!(
                 "SELECT t.token, \
@@ -183,21 +209,22 @@ impl Statements {
                  THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END, \
                  CASE WHEN t.token IS NOT NULL AND $3 \
                  THEN pg_advisory_unlock_shared({WRITER_HIGH}, {WRITER_LOW}) END \
-                 FROM (SELECT CASE WHEN NOT pg_try_advisory_xact_lock({READERS_HIGH}, {READERS_LOW}) \
-                 THEN NULL WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END AS token \
+                 FROM (SELECT CASE WHEN {readers_turn} THEN NULL \
+                 WHEN pg_try_advisory_lock($1) THEN nextval('{seq}') END AS token \
                  OFFSET 0) AS t"
             ),
             try_lock_shared: format!(
                 "SELECT t.writer_free, t.token, \
-                 CASE WHEN t.writer_free THEN false ELSE NOT pg_try_advisory_xact_lock_shared($1) END, \
+                 CASE WHEN t.writer_free THEN false ELSE {writer_holds} END, \
                  CASE WHEN t.token IS NOT NULL AND $3 \
                  THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END, \
                  CASE WHEN t.token IS NOT NULL AND $4 \
                  THEN pg_advisory_unlock_shared({READERS_HIGH}, {READERS_LOW}) END \
                  FROM (SELECT w.free AS writer_free, CASE WHEN NOT w.free THEN NULL \
                  WHEN pg_try_advisory_lock_shared($1) THEN nextval('{seq}') END AS token \
-                 FROM (SELECT CASE WHEN $2 THEN pg_try_advisory_xact_lock({WRITER_HIGH}, {WRITER_LOW}) \
-                 ELSE true END AS free OFFSET 0) AS w OFFSET 0) AS t"
+                 FROM (SELECT CASE WHEN NOT $2 THEN true \
+                 WHEN pg_try_advisory_xact_lock({WRITER_HIGH}, {WRITER_LOW}) THEN true \
+                 ELSE NOT {writer_waits} END AS free OFFSET 0) AS w OFFSET 0) AS t"
             ),
             // CASE, not AND: its branches are evaluated in order, so a missing epoch row takes
             // no lock and draws no token.
