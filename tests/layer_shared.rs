@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,12 +50,49 @@ layer_tests!(
     grpc_calls_picked_by_path_share_the_key,
 );
 
+/// Where the GET handlers wait for each other: it opens once `READERS` of them and the test are
+/// at it, and counts the handlers that reached it.
+struct ReadersGate {
+    barrier: Barrier,
+    inside: AtomicUsize,
+}
+
+impl ReadersGate {
+    fn new() -> Arc<Self> {
+        // One more party than the readers: the test itself, so it can act while they are in.
+        Arc::new(ReadersGate {
+            barrier: Barrier::new(READERS + 1),
+            inside: AtomicUsize::new(0),
+        })
+    }
+
+    /// A handler arrives and waits for the others.
+    async fn enter(&self) {
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(10), self.barrier.wait())
+            .await
+            .expect("the other readers got in beside this one");
+    }
+
+    /// Whether every reader's handler is in (each holds the shared side).
+    fn all_inside(&self) -> bool {
+        self.inside.load(Ordering::SeqCst) == READERS
+    }
+
+    /// The test lets the readers finish.
+    async fn open(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.barrier.wait())
+            .await
+            .expect("every reader got in beside the others");
+    }
+}
+
 /// An order resource whose GET handlers wait until `READERS` of them are inside at once, so a
 /// GET can only finish if the others got in beside it; POST answers at once. Each handler
 /// reports the side of the lock it ran under.
 fn orders<L: DistributedRwLock + Clone>(
     prefix: &str,
-    gate: Arc<Barrier>,
+    gate: Arc<ReadersGate>,
     layer: impl FnOnce(LockLayer<L>) -> LockLayer<L>,
     lock: L,
 ) -> Router {
@@ -65,9 +103,7 @@ fn orders<L: DistributedRwLock + Clone>(
             get(move |axum::Extension(info): axum::Extension<LockInfo>| {
                 let gate = Arc::clone(&gate);
                 async move {
-                    tokio::time::timeout(Duration::from_secs(5), gate.wait())
-                        .await
-                        .expect("the other readers got in beside this one");
+                    gate.enter().await;
                     format!("{:?}", info.mode())
                 }
             })
@@ -106,8 +142,7 @@ async fn gets_of_one_key_run_together_and_a_post_meanwhile_conflicts<
 ) {
     let prefix = common::unique_prefix("layer-shared");
     let lock = make_lock(LockConfig::new()).await;
-    // One more party than the readers: the test itself, so it can act while they are inside.
-    let gate = Arc::new(Barrier::new(READERS + 1));
+    let gate = ReadersGate::new();
     let app = orders(
         &prefix,
         Arc::clone(&gate),
@@ -118,13 +153,9 @@ async fn gets_of_one_key_run_together_and_a_post_meanwhile_conflicts<
     let client = client();
 
     let reads = read_concurrently(&client, address);
-    // All readers hold the key together once the key shows locked and a POST is refused.
-    common::wait::assert_eventually("the readers hold the key", || async {
-        lock.is_locked(&format!("{prefix}/orders/42"))
-            .await
-            .unwrap()
-    })
-    .await;
+    // Every reader holds the key once its handler runs.
+    common::wait::assert_eventually("the readers hold the key", || async { gate.all_inside() })
+        .await;
     let refused = send(&client, address, "POST", "/orders/42").await;
     assert_eq!(refused.status(), StatusCode::CONFLICT);
     // Another resource is not affected.
@@ -132,9 +163,7 @@ async fn gets_of_one_key_run_together_and_a_post_meanwhile_conflicts<
     assert_eq!(other.status(), StatusCode::OK);
     assert_eq!(body(other).await, format!("{:?}", LockMode::Exclusive));
 
-    tokio::time::timeout(Duration::from_secs(10), gate.wait())
-        .await
-        .expect("every reader got in beside the others");
+    gate.open().await;
     for read in reads {
         let response = read.await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -157,7 +186,7 @@ async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone<L: DistributedRw
 ) {
     let prefix = common::unique_prefix("layer-shared-wait");
     let lock = make_lock(LockConfig::new().wait_timeout(Duration::from_secs(10))).await;
-    let gate = Arc::new(Barrier::new(READERS + 1));
+    let gate = ReadersGate::new();
     let app = orders(
         &prefix,
         Arc::clone(&gate),
@@ -173,10 +202,8 @@ async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone<L: DistributedRw
     let key = format!("{prefix}/orders/42");
 
     let reads = read_concurrently(&client, address);
-    common::wait::assert_eventually("the readers hold the key", || async {
-        lock.is_locked(&key).await.unwrap()
-    })
-    .await;
+    common::wait::assert_eventually("the readers hold the key", || async { gate.all_inside() })
+        .await;
     let write = tokio::spawn({
         let client = client.clone();
         async move { send(&client, address, "POST", "/orders/42").await }
@@ -190,9 +217,7 @@ async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone<L: DistributedRw
     })
     .await;
     assert!(!write.is_finished());
-    tokio::time::timeout(Duration::from_secs(10), gate.wait())
-        .await
-        .expect("every reader got in beside the others");
+    gate.open().await;
     for read in reads {
         assert_eq!(read.await.unwrap().status(), StatusCode::OK);
     }
