@@ -647,12 +647,19 @@ impl PostgresDistributedLock {
         wanted: Marks,
     ) -> Result<Marks, WaitError> {
         claim.asking_server();
-        let marked = session
-            .set_marks(flag, wanted)
-            .await
-            .map_err(WaitError::while_waiting)?;
-        claim.answered();
-        Ok(marked)
+        // Dropped mid-way (the caller left), the question is withdrawn: the session skips a
+        // command whose caller is gone, so nothing is owed.
+        let question = OpenQuestion(claim);
+        match session.set_marks(flag, wanted).await {
+            Ok(marked) => {
+                question.0.answered();
+                Ok(marked)
+            }
+            Err(error) => {
+                question.0.failed();
+                Err(WaitError::while_waiting(error))
+            }
+        }
     }
 
     /// A writer's wait for its turn in this process, until `deadline` (`None` once it passes).
@@ -750,6 +757,16 @@ fn wanted_marks(mode: LockMode, attempt: Attempt) -> Marks {
         LockMode::Exclusive => Marks::FLAG | Marks::WRITER_WAITING,
         LockMode::Shared if attempt.heed_waiting_writers => Marks::FLAG,
         LockMode::Shared => Marks::FLAG | Marks::READERS_TURN,
+    }
+}
+
+/// A claim's question to the server, withdrawn if it is dropped before it ends.
+struct OpenQuestion<'a>(&'a mut claims::KeyClaim);
+
+impl Drop for OpenQuestion<'_> {
+    fn drop(&mut self) {
+        // After `answered` or `failed` there is nothing left to withdraw.
+        self.0.not_asked();
     }
 }
 

@@ -236,9 +236,12 @@ impl Statements {
                 epochs = sequence.epochs_quoted,
                 name = sequence.quoted.replace('\'', "''")
             ),
-            // Flat (no subquery): the cheapest form, measured. Whatever order the server
-            // evaluates the two columns in, a flagged key is notified at commit, and a key that
-            // was not held costs at most a needless wake-up. Only a notifying release writes a
+            // Flat (no subquery): the cheapest form, measured. PostgreSQL evaluates the select
+            // list left to right, so the flag is checked after the unlock: a waiter whose flag
+            // was refused by that check retries at once and finds the key free. (Were the check
+            // to run first, such a waiter would find the key still held and wait for its next
+            // poll.) A key that was not held costs at most a needless wake-up. Only a notifying
+            // release writes a
             // commit record (NOTIFY needs a transaction id); nothing in it needs to be durable,
             // so it does not wait for the WAL flush.
             unlock: format!(
