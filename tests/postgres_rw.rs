@@ -843,3 +843,49 @@ async fn concurrent_shared_tries_with_no_writer_all_get_in() {
         "{refused} shared tries refused with no writer anywhere"
     );
 }
+
+/// A writer waits on the server (its writer-waiting mark set) when its session's connection is
+/// terminated and another key's statement on that session finds out: the server dropped the
+/// mark with the connection, and the writer sets it again on the new one at its next try, so
+/// readers of other processes stay behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_session_was_lost_while_it_waited_marks_the_key_again() {
+    let key = key("pg_rw_mark_again");
+    let other_key = format!("{key}:other");
+    let holder = pg_support::lock(config()).await;
+    // Retries far apart, so that the statement about the other key finds the loss first.
+    let writers =
+        pg_support::one_session_lock(config().retry_interval(Duration::from_secs(2)), |builder| {
+            builder
+        })
+        .await;
+    let mut admin = pg_support::admin().await;
+    let held = holder.acquire(&key).await.unwrap();
+    let writer = tokio::spawn({
+        let (writers, key) = (writers.clone(), key.clone());
+        async move { writers.acquire(&key).await }
+    });
+    let pid = pg_support::wait_for_flag(&mut admin, &key, Duration::from_secs(5)).await;
+    pg_support::wait_for_mark(
+        &mut admin,
+        &key,
+        Mark::WriterWaiting,
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    pg_support::terminate(&mut admin, pid).await;
+    // The session learns of the loss from a statement about another key.
+    let _ = writers.is_locked(&other_key).await;
+    pg_support::wait_for_mark(
+        &mut admin,
+        &key,
+        Mark::WriterWaiting,
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    held.release().await.unwrap();
+    let writer = writer.await.unwrap().unwrap();
+    writer.release().await.unwrap();
+}

@@ -543,7 +543,7 @@ impl PostgresDistributedLock {
                 .await?
             {
                 TryOutcome::Granted(granted) => return Ok(self.guard(key, mode, granted)),
-                TryOutcome::Busy(claim, busy) => {
+                TryOutcome::Busy(claim, busy, _) => {
                     attempt = attempt.after(busy);
                     claim
                 }
@@ -601,9 +601,11 @@ impl PostgresDistributedLock {
                 .map_err(WaitError::while_waiting)?
             {
                 TryOutcome::Granted(granted) => return Ok(self.guard(key, mode, granted)),
-                TryOutcome::Busy(returned, busy) => {
+                TryOutcome::Busy(returned, busy, still_marked) => {
                     claim = returned;
                     attempt = attempt.after(busy);
+                    // Marks lost with a connection are set again below.
+                    marked = still_marked;
                 }
             }
             if Instant::now() >= deadline {

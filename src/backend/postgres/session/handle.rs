@@ -30,8 +30,9 @@ pub(crate) struct Granted {
 /// What a lock attempt found.
 pub(crate) enum TryOutcome {
     Granted(Granted),
-    /// The key is not to be had now. The caller keeps its claim, to try again.
-    Busy(KeyClaim, Busy),
+    /// The key is not to be had now. The caller keeps its claim, to try again, and learns the
+    /// marks the session now holds for it (none once a lost connection took them).
+    Busy(KeyClaim, Busy, Marks),
 }
 
 /// Why a lock attempt took nothing.

@@ -277,7 +277,8 @@ impl Session {
             Ok(Locked::Token(token, dropped)) => (token, dropped),
             Ok(Locked::WriterWaiting) => {
                 claim.answered();
-                let _ = reply.send(Ok(TryOutcome::Busy(claim, Busy::WriterWaiting)));
+                let marks = self.waiter_marks(key, flag);
+                let _ = reply.send(Ok(TryOutcome::Busy(claim, Busy::WriterWaiting, marks)));
                 return;
             }
             // The claim passes on with the answer still owed (see `ClaimTable::overdue`).
@@ -295,7 +296,8 @@ impl Session {
         };
         claim.answered();
         let Some(token) = token else {
-            let _ = reply.send(Ok(TryOutcome::Busy(claim, Busy::Held)));
+            let marks = self.waiter_marks(key, flag);
+            let _ = reply.send(Ok(TryOutcome::Busy(claim, Busy::Held, marks)));
             return;
         };
         if let Some(id) = flag {
@@ -467,6 +469,13 @@ impl Session {
         *marks = *marks | got;
         // A caller gone by now dropped its `WaitFlag`, whose `ClearFlag` comes next.
         let _ = reply.send(Ok(*marks));
+    }
+
+    /// The marks of `key` the session holds on the server for waiter `id` (none without a
+    /// waiter, or once the connection they were taken on is gone).
+    fn waiter_marks(&self, key: i64, id: Option<u64>) -> Marks {
+        id.and_then(|id| self.flags.get(&key)?.get(&id).copied())
+            .unwrap_or(Marks::NONE)
     }
 
     async fn clear_flag(&mut self, key: i64, id: u64) {
