@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
@@ -77,6 +78,8 @@ struct KeyEntry<K: Hash + Eq + Clone, S: BuildHasher, B> {
 
 /// A task waiting for its claim.
 struct Queued<K: Hash + Eq + Clone, S: BuildHasher, B> {
+    /// Tells this place apart from the others (see [`Turn::id`]).
+    id: u64,
     mode: LockMode,
     turn: oneshot::Sender<KeyClaim<K, S, B>>,
 }
@@ -98,6 +101,13 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyEntry<K, S, B> {
     /// one failed.
     fn unanswered(&self) -> bool {
         self.in_flight > 0 || self.failed
+    }
+
+    /// Wakes the tasks waiting on [`ClaimTable::grant_signal`].
+    fn tell_grant_watchers(&self) {
+        if let Some(granted) = &self.granted {
+            granted.notify_waiters();
+        }
     }
 
     /// Tells the overdue tasks waiting for an answer, once none is owed.
@@ -143,6 +153,8 @@ pub(crate) enum Claim<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()
 pub(crate) struct Turn<K: Hash + Eq + Clone, S: BuildHasher = RandomState, B = ()> {
     table: Arc<ClaimTable<K, S, B>>,
     key: K,
+    /// The id of its place in the queue.
+    id: u64,
     receiver: oneshot::Receiver<KeyClaim<K, S, B>>,
 }
 
@@ -222,11 +234,14 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
                 Claim::Claimed(self.new_claim(key, mode))
             }
             Entry::Occupied(mut entry) => {
+                static NEXT_PLACE: AtomicU64 = AtomicU64::new(0);
+                let id = NEXT_PLACE.fetch_add(1, Ordering::Relaxed);
                 let (turn, receiver) = oneshot::channel();
-                entry.get_mut().queue.push_back(Queued { mode, turn });
+                entry.get_mut().queue.push_back(Queued { id, mode, turn });
                 Claim::Queued(Turn {
                     table: Arc::clone(self),
                     key,
+                    id,
                     receiver,
                 })
             }
@@ -281,16 +296,26 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         }
     }
 
-    /// Whether shared claims have `key` and every one of their holders has its lock on the
-    /// server ([`KeyClaim::mark_granted`]): none of them waits for anything.
+    /// Whether `turn` is the first place still listening in its key's queue, behind shared
+    /// claims whose holders all have their lock on the server ([`KeyClaim::mark_granted`]):
+    /// then none of them waits for anything, and no other claim can go in before `turn` (new
+    /// shared claimants queue behind it).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn shared_holders_all_granted(&self, key: &K) -> bool {
-        self.shard(key)
-            .get(key)
-            .is_some_and(|entry| entry.shared > 0 && entry.granted_shared == entry.shared)
+    pub(crate) fn is_next_behind_granted_readers(&self, turn: &Turn<K, S, B>) -> bool {
+        self.shard(&turn.key).get(&turn.key).is_some_and(|entry| {
+            entry.shared > 0
+                && entry.granted_shared == entry.shared
+                && entry
+                    .queue
+                    .iter()
+                    .find(|queued| !queued.turn.is_closed())
+                    .is_some_and(|first| first.id == turn.id)
+        })
     }
 
-    /// Told whenever a shared claim of `key` is granted; `None` if nobody has claimed `key`.
+    /// Told whenever [`is_next_behind_granted_readers`](Self::is_next_behind_granted_readers)
+    /// may have become true for a task queued for `key` (a shared claim was granted, or one that
+    /// was not went, or a queued task left); `None` if nobody has claimed `key`.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn grant_signal(&self, key: &K) -> Option<Arc<Notify>> {
         self.shard(key)
@@ -336,7 +361,11 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
         };
         if mode == LockMode::Shared {
             entry.shared -= 1;
-            entry.granted_shared -= usize::from(granted);
+            if granted {
+                entry.granted_shared -= 1;
+            } else if entry.shared > 0 {
+                entry.tell_grant_watchers();
+            }
         }
         if entry.shared == 0 {
             let passed_exclusive = self.admit(key, entry, yield_to_others, &mut baton);
@@ -369,7 +398,7 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
                 entry.queue.pop_front();
                 continue;
             }
-            let Queued { mode, turn } = entry.queue.pop_front().expect("looked at just now");
+            let Queued { mode, turn, .. } = entry.queue.pop_front().expect("looked at just now");
             let mut claim = self.new_claim(key.clone(), mode);
             claim.yield_to_others = yield_to_others;
             if mode == LockMode::Exclusive {
@@ -390,13 +419,14 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> ClaimTable<K, S, B> {
     }
 
     /// A queued task left the line: if shared claims have the key, the shared claimants it
-    /// held back may join them.
+    /// held back may join them, and the task behind it may now be next.
     fn left_the_line(self: &Arc<Self>, key: &K) {
         let mut shard = self.shard(key);
         if let Some(entry) = shard.get_mut(key) {
             if entry.shared > 0 {
                 self.admit(key, entry, false, &mut None);
             }
+            entry.tell_grant_watchers();
         }
     }
 
@@ -419,15 +449,13 @@ impl<K: Hash + Eq + Clone, S: BuildHasher, B> KeyClaim<K, S, B> {
     }
 
     /// Records that this claim's holder has its lock on the server (it waits for nothing any
-    /// more); see [`ClaimTable::shared_holders_all_granted`].
+    /// more); see [`ClaimTable::is_next_behind_granted_readers`].
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn mark_granted(&mut self) {
         if self.mode == LockMode::Shared && !std::mem::replace(&mut self.granted, true) {
             self.with_entry(|entry| {
                 entry.granted_shared += 1;
-                if let Some(granted) = &entry.granted {
-                    granted.notify_waiters();
-                }
+                entry.tell_grant_watchers();
             });
         }
     }
@@ -791,34 +819,41 @@ mod tests {
         assert!(!first.is_unanswered());
     }
 
-    /// The table tells when every shared claim of a key has its lock on the server, and says so
-    /// to a task that waits for it.
+    /// A writer queued behind shared claims learns when it is next and every one of them has
+    /// its lock on the server, and is told when that may have changed.
     #[tokio::test]
-    async fn it_tells_when_every_shared_holder_has_its_lock() {
+    async fn a_writer_learns_when_it_is_next_behind_readers_that_all_hold() {
         let table = Arc::new(ClaimTable::<i64>::default());
-        assert!(!table.shared_holders_all_granted(&8));
         let mut first = table.try_claim(8, S).expect("free key");
         let mut second = table.try_claim(8, S).expect("readers share");
+        let ahead = queued_as(&table, 8, X);
+        let writer = queued_as(&table, 8, X);
         let signal = table.grant_signal(&8).expect("claimed key");
         let told = signal.notified();
         first.mark_granted();
         told.await;
-        assert!(!table.shared_holders_all_granted(&8), "one still waits");
+        assert!(
+            !table.is_next_behind_granted_readers(&writer),
+            "one reader still waits"
+        );
         second.mark_granted();
         second.mark_granted(); // counted once
-        assert!(table.shared_holders_all_granted(&8));
-        drop(first);
-        assert!(table.shared_holders_all_granted(&8));
-        let waiting = table.try_claim(8, S).expect("readers share");
         assert!(
-            !table.shared_holders_all_granted(&8),
-            "a new reader has no lock yet"
+            !table.is_next_behind_granted_readers(&writer),
+            "a writer is ahead"
         );
-        drop((second, waiting));
-        assert!(!table.shared_holders_all_granted(&8));
-        let mut writer = table.try_claim(8, X).expect("free again");
-        writer.mark_granted();
-        assert!(!table.shared_holders_all_granted(&8), "no shared claims");
+        let told = signal.notified();
+        drop(ahead);
+        told.await;
+        assert!(table.is_next_behind_granted_readers(&writer));
+        drop(first);
+        assert!(table.is_next_behind_granted_readers(&writer));
+        // A reader that is not granted yet and goes lets the writer be next again.
+        drop(second);
+        let mut writer = writer;
+        let writer_claim = writer.try_recv().expect("the writer's turn");
+        drop(writer_claim);
+        assert!(!table.is_claimed(&8));
     }
 
     fn queued_as(table: &Arc<ClaimTable<i64>>, key: i64, mode: LockMode) -> Turn<i64> {

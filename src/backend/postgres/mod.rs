@@ -665,12 +665,14 @@ impl PostgresDistributedLock {
     }
 
     /// A writer's wait for its turn in this process, until `deadline` (`None` once it passes).
-    /// While every claim ahead of it is a shared one whose holder has its lock on the server,
-    /// the writer marks the key as awaited by a writer (W), so that readers of other processes
-    /// queue behind it as they would behind a writer waiting on the server; the mark goes when
-    /// the wait ends. Readers still waiting on the server are not marked past: they wait for a
-    /// writer elsewhere, whose own mark already keeps new readers out, and marking past them
-    /// could close a cycle with the same situation in another process.
+    /// Once it is next in line behind shared claims whose holders all have their lock on the
+    /// server, the writer marks the key as awaited by a writer (W), so that readers of other
+    /// processes queue behind it as they would behind a writer waiting on the server; from then
+    /// on nothing can go in before it here, and the mark goes when its turn comes (its wait on
+    /// the server sets W again). It marks nothing behind readers still waiting on the server:
+    /// they wait for a writer elsewhere, whose own mark keeps new readers out, and marking past
+    /// them could close a cycle with the same situation in another process. The mark only
+    /// orders readers: a session that cannot set it leaves the writer waiting unmarked.
     async fn wait_turn_marked(
         &self,
         advisory: i64,
@@ -678,23 +680,48 @@ impl PostgresDistributedLock {
         deadline: Instant,
     ) -> Result<Option<Result<claims::KeyClaim, RecvError>>, LockError> {
         let mut mark: Option<WaitFlag> = None;
+        // False once the session failed to set the mark; `refused` until the next change after
+        // the server refused it twice.
+        let (mut marking, mut refused) = (true, false);
         loop {
             let signal = self.inner.claims.grant_signal(&advisory);
-            // Made before the look below, so a grant right after the look is not missed (a
+            // Made before the look below, so a change right after the look is not missed (a
             // `Notified` hears every `notify_waiters` from its creation on).
-            let granted = signal.as_ref().map(|signal| signal.notified());
-            let granted = async {
-                match granted {
-                    Some(granted) => granted.await,
+            let changed = signal.as_ref().map(|signal| signal.notified());
+            let changed = async {
+                match changed {
+                    Some(changed) => changed.await,
                     None => std::future::pending().await,
                 }
             };
-            if mark.is_none() && self.inner.claims.shared_holders_all_granted(&advisory) {
-                mark = Some(self.mark_writer_waiting(advisory).await?);
-            }
+            let next = marking
+                && !refused
+                && mark.is_none()
+                && self.inner.claims.is_next_behind_granted_readers(turn);
+            let marked = async {
+                if next {
+                    self.mark_writer_waiting(advisory).await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 claim = &mut *turn => return Ok(Some(claim)),
-                () = granted, if mark.is_none() => {}
+                set = marked => match set {
+                    Ok(set) => {
+                        refused = set.is_none();
+                        mark = set;
+                    }
+                    Err(error) => {
+                        tracing::debug!(
+                            error = &error as &dyn std::error::Error,
+                            advisory_key = advisory,
+                            "could not mark the key as awaited by a writer; waiting unmarked"
+                        );
+                        marking = false;
+                    }
+                },
+                () = changed, if marking && mark.is_none() && !next => refused = false,
                 () = tokio::time::sleep_until(deadline) => return Ok(None),
             }
         }
@@ -702,18 +729,18 @@ impl PostgresDistributedLock {
 
     /// Sets the writer-waiting mark of `advisory` for a writer waiting in this process; dropping
     /// the returned link drops the mark. A mark refused because a reader's statement was
-    /// checking it at that moment is tried once more; refused again, the writer waits unmarked
-    /// until the next grant or its own wait on the server.
-    async fn mark_writer_waiting(&self, advisory: i64) -> Result<WaitFlag, LockError> {
+    /// checking it at that moment is tried once more; refused again, `None`: the writer tries
+    /// again at the next change in its line.
+    async fn mark_writer_waiting(&self, advisory: i64) -> Result<Option<WaitFlag>, LockError> {
         let session = self.session_for(advisory)?;
         let flag = session.wait_flag(advisory);
         for _ in 0..2 {
             let marked = session.set_marks(&flag, Marks::WRITER_WAITING).await?;
             if marked.contains(Marks::WRITER_WAITING) {
-                break;
+                return Ok(Some(flag));
             }
         }
-        Ok(flag)
+        Ok(None)
     }
 
     /// The fallback retry period while waiting for another process: `retry_interval` with
