@@ -219,20 +219,23 @@ impl RedisDistributedLock {
         let wait = wait_call && !budget.is_zero();
         let started = Instant::now();
         let poll = config.get_retry_interval().clamp(MIN_POLL, MAX_POLL);
-        // Exclusive callers take their turn among the tasks of this lock object first; shared
-        // callers go to Redis at once, each with a token of its own, so that Redis alone
-        // decides their order against every writer, of this process or another (a writer
-        // waiting behind local readers is in the Redis line, where it stops new readers).
+        // Every caller takes its turn among the tasks of this lock object first, so that a
+        // shared one waits for the writers of this process that hold or wait for the key. A
+        // shared caller lets its turn go once its first look at Redis is answered (it holds
+        // the key, or has its place in the Redis line) and goes on with a token of its own, so
+        // that Redis alone orders it against every writer, of this process or another: a
+        // writer of this process behind it then waits in the Redis line, where it stops new
+        // readers of every process.
+        let Some(mut claim) = self.claim(key, mode, wait, started + budget).await? else {
+            return Err(if wait_call {
+                LockError::Timeout
+            } else {
+                LockError::AlreadyLocked
+            });
+        };
         let claim = match mode {
-            LockMode::Shared => None,
+            LockMode::Shared => Some(claim),
             LockMode::Exclusive => {
-                let Some(mut claim) = self.claim(key, wait, started + budget).await? else {
-                    return Err(if wait_call {
-                        LockError::Timeout
-                    } else {
-                        LockError::AlreadyLocked
-                    });
-                };
                 if let Some(grant) = claim.take_baton() {
                     // The task before this one passed the lock over as it released it.
                     let (lock, fence, sent_at) = grant.into_parts();
@@ -261,7 +264,12 @@ impl RedisDistributedLock {
                 (true, false) => millis(poll * 3 + QUEUE_ENTRY_SLACK),
                 (true, true) => millis(SUBSCRIBED_ENTRY_TTL),
             };
-            let (outcome, sent_at) = match pending.attempt(ttl, entry_ttl).await {
+            let answer = pending.attempt(ttl, entry_ttl).await;
+            if mode == LockMode::Shared {
+                // Answered or not, a shared caller's turn in this process ends here.
+                drop(pending.claim.take());
+            }
+            let (outcome, sent_at) = match answer {
                 Ok(answer) => answer,
                 Err(error) => {
                     // No usable answer: the tasks queued behind cannot tell whether the key is
@@ -372,15 +380,16 @@ impl RedisDistributedLock {
     async fn claim(
         &self,
         key: &str,
+        mode: LockMode,
         wait: bool,
         deadline: Instant,
     ) -> Result<Option<RedisClaim>, LockError> {
         let claims = &self.shared.claims;
         let name: Arc<str> = Arc::from(key);
         if !wait {
-            return Ok(claims.try_claim(name, LockMode::Exclusive));
+            return Ok(claims.try_claim(name, mode));
         }
-        let mut turn = match claims.claim_or_queue(Arc::clone(&name), LockMode::Exclusive) {
+        let mut turn = match claims.claim_or_queue(Arc::clone(&name), mode) {
             Claim::Claimed(claim) => return Ok(Some(claim)),
             Claim::Queued(turn) => turn,
         };
