@@ -719,9 +719,10 @@ async fn a_writer_gets_in_while_readers_of_other_processes_keep_overlapping<
         reader.await.unwrap();
     }
     // The readers inside when the writer queued finish before it, and those on their way in
-    // (between their release and their next acquire): about two sections each at most.
+    // (between their release and their next acquire), while the writer's first look and its
+    // mark reach the server: a few sections each at most (a starved writer sees hundreds).
     assert!(
-        during <= 2 * READERS as u64,
+        during <= 3 * READERS as u64,
         "{during} reader sections went ahead of a waiting writer"
     );
 }

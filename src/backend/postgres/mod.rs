@@ -497,6 +497,10 @@ impl PostgresDistributedLock {
         let config = self.inner.config;
         let ttl = config.get_ttl();
 
+        // A writer's mark set while it waited in the process (see `wait_turn_marked`): kept
+        // until this wait has set its own, so that readers elsewhere find the key marked
+        // throughout.
+        let mut early_mark: Option<WaitFlag> = None;
         // First in line among the tasks of this process.
         let claim = match self.inner.claims.claim_or_queue(advisory, mode) {
             Claim::Claimed(claim) => claim,
@@ -504,7 +508,8 @@ impl PostgresDistributedLock {
                 tracing::debug!(key = %self.shown_key(key), line = "process", "waiting for the lock");
                 let waited = match mode {
                     LockMode::Exclusive => {
-                        self.wait_turn_marked(advisory, &mut turn, deadline).await?
+                        self.wait_turn_marked(advisory, &mut turn, deadline, &mut early_mark)
+                            .await?
                     }
                     LockMode::Shared => tokio::time::timeout_at(deadline, &mut turn).await.ok(),
                 };
@@ -556,7 +561,15 @@ impl PostgresDistributedLock {
         // Another process holds it: listen, flag the key, retry on notification or timer.
         tracing::debug!(key = %self.shown_key(key), line = "backend", "waiting for the lock");
         let woken = self.inner.hub.subscribe(advisory);
-        // Starting the LISTEN connection takes a pool slot and may wait for one: never past
+        let flag_sent_at = Instant::now();
+        let flag = session.wait_flag(advisory);
+        let mut marked =
+            Self::mark(&session, &mut claim, &flag, wanted_marks(mode, attempt)).await?;
+        let mark_round_trip = flag_sent_at.elapsed();
+        // This wait's own marks are set: the one of the wait in the process can go.
+        drop(early_mark);
+        // The marks first (a writer's keeps new readers out from now on), then the LISTEN
+        // connection, whose start takes a pool slot and may wait for one: never past
         // this wait's own deadline (a cancelled start leaves the cell for the next waiter).
         let listening = match tokio::time::timeout_at(deadline, self.listener()).await {
             Ok(Ok(())) => true,
@@ -572,13 +585,9 @@ impl PostgresDistributedLock {
                 false
             }
         };
-        let flag_sent_at = Instant::now();
-        let flag = session.wait_flag(advisory);
-        let mut marked =
-            Self::mark(&session, &mut claim, &flag, wanted_marks(mode, attempt)).await?;
         // Long enough for a notified waiter elsewhere to retry (about a round trip after the
         // notification), short enough to cost little if none does.
-        let head_start = (flag_sent_at.elapsed() * YIELD_ROUND_TRIPS)
+        let head_start = (mark_round_trip * YIELD_ROUND_TRIPS)
             .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
             .min(config.get_retry_interval());
         let mut jitter = Jitter::new(uuid::Uuid::new_v4());
@@ -678,8 +687,8 @@ impl PostgresDistributedLock {
         advisory: i64,
         turn: &mut claims::Turn,
         deadline: Instant,
+        mark: &mut Option<WaitFlag>,
     ) -> Result<Option<Result<claims::KeyClaim, RecvError>>, LockError> {
-        let mut mark: Option<WaitFlag> = None;
         // False once the session failed to set the mark; `refused` until the next change after
         // the server refused it twice.
         let (mut marking, mut refused) = (true, false);
@@ -710,7 +719,7 @@ impl PostgresDistributedLock {
                 set = marked => match set {
                     Ok(set) => {
                         refused = set.is_none();
-                        mark = set;
+                        *mark = set;
                     }
                     Err(error) => {
                         tracing::debug!(
