@@ -399,14 +399,34 @@ async fn a_writer_gets_in_while_readers_keep_overlapping<L: DistributedRwLock + 
     make_lock: impl AsyncFn(LockConfig) -> L,
 ) {
     let lock = make_lock(config()).await;
-    const READERS: usize = 8;
-    let key = key("no-starvation");
+    let during =
+        reader_sections_ahead_of_a_writer(std::slice::from_ref(&lock), &lock, "no-starvation")
+            .await;
+    // Only the readers inside when the writer queued finish before it: at most one section
+    // each.
+    assert!(
+        during <= READERS_OVERLAPPING as u64,
+        "{during} reader sections went ahead of a waiting writer"
+    );
+}
+
+const READERS_OVERLAPPING: usize = 8;
+
+/// Runs `READERS_OVERLAPPING` readers spread over `processes`, each holding the key 20 ms in a
+/// loop, overlapping; once they are going, `writer` acquires the key. Returns how many reader
+/// sections ended between the writer's call and its getting in.
+async fn reader_sections_ahead_of_a_writer<L: DistributedRwLock + Clone>(
+    processes: &[L],
+    writer: &L,
+    test: &str,
+) -> u64 {
+    let key = key(test);
     let stop = Arc::new(AtomicBool::new(false));
     let sections = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
-    for _ in 0..READERS {
+    for index in 0..READERS_OVERLAPPING {
         let (lock, key, stop, sections) = (
-            lock.clone(),
+            processes[index % processes.len()].clone(),
             key.clone(),
             Arc::clone(&stop),
             Arc::clone(&sections),
@@ -423,24 +443,19 @@ async fn a_writer_gets_in_while_readers_keep_overlapping<L: DistributedRwLock + 
     // The readers are going when they have read a few times.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            sections.load(Ordering::SeqCst) >= READERS as u64
+            sections.load(Ordering::SeqCst) >= READERS_OVERLAPPING as u64
         })
         .await
     );
     let before = sections.load(Ordering::SeqCst);
-    let writer = lock.acquire(&key).await.expect("the writer got in");
+    let guard = writer.acquire(&key).await.expect("the writer got in");
     let during = sections.load(Ordering::SeqCst) - before;
-    writer.release().await.unwrap();
+    guard.release().await.unwrap();
     stop.store(true, Ordering::SeqCst);
     for reader in readers {
         reader.await.unwrap();
     }
-    // Only the readers inside when the writer queued finish before it: at most one section
-    // each.
-    assert!(
-        during <= READERS as u64,
-        "{during} reader sections went ahead of a waiting writer"
-    );
+    during
 }
 
 /// `try_acquire_shared` and `acquire_shared` (of a free key, and of a key a writer holds)
@@ -678,51 +693,18 @@ async fn a_writer_gets_in_while_readers_of_other_processes_keep_overlapping<
 >(
     make_lock: impl AsyncFn(LockConfig) -> L,
 ) {
-    const READERS: usize = 8;
     let mut processes = Vec::new();
     for _ in 0..4 {
         processes.push(make_lock(config()).await);
     }
     let writers = make_lock(config()).await;
-    let key = key("no-starvation-across");
-    let stop = Arc::new(AtomicBool::new(false));
-    let sections = Arc::new(AtomicU64::new(0));
-    let mut readers = Vec::new();
-    for index in 0..READERS {
-        let (lock, key, stop, sections) = (
-            processes[index % processes.len()].clone(),
-            key.clone(),
-            Arc::clone(&stop),
-            Arc::clone(&sections),
-        );
-        readers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let guard = lock.acquire_shared(&key).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                sections.fetch_add(1, Ordering::SeqCst);
-                guard.release().await.unwrap();
-            }
-        }));
-    }
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            sections.load(Ordering::SeqCst) >= READERS as u64
-        })
-        .await
-    );
-    let before = sections.load(Ordering::SeqCst);
-    let writer = writers.acquire(&key).await.expect("the writer got in");
-    let during = sections.load(Ordering::SeqCst) - before;
-    writer.release().await.unwrap();
-    stop.store(true, Ordering::SeqCst);
-    for reader in readers {
-        reader.await.unwrap();
-    }
+    let during =
+        reader_sections_ahead_of_a_writer(&processes, &writers, "no-starvation-across").await;
     // The readers inside when the writer queued finish before it, and those on their way in
     // (between their release and their next acquire), while the writer's first look and its
     // mark reach the server: a few sections each at most (a starved writer sees hundreds).
     assert!(
-        during <= 3 * READERS as u64,
+        during <= 3 * READERS_OVERLAPPING as u64,
         "{during} reader sections went ahead of a waiting writer"
     );
 }
