@@ -12,10 +12,7 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
-
-use tokio::process::Command;
 
 use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
 use k1s0_distributed_lock::{DistributedLock, DistributedRwLock, LockConfig};
@@ -42,31 +39,10 @@ fn main() {
 async fn parent() {
     let url = common::redis_url().await;
     let prefix = common::unique_prefix("redis_rw_two_processes");
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..2)
-        .map(|_| {
-            Command::new(&exe)
-                .env(CHILD_VARIABLE, &prefix)
-                .env("REDIS_URL", &url)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = common::redis_children::spawn(CHILD_VARIABLE, &prefix, &url, 2);
 
     let mut conn = common::redis_conn::connection(&url).await;
-    for _ in 0..2 {
-        let ready: Option<(String, String)> = redis::cmd("BLPOP")
-            .arg(format!("{prefix}ready"))
-            .arg(30)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(ready.is_some(), "a child never got ready");
-    }
-    let _: () = conn.rpush(format!("{prefix}go"), &[1, 1]).await.unwrap();
+    common::redis_children::start_together(&mut conn, &prefix, 2).await;
 
     let mut reports = Vec::new();
     for (index, child) in children.into_iter().enumerate() {
@@ -123,14 +99,7 @@ async fn child(prefix: String) {
         .build()
         .unwrap();
     let mut conn = common::redis_conn::connection(&url).await;
-    let _: () = conn.rpush(format!("{prefix}ready"), 1).await.unwrap();
-    let go: Option<(String, String)> = redis::cmd("BLPOP")
-        .arg(format!("{prefix}go"))
-        .arg(30)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(go.is_some(), "the parent never said go");
+    common::redis_children::ready_then_go(&mut conn, &prefix).await;
 
     let names = Names::new(&prefix);
     let writer = tokio::spawn({

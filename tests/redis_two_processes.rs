@@ -9,13 +9,9 @@
 
 mod common;
 
-use std::process::Stdio;
-
 use std::time::Duration;
-use tokio::process::Command;
 
 use common::counter::redis::RedisCounter;
-use k1s0_distributed_lock::bb8_redis::redis::{self, AsyncCommands};
 use k1s0_distributed_lock::{DistributedLock, LockConfig};
 
 const CHILD_VARIABLE: &str = "K1S0_REDIS_CHILD";
@@ -39,35 +35,13 @@ fn main() {
 async fn parent() {
     let url = common::redis_url().await;
     let prefix = common::unique_prefix("redis_two_processes");
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..2)
-        .map(|_| {
-            Command::new(&exe)
-                .env(CHILD_VARIABLE, &prefix)
-                .env("REDIS_URL", &url)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                // A parent that fails early must not leave its children running.
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = common::redis_children::spawn(CHILD_VARIABLE, &prefix, &url, 2);
     let pids: Vec<u32> = children.iter().map(|c| c.id().unwrap()).collect();
     assert_ne!(pids[0], pids[1]);
 
     // Start both children together, once both are connected.
     let mut conn = common::redis_conn::connection(&url).await;
-    for _ in 0..2 {
-        let ready: Option<(String, String)> = redis::cmd("BLPOP")
-            .arg(format!("{prefix}ready"))
-            .arg(30)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(ready.is_some(), "a child never got ready");
-    }
-    let _: () = conn.rpush(format!("{prefix}go"), &[1, 1]).await.unwrap();
+    common::redis_children::start_together(&mut conn, &prefix, 2).await;
 
     let mut sections = Vec::new(); // (counter value written, fencing token, child)
     for (index, child) in children.into_iter().enumerate() {
@@ -122,14 +96,7 @@ async fn child(prefix: String) {
         .build()
         .unwrap();
     let mut conn = common::redis_conn::connection(&url).await;
-    let _: () = conn.rpush(format!("{prefix}ready"), 1).await.unwrap();
-    let go: Option<(String, String)> = redis::cmd("BLPOP")
-        .arg(format!("{prefix}go"))
-        .arg(30)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(go.is_some(), "the parent never said go");
+    common::redis_children::ready_then_go(&mut conn, &prefix).await;
 
     let counter = RedisCounter::new(&url, &format!("{prefix}counter")).await;
     let mut lines = String::new();

@@ -143,6 +143,8 @@ pub mod http;
 pub mod load;
 pub mod proxy;
 #[cfg(feature = "redis")]
+pub mod redis_children;
+#[cfg(feature = "redis")]
 pub mod redis_conn;
 #[cfg(feature = "redis")]
 pub mod redis_server;
