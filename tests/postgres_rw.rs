@@ -889,3 +889,71 @@ async fn a_writer_whose_session_was_lost_while_it_waited_marks_the_key_again() {
     let writer = writer.await.unwrap().unwrap();
     writer.release().await.unwrap();
 }
+
+/// A writer gives up its wait while its session cannot drop its writer-waiting mark (a function
+/// that comes first in the session's `search_path` refuses the statement that clears marks with
+/// "permission denied", an error that leaves the session sound):
+/// the session closes, since a mark left on it would keep the readers of every process out of
+/// the key for as long as the connection lives. Its other lock is reported lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_mark_cannot_be_cleared_closes_its_session() {
+    let key = key("pg_rw_stale_mark");
+    let schema = format!("k1s0_clear_fails_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = pg_support::admin().await;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _drop_schema = pg_support::DropOnExit::new(vec![format!("DROP SCHEMA {schema} CASCADE")]);
+    sqlx::query(&format!(
+        "CREATE FUNCTION {schema}.pg_advisory_unlock_shared(integer, integer) RETURNS boolean \
+         LANGUAGE plpgsql AS $body$ BEGIN \
+         IF current_query() LIKE 'SELECT CASE WHEN $2 THEN pg_advisory_unlock_shared%' THEN \
+         RAISE EXCEPTION 'the test refuses to clear marks' USING ERRCODE = '42501'; END IF; \
+         RETURN pg_catalog.pg_advisory_unlock_shared($1, $2); END $body$"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let options: sqlx::postgres::PgConnectOptions = common::postgres_url()
+        .await
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .unwrap()
+        .options([("search_path", format!("{schema},pg_catalog,public"))]);
+    let writer_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let writers = PostgresDistributedLock::builder(
+        writer_pool,
+        config().wait_timeout(Duration::from_millis(300)),
+    )
+    .sessions(1)
+    .build()
+    .unwrap();
+    let holder = pg_support::lock(config()).await;
+    let readers = pg_support::lock(config()).await;
+
+    // The writers' session holds another key, so it has no reason to close on its own.
+    let kept = writers.acquire(&format!("{key}:other")).await.unwrap();
+    let held = holder.acquire(&key).await.unwrap();
+    match writers.acquire(&key).await {
+        Err(LockError::Timeout) => {}
+        other => panic!("the writer's wait should run out: {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(5), kept.lost())
+        .await
+        .expect("the session that could not clear its mark is closed");
+    assert_eq!(pg_support::writer_marks(&mut admin, &key).await, 0);
+    held.release().await.unwrap();
+    readers
+        .try_acquire_shared(&key)
+        .await
+        .expect("no writer waits: a reader gets in")
+        .release()
+        .await
+        .unwrap();
+    // The lock object goes on with a new session.
+    pg_support::take_and_release(&writers, &key).await;
+}

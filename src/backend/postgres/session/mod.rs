@@ -304,7 +304,12 @@ impl Session {
             // The statement dropped the marks this waiter alone held, as far as it could.
             let left = self.forget_flag(key, id) - dropped;
             if !left.is_empty() {
-                self.clear_marks(key, left).await;
+                if let Err(lost) = self.clear_marks(key, left).await {
+                    // The lock went with the session.
+                    drop(claim);
+                    let _ = reply.send(Err(lost));
+                    return;
+                }
             }
         }
         let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
@@ -481,12 +486,14 @@ impl Session {
     async fn clear_flag(&mut self, key: i64, id: u64) {
         let unused = self.forget_flag(key, id);
         if !unused.is_empty() {
-            self.clear_marks(key, unused).await;
+            // A lost session has told its guards.
+            let _ = self.clear_marks(key, unused).await;
         }
     }
 
-    /// Drops `marks` of `key` on the server.
-    async fn clear_marks(&mut self, key: i64, marks: Marks) {
+    /// Drops `marks` of `key` on the server. An error means the session was lost (the marks
+    /// and every lock of the session with it).
+    async fn clear_marks(&mut self, key: i64, marks: Marks) -> Result<(), LockError> {
         let (flag, writer, readers) = marks.as_params();
         let result = self
             .query::<(Option<bool>, Option<bool>, Option<bool>)>(
@@ -494,16 +501,32 @@ impl Session {
                 Args::KeyAnd3(key, flag, writer, readers),
             )
             .await;
-        if let Err(Failure::Statement(error)) = result {
-            // A stale flag only costs other processes a needless notification, a stale mark
-            // a wait until their next retry; closing the session to drop it would cost every
-            // lock on it.
+        let error = match result {
+            Ok(_) => return Ok(()),
+            Err(Failure::SessionLost(cause)) => return Err(cause),
+            Err(Failure::Statement(error)) => error,
+        };
+        if marks == Marks::FLAG {
+            // A stale flag only costs other processes a needless notification; closing the
+            // session to drop it would cost every lock on it.
             tracing::warn!(
                 error = &error as &dyn std::error::Error,
                 advisory_key = key,
-                "could not clear a lock waiter's marks"
+                "could not clear a lock waiter's flag"
             );
+            return Ok(());
         }
+        // A stale writer-waiting mark would keep the readers of every process out of the key,
+        // a stale readers' turn mark its writers, for as long as this connection lives: only
+        // closing it drops the mark for sure (and every lock it holds, reported lost).
+        tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            advisory_key = key,
+            "could not clear a lock waiter's marks; closing its session"
+        );
+        let cause = LockError::backend(error);
+        self.lose_session(cause.clone());
+        Err(cause)
     }
 
     /// The marks of `key` this session holds on the server: those of any of its waiters.
