@@ -892,11 +892,22 @@ async fn a_writer_whose_session_was_lost_while_it_waited_marks_the_key_again() {
 
 /// A writer gives up its wait while its session cannot drop its writer-waiting mark (a function
 /// that comes first in the session's `search_path` refuses the statement that clears marks with
-/// "permission denied", an error that leaves the session sound):
-/// the session closes, since a mark left on it would keep the readers of every process out of
-/// the key for as long as the connection lives. Its other lock is reported lost.
+/// "permission denied", an error that leaves the session sound): the session closes, since a
+/// mark left on it would keep the readers of every process out of the key for as long as the
+/// connection lives. Its other lock is reported lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_whose_mark_cannot_be_cleared_closes_its_session() {
+    a_mark_that_cannot_be_cleared_closes_its_session(LockMode::Exclusive).await;
+}
+
+/// The same for a reader that gave up waiting through a writer's hold: its readers' turn mark
+/// would keep the writers of every process out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_whose_mark_cannot_be_cleared_closes_its_session() {
+    a_mark_that_cannot_be_cleared_closes_its_session(LockMode::Shared).await;
+}
+
+async fn a_mark_that_cannot_be_cleared_closes_its_session(waiter_mode: LockMode) {
     let key = key("pg_rw_stale_mark");
     let schema = format!("k1s0_clear_fails_{}", uuid::Uuid::new_v4().simple());
     let mut admin = pg_support::admin().await;
@@ -915,45 +926,53 @@ async fn a_writer_whose_mark_cannot_be_cleared_closes_its_session() {
     .execute(&mut admin)
     .await
     .unwrap();
-    let options: sqlx::postgres::PgConnectOptions = common::postgres_url()
+    let options = common::postgres_url()
         .await
         .parse::<sqlx::postgres::PgConnectOptions>()
         .unwrap()
         .options([("search_path", format!("{schema},pg_catalog,public"))]);
-    let writer_pool = sqlx::postgres::PgPoolOptions::new()
+    let waiter_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(3)
         .connect_with(options)
         .await
         .unwrap();
-    let writers = PostgresDistributedLock::builder(
-        writer_pool,
+    let waiters = PostgresDistributedLock::builder(
+        waiter_pool,
         config().wait_timeout(Duration::from_millis(300)),
     )
     .sessions(1)
     .build()
     .unwrap();
     let holder = pg_support::lock(config()).await;
-    let readers = pg_support::lock(config()).await;
+    let others = pg_support::lock(config()).await;
 
-    // The writers' session holds another key, so it has no reason to close on its own.
-    let kept = writers.acquire(&format!("{key}:other")).await.unwrap();
+    // The waiters' session holds another key, so it has no reason to close on its own.
+    let kept = waiters.acquire(&format!("{key}:other")).await.unwrap();
     let held = holder.acquire(&key).await.unwrap();
-    match writers.acquire(&key).await {
+    let waited = match waiter_mode {
+        LockMode::Exclusive => waiters.acquire(&key).await,
+        LockMode::Shared => waiters.acquire_shared(&key).await,
+    };
+    match waited {
         Err(LockError::Timeout) => {}
-        other => panic!("the writer's wait should run out: {other:?}"),
+        other => panic!("the {waiter_mode:?} wait should run out: {other:?}"),
     }
     tokio::time::timeout(Duration::from_secs(5), kept.lost())
         .await
         .expect("the session that could not clear its mark is closed");
     assert_eq!(pg_support::writer_marks(&mut admin, &key).await, 0);
+    assert_eq!(pg_support::readers_marks(&mut admin, &key).await, 0);
     held.release().await.unwrap();
-    readers
-        .try_acquire_shared(&key)
-        .await
-        .expect("no writer waits: a reader gets in")
+    // The other side gets in: no mark of the gone waiter keeps it out.
+    let other_side = match waiter_mode {
+        LockMode::Exclusive => others.try_acquire_shared(&key).await,
+        LockMode::Shared => others.try_acquire(&key).await,
+    };
+    other_side
+        .expect("no waiter is left: the other side gets in")
         .release()
         .await
         .unwrap();
     // The lock object goes on with a new session.
-    pg_support::take_and_release(&writers, &key).await;
+    pg_support::take_and_release(&waiters, &key).await;
 }
