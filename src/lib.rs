@@ -5,6 +5,8 @@
 //!   (`Arc<dyn DynDistributedLock>` is a `DistributedLock` too).
 //! * [`DistributedRwLock`] — the shared (read) side: readers of a key hold it together, a
 //!   writer alone ([`LockMode`]).
+//! * [`DistributedSemaphore`] — permits: up to `limit` holders of a key at once, across
+//!   processes.
 //! * [`LockGuard`] — the held lock: released on drop, with a TTL ([`LockGuard::extend`],
 //!   [`LockGuard::is_lost`]) and a [`fencing token`](LockGuard::fencing_token) that strictly
 //!   increases per key.
@@ -57,6 +59,7 @@ pub use backend::postgres::{
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use backend::redis::{AutoExtend, RedisDistributedLock, RedisDistributedLockBuilder};
 pub use backend::rw::DistributedRwLock;
+pub use backend::semaphore::DistributedSemaphore;
 pub use backend::DistributedLock;
 /// The bb8-redis crate this backend is built on (with its `bb8` and `redis`), so that pools and
 /// clients you build have matching versions.

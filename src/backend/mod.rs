@@ -16,6 +16,7 @@ pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 pub(crate) mod rw;
+pub(crate) mod semaphore;
 
 /// A lock service: takes, tests and gives back named locks.
 ///

@@ -8,17 +8,18 @@ use tracing::Instrument;
 
 use super::record;
 use super::{Held, KeyVisibility, Mode, Outcome};
-use crate::{LockError, LockGuard, LockMode};
+use crate::{LockError, LockGuard};
 
-/// Runs `acquire` (a backend's `try_acquire` or `acquire` of `key`, or their shared forms, as
-/// `lock_mode` says) inside a `lock.acquire` span, records its outcome, time waited and fencing token in the span and the metrics, and
+/// Runs `acquire` (a backend's `try_acquire` or `acquire` of `key`, their shared forms, or their
+/// permit forms, as `lock_mode` says: `exclusive`, `shared` or `permit`) inside a `lock.acquire`
+/// span, records its outcome, time waited and fencing token in the span and the metrics, and
 /// marks the guard as held by `backend`.
 pub(crate) fn observe_acquire<F>(
     backend: &'static str,
     keys: KeyVisibility,
     key: &str,
     mode: Mode,
-    lock_mode: LockMode,
+    lock_mode: &'static str,
     acquire: F,
 ) -> impl Future<Output = Result<LockGuard, LockError>> + Send + use<F>
 where
@@ -29,7 +30,7 @@ where
         backend,
         key = keys.shown(key).map(display),
         mode = mode.as_str(),
-        lock_mode = lock_mode.as_str(),
+        lock_mode,
         outcome = Empty,
         waited_ms = Empty,
         fencing_token = Empty,

@@ -3,6 +3,7 @@
 mod table;
 
 use std::future::{ready, Future};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +12,12 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use self::table::{Grant, Listener, LockTable, TryTake, WaiterState};
+use self::table::{Grant, Listener, LockTable, TryTake, WaiterState, Want};
+use super::semaphore::validate_limit;
 use crate::observe::{observe_acquire, Mode};
 use crate::{
-    validate_key, DistributedLock, DistributedRwLock, KeyVisibility, LockConfig, LockError,
-    LockGuard, LockHandle, LockMode,
+    validate_key, DistributedLock, DistributedRwLock, DistributedSemaphore, KeyVisibility,
+    LockConfig, LockError, LockGuard, LockHandle, LockMode,
 };
 
 /// A lock service that lives in this process. Always compiled; no server needed.
@@ -29,10 +31,12 @@ use crate::{
 ///   expired holder is replaced by the first waiter when its TTL runs out.
 /// * **Synchronous release on drop.** Dropping a guard frees the lock before `drop` returns,
 ///   with or without a runtime.
-/// * **Bounded memory.** A key's entry is removed when its lock is released. Entries of locks
-///   that expired without release are swept by the next acquire on their shard after they
-///   expire, so the table holds at most the locks alive now plus those that expired since the
-///   shard last saw an acquire.
+/// * **Bounded memory.** A key's entry is removed when its lock (or its last permit) is
+///   released. Entries of locks that expired without release are swept by the next acquire on
+///   their shard after they expire, so the table holds at most the locks alive now plus those
+///   that expired since the shard last saw an acquire.
+/// * **Permits** ([`DistributedSemaphore`]) live in a table of their own, with the same
+///   queue, hand-over and sweeping; locks and permits draw fencing tokens from one counter.
 ///
 /// Clones share one table, so a clone locks the same keys.
 ///
@@ -54,6 +58,7 @@ use crate::{
 pub struct InMemoryDistributedLock {
     config: LockConfig,
     table: Arc<LockTable>,
+    permits: Arc<LockTable>,
 }
 
 impl InMemoryDistributedLock {
@@ -93,9 +98,11 @@ impl InMemoryDistributedLock {
     /// ```
     pub fn try_new(config: LockConfig) -> Result<Self, LockError> {
         config.validate()?;
+        let fencing = Arc::new(AtomicU64::new(1));
         Ok(InMemoryDistributedLock {
             config,
-            table: Arc::new(LockTable::new()),
+            table: Arc::new(LockTable::new(Arc::clone(&fencing))),
+            permits: Arc::new(LockTable::new(fencing)),
         })
     }
 
@@ -104,15 +111,23 @@ impl InMemoryDistributedLock {
         &self.config
     }
 
-    /// How many keys the table keeps state for: the locks held now plus expired locks not yet
-    /// swept. Released keys never count.
+    /// How many keys the table keeps state for: the keys locked or with permits held now plus
+    /// expired ones not yet swept. Released keys never count.
     pub fn tracked_keys(&self) -> usize {
-        self.table.len()
+        self.table.len() + self.permits.len()
     }
 
-    fn guard(&self, key: Arc<str>, grant: Grant) -> LockGuard {
+    /// The table that keeps what `want` asks for.
+    fn table_for(&self, want: Want) -> &Arc<LockTable> {
+        match want {
+            Want::Lock(_) => &self.table,
+            Want::Permit { .. } => &self.permits,
+        }
+    }
+
+    fn guard(&self, table: &Arc<LockTable>, key: Arc<str>, grant: Grant) -> LockGuard {
         let handle = MemoryHandle {
-            table: Arc::clone(&self.table),
+            table: Arc::clone(table),
             key: Arc::clone(&key),
             token: grant.token,
         };
@@ -126,18 +141,20 @@ impl InMemoryDistributedLock {
         .with_mode(grant.mode)
     }
 
-    fn try_acquire_now(&self, key: &str, mode: LockMode) -> Result<LockGuard, LockError> {
+    fn try_acquire_now(&self, key: &str, want: Want) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         self.config.validate()?;
-        match self.table.try_take(key, mode, self.config.get_ttl(), None) {
-            TryTake::Granted(key, grant) => Ok(self.guard(key, grant)),
+        let table = self.table_for(want);
+        match table.try_take(key, want, self.config.get_ttl(), None) {
+            TryTake::Granted(key, grant) => Ok(self.guard(table, key, grant)),
             TryTake::Held { .. } => Err(LockError::AlreadyLocked),
         }
     }
 
-    async fn acquire_waiting(&self, key: &str, mode: LockMode) -> Result<LockGuard, LockError> {
+    async fn acquire_waiting(&self, key: &str, want: Want) -> Result<LockGuard, LockError> {
         validate_key(key)?;
         self.config.validate()?;
+        let table = self.table_for(want);
         let ttl = self.config.get_ttl();
         let deadline = Instant::now() + self.config.wait_budget();
         // Each round takes a place in the queue; a waiter only needs a second round if it was
@@ -149,20 +166,20 @@ impl InMemoryDistributedLock {
                 grant: sender,
                 recheck: Arc::clone(&recheck),
             };
-            let (key, id, holder_expires_at) =
-                match self.table.try_take(key, mode, ttl, Some(listener)) {
-                    TryTake::Granted(key, grant) => return Ok(self.guard(key, grant)),
-                    TryTake::Held {
-                        key,
-                        queued_as: Some(id),
-                        expires_at,
-                    } => (key, id, expires_at),
-                    TryTake::Held {
-                        queued_as: None, ..
-                    } => return Err(LockError::Timeout),
-                };
+            let (key, id, holder_expires_at) = match table.try_take(key, want, ttl, Some(listener))
+            {
+                TryTake::Granted(key, grant) => return Ok(self.guard(table, key, grant)),
+                TryTake::Held {
+                    key,
+                    queued_as: Some(id),
+                    expires_at,
+                } => (key, id, expires_at),
+                TryTake::Held {
+                    queued_as: None, ..
+                } => return Err(LockError::Timeout),
+            };
             let mut waiter = QueuedWaiter {
-                table: Arc::clone(&self.table),
+                table: Arc::clone(table),
                 key,
                 keys: self.config().get_trace_keys(),
                 id,
@@ -173,7 +190,7 @@ impl InMemoryDistributedLock {
             match waiter.wait(holder_expires_at, deadline).await {
                 Waited::Granted(grant) => {
                     tracing::debug!(key = %waiter.keys.show(&waiter.key), "lock handed over");
-                    return Ok(self.guard(Arc::clone(&waiter.key), grant));
+                    return Ok(self.guard(table, Arc::clone(&waiter.key), grant));
                 }
                 Waited::GaveUp => return Err(LockError::Timeout),
                 Waited::LostPlace if Instant::now() >= deadline => return Err(LockError::Timeout),
@@ -194,11 +211,11 @@ impl std::fmt::Debug for InMemoryDistributedLock {
 
 impl DistributedLock for InMemoryDistributedLock {
     fn try_acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.try_acquire_as(key, LockMode::Exclusive)
+        self.try_acquire_as(key, Want::Lock(LockMode::Exclusive))
     }
 
     fn acquire(&self, key: &str) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.acquire_as(key, LockMode::Exclusive)
+        self.acquire_as(key, Want::Lock(LockMode::Exclusive))
     }
 
     // Looks when polled, not when called (see `try_acquire`).
@@ -220,14 +237,38 @@ impl DistributedRwLock for InMemoryDistributedLock {
         &self,
         key: &str,
     ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.try_acquire_as(key, LockMode::Shared)
+        self.try_acquire_as(key, Want::Lock(LockMode::Shared))
     }
 
     fn acquire_shared(
         &self,
         key: &str,
     ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
-        self.acquire_as(key, LockMode::Shared)
+        self.acquire_as(key, Want::Lock(LockMode::Shared))
+    }
+}
+
+impl DistributedSemaphore for InMemoryDistributedLock {
+    fn try_acquire_permit(
+        &self,
+        key: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.try_acquire_as(key, Want::Permit { limit })
+    }
+
+    fn acquire_permit(
+        &self,
+        key: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<LockGuard, LockError>> + Send {
+        self.acquire_as(key, Want::Permit { limit })
+    }
+
+    // Looks when polled, not when called (see `try_acquire`).
+    async fn permits_held(&self, key: &str) -> Result<u32, LockError> {
+        validate_key(key)?;
+        Ok(u32::try_from(self.permits.holders(key)).unwrap_or(u32::MAX))
     }
 }
 
@@ -237,28 +278,29 @@ impl InMemoryDistributedLock {
     fn try_acquire_as<'s, 'k>(
         &'s self,
         key: &'k str,
-        mode: LockMode,
+        want: Want,
     ) -> impl Future<Output = Result<LockGuard, LockError>> + Send + use<'s, 'k> {
         let keys = self.config().get_trace_keys();
-        observe_acquire("memory", keys, key, Mode::Try, mode, async move {
-            self.try_acquire_now(key, mode)
+        observe_acquire("memory", keys, key, Mode::Try, want.label(), async move {
+            if let Want::Permit { limit } = want {
+                validate_limit(limit)?;
+            }
+            self.try_acquire_now(key, want)
         })
     }
 
     fn acquire_as<'s, 'k>(
         &'s self,
         key: &'k str,
-        mode: LockMode,
+        want: Want,
     ) -> impl Future<Output = Result<LockGuard, LockError>> + Send + use<'s, 'k> {
         let keys = self.config().get_trace_keys();
-        observe_acquire(
-            "memory",
-            keys,
-            key,
-            Mode::Wait,
-            mode,
-            self.acquire_waiting(key, mode),
-        )
+        observe_acquire("memory", keys, key, Mode::Wait, want.label(), async move {
+            if let Want::Permit { limit } = want {
+                validate_limit(limit)?;
+            }
+            self.acquire_waiting(key, want).await
+        })
     }
 }
 

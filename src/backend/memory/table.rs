@@ -22,6 +22,32 @@ pub(super) struct Grant {
     pub(super) lease: Arc<Lease>,
 }
 
+/// What a caller asks the table for: a side of a key's lock, or one of a key's permits (in a
+/// table of permits, where every holder holds one).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Want {
+    Lock(LockMode),
+    Permit { limit: u32 },
+}
+
+impl Want {
+    /// `exclusive`, `shared` or `permit`, as spans show it.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Want::Lock(mode) => mode.as_str(),
+            Want::Permit { .. } => "permit",
+        }
+    }
+
+    /// The mode of the guard it gets: a permit's holders coexist, like shared ones.
+    pub(super) fn mode(self) -> LockMode {
+        match self {
+            Want::Lock(mode) => mode,
+            Want::Permit { .. } => LockMode::Shared,
+        }
+    }
+}
+
 pub(super) enum TryTake {
     /// The caller holds the lock now; the key is the table's shared copy.
     Granted(Arc<str>, Grant),
@@ -52,7 +78,9 @@ pub(super) enum WaiterState {
 pub(super) struct LockTable {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
-    next_fencing_token: AtomicU64,
+    /// Shared with the other table of the same lock object (locks and permits draw from one
+    /// sequence).
+    next_fencing_token: Arc<AtomicU64>,
     next_waiter_id: AtomicU64,
 }
 
@@ -84,7 +112,7 @@ struct Holder {
 
 struct Waiter {
     id: u64,
-    mode: LockMode,
+    want: Want,
     ttl: Duration,
     listener: Listener,
     /// The moment this waiter was last told to look again at (the first lease to end then).
@@ -92,13 +120,15 @@ struct Waiter {
 }
 
 impl Entry {
-    /// Whether a caller asking for `mode` fits beside the current holders. An exclusive
-    /// holder is always alone, so the first holder's mode is that of all of them.
-    fn fits(&self, mode: LockMode) -> bool {
-        match (mode, self.holders.first()) {
+    /// Whether a caller asking for `want` fits beside the current holders. An exclusive
+    /// holder is always alone, so the first holder's mode is that of all of them; a permit
+    /// fits while fewer than its limit are held.
+    fn fits(&self, want: Want) -> bool {
+        match (want, self.holders.first()) {
+            (Want::Permit { limit }, _) => self.holders.len() < limit as usize,
             (_, None) => true,
-            (LockMode::Shared, Some(holder)) => holder.mode == LockMode::Shared,
-            (LockMode::Exclusive, Some(_)) => false,
+            (Want::Lock(LockMode::Shared), Some(holder)) => holder.mode == LockMode::Shared,
+            (Want::Lock(LockMode::Exclusive), Some(_)) => false,
         }
     }
 
@@ -136,11 +166,12 @@ impl Entry {
 }
 
 impl LockTable {
-    pub(super) fn new() -> Self {
+    /// An empty table drawing fencing tokens from `next_fencing_token`.
+    pub(super) fn new(next_fencing_token: Arc<AtomicU64>) -> Self {
         LockTable {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
-            next_fencing_token: AtomicU64::new(1),
+            next_fencing_token,
             next_waiter_id: AtomicU64::new(0),
         }
     }
@@ -151,12 +182,12 @@ impl LockTable {
             .sum()
     }
 
-    /// Takes `key` in `mode` if that fits beside its live holders and nobody waits; otherwise
-    /// queues the caller if it passed a `sender`.
+    /// Takes `key` as `want` says if that fits beside its live holders and nobody waits;
+    /// otherwise queues the caller if it passed a `listener`.
     pub(super) fn try_take(
         &self,
         key: &str,
-        mode: LockMode,
+        want: Want,
         ttl: Duration,
         listener: Option<Listener>,
     ) -> TryTake {
@@ -165,8 +196,8 @@ impl LockTable {
         shard.sweep_if_due(now);
         if let Some(entry) = shard.entries.get_mut(key) {
             self.settle(entry, now);
-            let outcome = if entry.waiters.is_empty() && entry.fits(mode) {
-                let (holder, grant) = self.grant(now, mode, ttl);
+            let outcome = if entry.waiters.is_empty() && entry.fits(want) {
+                let (holder, grant) = self.grant(now, want.mode(), ttl);
                 entry.holders.push(holder);
                 TryTake::Granted(Arc::clone(&entry.key), grant)
             } else {
@@ -176,7 +207,7 @@ impl LockTable {
                     let id = self.next_waiter_id.fetch_add(1, Ordering::Relaxed);
                     entry.waiters.push_back(Waiter {
                         id,
-                        mode,
+                        want,
                         ttl,
                         listener,
                         told,
@@ -194,7 +225,7 @@ impl LockTable {
             return outcome;
         }
         let shared_key: Arc<str> = Arc::from(key);
-        let (holder, grant) = self.grant(now, mode, ttl);
+        let (holder, grant) = self.grant(now, want.mode(), ttl);
         shard.note_expiry(holder.expires_at);
         shard.entries.insert(
             Arc::clone(&shared_key),
@@ -292,6 +323,18 @@ impl LockTable {
         Ok(())
     }
 
+    /// How many live holders `key` has.
+    pub(super) fn holders(&self, key: &str) -> usize {
+        let now = Instant::now();
+        self.shard(key).entries.get(key).map_or(0, |entry| {
+            entry
+                .holders
+                .iter()
+                .filter(|holder| holder.expires_at > now)
+                .count()
+        })
+    }
+
     pub(super) fn is_held(&self, key: &str) -> bool {
         let now = Instant::now();
         self.shard(key).entries.get(key).is_some_and(|entry| {
@@ -306,11 +349,11 @@ impl LockTable {
     fn settle(&self, entry: &mut Entry, now: Instant) {
         entry.drop_expired(now);
         while let Some(waiter) = entry.waiters.front() {
-            if !entry.fits(waiter.mode) {
+            if !entry.fits(waiter.want) {
                 break;
             }
             let waiter = entry.waiters.pop_front().expect("the front waiter");
-            let (holder, grant) = self.grant(now, waiter.mode, waiter.ttl);
+            let (holder, grant) = self.grant(now, waiter.want.mode(), waiter.ttl);
             let token = holder.token;
             if waiter.listener.grant.send(grant).is_ok() {
                 entry.holders.push(holder);

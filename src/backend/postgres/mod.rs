@@ -864,7 +864,7 @@ impl DistributedLock for PostgresDistributedLock {
             keys,
             key,
             Mode::Try,
-            LockMode::Exclusive,
+            LockMode::Exclusive.as_str(),
             self.try_acquire_once(key, LockMode::Exclusive),
         )
     }
@@ -876,7 +876,7 @@ impl DistributedLock for PostgresDistributedLock {
             keys,
             key,
             Mode::Wait,
-            LockMode::Exclusive,
+            LockMode::Exclusive.as_str(),
             self.acquire_waiting(key, LockMode::Exclusive),
         )
     }
@@ -905,7 +905,7 @@ impl DistributedRwLock for PostgresDistributedLock {
             keys,
             key,
             Mode::Try,
-            LockMode::Shared,
+            LockMode::Shared.as_str(),
             self.try_acquire_once(key, LockMode::Shared),
         )
     }
@@ -920,7 +920,7 @@ impl DistributedRwLock for PostgresDistributedLock {
             keys,
             key,
             Mode::Wait,
-            LockMode::Shared,
+            LockMode::Shared.as_str(),
             self.acquire_waiting(key, LockMode::Shared),
         )
     }

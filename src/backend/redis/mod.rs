@@ -495,7 +495,7 @@ impl DistributedLock for RedisDistributedLock {
             keys,
             key,
             Mode::Try,
-            LockMode::Exclusive,
+            LockMode::Exclusive.as_str(),
             self.take(key, LockMode::Exclusive, false),
         )
     }
@@ -507,7 +507,7 @@ impl DistributedLock for RedisDistributedLock {
             keys,
             key,
             Mode::Wait,
-            LockMode::Exclusive,
+            LockMode::Exclusive.as_str(),
             self.take(key, LockMode::Exclusive, true),
         )
     }
@@ -536,7 +536,7 @@ impl DistributedRwLock for RedisDistributedLock {
             keys,
             key,
             Mode::Try,
-            LockMode::Shared,
+            LockMode::Shared.as_str(),
             self.take(key, LockMode::Shared, false),
         )
     }
@@ -551,7 +551,7 @@ impl DistributedRwLock for RedisDistributedLock {
             keys,
             key,
             Mode::Wait,
-            LockMode::Shared,
+            LockMode::Shared.as_str(),
             self.take(key, LockMode::Shared, true),
         )
     }
