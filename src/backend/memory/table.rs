@@ -120,12 +120,16 @@ struct Waiter {
 }
 
 impl Entry {
-    /// Whether a caller asking for `want` fits beside the current holders. An exclusive
-    /// holder is always alone, so the first holder's mode is that of all of them; a permit
-    /// fits while fewer than its limit are held.
-    fn fits(&self, want: Want) -> bool {
+    /// Whether a caller asking for `want`, with `ahead` waiters before it, goes in now. A
+    /// lock's caller goes in only with nobody ahead and if it fits beside the holders (an
+    /// exclusive holder is always alone, so the first holder's mode is that of all of them).
+    /// A permit's caller goes in while the holders and the waiters ahead of it are fewer than
+    /// its limit: the waiters ahead count as let in, so nobody passes a waiter that the same
+    /// limit would let in.
+    fn admits(&self, want: Want, ahead: usize) -> bool {
         match (want, self.holders.first()) {
-            (Want::Permit { limit }, _) => self.holders.len() < limit as usize,
+            (Want::Permit { limit }, _) => self.holders.len() + ahead < limit as usize,
+            (_, _) if ahead > 0 => false,
             (_, None) => true,
             (Want::Lock(LockMode::Shared), Some(holder)) => holder.mode == LockMode::Shared,
             (Want::Lock(LockMode::Exclusive), Some(_)) => false,
@@ -196,7 +200,7 @@ impl LockTable {
         shard.sweep_if_due(now);
         if let Some(entry) = shard.entries.get_mut(key) {
             self.settle(entry, now);
-            let outcome = if entry.waiters.is_empty() && entry.fits(want) {
+            let outcome = if entry.admits(want, entry.waiters.len()) {
                 let (holder, grant) = self.grant(now, want.mode(), ttl);
                 entry.holders.push(holder);
                 TryTake::Granted(Arc::clone(&entry.key), grant)
@@ -342,17 +346,24 @@ impl LockTable {
         })
     }
 
-    /// Drops the entry's expired holders, then lets in waiters from the front of the queue
-    /// while they fit (skipping those gone): one exclusive waiter, or the run of shared ones.
-    /// Then the first waiter (maybe a new one) is told to look again if the first lease to end
-    /// (maybe a new holder's) ends sooner than the moment it was told.
+    /// Drops the entry's expired holders, then lets in the waiters that go in now (skipping
+    /// those gone): of a lock, from the front of the queue while they fit (one exclusive
+    /// waiter, or the run of shared ones); of permits, each whose limit leaves room for the
+    /// holders and the waiters still ahead of it. Then the first waiter (maybe a new one) is
+    /// told to look again if the first lease to end (maybe a new holder's) ends sooner than the
+    /// moment it was told.
     fn settle(&self, entry: &mut Entry, now: Instant) {
         entry.drop_expired(now);
-        while let Some(waiter) = entry.waiters.front() {
-            if !entry.fits(waiter.want) {
-                break;
+        let mut ahead = 0;
+        while let Some(waiter) = entry.waiters.get(ahead) {
+            if !entry.admits(waiter.want, ahead) {
+                if let Want::Lock(_) = waiter.want {
+                    break;
+                }
+                ahead += 1;
+                continue;
             }
-            let waiter = entry.waiters.pop_front().expect("the front waiter");
+            let waiter = entry.waiters.remove(ahead).expect("the waiter looked at");
             let (holder, grant) = self.grant(now, waiter.want.mode(), waiter.ttl);
             let token = holder.token;
             if waiter.listener.grant.send(grant).is_ok() {
