@@ -19,8 +19,16 @@ use super::ResponseBody;
 use crate::observe::{layer_request, LayerOutcome};
 use crate::{LockError, LockGuard};
 
-/// The lock acquisition of one request; gives the key back with the result.
-pub(crate) type Acquire = BoxFuture<'static, (String, Result<LockGuard, LockError>)>;
+/// The lock acquisition of one request.
+pub(crate) type Acquire = BoxFuture<'static, Acquired>;
+
+/// What an acquisition ends with: the key back, the result, and whether it was for a permit
+/// (whose refusal is answered as [`RejectionKind::PermitsExhausted`]).
+pub(crate) struct Acquired {
+    pub(crate) key: String,
+    pub(crate) result: Result<LockGuard, LockError>,
+    pub(crate) permit: bool,
+}
 
 pin_project! {
     /// The response future of [`LockService`](super::LockService).
@@ -142,11 +150,15 @@ where
                     settings,
                     grpc,
                 } => {
-                    let (key, result) = ready!(acquire.as_mut().poll(cx));
+                    let Acquired {
+                        key,
+                        result,
+                        permit,
+                    } = ready!(acquire.as_mut().poll(cx));
                     let service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
                     let (settings, grpc) = (Arc::clone(settings), *grpc);
-                    let lock = match Outcome::of(result, settings.fail_open) {
+                    let lock = match Outcome::of(result, settings.fail_open, permit) {
                         Outcome::Locked(guard) => {
                             layer_request(LayerOutcome::Locked);
                             let lock = HeldLock::new(guard, &settings);
@@ -262,7 +274,7 @@ where
     B: http_body::Body<Data = Bytes>,
 {
     layer_request(match kind {
-        RejectionKind::Locked => LayerOutcome::Conflict,
+        RejectionKind::Locked | RejectionKind::PermitsExhausted => LayerOutcome::Conflict,
         RejectionKind::BackendUnavailable => LayerOutcome::BackendError,
         _ => LayerOutcome::Invalid,
     });

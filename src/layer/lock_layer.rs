@@ -11,9 +11,9 @@ use tower_layer::Layer;
 
 use super::key::IntoLockKey;
 use super::settings::Settings;
-use super::shared::SharedSide;
+use super::side::Side;
 use super::{LockService, Rejection};
-use crate::{DistributedLock, DistributedRwLock, LockError};
+use crate::{DistributedLock, DistributedRwLock, DistributedSemaphore, LockError};
 
 /// A Tower layer that takes a lock per request, keyed by a closure over the request head.
 ///
@@ -43,7 +43,7 @@ use crate::{DistributedLock, DistributedRwLock, LockError};
 pub struct LockLayer<B> {
     lock: Arc<B>,
     settings: Settings,
-    shared: Option<SharedSide<B>>,
+    side: Side<B>,
 }
 
 impl<B: DistributedLock> LockLayer<B> {
@@ -110,7 +110,7 @@ impl<B: DistributedLock> LockLayer<B> {
         Ok(LockLayer {
             lock,
             settings,
-            shared: None,
+            side: Side::Exclusive,
         })
     }
 
@@ -235,6 +235,9 @@ impl<B: DistributedRwLock> LockLayer<B> {
     /// requests; a shared request refused because a writer holds the key (or waits for it)
     /// gets the conflict status. Only for a lock with a shared side ([`DistributedRwLock`]).
     ///
+    /// This replaces [`permits`](Self::permits) if that was called before (the last of the
+    /// two decides).
+    ///
     /// A gRPC service picks by path, the method's name being its last segment:
     ///
     /// ```
@@ -249,7 +252,7 @@ impl<B: DistributedRwLock> LockLayer<B> {
     where
         F: Fn(&Parts) -> bool + Send + Sync + 'static,
     {
-        self.shared = Some(SharedSide::new(select));
+        self.side = Side::shared_when(select);
         self
     }
 
@@ -271,12 +274,51 @@ impl<B: DistributedRwLock> LockLayer<B> {
     }
 }
 
+impl<B: DistributedSemaphore> LockLayer<B> {
+    /// Lets up to `limit` requests of one key run at once, across every process that uses the
+    /// backend: each request takes one of the key's `limit` permits
+    /// ([`DistributedSemaphore`]) instead of its lock, and holds it until its response is
+    /// finished. A request that finds all of them taken gets 429 Too Many Requests with
+    /// `Retry-After` (gRPC 8 `RESOURCE_EXHAUSTED`), see
+    /// [`RejectionKind::PermitsExhausted`](super::RejectionKind::PermitsExhausted);
+    /// [`wait`](Self::wait) makes it wait for a permit instead, and
+    /// [`fail_open`](Self::fail_open), the keep-alive, [`on_rejection`](Self::on_rejection)
+    /// and the rest apply as for locks. Permits live apart from locks: a permit of a key does
+    /// not conflict with a lock of it.
+    ///
+    /// This replaces [`shared_when`](Self::shared_when) if that was called before (the last of
+    /// the two decides).
+    ///
+    /// ```
+    /// use axum::{routing::post, Router};
+    /// use k1s0_distributed_lock::{layer::key, InMemoryDistributedLock, LockConfig, LockLayer};
+    ///
+    /// let lock = InMemoryDistributedLock::new(LockConfig::new());
+    /// // At most 3 exports per tenant at once, whichever replica takes them.
+    /// let app: Router = Router::new()
+    ///     .route("/tenants/{tenant}/exports", post(|| async { "started" }))
+    ///     .layer(LockLayer::new(lock, key::path()).permits(3));
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is 0, which would refuse every request.
+    pub fn permits(mut self, limit: u32) -> Self {
+        assert!(
+            limit > 0,
+            "LockLayer::permits needs a limit of at least 1: 0 would refuse every request"
+        );
+        self.side = Side::permits(limit);
+        self
+    }
+}
+
 impl<B> Clone for LockLayer<B> {
     fn clone(&self) -> Self {
         LockLayer {
             lock: Arc::clone(&self.lock),
             settings: self.settings.clone(),
-            shared: self.shared.clone(),
+            side: self.side.clone(),
         }
     }
 }
@@ -292,7 +334,7 @@ impl<B> fmt::Debug for LockLayer<B> {
             .field("max_hold", &self.settings.keep_alive_for)
             .field("release_timeout", &self.settings.release_timeout)
             .field("max_waiters", &self.settings.max_waiters)
-            .field("shared_when", &self.shared.is_some())
+            .field("side", &self.side.describe())
             .finish_non_exhaustive()
     }
 }
@@ -305,7 +347,7 @@ impl<S, B: DistributedLock> Layer<S> for LockLayer<B> {
             inner,
             Arc::clone(&self.lock),
             Arc::new(self.settings.clone()),
-            self.shared.clone(),
+            self.side.clone(),
         )
     }
 }

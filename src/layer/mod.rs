@@ -33,7 +33,7 @@ mod lock_layer;
 mod rejection;
 mod service;
 mod settings;
-mod shared;
+mod side;
 mod waiters;
 
 pub use body::ResponseBody;

@@ -17,6 +17,13 @@ pub enum RejectionKind {
     /// [`max_waiters`](super::LockLayer::max_waiters) requests were waiting already).
     /// HTTP: the conflict status (409, or 423 if configured). gRPC: 10 `ABORTED`.
     Locked,
+    /// All the permits of the key are taken ([`LockLayer::permits`](super::LockLayer::permits)),
+    /// or were for the whole waiting budget in wait mode, or
+    /// [`max_waiters`](super::LockLayer::max_waiters) requests were waiting already.
+    /// HTTP: 429 Too Many Requests with `Retry-After`
+    /// ([`retry_after`](super::LockLayer::retry_after), default 1 s). gRPC: 8
+    /// `RESOURCE_EXHAUSTED`.
+    PermitsExhausted,
     /// The extractor built a key the backend refuses (empty or too long), or refused the
     /// request itself ([`KeyDecision::Refuse`](super::KeyDecision::Refuse)).
     /// HTTP: 400. gRPC: 3 `INVALID_ARGUMENT`.
@@ -54,6 +61,9 @@ impl Rejection {
         match kind {
             RejectionKind::Locked => {
                 tracing::debug!(key = %key_shown, "request refused: the key is locked")
+            }
+            RejectionKind::PermitsExhausted => {
+                tracing::debug!(key = %key_shown, "request refused: every permit of the key is taken")
             }
             // The client's doing: nothing for an operator to act on.
             RejectionKind::InvalidKey => {
@@ -102,6 +112,11 @@ impl Rejection {
                 GRPC_ABORTED,
                 "the resource is locked by another request",
             ),
+            RejectionKind::PermitsExhausted => (
+                StatusCode::TOO_MANY_REQUESTS,
+                GRPC_RESOURCE_EXHAUSTED,
+                "every permit of the resource is taken by other requests",
+            ),
             RejectionKind::InvalidKey => (
                 StatusCode::BAD_REQUEST,
                 GRPC_INVALID_ARGUMENT,
@@ -128,7 +143,10 @@ impl Rejection {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if self.kind == RejectionKind::BackendUnavailable {
+        if matches!(
+            self.kind,
+            RejectionKind::BackendUnavailable | RejectionKind::PermitsExhausted
+        ) {
             headers.insert(header::RETRY_AFTER, retry_after_seconds(self.retry_after));
         }
         response
@@ -147,6 +165,7 @@ impl fmt::Debug for Rejection {
 }
 
 const GRPC_INVALID_ARGUMENT: u16 = 3;
+const GRPC_RESOURCE_EXHAUSTED: u16 = 8;
 const GRPC_ABORTED: u16 = 10;
 const GRPC_INTERNAL: u16 = 13;
 const GRPC_UNAVAILABLE: u16 = 14;
@@ -182,12 +201,16 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    pub(crate) fn of(result: Result<LockGuard, LockError>, fail_open: bool) -> Self {
+    /// `permit`: the acquisition was for one of the key's permits.
+    pub(crate) fn of(result: Result<LockGuard, LockError>, fail_open: bool, permit: bool) -> Self {
         let error = match result {
             Ok(guard) => return Outcome::Locked(guard),
             Err(error) => error,
         };
         let kind = match error {
+            LockError::AlreadyLocked | LockError::Timeout if permit => {
+                RejectionKind::PermitsExhausted
+            }
             LockError::AlreadyLocked | LockError::Timeout => RejectionKind::Locked,
             LockError::InvalidKey { .. } => RejectionKind::InvalidKey,
             LockError::InvalidConfig { .. } => RejectionKind::Misconfigured,
@@ -219,33 +242,40 @@ mod tests {
     #[test]
     fn errors_map_to_kinds_and_fail_open_only_covers_backend_failures() {
         let backend = || LockError::backend_msg("down");
-        let cases = [
-            (LockError::AlreadyLocked, Some(RejectionKind::Locked)),
-            (LockError::Timeout, Some(RejectionKind::Locked)),
-            (
-                LockError::invalid_key("empty"),
-                Some(RejectionKind::InvalidKey),
-            ),
-            (
-                LockError::invalid_config("ttl"),
-                Some(RejectionKind::Misconfigured),
-            ),
-            (backend(), Some(RejectionKind::BackendUnavailable)),
-        ];
-        for (error, expected) in cases {
-            let closed = match Outcome::of(Err(error.clone()), false) {
-                Outcome::Refused(kind, _) => Some(kind),
-                _ => None,
+        for permit in [false, true] {
+            let taken = if permit {
+                RejectionKind::PermitsExhausted
+            } else {
+                RejectionKind::Locked
             };
-            assert_eq!(closed, expected, "{error:?}");
+            let cases = [
+                (LockError::AlreadyLocked, Some(taken)),
+                (LockError::Timeout, Some(taken)),
+                (
+                    LockError::invalid_key("empty"),
+                    Some(RejectionKind::InvalidKey),
+                ),
+                (
+                    LockError::invalid_config("ttl"),
+                    Some(RejectionKind::Misconfigured),
+                ),
+                (backend(), Some(RejectionKind::BackendUnavailable)),
+            ];
+            for (error, expected) in cases {
+                let closed = match Outcome::of(Err(error.clone()), false, permit) {
+                    Outcome::Refused(kind, _) => Some(kind),
+                    _ => None,
+                };
+                assert_eq!(closed, expected, "{error:?}, permit: {permit}");
+            }
+            assert!(matches!(
+                Outcome::of(Err(backend()), true, permit),
+                Outcome::Unlocked
+            ));
+            assert!(matches!(
+                Outcome::of(Err(LockError::AlreadyLocked), true, permit),
+                Outcome::Refused(kind, _) if kind == taken
+            ));
         }
-        assert!(matches!(
-            Outcome::of(Err(backend()), true),
-            Outcome::Unlocked
-        ));
-        assert!(matches!(
-            Outcome::of(Err(LockError::AlreadyLocked), true),
-            Outcome::Refused(RejectionKind::Locked, _)
-        ));
     }
 }

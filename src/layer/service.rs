@@ -11,10 +11,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use tower_service::Service;
 
-use super::future::{Acquire, InnerService, ResponseFuture};
+use super::future::{Acquire, Acquired, InnerService, ResponseFuture};
 use super::key::KeyDecision;
 use super::settings::Settings;
-use super::shared::{AcquireShared, SharedSide};
+use super::side::{Chosen, Side};
 use super::waiters::WaiterSlot;
 use super::ResponseBody;
 use crate::{DistributedLock, LockError};
@@ -30,21 +30,16 @@ pub struct LockService<S, B> {
     inner: S,
     lock: Arc<B>,
     settings: Arc<Settings>,
-    shared: Option<SharedSide<B>>,
+    side: Side<B>,
 }
 
 impl<S, B> LockService<S, B> {
-    pub(crate) fn new(
-        inner: S,
-        lock: Arc<B>,
-        settings: Arc<Settings>,
-        shared: Option<SharedSide<B>>,
-    ) -> Self {
+    pub(crate) fn new(inner: S, lock: Arc<B>, settings: Arc<Settings>, side: Side<B>) -> Self {
         LockService {
             inner,
             lock,
             settings,
-            shared,
+            side,
         }
     }
 
@@ -82,16 +77,13 @@ where
         let (parts, body) = request.into_parts();
         let decision = (self.settings.extractor)(&parts);
         // The selector runs only for a request that is to be locked.
-        let shared = match &decision {
-            KeyDecision::Lock(_) => self
-                .shared
-                .as_ref()
-                .and_then(|side| side.for_request(&parts)),
-            _ => None,
+        let chosen = match &decision {
+            KeyDecision::Lock(_) => self.side.for_request(&parts),
+            _ => Chosen::Exclusive,
         };
         let request = Request::from_parts(parts, body);
         let acquire = match decision {
-            KeyDecision::Lock(key) => self.acquire(key, shared),
+            KeyDecision::Lock(key) => self.acquire(key, chosen),
             KeyDecision::PassUnlocked => return ResponseFuture::unlocked(self.inner.call(request)),
             KeyDecision::Refuse(reason) => refused(LockError::invalid_key(reason)),
         };
@@ -113,36 +105,52 @@ where
 }
 
 impl<S, B: DistributedLock> LockService<S, B> {
-    /// The acquisition of `key`, on the exclusive side or with `shared`: at once, or in wait
-    /// mode within a place among the layer's waiters (none left: refused as locked at once).
-    fn acquire(&self, key: String, shared: Option<AcquireShared<B>>) -> Acquire {
+    /// The acquisition of `key` as `chosen` says: at once, or in wait mode within a place
+    /// among the layer's waiters (none left: refused at once, as if the key were taken).
+    fn acquire(&self, key: String, chosen: Chosen<B>) -> Acquire {
         let lock = Arc::clone(&self.lock);
         let wait = self.settings.wait;
+        let permit = matches!(chosen, Chosen::Permit(..));
         let slot = match self.settings.max_waiters {
             Some(max) if wait => match WaiterSlot::try_take(&self.settings.waiting, max) {
                 Some(slot) => Some(slot),
                 None => {
                     tracing::debug!(key = %self.settings.keys.show(&key), max_waiters = max, "request refused: too many requests waiting for locks");
-                    return Box::pin(ready((key, Err(LockError::AlreadyLocked))));
+                    return Box::pin(ready(Acquired {
+                        key,
+                        result: Err(LockError::AlreadyLocked),
+                        permit,
+                    }));
                 }
             },
             _ => None,
         };
         Box::pin(async move {
-            let result = match shared {
-                Some(acquire_shared) => acquire_shared(&lock, &key, wait).await,
-                None if wait => lock.acquire(&key).await,
-                None => lock.try_acquire(&key).await,
+            let result = match chosen {
+                Chosen::Shared(acquire_shared) => acquire_shared(&lock, &key, wait).await,
+                Chosen::Permit(limit, acquire_permit) => {
+                    acquire_permit(&lock, &key, limit, wait).await
+                }
+                Chosen::Exclusive if wait => lock.acquire(&key).await,
+                Chosen::Exclusive => lock.try_acquire(&key).await,
             };
             drop(slot);
-            (key, result)
+            Acquired {
+                key,
+                result,
+                permit,
+            }
         })
     }
 }
 
 /// An acquisition that is refused before it starts.
 fn refused(error: LockError) -> Acquire {
-    Box::pin(ready((String::new(), Err(error))))
+    Box::pin(ready(Acquired {
+        key: String::new(),
+        result: Err(error),
+        permit: false,
+    }))
 }
 
 /// gRPC requests carry `content-type: application/grpc`, optionally with a codec
@@ -167,7 +175,7 @@ impl<S: Clone, B> Clone for LockService<S, B> {
             inner: self.inner.clone(),
             lock: Arc::clone(&self.lock),
             settings: Arc::clone(&self.settings),
-            shared: self.shared.clone(),
+            side: self.side.clone(),
         }
     }
 }
