@@ -890,11 +890,67 @@ async fn a_writer_whose_session_was_lost_while_it_waited_marks_the_key_again() {
     writer.release().await.unwrap();
 }
 
-/// A writer gives up its wait while its session cannot drop its writer-waiting mark (a function
-/// that comes first in the session's `search_path` refuses the statement that clears marks with
-/// "permission denied", an error that leaves the session sound): the session closes, since a
-/// mark left on it would keep the readers of every process out of the key for as long as the
-/// connection lives. Its other lock is reported lost.
+/// A lock object (one session) whose connections resolve `function` (a `CREATE FUNCTION` text
+/// for a function of the schema `{schema}`, shadowing one of `pg_catalog`) before PostgreSQL's
+/// own: a fault that a real server raises, at a statement of the test's choosing. The schema
+/// goes when the returned guard drops.
+async fn lock_with_shadowed(
+    config: LockConfig,
+    function: &str,
+) -> (PostgresDistributedLock, pg_support::DropOnExit) {
+    let schema = format!("k1s0_fault_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = pg_support::admin().await;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let drop_schema = pg_support::DropOnExit::new(vec![format!("DROP SCHEMA {schema} CASCADE")]);
+    sqlx::query(&function.replace("{schema}", &schema))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let options = common::postgres_url()
+        .await
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .unwrap()
+        .options([("search_path", format!("{schema},pg_catalog,public"))]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let lock = PostgresDistributedLock::builder(pool, config)
+        .sessions(1)
+        .build()
+        .unwrap();
+    (lock, drop_schema)
+}
+
+/// Waits up to 5 s until no session holds a writer-waiting or readers' turn mark of `key`
+/// (a closed connection's locks go once its server process has ended).
+async fn no_mark_is_left(admin: &mut sqlx::PgConnection, key: &str) -> bool {
+    for _ in 0..250 {
+        let writers = pg_support::writer_marks(admin, key).await;
+        let readers = pg_support::readers_marks(admin, key).await;
+        if writers == 0 && readers == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Refuses the statement that drops a waiter's marks with "permission denied", an error that
+/// leaves the session sound.
+const CLEAR_REFUSED: &str = "CREATE FUNCTION {schema}.pg_advisory_unlock_shared(integer, integer) \
+     RETURNS boolean LANGUAGE plpgsql AS $body$ BEGIN \
+     IF current_query() LIKE 'SELECT CASE WHEN $2 THEN pg_advisory_unlock_shared%' THEN \
+     RAISE EXCEPTION 'the test refuses to clear marks' USING ERRCODE = '42501'; END IF; \
+     RETURN pg_catalog.pg_advisory_unlock_shared($1, $2); END $body$";
+
+/// A writer gives up its wait while its session cannot drop its writer-waiting mark: the
+/// session closes, since a mark left on it would keep the readers of every process out of the
+/// key for as long as the connection lives. Its other lock is reported lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_whose_mark_cannot_be_cleared_closes_its_session() {
     a_mark_that_cannot_be_cleared_closes_its_session(LockMode::Exclusive).await;
@@ -909,59 +965,34 @@ async fn a_reader_whose_mark_cannot_be_cleared_closes_its_session() {
 
 async fn a_mark_that_cannot_be_cleared_closes_its_session(waiter_mode: LockMode) {
     let key = key("pg_rw_stale_mark");
-    let schema = format!("k1s0_clear_fails_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = pg_support::admin().await;
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let _drop_schema = pg_support::DropOnExit::new(vec![format!("DROP SCHEMA {schema} CASCADE")]);
-    sqlx::query(&format!(
-        "CREATE FUNCTION {schema}.pg_advisory_unlock_shared(integer, integer) RETURNS boolean \
-         LANGUAGE plpgsql AS $body$ BEGIN \
-         IF current_query() LIKE 'SELECT CASE WHEN $2 THEN pg_advisory_unlock_shared%' THEN \
-         RAISE EXCEPTION 'the test refuses to clear marks' USING ERRCODE = '42501'; END IF; \
-         RETURN pg_catalog.pg_advisory_unlock_shared($1, $2); END $body$"
-    ))
-    .execute(&mut admin)
-    .await
-    .unwrap();
-    let options = common::postgres_url()
-        .await
-        .parse::<sqlx::postgres::PgConnectOptions>()
-        .unwrap()
-        .options([("search_path", format!("{schema},pg_catalog,public"))]);
-    let waiter_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(3)
-        .connect_with(options)
-        .await
-        .unwrap();
-    let waiters = PostgresDistributedLock::builder(
-        waiter_pool,
-        config().wait_timeout(Duration::from_millis(300)),
-    )
-    .sessions(1)
-    .build()
-    .unwrap();
+    let (waiters, _schema) = lock_with_shadowed(config(), CLEAR_REFUSED).await;
     let holder = pg_support::lock(config()).await;
     let others = pg_support::lock(config()).await;
+    let mut admin = pg_support::admin().await;
 
     // The waiters' session holds another key, so it has no reason to close on its own.
     let kept = waiters.acquire(&format!("{key}:other")).await.unwrap();
     let held = holder.acquire(&key).await.unwrap();
-    let waited = match waiter_mode {
-        LockMode::Exclusive => waiters.acquire(&key).await,
-        LockMode::Shared => waiters.acquire_shared(&key).await,
+    let waiting = tokio::spawn({
+        let (waiters, key) = (waiters.clone(), key.clone());
+        async move {
+            match waiter_mode {
+                LockMode::Exclusive => waiters.acquire(&key).await,
+                LockMode::Shared => waiters.acquire_shared(&key).await,
+            }
+        }
+    });
+    let mark = match waiter_mode {
+        LockMode::Exclusive => Mark::WriterWaiting,
+        LockMode::Shared => Mark::ReadersTurn,
     };
-    match waited {
-        Err(LockError::Timeout) => {}
-        other => panic!("the {waiter_mode:?} wait should run out: {other:?}"),
-    }
+    pg_support::wait_for_mark(&mut admin, &key, mark, 1, Duration::from_secs(5)).await;
+    // Giving up drops the waiter's marks.
+    waiting.abort();
     tokio::time::timeout(Duration::from_secs(5), kept.lost())
         .await
         .expect("the session that could not clear its mark is closed");
-    assert_eq!(pg_support::writer_marks(&mut admin, &key).await, 0);
-    assert_eq!(pg_support::readers_marks(&mut admin, &key).await, 0);
+    assert!(no_mark_is_left(&mut admin, &key).await, "a mark was left");
     held.release().await.unwrap();
     // The other side gets in: no mark of the gone waiter keeps it out.
     let other_side = match waiter_mode {
@@ -975,4 +1006,90 @@ async fn a_mark_that_cannot_be_cleared_closes_its_session(waiter_mode: LockMode)
         .unwrap();
     // The lock object goes on with a new session.
     pg_support::take_and_release(&waiters, &key).await;
+}
+
+/// A writer takes the key, but the statement that took it could not drop its writer-waiting
+/// mark (the unlock answers "not held" without unlocking) and the clear that follows is refused:
+/// the session closes, taking the lock with it, and the writer's `acquire` takes the key again
+/// on a new session within its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_granted_with_a_mark_it_cannot_clear_takes_the_key_on_a_new_session() {
+    let key = key("pg_rw_grant_mark");
+    let function = "CREATE FUNCTION {schema}.pg_advisory_unlock_shared(integer, integer) \
+         RETURNS boolean LANGUAGE plpgsql AS $body$ BEGIN \
+         IF current_query() LIKE 'SELECT CASE WHEN $2 THEN pg_advisory_unlock_shared%' THEN \
+         RAISE EXCEPTION 'the test refuses to clear marks' USING ERRCODE = '42501'; END IF; \
+         IF current_query() LIKE 'SELECT t.token,%' THEN RETURN false; END IF; \
+         RETURN pg_catalog.pg_advisory_unlock_shared($1, $2); END $body$";
+    let (writers, _schema) = lock_with_shadowed(config(), function).await;
+    let holder = pg_support::lock(config()).await;
+    let mut admin = pg_support::admin().await;
+
+    let kept = writers.acquire(&format!("{key}:other")).await.unwrap();
+    let held = holder.acquire(&key).await.unwrap();
+    let writer = tokio::spawn({
+        let (writers, key) = (writers.clone(), key.clone());
+        async move { writers.acquire(&key).await }
+    });
+    pg_support::wait_for_mark(
+        &mut admin,
+        &key,
+        Mark::WriterWaiting,
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    held.release().await.unwrap();
+    let writer = writer
+        .await
+        .unwrap()
+        .expect("the writer takes the key on a new session");
+    assert!(kept.is_lost(), "the session with the stale mark was closed");
+    assert!(!writer.is_lost());
+    assert_eq!(
+        pg_support::advisory_locks(&mut admin, &key).await,
+        1,
+        "the writer holds the key"
+    );
+    writer.release().await.unwrap();
+}
+
+/// The statement that sets a writer's marks fails after it set the writer-waiting mark (here a
+/// cancel, as a statement timeout would): the session closes, so that no mark stays on the
+/// server unrecorded, keeping the readers of every process out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_set_by_a_failed_statement_does_not_outlive_the_session() {
+    let key = key("pg_rw_set_mark_fails");
+    let writer_mark = !PostgresDistributedLock::advisory_key(&key);
+    let (high, low) = ((writer_mark >> 32) as i32, writer_mark as i32);
+    let function = format!(
+        "CREATE FUNCTION {{schema}}.pg_try_advisory_lock_shared(integer, integer) \
+         RETURNS boolean LANGUAGE plpgsql AS $body$ DECLARE taken boolean; BEGIN \
+         taken := pg_catalog.pg_try_advisory_lock_shared($1, $2); \
+         IF $1 = {high} AND $2 = {low} THEN \
+         RAISE EXCEPTION 'canceled by the test after the try' USING ERRCODE = '57014'; END IF; \
+         RETURN taken; END $body$"
+    );
+    let (writers, _schema) =
+        lock_with_shadowed(config().wait_timeout(Duration::from_secs(1)), &function).await;
+    let holder = pg_support::lock(config()).await;
+    let readers = pg_support::lock(config()).await;
+    let mut admin = pg_support::admin().await;
+
+    let kept = writers.acquire(&format!("{key}:other")).await.unwrap();
+    let held = holder.acquire(&key).await.unwrap();
+    let result = writers.acquire(&key).await;
+    assert!(result.is_err(), "the writer cannot wait marked: {result:?}");
+    tokio::time::timeout(Duration::from_secs(5), kept.lost())
+        .await
+        .expect("the session whose statement failed is closed");
+    assert!(no_mark_is_left(&mut admin, &key).await, "a mark was left");
+    held.release().await.unwrap();
+    readers
+        .try_acquire_shared(&key)
+        .await
+        .expect("no writer waits: a reader gets in")
+        .release()
+        .await
+        .unwrap();
 }

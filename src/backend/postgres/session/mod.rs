@@ -464,6 +464,21 @@ impl Session {
             match set {
                 // A mark not set: a statement that checks it holds it for its length.
                 Ok(answers) => got = got | Marks::from_answers(answers),
+                Err(Failure::Statement(error)) if !(needed - Marks::FLAG).is_empty() => {
+                    // The statement may have set a mark before it failed (a cancel by the
+                    // statement timeout after its try ran): left on the server unrecorded, it
+                    // would keep the other side of every process out for as long as the
+                    // connection lives. Only closing it drops it for sure.
+                    tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        advisory_key = key,
+                        "could not set a lock waiter's marks; closing its session"
+                    );
+                    let cause = LockError::backend(error);
+                    self.lose_session(cause.clone());
+                    let _ = reply.send(Err(cause));
+                    return;
+                }
                 Err(failure) => {
                     let _ = reply.send(Err(failure.into_error()));
                     return;
