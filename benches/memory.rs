@@ -1,7 +1,8 @@
 //! The in-memory backend: an uncontended try_acquire + release cycle against a bare
 //! `std::sync::Mutex<HashMap>` insert + remove (the floor of any in-process lock table), and
 //! the hand-off latency from `release` to the next waiter holding the lock; the shared
-//! (read) cycle against the exclusive one, and 8 tasks on one key on either side.
+//! (read) cycle against the exclusive one, and 8 tasks on one key on either side; the permit
+//! cycle (`try_acquire_permit` + release) against the lock cycle.
 //!
 //! `cargo bench --bench memory`
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
 use k1s0_distributed_lock::{
-    DistributedLock, DistributedRwLock, InMemoryDistributedLock, LockConfig,
+    DistributedLock, DistributedRwLock, DistributedSemaphore, InMemoryDistributedLock, LockConfig,
 };
 
 fn cycle(c: &mut Criterion) {
@@ -36,6 +37,12 @@ fn cycle(c: &mut Criterion) {
     group.bench_function("try_acquire_shared_release", |b| {
         b.to_async(&runtime).iter(|| async {
             let guard = lock.try_acquire_shared("order:42").await.unwrap();
+            guard.release().await.unwrap();
+        })
+    });
+    group.bench_function("try_acquire_permit_release", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let guard = lock.try_acquire_permit("order:42", 4).await.unwrap();
             guard.release().await.unwrap();
         })
     });
@@ -114,6 +121,12 @@ fn main() {
         "try_acquire_shared_release",
         "try_acquire_release",
         "exclusive cycle",
+    );
+    support::print_ratio(
+        "memory_cycle",
+        "try_acquire_permit_release",
+        "try_acquire_release",
+        "lock cycle",
     );
     support::print_ratio("memory_eight_tasks", "shared", "exclusive", "exclusive");
     eight_tasks_holding_a_millisecond();
