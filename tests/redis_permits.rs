@@ -579,24 +579,30 @@ async fn permits_extend_and_are_lost_like_locks() {
     ));
     permit.release().await.unwrap();
 
-    // Not renewed: lost at its TTL; the next holder's permit is left alone.
-    let stale = lock.try_acquire_permit(&key, 1).await.unwrap();
-    let lost = stale.lost();
+    // Not renewed: lost at its TTL. Its extend and release answer `LockLost`, both while its
+    // ended lease is still in the holders' set and after the next acquire dropped it, and
+    // leave the next holder's permit alone.
+    let stale = [
+        lock.try_acquire_permit(&key, 2).await.unwrap(),
+        lock.try_acquire_permit(&key, 2).await.unwrap(),
+    ];
+    let lost = stale[1].lost();
     tokio::time::timeout(TTL * 2, lost)
         .await
         .expect("lost at its TTL");
-    assert!(stale.is_lost());
+    assert!(stale.iter().all(|permit| permit.is_lost()));
     // The server's lease ends a little after the guard's (counted from when it was sent).
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let next = loop {
-        match lock.try_acquire_permit(&key, 1).await {
-            Ok(next) => break next,
-            Err(LockError::AlreadyLocked) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(other) => panic!("the expired permit did not come back: {other:?}"),
-        }
-    };
+    assert_eventually("the server's leases end", || async {
+        lock.permits_held(&key).await.unwrap() == 0
+    })
+    .await;
+    let [ended, stale] = stale;
+    assert!(matches!(
+        ended.extend(Duration::from_secs(5)).await,
+        Err(LockError::LockLost)
+    ));
+    assert!(matches!(ended.release().await, Err(LockError::LockLost)));
+    let next = lock.try_acquire_permit(&key, 1).await.unwrap();
     assert!(next.fencing_token() > stale.fencing_token());
     assert!(matches!(
         stale.extend(Duration::from_secs(5)).await,
@@ -604,6 +610,7 @@ async fn permits_extend_and_are_lost_like_locks() {
     ));
     assert!(matches!(stale.release().await, Err(LockError::LockLost)));
     assert_eq!(lock.permits_held(&key).await.unwrap(), 1);
+    assert!(!next.is_lost());
     next.release().await.unwrap();
 
     // With the watchdog: held for three TTLs and more.
