@@ -17,6 +17,10 @@
 //! one lock object over 2 s each: critical sections per second on the shared side against the
 //! exclusive side, with empty sections and with 1 ms holds.
 //!
+//! Permits: `redis_permits/try_acquire_permit_release` (criterion), then the permit cycle
+//! (`try_acquire_permit` + `release`, limit 4) against the lock cycle (`try_acquire` +
+//! `release`) interleaved in the same process. `BENCH_ONLY=permits` runs only this part.
+//!
 //! Last, the cost of waiting at scale: 10, 100 and 1,000 waiters on one key, each through a
 //! lock object of its own: scripts the server runs per waiter per second while they wait, and
 //! hand-off latency p50/p99 as the lock passes through all of them.
@@ -31,11 +35,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use k1s0_distributed_lock::bb8_redis::bb8::Pool;
 use k1s0_distributed_lock::bb8_redis::redis::{self, aio::MultiplexedConnection};
 use k1s0_distributed_lock::bb8_redis::RedisConnectionManager;
-use k1s0_distributed_lock::{DistributedLock, DistributedRwLock, LockConfig, RedisDistributedLock};
+use k1s0_distributed_lock::{
+    DistributedLock, DistributedRwLock, DistributedSemaphore, LockConfig, RedisDistributedLock,
+};
 
 fn prefix() -> String {
     format!("bench:{}:", uuid::Uuid::new_v4().simple())
@@ -201,6 +207,50 @@ fn shared_side(c: &mut Criterion) {
             rates[0] / rates[1]
         );
     }
+}
+
+async fn permit_cycle(lock: &RedisDistributedLock) {
+    let permit = lock.try_acquire_permit("permit-cycle", 4).await.unwrap();
+    permit.release().await.unwrap();
+}
+
+/// The permit cycle, by criterion and against the lock cycle in interleaved rounds.
+fn permits(c: &mut Criterion) {
+    let runtime = support::runtime();
+    let lock = runtime.block_on(lock(LockConfig::new()));
+    let mut group = c.benchmark_group("redis_permits");
+    group.bench_function("try_acquire_permit_release", |b| {
+        b.iter(|| runtime.block_on(permit_cycle(&lock)))
+    });
+    group.finish();
+
+    let (ratios, lock_ns, permit_ns) = runtime.block_on(async {
+        const ROUNDS: usize = 30;
+        const CYCLES: u32 = 300;
+        let (mut ratios, mut lock_ns, mut permit_ns) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let start = Instant::now();
+            for _ in 0..CYCLES {
+                our_cycle(&lock).await;
+            }
+            let locks = start.elapsed();
+            let start = Instant::now();
+            for _ in 0..CYCLES {
+                permit_cycle(&lock).await;
+            }
+            let permits = start.elapsed();
+            ratios.push(permits.as_secs_f64() / locks.as_secs_f64());
+            lock_ns.push(locks.as_nanos() as f64 / f64::from(CYCLES));
+            permit_ns.push(permits.as_nanos() as f64 / f64::from(CYCLES));
+        }
+        (ratios, lock_ns, permit_ns)
+    });
+    println!(
+        "redis_permits interleaved: lock cycle {:.1} µs, permit cycle {:.1} µs (medians); permit cycle / lock cycle, median {:.3}x",
+        support::median(lock_ns) / 1_000.0,
+        support::median(permit_ns) / 1_000.0,
+        support::median(ratios)
+    );
 }
 
 fn median(samples: &mut [f64]) -> f64 {
@@ -483,8 +533,19 @@ criterion_group!(
     benches,
     cycle,
     shared_side,
+    permits,
     handoff,
     contention_with_new,
     waiting_at_scale
 );
-criterion_main!(benches);
+criterion_group!(permits_only, permits);
+
+/// `criterion_main!`, with `BENCH_ONLY=permits` running only the permits.
+fn main() {
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("permits") {
+        permits_only();
+    } else {
+        benches();
+    }
+    Criterion::default().configure_from_args().final_summary();
+}

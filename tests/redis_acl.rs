@@ -1,6 +1,6 @@
 //! A Redis user restricted to what docs/redis.md says a lock user needs (the `ACL SETUSER` line
 //! is read from that file): locking, waiting, wake-up, extension and release all work through
-//! it; without the channels, releases still succeed and waiters poll. On a `redis-server` of the
+//! it, of locks and of permits; without the channels, releases still succeed and waiters poll. On a `redis-server` of the
 //! test's own.
 #![cfg(feature = "redis")]
 
@@ -11,7 +11,9 @@ use std::time::Duration;
 use common::redis_server::RedisServer;
 
 use k1s0_distributed_lock::bb8_redis::redis;
-use k1s0_distributed_lock::{DistributedLock, LockConfig, RedisDistributedLock};
+use k1s0_distributed_lock::{
+    DistributedLock, DistributedSemaphore, LockConfig, RedisDistributedLock,
+};
 
 const USER: &str = "locker";
 const PASSWORD: &str = "locker-password";
@@ -64,8 +66,13 @@ async fn until_queued(
     key: &str,
     subscribed: bool,
 ) {
+    until_queued_under(server, lock.redis_key(key), subscribed).await;
+}
+
+/// Waits until a waiter is queued in the line whose names start with `base` (the lock key, or
+/// `<lock key>:permits`), and, with `subscribed`, listening for releases.
+async fn until_queued_under(server: &RedisServer, base: String, subscribed: bool) {
     let admin = common::redis_conn::connection(&server.url()).await;
-    let base = lock.redis_key(key);
     common::wait::assert_eventually("the waiter queues", || {
         let (mut admin, base) = (admin.clone(), base.clone());
         async move {
@@ -107,6 +114,32 @@ async fn the_documented_acl_is_enough_to_lock_wait_and_release() {
     assert!(next.fencing_token() > holder_token);
     next.release().await.unwrap();
     assert!(!lock.is_locked("k").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_is_enough_for_permits() {
+    let server = RedisServer::start().await;
+    let prefix = common::unique_prefix("redis_acl_permits");
+    create_user(&server, &documented_acl(&prefix)).await;
+    let (holding, lock) = (
+        lock_as_user(&server, &prefix, true).await,
+        lock_as_user(&server, &prefix, true).await,
+    );
+
+    let holder = holding.try_acquire_permit("k", 1).await.unwrap();
+    let waiter = tokio::spawn({
+        let lock = lock.clone();
+        async move { lock.acquire_permit("k", 1).await }
+    });
+    until_queued_under(&server, format!("{}:permits", lock.redis_key("k")), true).await;
+    holder.extend(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(lock.permits_held("k").await.unwrap(), 1);
+    let holder_token = holder.fencing_token();
+    holder.release().await.unwrap();
+    let next = waiter.await.unwrap().unwrap();
+    assert!(next.fencing_token() > holder_token);
+    next.release().await.unwrap();
+    assert_eq!(lock.permits_held("k").await.unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

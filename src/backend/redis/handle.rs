@@ -12,7 +12,7 @@ use uuid::Uuid;
 use tokio::time::Instant;
 
 use super::keys::LockKeys;
-use super::scripts::{Arg, ABANDON, EXTEND, HAND_OVER, RELEASE};
+use super::scripts::{Arg, ABANDON, EXTEND, HAND_OVER, PERMIT_ABANDON, PERMIT_RELEASE, RELEASE};
 use super::{RedisClaim, Shared};
 use crate::observe::ShownKey;
 use crate::{KeyVisibility, Lease, LockError, LockHandle, LockMode};
@@ -81,24 +81,30 @@ pub(crate) fn millis(duration: Duration) -> u64 {
 }
 
 impl LockRef {
-    /// The keys and arguments of the release and abandon scripts, which take the same ones.
-    fn release_input<'a>(&'a self, buffer: &'a mut TokenBuffer) -> ([&'a str; 5], [Arg<'a>; 2]) {
+    /// The arguments of the release and abandon scripts of either kind, which take the same
+    /// ones.
+    fn release_args<'a>(&'a self, buffer: &'a mut TokenBuffer) -> [Arg<'a>; 2] {
         let token = self.token.text(buffer);
-        (
-            self.keys.freeing(),
-            [Arg::Text(token), Arg::Text(&self.keys.channel)],
-        )
+        [Arg::Text(token), Arg::Text(self.keys.channel())]
     }
 
     pub(crate) async fn release(&self) -> Result<(), LockError> {
         let mut buffer = [0u8; 38];
-        let (keys, args) = self.release_input(&mut buffer);
-        match self
-            .shared
-            .connections
-            .script(&RELEASE, &keys, &args)
-            .await?
-        {
+        let args = self.release_args(&mut buffer);
+        let connections = &self.shared.connections;
+        let released = match &*self.keys {
+            LockKeys::Lock(names) => {
+                connections
+                    .script(&RELEASE, &names.freeing(), &args)
+                    .await?
+            }
+            LockKeys::Permits(names) => {
+                connections
+                    .script(&PERMIT_RELEASE, &names.freeing(), &args)
+                    .await?
+            }
+        };
+        match released {
             1 => Ok(()),
             _ => Err(LockError::LockLost),
         }
@@ -111,15 +117,18 @@ impl LockRef {
         next: Token,
         connection: &mut MultiplexedConnection,
     ) -> Result<HandedOver, LockError> {
+        let LockKeys::Lock(names) = &*self.keys else {
+            unreachable!("only exclusive locks are handed over; permits never are")
+        };
         let shared = &self.shared;
         let (mut holder, mut successor) = ([0u8; 38], [0u8; 38]);
-        let keys = self.keys.taking();
+        let keys = names.taking();
         let args = [
             Arg::Text(self.token.text(&mut holder)),
             Arg::Text(next.text(&mut successor)),
             Arg::Number(millis(shared.config.get_ttl())),
             Arg::Number(millis(shared.fence_retention)),
-            Arg::Text(&self.keys.channel),
+            Arg::Text(&names.channel),
         ];
         let (outcome, sent_at) = shared
             .connections
@@ -144,7 +153,7 @@ impl LockRef {
         let mut buffer = [0u8; 38];
         let token = self.token.text(&mut buffer);
         let args = [Arg::Text(token), Arg::Number(millis(ttl))];
-        let keys = [self.keys.lock.as_str(), self.keys.readers.as_str()];
+        let keys = self.keys.extending();
         let connections = &self.shared.connections;
         let renewed = match &self.shared.replica_acks {
             None => connections.script(&EXTEND, &keys, &args).await?,
@@ -173,19 +182,28 @@ impl LockRef {
         }
     }
 
-    /// Leaves the queue and frees the lock if an interrupted acquire took it. Sent on
-    /// `connection`, the one the interrupted acquire used, so that Redis runs this after it.
+    /// Leaves the queue and frees the lock (or the permit) if an interrupted acquire took it.
+    /// Sent on `connection`, the one the interrupted acquire used, so that Redis runs this
+    /// after it.
     pub(crate) async fn abandon(
         &self,
         mut connection: MultiplexedConnection,
     ) -> Result<bool, LockError> {
         let mut buffer = [0u8; 38];
-        let (keys, args) = self.release_input(&mut buffer);
-        let (released, _sent_at) = self
-            .shared
-            .connections
-            .script_on(&mut connection, &ABANDON, &keys, &args)
-            .await?;
+        let args = self.release_args(&mut buffer);
+        let connections = &self.shared.connections;
+        let (released, _sent_at) = match &*self.keys {
+            LockKeys::Lock(names) => {
+                connections
+                    .script_on(&mut connection, &ABANDON, &names.freeing(), &args)
+                    .await?
+            }
+            LockKeys::Permits(names) => {
+                connections
+                    .script_on(&mut connection, &PERMIT_ABANDON, &names.freeing(), &args)
+                    .await?
+            }
+        };
         Ok(released == 1)
     }
 }

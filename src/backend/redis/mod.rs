@@ -8,8 +8,10 @@ mod builder;
 mod connection;
 mod handle;
 mod keys;
+mod permits;
 mod scripts;
 mod wake;
+mod want;
 mod watchdog;
 
 use std::collections::hash_map::RandomState;
@@ -30,11 +32,13 @@ use self::handle::{
     Token,
 };
 use self::keys::LockKeys;
-use self::scripts::{Arg, ACQUIRE, IS_LOCKED};
+use self::scripts::{Arg, ACQUIRE, IS_LOCKED, PERMIT_ACQUIRE};
 use self::wake::{Registration, WakeHub};
+use self::want::Want;
 pub use self::watchdog::AutoExtend;
 use super::claims::{Claim, ClaimTable, KeyClaim, Overdue};
 use super::jitter::Jitter;
+use super::semaphore::validate_limit;
 use crate::observe::{observe_acquire, Mode, ShownKey};
 use crate::{
     validate_key, DistributedLock, DistributedRwLock, Lease, LockConfig, LockError, LockGuard,
@@ -67,6 +71,13 @@ use crate::{
 ///   waits ahead of it, so a waiting writer stops new readers of every process, and the
 ///   readers queued before the next writer go in together, each woken on its own channel.
 ///   Extend, release, drop, lease loss and cancellation work as for exclusive guards.
+/// * **Permits.** [`DistributedSemaphore`](crate::DistributedSemaphore) is implemented: the
+///   holders of a key's permits are the members of `<prefix>{<key>}:permits`, scored by the
+///   end of their lease, with a line of their own (`…:permits:line`) and the key's fencing
+///   counter. A caller gets a permit while the live holders and the waiters ahead of it are
+///   fewer than its limit; each waiting task has its own place in the Redis line (the tasks
+///   of a lock object take no turns in the process for permits), and a released permit wakes
+///   the first waiter, which wakes the next as it goes in.
 /// * **Auto-extension** is opt-in: [`AutoExtend`].
 /// * **Dropping a guard** releases its lock in a task on the current Tokio runtime. Outside a
 ///   runtime, or while that runtime shuts down (the task is dropped before it sends the
@@ -205,13 +216,13 @@ impl RedisDistributedLock {
         self.shared.config.get_trace_keys().show(key)
     }
 
-    async fn take(
-        &self,
-        key: &str,
-        mode: LockMode,
-        wait_call: bool,
-    ) -> Result<LockGuard, LockError> {
+    /// Acquires what `want` says of `key`: at once or never (a try), or waiting within the
+    /// budget (`wait_call`).
+    async fn take(&self, key: &str, want: Want, wait_call: bool) -> Result<LockGuard, LockError> {
         validate_key(key)?;
+        if let Want::Permit { limit } = want {
+            validate_limit(limit)?;
+        }
         let config = &self.shared.config;
         config.validate()?;
         let ttl = config.get_ttl();
@@ -219,36 +230,42 @@ impl RedisDistributedLock {
         let wait = wait_call && !budget.is_zero();
         let started = Instant::now();
         let poll = config.get_retry_interval().clamp(MIN_POLL, MAX_POLL);
-        // Every caller takes its turn among the tasks of this lock object first, so that a
-        // shared one waits for the writers of this process that hold or wait for the key. A
-        // shared caller lets its turn go once its first look at Redis is answered (it holds
-        // the key, or has its place in the Redis line) and goes on with a token of its own, so
-        // that Redis alone orders it against every writer, of this process or another: a
-        // writer of this process behind it then waits in the Redis line, where it stops new
-        // readers of every process.
-        let Some(mut claim) = self.claim(key, mode, wait, started + budget).await? else {
-            return Err(if wait_call {
-                LockError::Timeout
-            } else {
-                LockError::AlreadyLocked
-            });
-        };
-        let claim = match mode {
-            LockMode::Shared => Some(claim),
-            LockMode::Exclusive => {
-                if let Some(grant) = claim.take_baton() {
-                    // The task before this one passed the lock over as it released it.
-                    let (lock, fence, sent_at) = grant.into_parts();
-                    if lease_left_is_usable(sent_at, ttl) {
-                        tracing::debug!(key = %lock.shown_key(), "lock handed over");
-                        return Ok(self.guard(lock, Some(claim), sent_at, ttl, fence));
+        let claim = match want {
+            // Permits skip the turns among the tasks of this lock object: several of them
+            // hold a key's permits at once, and each waits in the Redis line with a token of
+            // its own.
+            Want::Permit { .. } => None,
+            Want::Lock(mode) => {
+                // Every caller takes its turn among the tasks of this lock object first, so
+                // that a shared one waits for the writers of this process that hold or wait
+                // for the key. A shared caller lets its turn go once its first look at Redis
+                // is answered (it holds the key, or has its place in the Redis line) and goes
+                // on with a token of its own, so that Redis alone orders it against every
+                // writer, of this process or another: a writer of this process behind it then
+                // waits in the Redis line, where it stops new readers of every process.
+                let Some(mut claim) = self.claim(key, mode, wait, started + budget).await? else {
+                    return Err(if wait_call {
+                        LockError::Timeout
+                    } else {
+                        LockError::AlreadyLocked
+                    });
+                };
+                if mode == LockMode::Exclusive {
+                    if let Some(grant) = claim.take_baton() {
+                        // The task before this one passed the lock over as it released it.
+                        let (lock, fence, sent_at) = grant.into_parts();
+                        if lease_left_is_usable(sent_at, ttl) {
+                            tracing::debug!(key = %lock.shown_key(), "lock handed over");
+                            return Ok(self.guard(lock, Some(claim), sent_at, ttl, fence));
+                        }
+                        give_back(lock).await;
                     }
-                    give_back(lock).await;
                 }
                 Some(claim)
             }
         };
-        let mut pending = PendingAcquire::new(&self.shared, key, Token::new(mode), claim);
+        let mut pending =
+            PendingAcquire::new(&self.shared, key, want, Token::new(want.mode()), claim);
         let mut registration: Option<Registration> = None;
         let mut jitter = Jitter::new(pending.token.id);
         let mut waiting = false;
@@ -265,7 +282,7 @@ impl RedisDistributedLock {
                 (true, true) => millis(SUBSCRIBED_ENTRY_TTL),
             };
             let answer = pending.attempt(ttl, entry_ttl).await;
-            if mode == LockMode::Shared {
+            if want == Want::Lock(LockMode::Shared) {
                 // Answered or not, a shared caller's turn in this process ends here.
                 drop(pending.claim.take());
             }
@@ -307,7 +324,7 @@ impl RedisDistributedLock {
                     )));
                 }
                 // Wait on with the same token: its registration for wake-ups stays valid.
-                pending = PendingAcquire::new(&self.shared, key, token, claim);
+                pending = PendingAcquire::new(&self.shared, key, want, token, claim);
                 continue;
             }
             if !wait {
@@ -332,7 +349,7 @@ impl RedisDistributedLock {
                     let token = pending.token.text(&mut buffer);
                     // A channel of the waiter's own: a release reaches one subscriber, however
                     // many wait for the key.
-                    let subscribing = hub.register(format!("{}:{token}", pending.keys.channel));
+                    let subscribing = hub.register(format!("{}:{token}", pending.keys.channel()));
                     subscribing.subscribed_within(poll).await;
                     registration = Some(subscribing);
                     continue;
@@ -496,7 +513,7 @@ impl DistributedLock for RedisDistributedLock {
             key,
             Mode::Try,
             LockMode::Exclusive.as_str(),
-            self.take(key, LockMode::Exclusive, false),
+            self.take(key, Want::Lock(LockMode::Exclusive), false),
         )
     }
 
@@ -508,7 +525,7 @@ impl DistributedLock for RedisDistributedLock {
             key,
             Mode::Wait,
             LockMode::Exclusive.as_str(),
-            self.take(key, LockMode::Exclusive, true),
+            self.take(key, Want::Lock(LockMode::Exclusive), true),
         )
     }
 
@@ -537,7 +554,7 @@ impl DistributedRwLock for RedisDistributedLock {
             key,
             Mode::Try,
             LockMode::Shared.as_str(),
-            self.take(key, LockMode::Shared, false),
+            self.take(key, Want::Lock(LockMode::Shared), false),
         )
     }
 
@@ -552,7 +569,7 @@ impl DistributedRwLock for RedisDistributedLock {
             key,
             Mode::Wait,
             LockMode::Shared.as_str(),
-            self.take(key, LockMode::Shared, true),
+            self.take(key, Want::Lock(LockMode::Shared), true),
         )
     }
 }
@@ -579,6 +596,7 @@ async fn give_back(lock: LockRef) {
 struct PendingAcquire<'a> {
     shared: &'a Arc<Shared>,
     key: &'a str,
+    want: Want,
     keys: Arc<LockKeys>,
     token: Token,
     /// The connection the acquire script was sent on; `Some` exactly while a clean-up may be
@@ -598,11 +616,18 @@ pub(crate) type RedisClaim = KeyClaim<Arc<str>, RandomState, Grant>;
 type RedisClaims = ClaimTable<Arc<str>, RandomState, Grant>;
 
 impl<'a> PendingAcquire<'a> {
-    fn new(shared: &'a Arc<Shared>, key: &'a str, token: Token, claim: Option<RedisClaim>) -> Self {
+    fn new(
+        shared: &'a Arc<Shared>,
+        key: &'a str,
+        want: Want,
+        token: Token,
+        claim: Option<RedisClaim>,
+    ) -> Self {
         PendingAcquire {
             shared,
             key,
-            keys: Arc::new(LockKeys::new(&shared.prefix, key)),
+            want,
+            keys: Arc::new(want.keys(&shared.prefix, key)),
             token,
             connection: None,
             exclusive: None,
@@ -618,25 +643,15 @@ impl<'a> PendingAcquire<'a> {
         ttl: Duration,
         entry_ttl_ms: u64,
     ) -> Result<(i64, Instant), LockError> {
-        let mut buffer = [0u8; 38];
-        let token = self.token.text(&mut buffer);
-        let keys = self.keys.taking();
-        let args = [
-            Arg::Text(token),
-            Arg::Number(millis(ttl)),
-            Arg::Number(entry_ttl_ms),
-            Arg::Number(millis(self.shared.fence_retention)),
-        ];
         let connections = &self.shared.connections;
         if let Some(claim) = self.claim.as_mut() {
             claim.asking_server();
         }
         let answer = match &self.shared.replica_acks {
             None => {
-                let connection = self.connection.insert(connections.connection().await?);
-                connections
-                    .script_on(connection, &ACQUIRE, &keys, &args)
-                    .await?
+                let mut connection = connections.connection().await?;
+                self.connection = Some(connection.clone());
+                self.run_script(&mut connection, ttl, entry_ttl_ms).await?
             }
             Some(acks) => {
                 // The script goes over the connection its `WAIT` will be sent on. The clean-up
@@ -644,8 +659,8 @@ impl<'a> PendingAcquire<'a> {
                 // back among the idle ones, behind another operation's).
                 let mut exclusive = acks.take(connections).await?;
                 self.connection = Some(acks.patient(connections, &exclusive));
-                let answer = connections
-                    .script_on(&mut exclusive.connection, &ACQUIRE, &keys, &args)
+                let answer = self
+                    .run_script(&mut exclusive.connection, ttl, entry_ttl_ms)
                     .await?;
                 if answer.0 > 0 {
                     self.exclusive = Some(exclusive);
@@ -659,6 +674,48 @@ impl<'a> PendingAcquire<'a> {
             claim.answered();
         }
         Ok(answer)
+    }
+
+    /// Sends the acquire script on `connection`: the lock's, or the permits' with the caller's
+    /// limit and the prefix of the line's channels (it tells the next waiter when it lets the
+    /// caller in from the line).
+    async fn run_script(
+        &self,
+        connection: &mut MultiplexedConnection,
+        ttl: Duration,
+        entry_ttl_ms: u64,
+    ) -> Result<(i64, Instant), LockError> {
+        let mut buffer = [0u8; 38];
+        let token = Arg::Text(self.token.text(&mut buffer));
+        let ttl = Arg::Number(millis(ttl));
+        let entry_ttl = Arg::Number(entry_ttl_ms);
+        let retention = Arg::Number(millis(self.shared.fence_retention));
+        let connections = &self.shared.connections;
+        match (&*self.keys, self.want) {
+            (LockKeys::Lock(names), _) => {
+                let args = [token, ttl, entry_ttl, retention];
+                connections
+                    .script_on(connection, &ACQUIRE, &names.taking(), &args)
+                    .await
+            }
+            (LockKeys::Permits(names), Want::Permit { limit }) => {
+                let limit = Arg::Number(u64::from(limit));
+                let args = [
+                    token,
+                    ttl,
+                    entry_ttl,
+                    retention,
+                    limit,
+                    Arg::Text(&names.channel),
+                ];
+                connections
+                    .script_on(connection, &PERMIT_ACQUIRE, &names.taking(), &args)
+                    .await
+            }
+            (LockKeys::Permits(_), Want::Lock(_)) => {
+                unreachable!("the keys are made from what is wanted")
+            }
+        }
     }
 
     /// With replica acknowledgement on, after an attempt that took the lock: `WAIT` for the

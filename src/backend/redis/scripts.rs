@@ -256,6 +256,117 @@ if redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf') > 0 then return 1 end
 return 0
 "#;
 
+/// Helpers every permit script has after the queue helpers. A permit's line has no exclusive
+/// waiters to find, so it keeps no `writers` set and drops gone waiters its own way.
+macro_rules! permit_helpers {
+    () => {
+        r#"
+-- Drops every waiter of a permits' line whose place ran out (each once, when first seen gone).
+local function drop_gone_waiters(line, waiters, now)
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', waiters, '-inf', now)) do
+    redis.call('ZREM', line, gone)
+    redis.call('ZREM', waiters, gone)
+  end
+end
+-- Tells the first live waiter of a permits' line to look again, on its channel
+-- `<prefix>:<token>`.
+local function wake_first(line, waiters, prefix, now)
+  drop_gone_waiters(line, waiters, now)
+  local first = redis.call('ZRANGE', line, 0, 0)[1]
+  if first then redis.pcall('PUBLISH', prefix .. ':' .. first, first) end
+end
+"#
+    };
+}
+
+/// KEYS: permits, fence, line, waiters (the permit names of the key).
+/// ARGV: token (`s:…`), ttl ms, queue entry ttl ms (0: do not queue), fence retention ms,
+/// limit, channel prefix.
+/// A caller gets a permit while the live holders and the waiters ahead of it in the line
+/// (the whole line, for a caller not in it) are fewer than its limit. Returns the fencing token
+/// (> 0) when taken. Otherwise `-pttl` of the first holder's lease when nobody waits ahead of
+/// the caller, and 0 when others wait ahead of it (or nobody holds a permit).
+const PERMIT_ACQUIRE_SOURCE: &str = concat!(
+    queue_helpers!(),
+    permit_helpers!(),
+    r#"
+local token = ARGV[1]
+local now = now_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+drop_gone_waiters(KEYS[3], KEYS[4], now)
+local place = redis.call('ZSCORE', KEYS[3], token)
+local ahead
+if place then
+  ahead = redis.call('ZCOUNT', KEYS[3], '-inf', '(' .. place)
+else
+  ahead = redis.call('ZCARD', KEYS[3])
+end
+if redis.call('ZCARD', KEYS[1]) + ahead < tonumber(ARGV[5]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), token)
+  expire_readers(KEYS[1])
+  if place then
+    redis.call('ZREM', KEYS[3], token)
+    redis.call('ZREM', KEYS[4], token)
+    wake_first(KEYS[3], KEYS[4], ARGV[6], now)
+  end
+  return next_fence(KEYS[2], ARGV[4])
+end
+local entry_ttl = tonumber(ARGV[3])
+if entry_ttl > 0 then
+  if not place then
+    local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
+    redis.call('ZADD', KEYS[3], (tonumber(last) or 0) + 1, token)
+  end
+  redis.call('ZADD', KEYS[4], now + entry_ttl, token)
+  local latest = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')[2]
+  redis.call('PEXPIREAT', KEYS[3], latest)
+  redis.call('PEXPIREAT', KEYS[4], latest)
+  if ahead > 0 then return 0 end
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+if first then return now - tonumber(first) end
+return 0
+"#
+);
+
+/// KEYS: permits, line, waiters. ARGV: token, channel prefix.
+/// Returns 1 when the token held a live permit (now released, the first waiter told), 0
+/// otherwise (nothing changed).
+const PERMIT_RELEASE_SOURCE: &str = concat!(
+    queue_helpers!(),
+    permit_helpers!(),
+    r#"
+local now = now_ms()
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry or tonumber(expiry) <= now then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+wake_first(KEYS[2], KEYS[3], ARGV[2], now)
+return 1
+"#
+);
+
+/// KEYS: permits, line, waiters. ARGV: token, channel prefix.
+/// A waiter gives up: leaves the line, gives back the permit an interrupted acquire may have
+/// taken, and tells the first waiter if either freed room. Returns 1 if it gave a permit back.
+const PERMIT_ABANDON_SOURCE: &str = concat!(
+    queue_helpers!(),
+    permit_helpers!(),
+    r#"
+local held = redis.call('ZREM', KEYS[1], ARGV[1])
+local queued = redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if held + queued > 0 then wake_first(KEYS[2], KEYS[3], ARGV[2], now_ms()) end
+return held
+"#
+);
+
+/// KEYS: permits. Returns how many permits of the key are held (live leases).
+const PERMITS_HELD_SOURCE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"#;
+
 /// One Lua script and its SHA1 digest.
 pub(crate) struct LuaScript {
     pub(crate) name: &'static str,
@@ -285,6 +396,14 @@ pub(crate) static ABANDON: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new("abandon", ABANDON_SOURCE));
 pub(crate) static IS_LOCKED: LazyLock<LuaScript> =
     LazyLock::new(|| LuaScript::new("is_locked", IS_LOCKED_SOURCE));
+pub(crate) static PERMIT_ACQUIRE: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("permit_acquire", PERMIT_ACQUIRE_SOURCE));
+pub(crate) static PERMIT_RELEASE: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("permit_release", PERMIT_RELEASE_SOURCE));
+pub(crate) static PERMIT_ABANDON: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("permit_abandon", PERMIT_ABANDON_SOURCE));
+pub(crate) static PERMITS_HELD: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("permits_held", PERMITS_HELD_SOURCE));
 
 /// A script argument: text or a number (the redis crate writes both without allocating).
 #[derive(Debug, Clone, Copy)]
@@ -355,9 +474,18 @@ pub(crate) async fn run_script(
 mod tests {
     use super::*;
 
-    fn all_scripts() -> [&'static LuaScript; 6] {
+    fn all_scripts() -> [&'static LuaScript; 10] {
         [
-            &ACQUIRE, &RELEASE, &HAND_OVER, &EXTEND, &ABANDON, &IS_LOCKED,
+            &ACQUIRE,
+            &RELEASE,
+            &HAND_OVER,
+            &EXTEND,
+            &ABANDON,
+            &IS_LOCKED,
+            &PERMIT_ACQUIRE,
+            &PERMIT_RELEASE,
+            &PERMIT_ABANDON,
+            &PERMITS_HELD,
         ]
     }
 
@@ -372,7 +500,8 @@ mod tests {
     }
 
     /// docs/redis.md, the reference for clients in other languages, gives every script's exact
-    /// text (the queue helpers once, then each script's own part) and its SHA1.
+    /// text (the queue helpers once, the permit helpers once, then each script's own part) and
+    /// its SHA1.
     #[test]
     fn the_docs_give_every_script_and_its_sha1() {
         let docs = include_str!("../../../docs/redis.md");
@@ -384,6 +513,8 @@ mod tests {
         };
         let helpers = queue_helpers!().trim();
         assert_eq!(block_after("## Scripts"), helpers);
+        let permit_helpers = permit_helpers!().trim();
+        assert_eq!(block_after("### Permit helpers"), permit_helpers);
         let all = all_scripts();
         for script in all {
             let own_part = script
@@ -391,6 +522,10 @@ mod tests {
                 .trim_start()
                 .strip_prefix(helpers)
                 .unwrap_or(script.source);
+            let own_part = own_part
+                .trim_start()
+                .strip_prefix(permit_helpers)
+                .unwrap_or(own_part);
             assert_eq!(
                 block_after(&format!("### {}", script.name)),
                 own_part.trim(),
