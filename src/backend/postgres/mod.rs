@@ -513,26 +513,8 @@ impl PostgresDistributedLock {
                     }
                     LockMode::Shared => tokio::time::timeout_at(deadline, &mut turn).await.ok(),
                 };
-                match waited.ok_or(()) {
-                    Ok(Ok(claim)) => claim,
-                    Ok(Err(_)) => {
-                        return Err(
-                            LockError::backend_msg("the lock claim queue was dropped").into()
-                        )
-                    }
-                    // The budget is spent, but only the task ahead talks to the server: `Timeout`
-                    // only if the key is known to be held, not when the server owes an answer.
-                    Err(_) => {
-                        let give_up_at = deadline + self.inner.settings.command_timeout;
-                        match self.inner.claims.overdue(&advisory, turn, give_up_at).await {
-                            Overdue::Held => return Err(LockError::Timeout.into()),
-                            Overdue::Unanswered => {
-                                return Err(no_answer(config.wait_budget()).into())
-                            }
-                            Overdue::Claimed(claim) => claim,
-                        }
-                    }
-                }
+                self.turn_taken(&self.inner.claims, advisory, turn, waited, deadline)
+                    .await?
             }
         };
         let session = self.session_for(advisory)?;
@@ -569,32 +551,14 @@ impl PostgresDistributedLock {
         // This wait's own marks are set: the one of the wait in the process can go.
         drop(early_mark);
         // The marks first (a writer's keeps new readers out from now on), then the LISTEN
-        // connection, whose start takes a pool slot and may wait for one: never past
-        // this wait's own deadline (a cancelled start leaves the cell for the next waiter).
-        let listening = match tokio::time::timeout_at(deadline, self.listener()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(error)) => {
-                tracing::warn!(
-                    error = &error as &dyn std::error::Error,
-                    "cannot LISTEN for lock releases; waiting by polling"
-                );
-                false
-            }
-            Err(_) => {
-                tracing::debug!("no LISTEN connection within the waiting budget; polling");
-                false
-            }
-        };
-        // Long enough for a notified waiter elsewhere to retry (about a round trip after the
-        // notification), short enough to cost little if none does.
-        let head_start = (mark_round_trip * YIELD_ROUND_TRIPS)
-            .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
-            .min(config.get_retry_interval());
+        // connection.
+        let listening = self.listening_by(deadline).await;
+        let head_start = self.head_start(mark_round_trip);
         let mut jitter = Jitter::new(uuid::Uuid::new_v4());
         if yield_first && marked.contains(Marks::FLAG) {
             let retry_at = (Instant::now() + head_start).min(deadline);
             tokio::select! {
-                () = woken.woken() => {}
+                _ = woken.woken() => {}
                 () = tokio::time::sleep_until(retry_at) => {}
             }
         }
@@ -633,7 +597,7 @@ impl PostgresDistributedLock {
             let now = Instant::now();
             let retry_at = (now + self.poll_interval(notifiable, &mut jitter)).min(deadline);
             let notified = tokio::select! {
-                () = woken.woken() => true,
+                _ = woken.woken() => true,
                 () = tokio::time::sleep_until(retry_at) => false,
             };
             if notified {
@@ -645,6 +609,32 @@ impl PostgresDistributedLock {
                 let draw = jitter.between(Duration::ZERO, head_start / (1 + races_lost));
                 tokio::time::sleep_until((Instant::now() + draw).min(deadline)).await;
                 races_lost += 1;
+            }
+        }
+    }
+
+    /// The claim of a task queued in `table` for `key` (its place is `turn`) once it has
+    /// `waited` for it until `deadline` (`None`: the budget ran out first). Then only the task
+    /// ahead talks to the server: `Timeout` only if the key is known to be held, not when the
+    /// server owes an answer (see [`ClaimTable::overdue`]).
+    async fn turn_taken(
+        &self,
+        table: &Arc<ClaimTable>,
+        key: i64,
+        turn: claims::Turn,
+        waited: Option<Result<claims::KeyClaim, RecvError>>,
+        deadline: Instant,
+    ) -> Result<claims::KeyClaim, WaitError> {
+        match waited {
+            Some(Ok(claim)) => Ok(claim),
+            Some(Err(_)) => Err(LockError::backend_msg("the lock claim queue was dropped").into()),
+            None => {
+                let give_up_at = deadline + self.inner.settings.command_timeout;
+                match table.overdue(&key, turn, give_up_at).await {
+                    Overdue::Held => Err(LockError::Timeout.into()),
+                    Overdue::Unanswered => Err(no_answer(self.inner.config.wait_budget()).into()),
+                    Overdue::Claimed(claim) => Ok(claim),
+                }
             }
         }
     }
@@ -762,6 +752,36 @@ impl PostgresDistributedLock {
             base.min(Duration::from_millis(50))
         };
         jitter.between(base / 2, base).max(Duration::from_millis(1))
+    }
+
+    /// Makes sure the LISTEN connection runs ([`listener`](Self::listener)), giving up at
+    /// `deadline`: its start takes a pool slot and may wait for one, never past the waiter's own
+    /// deadline (a cancelled start leaves the cell for the next waiter). Whether it runs: if
+    /// not, the waiter polls.
+    async fn listening_by(&self, deadline: Instant) -> bool {
+        match tokio::time::timeout_at(deadline, self.listener()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "cannot LISTEN for lock releases; waiting by polling"
+                );
+                false
+            }
+            Err(_) => {
+                tracing::debug!("no LISTEN connection within the waiting budget; polling");
+                false
+            }
+        }
+    }
+
+    /// How long a waiter of this process lets waiters of other processes go first, from the
+    /// round trip of its session: long enough for a notified waiter elsewhere to retry (about a
+    /// round trip after the notification), short enough to cost little if none does.
+    fn head_start(&self, round_trip: Duration) -> Duration {
+        (round_trip * YIELD_ROUND_TRIPS)
+            .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
+            .min(self.inner.config.get_retry_interval())
     }
 
     /// Makes sure the LISTEN connection runs, starting it (again) on the current runtime.
