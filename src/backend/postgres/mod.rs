@@ -16,11 +16,14 @@
 //! * `sql` — statement text and the fencing sequence name.
 //! * `wait_marks` — the marks a waiter sets on the server: the waiter flag, and the
 //!   writer-waiting and readers' turn marks that order the two sides across processes.
+//! * `permits` — [`DistributedSemaphore`](crate::DistributedSemaphore): slots of a key's
+//!   permit base, the process's line of permit waiters.
 //! * `transaction` — transaction-scoped locks on the caller's own transaction.
 
 mod fencing;
 mod key_hash;
 mod notify;
+mod permits;
 mod session;
 mod setup;
 mod sql;
@@ -151,6 +154,15 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   those readers still waits on the server (for a writer elsewhere, whose own mark keeps new
 ///   readers out), it does not. The SQL, for clients in other languages, is in
 ///   docs/postgres.md.
+/// * **Permits** ([`DistributedSemaphore`](crate::DistributedSemaphore)): a key's permits are
+///   the advisory locks `base + 0` to `base + limit - 1` of its [permit
+///   base](Self::permit_base), so a limit is at most 65,536 (above is
+///   [`LockError::InvalidConfig`]) and permits never conflict with locks. One statement takes
+///   the first free slot and keeps it only if the key's permits held, counted after it in
+///   `pg_locks`, are within the caller's limit. Permit guards are leased, extended, expired,
+///   lost and cancelled like lock guards. Waiting: first in, first out among the tasks of this
+///   lock service, woken directly by its releases; across processes the waiter flag and
+///   `NOTIFY`, as for locks (not first in, first out).
 /// * **Fencing tokens** come from one sequence (`public.k1s0_lock_fencing_seq`, created on first use,
 ///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
 ///   disk. They still increase across a server crash: the first lock session after crash
@@ -167,6 +179,9 @@ struct Inner {
     settings: SessionSettings,
     sql: Arc<Statements>,
     claims: Arc<ClaimTable>,
+    /// The line of this process's tasks waiting for a permit, by permit base: the first holds
+    /// the claim and is the one that asks the server (see `permits`).
+    permit_line: Arc<ClaimTable>,
     key_cache: AdvisoryKeyCache,
     /// The lock sessions; one whose task has ended is started again on next use.
     sessions: Box<[Mutex<Option<SessionHandle>>]>,
@@ -323,6 +338,7 @@ impl PostgresDistributedLockBuilder {
                 settings,
                 sql: Arc::new(Statements::new(&sequence)),
                 claims: Arc::new(ClaimTable::default()),
+                permit_line: Arc::new(ClaimTable::default()),
                 key_cache: AdvisoryKeyCache::default(),
                 sessions: (0..sessions).map(|_| Mutex::new(None)).collect(),
                 hub: Arc::new(WakeHub::default()),
@@ -418,6 +434,7 @@ impl PostgresDistributedLock {
             self.inner.pool.clone(),
             Arc::clone(&self.inner.sql),
             self.inner.settings,
+            Arc::clone(&self.inner.hub),
         );
         Ok(slot.insert(session).clone())
     }
