@@ -390,13 +390,15 @@ async fn waiters_are_woken_by_a_release_without_polling() {
             .unwrap()
             .unwrap();
         assert_eq!(permit_flags(&mut admin, &key).await, 0);
-        drop((permit, second));
+        permit.release().await.unwrap();
+        second.release().await.unwrap();
         assert_eq!(holders.permits_held(&key).await.unwrap(), 0);
     }
 }
 
 /// Tasks of one lock object waiting for a permit get them in the order they came, and a
-/// `try_acquire_permit` cannot go in ahead of them.
+/// `try_acquire_permit` of that lock object cannot go in ahead of them, not even with a limit
+/// that leaves room for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_of_one_lock_object_are_served_first_in_first_out() {
     let key = key("pg_permits_fifo");
@@ -420,7 +422,7 @@ async fn waiters_of_one_lock_object_are_served_first_in_first_out() {
             wait_for_permit_flag(&mut admin, &key).await;
         }
     }
-    expect_refused(lock.try_acquire_permit(&key, 1).await, "a try past waiters").await;
+    expect_refused(lock.try_acquire_permit(&key, 2).await, "a try past waiters").await;
     holder.release().await.unwrap();
     for task in tasks {
         tokio::time::timeout(Duration::from_secs(5), task)
@@ -473,8 +475,9 @@ async fn a_terminated_sessions_permits_come_back_at_once() {
     again.release().await.unwrap();
 }
 
-/// A permit not extended within its TTL is unlocked by its session, reports lost, and wakes a
-/// waiter of its lock object; an extended one stays.
+/// A permit not extended within its TTL is unlocked by its session (which wakes a waiter of its
+/// lock object, before anything touches the expired guard) and reports lost; an extended one
+/// stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permit_lease_runs_out_unless_extended() {
     let key = key("pg_permits_lease");
@@ -490,16 +493,16 @@ async fn a_permit_lease_runs_out_unless_extended() {
     tokio::time::timeout(Duration::from_secs(5), short.lost())
         .await
         .expect("the short lease ran out");
-    assert!(matches!(
-        short.extend(Duration::from_secs(30)).await,
-        Err(LockError::LockLost)
-    ));
-    assert!(matches!(short.release().await, Err(LockError::LockLost)));
     let next = tokio::time::timeout(Duration::from_secs(2), waiting)
         .await
         .expect("the waiter was woken by the expiry")
         .unwrap()
         .unwrap();
+    assert!(matches!(
+        short.extend(Duration::from_secs(30)).await,
+        Err(LockError::LockLost)
+    ));
+    assert!(matches!(short.release().await, Err(LockError::LockLost)));
     next.extend(Duration::from_secs(30)).await.unwrap();
     assert!(!kept.is_lost());
     assert_eq!(slot_numbers(&mut admin, &key).await, [0, 1]);
@@ -567,6 +570,99 @@ async fn a_cancelled_acquire_permit_leaves_nothing() {
             assert!(completed > 0, "{completed} completed");
         }
     }
+}
+
+/// A lock object on a fencing sequence of the test's own (dropped when the test ends), so that
+/// the test can hold `nextval` up without stalling other tests. Returns the sequence's name.
+async fn lock_on_own_sequence(
+    test: &str,
+) -> (PostgresDistributedLock, String, pg_support::DropOnExit) {
+    let sequence = format!("k1s0_test_seq_{test}_{}", uuid::Uuid::new_v4().simple());
+    let cleanup = pg_support::DropOnExit::new(vec![
+        format!("DELETE FROM k1s0_lock_fencing_epochs WHERE sequence = '\"{sequence}\"'"),
+        format!("DROP SEQUENCE IF EXISTS \"{sequence}\""),
+    ]);
+    let lock = PostgresDistributedLock::builder(pg_support::pool(3).await, config())
+        .fencing_sequence(sequence.clone())
+        .build()
+        .unwrap();
+    (lock, sequence, cleanup)
+}
+
+/// A connection that alters `sequence` (to what it is) in a transaction, whose lock on it
+/// makes `nextval` wait until the transaction ends.
+async fn hold_up_tokens(sequence: &str) -> PgConnection {
+    let mut blocker = pg_support::admin().await;
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query(&format!("ALTER SEQUENCE \"{sequence}\" NO CYCLE"))
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Waits up to 5 s until `key` has exactly the permit slots `expected` on the server.
+async fn wait_for_slots(admin: &mut PgConnection, key: &str, expected: &[i64]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while slot_numbers(admin, key).await != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} never had the slots {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An `acquire_permit` cancelled while its statement runs (held up after taking its slot, at
+/// `nextval`): the statement still grants the permit, to nobody, and the session gives it back
+/// before it runs anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permit_granted_to_a_cancelled_acquire_is_given_back() {
+    let key = key("pg_permits_cancel_in_flight");
+    let (lock, sequence, _cleanup) = lock_on_own_sequence("cancel").await;
+    let mut admin = pg_support::admin().await;
+    let first = lock.try_acquire_permit(&key, 1).await.unwrap();
+    first.release().await.unwrap();
+    let mut blocker = hold_up_tokens(&sequence).await;
+    let acquiring = tokio::spawn({
+        let (lock, key) = (lock.clone(), key.clone());
+        async move { lock.acquire_permit(&key, 1).await }
+    });
+    // The slot is taken; the statement waits for the sequence.
+    wait_for_slots(&mut admin, &key, &[0]).await;
+    acquiring.abort();
+    assert!(acquiring.await.unwrap_err().is_cancelled());
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    // Runs on the key's session after the statement and its undo.
+    assert_eq!(lock.permits_held(&key).await.unwrap(), 0);
+    assert!(slots(&mut admin, &key).await.is_empty());
+    let next = lock.try_acquire_permit(&key, 1).await.unwrap();
+    next.release().await.unwrap();
+}
+
+/// A permit statement that fails after taking its slot (its `nextval` waits past the session's
+/// `lock_timeout`) leaves that slot behind on the server, and the session unlocks it before
+/// answering: only it, not the permit the session holds for a guard. The session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_permit_statement_leaves_no_slot() {
+    let key = key("pg_permits_failed");
+    let (lock, sequence, _cleanup) = lock_on_own_sequence("failed").await;
+    let mut admin = pg_support::admin().await;
+    let kept = lock.try_acquire_permit(&key, 2).await.unwrap();
+    let blocker = hold_up_tokens(&sequence).await;
+    match lock.try_acquire_permit(&key, 2).await {
+        Err(LockError::BackendError(_)) => {}
+        other => panic!("expected the lock_timeout to fail the statement: {other:?}"),
+    }
+    assert_eq!(slot_numbers(&mut admin, &key).await, [0]);
+    drop(blocker);
+    assert!(!kept.is_lost());
+    assert_eq!(lock.permits_held(&key).await.unwrap(), 1);
+    let next = lock.try_acquire_permit(&key, 2).await.unwrap();
+    assert_eq!(slot_numbers(&mut admin, &key).await, [0, 1]);
+    next.release().await.unwrap();
+    kept.release().await.unwrap();
+    assert!(slots(&mut admin, &key).await.is_empty());
 }
 
 /// Any key for permits: a valid one has its own permits (not its neighbour's) and no lock; an
