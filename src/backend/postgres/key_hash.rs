@@ -26,6 +26,24 @@ pub(crate) fn advisory_key(key: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
+/// What an advisory key is XORed with to give its permit base: "permit" in ASCII, in the high
+/// 48 bits. Not 0, not all ones and not `0x5555…`, so a permit base differs in its high 48 bits
+/// from the key's own advisory key, its waiter flag and its two marks (see [`permit_base`]).
+const PERMIT_XOR: i64 = 0x7065_726D_6974_0000;
+
+/// How many permits a key can have on PostgreSQL: the slots `0..MAX_PERMITS` of a permit base.
+pub(crate) const MAX_PERMITS: u32 = 1 << 16;
+
+/// The permit base of an advisory key: `(advisory ^ 0x7065_726D_6974_0000)` with its low 16
+/// bits cleared. Permit `i` of the key (`0 ≤ i < limit ≤ 65,536`) is the bigint advisory lock
+/// `base + i`, so a key's permits are the advisory locks whose high 48 bits are the base's; those
+/// bits differ from the advisory key's own, so no permit is ever the key's lock. The permits'
+/// waiter flag is the base in the two-`int4` key space, as a lock's is its advisory key, and
+/// their notifications carry the base.
+pub(crate) fn permit_base(advisory: i64) -> i64 {
+    (advisory ^ PERMIT_XOR) & !(MAX_PERMITS as i64 - 1)
+}
+
 /// Remembers the advisory keys of recently used lock keys. SHA-256 of a short key costs about
 /// a microsecond on a CPU without SHA instructions (this VM's), a noticeable share of an
 /// uncontended `try_acquire` + `release`; a hot key (one that many requests lock in turn) then
@@ -182,6 +200,45 @@ mod tests {
         assert_eq!(advisory_key("order:42"), -2_708_853_543_617_250_617); // da68380de022bac7
         assert_eq!(advisory_key("ключ"), 2_153_681_812_738_117_024); // 1de36a32af798da0
         assert_eq!(advisory_key("a'b\\c\0d"), 807_657_165_946_115_799); // 0b355fe9cc8456d7
+    }
+
+    #[test]
+    fn permit_bases_match_the_documented_test_vector_and_never_meet_the_key_s_own_locks() {
+        // Also in docs/postgres.md ("Permits"), which the next test reads.
+        let key = advisory_key("order:42");
+        let base = permit_base(key);
+        assert_eq!(base, -6_193_212_134_083_133_440); // aa0d4a6089560000
+        assert_eq!(flag_key(base), (-1_441_969_568, -1_990_852_608));
+        assert_eq!(pg_locks_halves(base), (2_852_997_728, 2_304_114_688));
+        // Every slot has the base's high 48 bits, which are never those of the key itself,
+        // of its waiter flag or of its marks.
+        for advisory in [0_i64, -1, i64::MIN, i64::MAX, key, 0x5555_5555_5555_5555] {
+            let base = permit_base(advisory);
+            assert_eq!(base & 0xFFFF, 0);
+            for other in [advisory, !advisory, advisory ^ READERS_MARK_XOR] {
+                assert_ne!(base >> 16, other >> 16, "{advisory:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_documented_permit_vector_is_the_crate_s() {
+        let doc = include_str!("../../../docs/postgres.md");
+        let start = doc.find("## Permits").expect("the permits section");
+        let section = &doc[start..];
+        let base = permit_base(advisory_key("order:42"));
+        let (high, low) = flag_key(base);
+        let (classid, objid) = pg_locks_halves(base);
+        for expected in [
+            format!("`{base}`"),
+            format!("`{high}`, `{low}`"),
+            format!("`{classid}`, `{objid}`"),
+        ] {
+            assert!(
+                section.contains(&expected),
+                "docs/postgres.md (Permits) lacks {expected}"
+            );
+        }
     }
 
     #[test]

@@ -16,11 +16,14 @@
 //! * `sql` — statement text and the fencing sequence name.
 //! * `wait_marks` — the marks a waiter sets on the server: the waiter flag, and the
 //!   writer-waiting and readers' turn marks that order the two sides across processes.
+//! * `permits` — [`DistributedSemaphore`](crate::DistributedSemaphore): slots of a key's
+//!   permit base, the process's line of permit waiters.
 //! * `transaction` — transaction-scoped locks on the caller's own transaction.
 
 mod fencing;
 mod key_hash;
 mod notify;
+mod permits;
 mod session;
 mod setup;
 mod sql;
@@ -151,6 +154,15 @@ const MAX_YIELD_HEAD_START: Duration = Duration::from_millis(20);
 ///   those readers still waits on the server (for a writer elsewhere, whose own mark keeps new
 ///   readers out), it does not. The SQL, for clients in other languages, is in
 ///   docs/postgres.md.
+/// * **Permits** ([`DistributedSemaphore`](crate::DistributedSemaphore)): a key's permits are
+///   the advisory locks `base + 0` to `base + limit - 1` of its [permit
+///   base](Self::permit_base), so a limit is at most 65,536 (above is
+///   [`LockError::InvalidConfig`]) and permits never conflict with locks. One statement takes
+///   the first free slot and keeps it only if the key's permits held, counted after it in
+///   `pg_locks`, are within the caller's limit. Permit guards are leased, extended, expired,
+///   lost and cancelled like lock guards. Waiting: first in, first out among the tasks of this
+///   lock service, woken directly by its releases; across processes the waiter flag and
+///   `NOTIFY`, as for locks (not first in, first out).
 /// * **Fencing tokens** come from one sequence (`public.k1s0_lock_fencing_seq`, created on first use,
 ///   `CACHE 1`), drawn in the same statement that takes the lock, without waiting for the
 ///   disk. They still increase across a server crash: the first lock session after crash
@@ -167,6 +179,9 @@ struct Inner {
     settings: SessionSettings,
     sql: Arc<Statements>,
     claims: Arc<ClaimTable>,
+    /// The line of this process's tasks waiting for a permit, by permit base: the first holds
+    /// the claim and is the one that asks the server (see `permits`).
+    permit_line: Arc<ClaimTable>,
     key_cache: AdvisoryKeyCache,
     /// The lock sessions; one whose task has ended is started again on next use.
     sessions: Box<[Mutex<Option<SessionHandle>>]>,
@@ -323,6 +338,7 @@ impl PostgresDistributedLockBuilder {
                 settings,
                 sql: Arc::new(Statements::new(&sequence)),
                 claims: Arc::new(ClaimTable::default()),
+                permit_line: Arc::new(ClaimTable::default()),
                 key_cache: AdvisoryKeyCache::default(),
                 sessions: (0..sessions).map(|_| Mutex::new(None)).collect(),
                 hub: Arc::new(WakeHub::default()),
@@ -418,6 +434,7 @@ impl PostgresDistributedLock {
             self.inner.pool.clone(),
             Arc::clone(&self.inner.sql),
             self.inner.settings,
+            Arc::clone(&self.inner.hub),
         );
         Ok(slot.insert(session).clone())
     }
@@ -513,26 +530,8 @@ impl PostgresDistributedLock {
                     }
                     LockMode::Shared => tokio::time::timeout_at(deadline, &mut turn).await.ok(),
                 };
-                match waited.ok_or(()) {
-                    Ok(Ok(claim)) => claim,
-                    Ok(Err(_)) => {
-                        return Err(
-                            LockError::backend_msg("the lock claim queue was dropped").into()
-                        )
-                    }
-                    // The budget is spent, but only the task ahead talks to the server: `Timeout`
-                    // only if the key is known to be held, not when the server owes an answer.
-                    Err(_) => {
-                        let give_up_at = deadline + self.inner.settings.command_timeout;
-                        match self.inner.claims.overdue(&advisory, turn, give_up_at).await {
-                            Overdue::Held => return Err(LockError::Timeout.into()),
-                            Overdue::Unanswered => {
-                                return Err(no_answer(config.wait_budget()).into())
-                            }
-                            Overdue::Claimed(claim) => claim,
-                        }
-                    }
-                }
+                self.turn_taken(&self.inner.claims, advisory, turn, waited, deadline)
+                    .await?
             }
         };
         let session = self.session_for(advisory)?;
@@ -569,32 +568,14 @@ impl PostgresDistributedLock {
         // This wait's own marks are set: the one of the wait in the process can go.
         drop(early_mark);
         // The marks first (a writer's keeps new readers out from now on), then the LISTEN
-        // connection, whose start takes a pool slot and may wait for one: never past
-        // this wait's own deadline (a cancelled start leaves the cell for the next waiter).
-        let listening = match tokio::time::timeout_at(deadline, self.listener()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(error)) => {
-                tracing::warn!(
-                    error = &error as &dyn std::error::Error,
-                    "cannot LISTEN for lock releases; waiting by polling"
-                );
-                false
-            }
-            Err(_) => {
-                tracing::debug!("no LISTEN connection within the waiting budget; polling");
-                false
-            }
-        };
-        // Long enough for a notified waiter elsewhere to retry (about a round trip after the
-        // notification), short enough to cost little if none does.
-        let head_start = (mark_round_trip * YIELD_ROUND_TRIPS)
-            .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
-            .min(config.get_retry_interval());
+        // connection.
+        let listening = self.listening_by(deadline).await;
+        let head_start = self.head_start(mark_round_trip);
         let mut jitter = Jitter::new(uuid::Uuid::new_v4());
         if yield_first && marked.contains(Marks::FLAG) {
             let retry_at = (Instant::now() + head_start).min(deadline);
             tokio::select! {
-                () = woken.woken() => {}
+                _ = woken.woken() => {}
                 () = tokio::time::sleep_until(retry_at) => {}
             }
         }
@@ -633,7 +614,7 @@ impl PostgresDistributedLock {
             let now = Instant::now();
             let retry_at = (now + self.poll_interval(notifiable, &mut jitter)).min(deadline);
             let notified = tokio::select! {
-                () = woken.woken() => true,
+                _ = woken.woken() => true,
                 () = tokio::time::sleep_until(retry_at) => false,
             };
             if notified {
@@ -645,6 +626,32 @@ impl PostgresDistributedLock {
                 let draw = jitter.between(Duration::ZERO, head_start / (1 + races_lost));
                 tokio::time::sleep_until((Instant::now() + draw).min(deadline)).await;
                 races_lost += 1;
+            }
+        }
+    }
+
+    /// The claim of a task queued in `table` for `key` (its place is `turn`) once it has
+    /// `waited` for it until `deadline` (`None`: the budget ran out first). Then only the task
+    /// ahead talks to the server: `Timeout` only if the key is known to be held, not when the
+    /// server owes an answer (see [`ClaimTable::overdue`]).
+    async fn turn_taken(
+        &self,
+        table: &Arc<ClaimTable>,
+        key: i64,
+        turn: claims::Turn,
+        waited: Option<Result<claims::KeyClaim, RecvError>>,
+        deadline: Instant,
+    ) -> Result<claims::KeyClaim, WaitError> {
+        match waited {
+            Some(Ok(claim)) => Ok(claim),
+            Some(Err(_)) => Err(LockError::backend_msg("the lock claim queue was dropped").into()),
+            None => {
+                let give_up_at = deadline + self.inner.settings.command_timeout;
+                match table.overdue(&key, turn, give_up_at).await {
+                    Overdue::Held => Err(LockError::Timeout.into()),
+                    Overdue::Unanswered => Err(no_answer(self.inner.config.wait_budget()).into()),
+                    Overdue::Claimed(claim) => Ok(claim),
+                }
             }
         }
     }
@@ -762,6 +769,36 @@ impl PostgresDistributedLock {
             base.min(Duration::from_millis(50))
         };
         jitter.between(base / 2, base).max(Duration::from_millis(1))
+    }
+
+    /// Makes sure the LISTEN connection runs ([`listener`](Self::listener)), giving up at
+    /// `deadline`: its start takes a pool slot and may wait for one, never past the waiter's own
+    /// deadline (a cancelled start leaves the cell for the next waiter). Whether it runs: if
+    /// not, the waiter polls.
+    async fn listening_by(&self, deadline: Instant) -> bool {
+        match tokio::time::timeout_at(deadline, self.listener()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "cannot LISTEN for lock releases; waiting by polling"
+                );
+                false
+            }
+            Err(_) => {
+                tracing::debug!("no LISTEN connection within the waiting budget; polling");
+                false
+            }
+        }
+    }
+
+    /// How long a waiter of this process lets waiters of other processes go first, from the
+    /// round trip of its session: long enough for a notified waiter elsewhere to retry (about a
+    /// round trip after the notification), short enough to cost little if none does.
+    fn head_start(&self, round_trip: Duration) -> Duration {
+        (round_trip * YIELD_ROUND_TRIPS)
+            .clamp(MIN_YIELD_HEAD_START, MAX_YIELD_HEAD_START)
+            .min(self.inner.config.get_retry_interval())
     }
 
     /// Makes sure the LISTEN connection runs, starting it (again) on the current runtime.

@@ -1,8 +1,11 @@
 //! Wake-ups for waiters whose key is held by another process: one `LISTEN` connection per lock
-//! service, fanning `pg_notify` payloads (advisory keys) out to the local waiters of that key
-//! (one exclusive waiter, or every shared one waiting on the server at once).
+//! service, fanning `pg_notify` payloads (advisory keys, or permit bases) out to the local
+//! waiters of that key (one exclusive waiter, or every shared one waiting on the server at
+//! once). A permit released by this process wakes its key's waiter here directly
+//! ([`WakeHub::wake_local`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -13,59 +16,121 @@ use tokio::sync::{oneshot, Notify};
 use super::sql::NOTIFY_CHANNEL;
 use crate::LockError;
 
-/// Who waits for which key, shared by the listener task and the waiters.
+/// Who waits for which key, shared by the listener task, the lock sessions and the waiters.
 #[derive(Default)]
 pub(super) struct WakeHub {
-    waiters: Mutex<HashMap<i64, Vec<Arc<Notify>>>>,
+    waiters: Mutex<HashMap<i64, Vec<Arc<Waiter>>>>,
+}
+
+/// One subscription's side of the hub.
+#[derive(Default)]
+struct Waiter {
+    notify: Notify,
+    /// The last wake-up's [`Wake`], as a number.
+    last: AtomicU8,
+}
+
+/// What woke a waiter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Wake {
+    /// A notification from another process (or the listener reconnecting): waiters of several
+    /// processes may have been woken by it.
+    Notified = 0,
+    /// A release in this process that notified no other process.
+    Released = 1,
+    /// A release in this process that notified waiters of other processes too: they should
+    /// get a head start.
+    ReleasedToOthers = 2,
+}
+
+impl Wake {
+    fn from_u8(value: u8) -> Wake {
+        match value {
+            1 => Wake::Released,
+            2 => Wake::ReleasedToOthers,
+            _ => Wake::Notified,
+        }
+    }
 }
 
 /// A waiter's registration for one key. Dropping it unregisters.
 pub(super) struct Subscription {
     hub: Arc<WakeHub>,
     key: i64,
-    notify: Arc<Notify>,
+    waiter: Arc<Waiter>,
 }
 
 impl WakeHub {
     /// Registers interest in `key`. A wake-up that arrives before the waiter waits is kept.
     pub(super) fn subscribe(self: &Arc<Self>, key: i64) -> Subscription {
-        let notify = Arc::new(Notify::new());
+        let waiter = Arc::new(Waiter::default());
         self.lock()
             .entry(key)
             .or_default()
-            .push(Arc::clone(&notify));
+            .push(Arc::clone(&waiter));
         Subscription {
             hub: Arc::clone(self),
             key,
-            notify,
+            waiter,
         }
     }
 
-    /// Wakes every waiter of `key`.
+    /// Wakes every waiter of `key` for a notification.
     pub(super) fn wake(&self, key: i64) {
+        self.wake_as(key, Wake::Notified);
+    }
+
+    /// Wakes every waiter of `key` for a release in this process, which notified waiters of
+    /// other processes too if `others_notified`.
+    pub(super) fn wake_local(&self, key: i64, others_notified: bool) {
+        let wake = if others_notified {
+            Wake::ReleasedToOthers
+        } else {
+            Wake::Released
+        };
+        self.wake_as(key, wake);
+    }
+
+    fn wake_as(&self, key: i64, wake: Wake) {
         if let Some(waiters) = self.lock().get(&key) {
-            for notify in waiters {
-                notify.notify_one();
+            for waiter in waiters {
+                waiter.wake(wake);
             }
         }
     }
 
     /// Wakes every waiter (after the listener lost its connection and may have missed some).
     pub(super) fn wake_all(&self) {
-        for notify in self.lock().values().flatten() {
-            notify.notify_one();
+        for waiter in self.lock().values().flatten() {
+            waiter.wake(Wake::Notified);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<Arc<Notify>>>> {
+    /// Whether some task of this process waits for `key`.
+    pub(super) fn has_waiters(&self, key: i64) -> bool {
+        self.lock().contains_key(&key)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<Arc<Waiter>>>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
+impl Waiter {
+    fn wake(&self, wake: Wake) {
+        // Before the permit is stored, so that the waiter it lets through reads this.
+        self.last.store(wake as u8, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
 impl Subscription {
-    /// Resolves at the next wake-up for this key (or at once if one arrived since the last).
-    pub(super) async fn woken(&self) {
-        self.notify.notified().await;
+    /// Resolves at the next wake-up for this key (or at once if one arrived since the last),
+    /// saying what it was (of several since the last, the latest).
+    pub(super) async fn woken(&self) -> Wake {
+        self.waiter.notify.notified().await;
+        Wake::from_u8(self.waiter.last.load(Ordering::Acquire))
     }
 }
 
@@ -73,7 +138,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut waiters = self.hub.lock();
         if let Some(of_key) = waiters.get_mut(&self.key) {
-            of_key.retain(|notify| !Arc::ptr_eq(notify, &self.notify));
+            of_key.retain(|waiter| !Arc::ptr_eq(waiter, &self.waiter));
             if of_key.is_empty() {
                 waiters.remove(&self.key);
             }

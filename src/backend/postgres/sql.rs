@@ -105,6 +105,29 @@ fn mark_held_elsewhere(high: &str, low: &str) -> String {
     )
 }
 
+/// The end of a release: `pg_notify`s [`NOTIFY_CHANNEL`] with `$1` in decimal when another
+/// session holds the waiter flag of `$1` (see [`FLAG_HIGH`]); answers whether it did. The flag is
+/// checked with a statement-scoped exclusive try, which a session's own shared hold of it does
+/// not refuse. Only a notifying release writes a commit record (NOTIFY needs a transaction id);
+/// nothing in it needs to be durable, so it does not wait for the WAL flush.
+fn notify_if_flagged() -> String {
+    format!(
+        "CASE WHEN pg_try_advisory_xact_lock({FLAG_HIGH}, {FLAG_LOW}) THEN false \
+         ELSE (set_config('synchronous_commit', 'off', true) \
+         || pg_notify('{NOTIFY_CHANNEL}', $1::text)::text) IS NOT NULL END"
+    )
+}
+
+/// The granted `pg_locks` rows of the permits of the permit base `$1` (see
+/// `key_hash::permit_base`): bigint advisory locks (`objsubid = 1`) whose `classid` is the
+/// base's high 32 bits and whose `objid` lies in the 65,536 values from the base's low 32 bits
+/// on (the base's low 16 bits are 0, so they never spill into the next `classid`).
+const PERMIT_ROWS: &str = "locktype = 'advisory' \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND classid = ($1 >> 32)::int4::oid \
+     AND objid::int8 BETWEEN ($1 & 4294967295) AND ($1 & 4294967295) + 65535 \
+     AND objsubid = 1 AND granted";
+
 /// Every statement of one lock service, built once.
 #[derive(Debug)]
 pub(super) struct Statements {
@@ -148,6 +171,28 @@ pub(super) struct Statements {
     pub(super) clear_marks: String,
     /// `$1`/`$2` `pg_locks` halves → whether any session holds the key.
     pub(super) is_locked: &'static str,
+    /// `$1` permit base (`int8`), `$2` the caller's limit (`int4`, 1 to 65,536), `$3` the slots
+    /// of the base this session holds already (`int4[]`), `$4` drop the waiter flag on success
+    /// → (the slot taken, its fencing token, flag dropped, notified). Tries the slots `0..$2`
+    /// in order, skipping `$3` (advisory locks are re-entrant within a session), and takes the
+    /// first free one; then counts the key's permits held (its own included) and keeps the slot
+    /// only if that is at most `$2`: the token is then drawn. Over the limit it unlocks the
+    /// slot again (NULL token), notifying as [`unlock_permit`](Self::unlock_permit) does.
+    ///
+    /// It can never take two slots: the tries run in the `WHERE` of a row source under
+    /// `LIMIT 1`, pulled one row at a time from a set-returning function in a select list
+    /// (evaluated one value per call), and a `Limit` node asks for no row past its count.
+    pub(super) try_permit: String,
+    /// `$1` permit base, `$2` slot → (released, notified): unlocks `$1 + $2` and notifies
+    /// [`NOTIFY_CHANNEL`] with the base in decimal when another session holds the base's
+    /// waiter flag.
+    pub(super) unlock_permit: String,
+    /// `$1` permit base → how many of its permits are held, by any session.
+    pub(super) permits_held: String,
+    /// `$1` permit base, `$2` the slots of the base this session holds for its guards
+    /// (`int4[]`) → how many others of the base it held and unlocked. Run after a failed
+    /// [`try_permit`](Self::try_permit), which may have taken a slot before its error.
+    pub(super) unlock_unknown_permits: String,
     /// A round trip that proves the session is alive.
     pub(super) ping: &'static str,
     /// Creates the fencing sequence if it does not exist.
@@ -240,21 +285,11 @@ impl Statements {
             // list left to right, so the flag is checked after the unlock: a waiter whose flag
             // was refused by that check retries at once and finds the key free. (Were the check
             // to run first, such a waiter would find the key still held and wait for its next
-            // poll.) A key that was not held costs at most a needless wake-up. Only a notifying
-            // release writes a
-            // commit record (NOTIFY needs a transaction id); nothing in it needs to be durable,
-            // so it does not wait for the WAL flush.
-            unlock: format!(
-                "SELECT pg_advisory_unlock($1), \
-                 CASE WHEN pg_try_advisory_xact_lock({FLAG_HIGH}, {FLAG_LOW}) THEN false \
-                 ELSE (set_config('synchronous_commit', 'off', true) \
-                 || pg_notify('{NOTIFY_CHANNEL}', $1::text)::text) IS NOT NULL END"
-            ),
+            // poll.) A key that was not held costs at most a needless wake-up.
+            unlock: format!("SELECT pg_advisory_unlock($1), {}", notify_if_flagged()),
             unlock_shared: format!(
-                "SELECT pg_advisory_unlock_shared($1), \
-                 CASE WHEN pg_try_advisory_xact_lock({FLAG_HIGH}, {FLAG_LOW}) THEN false \
-                 ELSE (set_config('synchronous_commit', 'off', true) \
-                 || pg_notify('{NOTIFY_CHANNEL}', $1::text)::text) IS NOT NULL END"
+                "SELECT pg_advisory_unlock_shared($1), {}",
+                notify_if_flagged()
             ),
             // Tries: the flag and the marks are held exclusively only by a statement that checks
             // them (for its length), and nothing ever waits inside the server.
@@ -272,6 +307,41 @@ impl Statements {
                         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                         AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
                         AND objsubid = 1 AND granted)",
+            // The slot's try runs first (`s`, fenced by OFFSET 0 and evaluated once), the count
+            // after it (CASE evaluates its branches in order, and the count's subquery only when
+            // its branch is reached), so the count includes the slot just taken and every slot
+            // taken by other sessions before it: of two sessions taking a slot at once, the
+            // later count sees both. `t` is fenced too, so that the token is drawn once though
+            // the outer select reads it twice.
+            try_permit: format!(
+                "SELECT t.slot, t.token, \
+                 CASE WHEN t.token IS NOT NULL AND $4 \
+                 THEN pg_advisory_unlock_shared({FLAG_HIGH}, {FLAG_LOW}) END, \
+                 CASE WHEN t.slot IS NOT NULL AND t.token IS NULL THEN {notify} END \
+                 FROM (SELECT s.slot, CASE WHEN s.slot IS NULL THEN NULL \
+                 WHEN (SELECT count(*) FROM pg_locks WHERE {PERMIT_ROWS}) <= $2 \
+                 THEN nextval('{seq}') \
+                 WHEN pg_advisory_unlock($1 + s.slot) THEN NULL END AS token \
+                 FROM (SELECT (SELECT g.slot \
+                 FROM (SELECT generate_series(0, $2 - 1) AS slot) AS g \
+                 WHERE CASE WHEN g.slot = ANY($3) THEN false \
+                 ELSE pg_try_advisory_lock($1 + g.slot) END \
+                 LIMIT 1) AS slot OFFSET 0) AS s OFFSET 0) AS t",
+                notify = notify_if_flagged()
+            ),
+            unlock_permit: format!(
+                "SELECT pg_advisory_unlock($1 + $2), {}",
+                notify_if_flagged()
+            ),
+            permits_held: format!("SELECT count(*) FROM pg_locks WHERE {PERMIT_ROWS}"),
+            // The rows are found first (fenced by OFFSET 0), then each is unlocked, so nothing
+            // outside them is ever unlocked whatever order the planner gives the conditions.
+            unlock_unknown_permits: format!(
+                "SELECT count(*) FILTER (WHERE CASE WHEN p.slot = ANY($2) THEN false \
+                 ELSE pg_advisory_unlock($1 + p.slot) END) \
+                 FROM (SELECT (objid::int8 - ($1 & 4294967295))::int4 AS slot FROM pg_locks \
+                 WHERE {PERMIT_ROWS} AND pid = pg_backend_pid() OFFSET 0) AS p"
+            ),
             ping: "SELECT 1",
             create_sequence: format!(
                 "CREATE SEQUENCE IF NOT EXISTS {seq} AS bigint MINVALUE 1 NO CYCLE CACHE 1"
@@ -315,9 +385,10 @@ impl Statements {
 mod tests {
     use super::*;
 
-    /// docs/postgres.md ("A client in another language", "Locks inside your own
-    /// transaction") shows the statements a client in another language must run: they must
-    /// be the crate's own, to the character (whitespace aside).
+    /// docs/postgres.md ("Locks inside your own transaction", "A client in another language",
+    /// "Reader-writer locks: the shared side", "Permits") shows the statements a client in
+    /// another language must run: they must be the crate's own, to the character (whitespace
+    /// aside).
     #[test]
     fn the_foreign_client_section_shows_the_statements_the_crate_runs() {
         let normalize = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -339,6 +410,10 @@ mod tests {
             ("unlock_shared", &sql.unlock_shared),
             ("is_locked", sql.is_locked),
             ("transaction_try_lock", &sql.transaction_try_lock),
+            ("try_permit", &sql.try_permit),
+            ("unlock_permit", &sql.unlock_permit),
+            ("permits_held", &sql.permits_held),
+            ("unlock_unknown_permits", &sql.unlock_unknown_permits),
         ] {
             assert!(
                 doc.contains(&normalize(statement)),

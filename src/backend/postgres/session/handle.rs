@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::super::claims::KeyClaim;
 use super::super::key_hash::{AdvisoryKeyHashing, AdvisoryKeyMap};
+use super::super::notify::WakeHub;
 use super::super::sql::Statements;
 use super::super::timing::SessionSettings;
 use super::super::wait_marks::Marks;
@@ -33,6 +34,24 @@ pub(crate) enum TryOutcome {
     /// The key is not to be had now. The caller keeps its claim, to try again, and learns the
     /// marks the session now holds for it (none once a lost connection took them).
     Busy(KeyClaim, Busy, Marks),
+}
+
+/// What a permit attempt found.
+pub(crate) enum PermitTry {
+    Granted(Granted),
+    /// No permit within the caller's limit now. The marks the session now holds for the
+    /// caller's waiter flag (none once a lost connection took them).
+    Busy(Marks),
+}
+
+/// A permit attempt: the permit base, the caller's limit, its waiter flag (to drop on success),
+/// the TTL and send time of the lease.
+pub(super) struct PermitAttempt {
+    pub(super) base: i64,
+    pub(super) limit: u32,
+    pub(super) flag: Option<u64>,
+    pub(super) ttl: Duration,
+    pub(super) sent_at: Instant,
 }
 
 /// Why a lock attempt took nothing.
@@ -76,7 +95,13 @@ pub(crate) struct SessionHandle {
 
 impl SessionHandle {
     /// Starts the session task on the current runtime. It opens its connection on first use.
-    pub(crate) fn spawn(pool: PgPool, sql: Arc<Statements>, settings: SessionSettings) -> Self {
+    /// `hub` is where this lock service's waiters listen (a permit released wakes its key's).
+    pub(crate) fn spawn(
+        pool: PgPool,
+        sql: Arc<Statements>,
+        settings: SessionSettings,
+        hub: Arc<WakeHub>,
+    ) -> Self {
         let (sender, commands) = mpsc::unbounded_channel();
         let session = Session {
             pool,
@@ -88,6 +113,8 @@ impl SessionHandle {
             held: HashMap::with_hasher(AdvisoryKeyHashing::default()),
             expiries: BTreeSet::new(),
             flags: AdvisoryKeyMap::default(),
+            permit_slots: AdvisoryKeyMap::default(),
+            hub,
             last_used: Instant::now(),
             idle_since: Instant::now(),
             lost_since_open: false,
@@ -117,6 +144,32 @@ impl SessionHandle {
         let flag = flag.map(|flag| flag.id);
         self.ask(|reply| Command::TryLock(claim, attempt, flag, ttl, sent_at, reply))
             .await
+    }
+
+    /// Tries to take a permit of the permit base `base` within `limit` on this session, with a
+    /// lease of `ttl` from `sent_at`. With `flag`, a successful attempt also drops that waiter's
+    /// flag.
+    pub(crate) async fn try_permit(
+        &self,
+        base: i64,
+        limit: u32,
+        flag: Option<&WaitFlag>,
+        ttl: Duration,
+        sent_at: Instant,
+    ) -> Result<PermitTry, LockError> {
+        let attempt = PermitAttempt {
+            base,
+            limit,
+            flag: flag.map(|flag| flag.id),
+            ttl,
+            sent_at,
+        };
+        self.ask(|reply| Command::TryPermit(attempt, reply)).await
+    }
+
+    /// How many permits of the permit base `base` are held, by any session.
+    pub(crate) async fn permits_held(&self, base: i64) -> Result<u32, LockError> {
+        self.ask(|reply| Command::PermitsHeld(base, reply)).await
     }
 
     /// A waiter's link to the marks it will set on `key` (none yet). Dropping it drops them.
@@ -255,4 +308,7 @@ pub(super) enum Command {
     /// TTL and send time of the new lease.
     Extend(i64, Uuid, Duration, Instant, Reply<()>),
     IsLocked(i64, Reply<bool>),
+    TryPermit(PermitAttempt, Reply<PermitTry>),
+    /// A permit base.
+    PermitsHeld(i64, Reply<u32>),
 }

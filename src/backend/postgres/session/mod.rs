@@ -19,6 +19,7 @@
 //! of the next operation.
 
 mod handle;
+mod permits;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,11 +33,12 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub(super) use self::handle::{
-    Attempt, Busy, Granted, HeldLockRef, SessionHandle, TryOutcome, WaitFlag,
+    Attempt, Busy, Granted, HeldLockRef, PermitTry, SessionHandle, TryOutcome, WaitFlag,
 };
 use self::handle::{Command, Reply};
 use super::claims::KeyClaim;
 use super::key_hash::{pg_locks_halves, AdvisoryKeyHashing, AdvisoryKeyMap};
+use super::notify::WakeHub;
 use super::setup::{open_session, SessionConnection};
 use super::sql::Statements;
 use super::statement_errors::is_statement_error;
@@ -47,15 +49,23 @@ use crate::{Lease, LockError, LockMode};
 
 /// A lock this session holds for a guard (its id is the key of [`Session::held`]).
 struct Held {
-    /// The advisory key.
+    /// The advisory key locked (for a permit, its slot's).
     key: i64,
-    /// Keeps other tasks of this process off the key (or, shared, off its exclusive side)
-    /// until the server lock is gone; its mode says how to unlock.
-    claim: KeyClaim,
+    hold: Hold,
     lease: Arc<Lease>,
     /// The entry in `expiries`: the lease's own deadline (the connection bound is watched
     /// once for the whole session, see [`Session::housekeeping`]).
     expires_at: Instant,
+}
+
+/// What a [`Held`] lock is.
+enum Hold {
+    /// A lock on a key. Its claim keeps other tasks of this process off the key (or, shared,
+    /// off its exclusive side) until the server lock is gone; its mode says how to unlock.
+    Lock(KeyClaim),
+    /// Permit `slot` of the permit base `base` (the advisory lock `base + slot`). When it goes,
+    /// the first task of this process waiting for a permit of the base is woken.
+    Permit { base: i64, slot: i32 },
 }
 
 /// Why a statement failed.
@@ -85,7 +95,6 @@ enum Locked {
 }
 
 /// The bound parameters of a statement.
-#[derive(Clone, Copy)]
 enum Args {
     None,
     /// An advisory key.
@@ -96,6 +105,14 @@ enum Args {
     KeyAnd3(i64, bool, bool, bool),
     /// The halves of an advisory key as `pg_locks` shows them (`classid`, `objid`).
     Oids(i64, i64),
+    /// A permit base.
+    Base(i64),
+    /// A permit base and a slot.
+    BaseAndSlot(i64, i32),
+    /// A permit base and slots.
+    BaseAndSlots(i64, Vec<i32>),
+    /// A permit base, a limit, slots and a switch.
+    Permit(i64, i32, Vec<i32>, bool),
 }
 
 struct Session {
@@ -114,6 +131,11 @@ struct Session {
     /// The waiters' marks, by key, then by waiter: the session holds a mark of a key on the
     /// server (once) while any of its waiters has it.
     flags: AdvisoryKeyMap<HashMap<u64, Marks>>,
+    /// The slots of `held`'s permits, by permit base.
+    permit_slots: AdvisoryKeyMap<Vec<i32>>,
+    /// Where the waiters of this lock service listen: a permit that goes wakes the first waiter
+    /// of this process for its key.
+    hub: Arc<WakeHub>,
     /// Last statement sent, for pings.
     last_used: Instant,
     /// Since when the session holds nothing (no lock, no waiter flag), for closing an unused
@@ -239,6 +261,8 @@ impl Session {
             Command::Extend(key, id, ttl, sent_at, reply) => {
                 let _ = reply.send(self.extend(key, id, ttl, sent_at).await);
             }
+            Command::TryPermit(attempt, reply) => self.try_permit(attempt, reply).await,
+            Command::PermitsHeld(base, reply) => self.permits_held(base, reply).await,
             Command::IsLocked(key, reply) => {
                 if !reply.is_closed() {
                     let (high, low) = pg_locks_halves(key);
@@ -318,7 +342,7 @@ impl Session {
         claim.mark_granted();
         let held = Held {
             key,
-            claim,
+            hold: Hold::Lock(claim),
             lease: Arc::clone(&lease),
             expires_at,
         };
@@ -589,22 +613,25 @@ impl Session {
             return Err(LockError::LockLost);
         };
         let key = held.key;
-        let sql: for<'s> fn(&'s Statements) -> &'s str = match held.claim.mode() {
-            LockMode::Exclusive => |sql| &sql.unlock,
-            LockMode::Shared => |sql| &sql.unlock_shared,
+        let (sql, args): (for<'s> fn(&'s Statements) -> &'s str, _) = match &held.hold {
+            Hold::Lock(claim) if claim.mode() == LockMode::Exclusive => {
+                (|sql| &sql.unlock, Args::Key(key))
+            }
+            Hold::Lock(_) => (|sql| &sql.unlock_shared, Args::Key(key)),
+            &Hold::Permit { base, slot } => {
+                (|sql| &sql.unlock_permit, Args::BaseAndSlot(base, slot))
+            }
         };
-        let result = self.query::<(bool, bool)>(sql, Args::Key(key)).await;
+        let result = self.query::<(bool, bool)>(sql, args).await;
         match result {
             Ok((true, notified)) => {
-                if let Some(mut held) = self.held_remove(id) {
-                    if notified {
-                        tracing::trace!(
-                            advisory_key = key,
-                            "released a lock that another process awaits"
-                        );
-                        held.claim.set_yield_to_others();
-                    }
+                if notified {
+                    tracing::trace!(
+                        advisory_key = key,
+                        "released a lock that another process awaits"
+                    );
                 }
+                self.held_remove_notified(id, notified);
                 Ok(())
             }
             Ok((false, _)) => {
@@ -632,8 +659,23 @@ impl Session {
     }
 
     fn held_remove(&mut self, id: Uuid) -> Option<Held> {
-        let held = self.held.remove(&id)?;
+        self.held_remove_notified(id, false)
+    }
+
+    /// Removes the hold `id` once the server no longer has it; `notified` says that its
+    /// release notified waiters of other processes, who should then go first: a lock's claim
+    /// passes on marked so, a permit's waiter here is woken told so.
+    fn held_remove_notified(&mut self, id: Uuid, notified: bool) -> Option<Held> {
+        let mut held = self.held.remove(&id)?;
         self.expiries.remove(&(held.expires_at, id));
+        match &mut held.hold {
+            Hold::Lock(claim) if notified => claim.set_yield_to_others(),
+            Hold::Lock(_) => {}
+            &mut Hold::Permit { base, slot } => {
+                self.forget_permit_slot(base, slot);
+                self.hub.wake_local(base, notified);
+            }
+        }
         self.note_if_idle();
         Some(held)
     }
@@ -698,6 +740,12 @@ impl Session {
                 query.bind(key).bind(first).bind(second).bind(third)
             }
             Args::Oids(high, low) => query.bind(high).bind(low),
+            Args::Base(base) => query.bind(base),
+            Args::BaseAndSlot(base, slot) => query.bind(base).bind(slot),
+            Args::BaseAndSlots(base, slots) => query.bind(base).bind(slots),
+            Args::Permit(base, limit, slots, switch) => {
+                query.bind(base).bind(limit).bind(slots).bind(switch)
+            }
         };
         let timeout = self.settings.command_timeout;
         let outcome = tokio::time::timeout(timeout, query.fetch_one(connection)).await;
@@ -759,6 +807,9 @@ impl Session {
         let leases: Vec<Arc<Lease>> = self.held.drain().map(|(_, held)| held.lease).collect();
         self.expiries.clear();
         self.flags.clear();
+        for (base, _) in self.permit_slots.drain() {
+            self.hub.wake_local(base, false);
+        }
         self.idle_since = Instant::now();
         for lease in leases {
             lease.mark_lost();
