@@ -33,6 +33,24 @@ macro_rules! layer_tests {
                     })
                     .await;
                 }
+
+                #[cfg(feature = "redis")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$scenario(super::common::redis_conn::rw_lock).await;
+                }
+
+                #[cfg(feature = "postgres")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario(async |config| {
+                        k1s0_distributed_lock::PostgresDistributedLock::new(
+                            super::common::backends::postgres_pool(None).await,
+                            config,
+                        )
+                    })
+                    .await;
+                }
             }
         )*
     };

@@ -28,6 +28,24 @@ macro_rules! permit_tests {
                     })
                     .await;
                 }
+
+                #[cfg(feature = "redis")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$scenario(super::common::redis_conn::rw_lock).await;
+                }
+
+                #[cfg(feature = "postgres")]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario(async |config| {
+                        k1s0_distributed_lock::PostgresDistributedLock::new(
+                            super::common::backends::postgres_pool(None).await,
+                            config,
+                        )
+                    })
+                    .await;
+                }
             }
         )*
     };
@@ -196,11 +214,15 @@ async fn a_released_permit_goes_to_the_first_waiter<L: DistributedSemaphore + Cl
     let mut waiters = Vec::new();
     for id in 0..3 {
         let (waiter, key_of_waiter, order) = (lock.clone(), key.clone(), Arc::clone(&order));
-        waiters.push(tokio::spawn(async move {
+        let mut waiting = Box::pin(async move {
             let permit = waiter.acquire_permit(&key_of_waiter, 2).await.unwrap();
             order.lock().unwrap().push(id);
             permit
-        }));
+        });
+        // A first poll here, in order: a backend that lines its waiters up in the process
+        // does it then (PostgreSQL, behind the first waiter).
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        waiters.push(tokio::spawn(waiting));
         // The next waiter starts only once this one is in line.
         assert!(
             waiters_in_line(&lock, &key, 2, id + 1).await,

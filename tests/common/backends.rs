@@ -323,3 +323,36 @@ macro_rules! server_backend_cases {
         }
     };
 }
+
+/// Permits on the backend of the lock object.
+impl k1s0_distributed_lock::DistributedSemaphore for AnyLock {
+    async fn try_acquire_permit(&self, key: &str, limit: u32) -> Result<LockGuard, LockError> {
+        match self {
+            AnyLock::Memory(lock) => lock.try_acquire_permit(key, limit).await,
+            #[cfg(feature = "postgres")]
+            AnyLock::Postgres(lock) => lock.try_acquire_permit(key, limit).await,
+            #[cfg(feature = "redis")]
+            AnyLock::Redis(lock) => lock.try_acquire_permit(key, limit).await,
+        }
+    }
+
+    async fn acquire_permit(&self, key: &str, limit: u32) -> Result<LockGuard, LockError> {
+        match self {
+            AnyLock::Memory(lock) => lock.acquire_permit(key, limit).await,
+            #[cfg(feature = "postgres")]
+            AnyLock::Postgres(lock) => lock.acquire_permit(key, limit).await,
+            #[cfg(feature = "redis")]
+            AnyLock::Redis(lock) => lock.acquire_permit(key, limit).await,
+        }
+    }
+
+    async fn permits_held(&self, key: &str) -> Result<u32, LockError> {
+        match self {
+            AnyLock::Memory(lock) => lock.permits_held(key).await,
+            #[cfg(feature = "postgres")]
+            AnyLock::Postgres(lock) => lock.permits_held(key).await,
+            #[cfg(feature = "redis")]
+            AnyLock::Redis(lock) => lock.permits_held(key).await,
+        }
+    }
+}

@@ -140,6 +140,8 @@ pub mod faults;
 pub mod grpc;
 pub mod hostile;
 pub mod http;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub mod in_flight;
 pub mod load;
 pub mod proxy;
 #[cfg(feature = "redis")]
