@@ -12,7 +12,9 @@
 //!   real HTTP client. `axum::serve` serves `POST /orders/{id}/pay` on loopback; `wrk -t2 -c64`
 //!   loads it with a distinct id, hence a distinct lock key, per request. It measures bare axum
 //!   and the layer on every backend this build has (in-memory; Redis and PostgreSQL with
-//!   `--all-features`, at `REDIS_URL` / `DATABASE_URL` or the local defaults), each on two
+//!   `--all-features`, at `REDIS_URL` / `DATABASE_URL` or the local defaults), and on each
+//!   backend the layer with `.permits(4)` (a permit of the request's key instead of its lock:
+//!   `memory-permits`, `redis-permits`, `postgres-permits`), each on two
 //!   servers: the default listener, and one that sets `TCP_NODELAY` on accepted sockets. A
 //!   response written in pieces meets Nagle's algorithm and the client's delayed ACK only on
 //!   the default server, so the pair shows whether the layer does that. The configurations run
@@ -47,7 +49,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use k1s0_distributed_lock::{DistributedLock, InMemoryDistributedLock, LockConfig, LockLayer};
+use k1s0_distributed_lock::{
+    DistributedLock, DistributedSemaphore, InMemoryDistributedLock, LockConfig, LockLayer,
+};
 use support::wrk::{self, Figures, Wrk};
 use tower::ServiceExt;
 
@@ -198,6 +202,11 @@ fn behind_layer<B: DistributedLock>(lock: B) -> Router {
     pay_route().layer(lock_layer(lock))
 }
 
+/// The route behind the layer taking one of 4 permits of a key per path instead of its lock.
+fn behind_permits_layer<B: DistributedLock + DistributedSemaphore>(lock: B) -> Router {
+    pay_route().layer(lock_layer(lock).permits(4))
+}
+
 fn lock_layer<B: DistributedLock>(lock: B) -> LockLayer<B> {
     let prefix = format!("wrk:{}:", uuid::Uuid::new_v4().simple());
     LockLayer::new(lock, move |req| format!("{prefix}{}", req.uri.path()))
@@ -241,10 +250,21 @@ async fn wrk_apps() -> Vec<(&'static str, Router)> {
                 lock_layer(InMemoryDistributedLock::new(LockConfig::new())).without_keep_alive(),
             ),
         ),
+        (
+            "memory-permits",
+            behind_permits_layer(InMemoryDistributedLock::new(LockConfig::new())),
+        ),
         #[cfg(feature = "redis")]
         ("redis", behind_layer(redis_lock().await)),
+        #[cfg(feature = "redis")]
+        ("redis-permits", behind_permits_layer(redis_lock().await)),
         #[cfg(feature = "postgres")]
         ("postgres", behind_layer(postgres_lock().await)),
+        #[cfg(feature = "postgres")]
+        (
+            "postgres-permits",
+            behind_permits_layer(postgres_lock().await),
+        ),
     ]
 }
 
@@ -395,6 +415,22 @@ fn layer_wrk() {
                 layer,
                 bare,
                 target,
+            );
+        }
+    }
+    for (permits, locks, label) in [
+        ("memory-permits", "memory", "in-memory"),
+        ("redis-permits", "redis", "Redis"),
+        ("postgres-permits", "postgres", "PostgreSQL"),
+    ] {
+        if let (Some(permits), Some(locks)) =
+            (find(permits, Server::Default), find(locks, Server::Default))
+        {
+            print_ratio(
+                &format!("default server: {label} layer, .permits(4) vs a lock per request"),
+                permits,
+                locks,
+                None,
             );
         }
     }
