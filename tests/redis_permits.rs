@@ -283,12 +283,9 @@ async fn permit_acquires_cancelled_at_every_await_point_leave_nothing_held() {
                     lock.try_acquire_permit(&key, 2).await
                 }
             };
-            match drop_at_suspension(acquire, n).await {
-                Some(permit) => {
-                    permit.expect("a free key").release().await.unwrap();
-                    break;
-                }
-                None => {}
+            if let Some(permit) = drop_at_suspension(acquire, n).await {
+                permit.expect("a free key").release().await.unwrap();
+                break;
             }
             assert!(
                 nothing_left(&admin, &lock, &key).await,
