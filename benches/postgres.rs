@@ -18,6 +18,11 @@
 //!   exclusive one in alternating batches, and 8 tasks on one key of one lock service over 2 s
 //!   each, critical sections per second on the shared side against the exclusive side, with
 //!   empty sections and with 1 ms holds. `BENCH_ONLY=shared` runs only this part.
+//! * Permits, printed: the permit cycle (`try_acquire_permit` + `release`) against the lock
+//!   cycle in alternating batches on one lock service, with limits 1 and 16, and again while
+//!   1,000 other advisory locks are held on the server (the permit statement counts the key's
+//!   permits in `pg_locks`, which copies the server's whole lock table).
+//!   `BENCH_ONLY=permits` runs only this part.
 //!
 //! Run: `cargo bench --all-features --bench postgres`
 mod support;
@@ -29,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use k1s0_distributed_lock::{
-    DistributedLock, DistributedRwLock, LockConfig, PostgresDistributedLock,
+    DistributedLock, DistributedRwLock, DistributedSemaphore, LockConfig, PostgresDistributedLock,
 };
 use sqlx::PgConnection;
 use tokio::runtime::Runtime;
@@ -527,15 +532,96 @@ fn report_shared_side(rt: &Runtime) {
     }
 }
 
+async fn permit_cycle(lock: &PostgresDistributedLock, key: &str, limit: u32) {
+    let permit = lock.try_acquire_permit(key, limit).await.unwrap();
+    permit.release().await.unwrap();
+}
+
+/// Holds `count` advisory locks (on numbers no key of these benches maps to, in practice) on a
+/// connection of its own, until it is dropped.
+async fn hold_other_locks(count: i64) -> PgConnection {
+    let mut conn = pg::connection().await;
+    let first = PostgresDistributedLock::advisory_key(&unique_key("crowd"));
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_try_advisory_lock($1 + n)) \
+         FROM generate_series(0, $2 - 1) AS n",
+    )
+    .bind(first.min(i64::MAX - count))
+    .bind(count)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(held, count);
+    conn
+}
+
+/// The permit cycle against the lock cycle: alternating batches on one lock service, medians.
+fn report_permits(rt: &Runtime) {
+    const ROUNDS: usize = 30;
+    const CYCLES: u32 = 200;
+    let lock = rt.block_on(async {
+        PostgresDistributedLock::new(pg::pool(POOL_SIZE).await, LockConfig::new())
+    });
+    let (lock_key, permit_key) = (unique_key("lock-cycle"), unique_key("permit-cycle"));
+    let mut crowd = None;
+    for other_locks in [0, 1_000] {
+        if other_locks > 0 {
+            crowd = Some(rt.block_on(hold_other_locks(other_locks)));
+        }
+        for limit in [1, 16] {
+            let (lock_times, permit_times, ratios) = rt.block_on(async {
+                for _ in 0..CYCLES {
+                    backend_cycle(&lock, &lock_key).await;
+                    permit_cycle(&lock, &permit_key, limit).await;
+                }
+                let (mut lock_times, mut permit_times, mut ratios) =
+                    (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..ROUNDS {
+                    let start = Instant::now();
+                    for _ in 0..CYCLES {
+                        backend_cycle(&lock, &lock_key).await;
+                    }
+                    let locks = start.elapsed() / CYCLES;
+                    let start = Instant::now();
+                    for _ in 0..CYCLES {
+                        permit_cycle(&lock, &permit_key, limit).await;
+                    }
+                    let permits = start.elapsed() / CYCLES;
+                    ratios.push(permits.as_secs_f64() / locks.as_secs_f64());
+                    lock_times.push(locks);
+                    permit_times.push(permits);
+                }
+                (lock_times, permit_times, ratios)
+            });
+            let (mut lock_times, mut permit_times) = (lock_times, permit_times);
+            println!(
+                "postgres_permits alternating, limit {limit}, {other_locks} other advisory locks held: permit cycle {:?}, lock cycle {:?} (medians of {ROUNDS} batches of {CYCLES}), permit / lock median {:.3}x",
+                median(&mut permit_times),
+                median(&mut lock_times),
+                support::median(ratios)
+            );
+        }
+    }
+    drop(crowd);
+}
+
 fn main() {
     let rt = support::runtime();
-    if std::env::var("BENCH_ONLY").as_deref() == Ok("shared") {
-        report_shared_side(&rt);
-        return;
+    match std::env::var("BENCH_ONLY").as_deref() {
+        Ok("shared") => {
+            report_shared_side(&rt);
+            return;
+        }
+        Ok("permits") => {
+            report_permits(&rt);
+            return;
+        }
+        _ => {}
     }
     let mut criterion = Criterion::default().configure_from_args();
     bench_cycle(&mut criterion, &rt);
     report_handoff(&rt);
     report_shared_side(&rt);
+    report_permits(&rt);
     criterion.final_summary();
 }
