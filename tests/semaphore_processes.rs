@@ -8,181 +8,196 @@
 
 mod common;
 
-use std::process::Stdio;
-use std::time::Duration;
-
-use common::backends::Backend;
-use common::in_flight::InFlight;
-use k1s0_distributed_lock::{DistributedSemaphore, LockConfig, LockError};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
-
-const CHILD_VARIABLE: &str = "K1S0_PERMIT_CHILD";
-const PREFIX_VARIABLE: &str = "K1S0_PERMIT_PREFIX";
-const PROCESSES: usize = 3;
-const TASKS_PER_PROCESS: usize = 16;
-const ROUNDS: usize = 10;
-const LIMIT: u32 = 4;
-/// The TTL of the killed holder's permit: what a Redis waiter waits at most for it.
-const KILLED_TTL: Duration = Duration::from_secs(2);
-
-fn config() -> LockConfig {
-    LockConfig::new()
-        .ttl(Duration::from_secs(30))
-        .retry_interval(Duration::from_millis(100))
-        .wait_timeout(Duration::from_secs(60))
-}
-
+#[cfg(any(feature = "postgres", feature = "redis"))]
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    if let Ok(child) = std::env::var(CHILD_VARIABLE) {
-        let (name, role) = child.split_once(':').expect("backend:role");
-        let backend = Backend::from_name(name).expect("a compiled backend");
-        let prefix = std::env::var(PREFIX_VARIABLE).unwrap();
-        runtime.block_on(async {
-            match role {
-                "load" => load_child(backend, &prefix).await,
-                "holder" => holding_child(backend, &prefix).await,
-                other => panic!("unknown child role {other}"),
-            }
-        });
-        return;
-    }
-    let mut passed = 0;
-    for backend in Backend::servers() {
-        runtime.block_on(never_more_than_the_limit_across_processes(backend));
-        println!(
-            "test {PROCESSES}_processes_hold_at_most_{LIMIT}_permits_on_{} ... ok",
-            backend.name()
-        );
-        runtime.block_on(a_killed_holder_gives_its_permit_back(backend));
-        println!(
-            "test a_killed_holder_gives_its_permit_back_on_{} ... ok",
-            backend.name()
-        );
-        passed += 2;
-    }
-    println!("{passed} passed, 0 failed");
+    processes::main();
 }
 
-fn child(backend: Backend, role: &str, prefix: &str) -> Command {
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .env(CHILD_VARIABLE, format!("{}:{role}", backend.name()))
-        .env(PREFIX_VARIABLE, prefix)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        // A parent that fails early must not leave its children running.
-        .kill_on_drop(true);
-    command
+#[cfg(not(any(feature = "postgres", feature = "redis")))]
+fn main() {
+    println!("0 passed, 0 failed (no server backend in this build)");
 }
 
-async fn never_more_than_the_limit_across_processes(backend: Backend) {
-    let prefix = common::unique_prefix(&format!("permit-processes-{}", backend.name()));
-    let children: Vec<_> = (0..PROCESSES)
-        .map(|_| child(backend, "load", &prefix).spawn().unwrap())
-        .collect();
-    let outputs = futures::future::join_all(
-        children
-            .into_iter()
-            .map(|child| async move { child.wait_with_output().await.unwrap() }),
-    )
-    .await;
-    for (index, output) in outputs.iter().enumerate() {
-        assert!(
-            output.status.success(),
-            "{} child {index} failed",
-            backend.name()
-        );
+/// The parent and its children, in a build with a server backend.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod processes {
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    use crate::common;
+    use common::backends::Backend;
+    use common::in_flight::InFlight;
+    use k1s0_distributed_lock::{DistributedSemaphore, LockConfig, LockError};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::process::Command;
+
+    const CHILD_VARIABLE: &str = "K1S0_PERMIT_CHILD";
+    const PREFIX_VARIABLE: &str = "K1S0_PERMIT_PREFIX";
+    const PROCESSES: usize = 3;
+    const TASKS_PER_PROCESS: usize = 16;
+    const ROUNDS: usize = 10;
+    const LIMIT: u32 = 4;
+    /// The TTL of the killed holder's permit: what a Redis waiter waits at most for it.
+    const KILLED_TTL: Duration = Duration::from_secs(2);
+
+    fn config() -> LockConfig {
+        LockConfig::new()
+            .ttl(Duration::from_secs(30))
+            .retry_interval(Duration::from_millis(100))
+            .wait_timeout(Duration::from_secs(60))
     }
-    let (inside, most) = InFlight::new(backend, &format!("{prefix}in-flight"))
-        .await
-        .read()
-        .await;
-    assert_eq!(inside, 0, "{}: tasks left inside", backend.name());
-    assert!(
-        most <= i64::from(LIMIT),
-        "{}: {most} tasks held permits at once",
-        backend.name()
-    );
-    assert_eq!(
-        most,
-        i64::from(LIMIT),
-        "{}: the limit was never reached",
-        backend.name()
-    );
-    let lock = backend.lock(config()).await;
-    assert_eq!(lock.permits_held(&format!("{prefix}key")).await.unwrap(), 0);
-}
 
-/// 16 tasks, each taking a permit of the key `ROUNDS` times, counting itself in and out.
-async fn load_child(backend: Backend, prefix: &str) {
-    let lock = backend.lock(config()).await;
-    let in_flight = InFlight::new(backend, &format!("{prefix}in-flight")).await;
-    let key = format!("{prefix}key");
-    let tasks: Vec<_> = (0..TASKS_PER_PROCESS)
-        .map(|_| {
-            let (lock, in_flight, key) = (lock.clone(), in_flight.clone(), key.clone());
-            tokio::spawn(async move {
-                for _ in 0..ROUNDS {
-                    let permit = lock
-                        .acquire_permit(&key, LIMIT)
-                        .await
-                        .expect("a permit within the budget");
-                    in_flight.enter().await;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    in_flight.leave().await;
-                    permit.release().await.expect("release of a held permit");
+    pub fn main() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        if let Ok(child) = std::env::var(CHILD_VARIABLE) {
+            let (name, role) = child.split_once(':').expect("backend:role");
+            let backend = Backend::from_name(name).expect("a compiled backend");
+            let prefix = std::env::var(PREFIX_VARIABLE).unwrap();
+            runtime.block_on(async {
+                match role {
+                    "load" => load_child(backend, &prefix).await,
+                    "holder" => holding_child(backend, &prefix).await,
+                    other => panic!("unknown child role {other}"),
                 }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
+            });
+            return;
+        }
+        let mut passed = 0;
+        for backend in Backend::servers() {
+            runtime.block_on(never_more_than_the_limit_across_processes(backend));
+            println!(
+                "test {PROCESSES}_processes_hold_at_most_{LIMIT}_permits_on_{} ... ok",
+                backend.name()
+            );
+            runtime.block_on(a_killed_holder_gives_its_permit_back(backend));
+            println!(
+                "test a_killed_holder_gives_its_permit_back_on_{} ... ok",
+                backend.name()
+            );
+            passed += 2;
+        }
+        println!("{passed} passed, 0 failed");
     }
-}
 
-/// A child takes the key's one permit and says so; the parent kills it; a waiter of the
-/// parent gets the permit (on Redis once its TTL ran out), and never while the child lives.
-async fn a_killed_holder_gives_its_permit_back(backend: Backend) {
-    let prefix = common::unique_prefix(&format!("permit-killed-{}", backend.name()));
-    let key = format!("{prefix}key");
-    let mut holder = child(backend, "holder", &prefix).spawn().unwrap();
-    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
-    let said = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the child takes the permit")
-        .unwrap();
-    assert_eq!(said.as_deref(), Some("held"));
-    let lock = backend.lock(config()).await;
-    assert!(matches!(
-        lock.try_acquire_permit(&key, 1).await,
-        Err(LockError::AlreadyLocked)
-    ));
-    holder.kill().await.unwrap();
-    let permit = tokio::time::timeout(
-        KILLED_TTL + Duration::from_secs(10),
-        lock.acquire_permit(&key, 1),
-    )
-    .await
-    .expect("the killed holder's permit comes back")
-    .expect("a permit");
-    assert_eq!(lock.permits_held(&key).await.unwrap(), 1);
-    permit.release().await.unwrap();
-}
+    fn child(backend: Backend, role: &str, prefix: &str) -> Command {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .env(CHILD_VARIABLE, format!("{}:{role}", backend.name()))
+            .env(PREFIX_VARIABLE, prefix)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // A parent that fails early must not leave its children running.
+            .kill_on_drop(true);
+        command
+    }
 
-async fn holding_child(backend: Backend, prefix: &str) {
-    let lock = backend.lock(config().ttl(KILLED_TTL)).await;
-    let permit = lock
-        .try_acquire_permit(&format!("{prefix}key"), 1)
+    async fn never_more_than_the_limit_across_processes(backend: Backend) {
+        let prefix = common::unique_prefix(&format!("permit-processes-{}", backend.name()));
+        let children: Vec<_> = (0..PROCESSES)
+            .map(|_| child(backend, "load", &prefix).spawn().unwrap())
+            .collect();
+        let outputs = futures::future::join_all(
+            children
+                .into_iter()
+                .map(|child| async move { child.wait_with_output().await.unwrap() }),
+        )
+        .await;
+        for (index, output) in outputs.iter().enumerate() {
+            assert!(
+                output.status.success(),
+                "{} child {index} failed",
+                backend.name()
+            );
+        }
+        let (inside, most) = InFlight::new(backend, &format!("{prefix}in-flight"))
+            .await
+            .read()
+            .await;
+        assert_eq!(inside, 0, "{}: tasks left inside", backend.name());
+        assert!(
+            most <= i64::from(LIMIT),
+            "{}: {most} tasks held permits at once",
+            backend.name()
+        );
+        assert_eq!(
+            most,
+            i64::from(LIMIT),
+            "{}: the limit was never reached",
+            backend.name()
+        );
+        let lock = backend.lock(config()).await;
+        assert_eq!(lock.permits_held(&format!("{prefix}key")).await.unwrap(), 0);
+    }
+
+    /// 16 tasks, each taking a permit of the key `ROUNDS` times, counting itself in and out.
+    async fn load_child(backend: Backend, prefix: &str) {
+        let lock = backend.lock(config()).await;
+        let in_flight = InFlight::new(backend, &format!("{prefix}in-flight")).await;
+        let key = format!("{prefix}key");
+        let tasks: Vec<_> = (0..TASKS_PER_PROCESS)
+            .map(|_| {
+                let (lock, in_flight, key) = (lock.clone(), in_flight.clone(), key.clone());
+                tokio::spawn(async move {
+                    for _ in 0..ROUNDS {
+                        let permit = lock
+                            .acquire_permit(&key, LIMIT)
+                            .await
+                            .expect("a permit within the budget");
+                        in_flight.enter().await;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        in_flight.leave().await;
+                        permit.release().await.expect("release of a held permit");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+
+    /// A child takes the key's one permit and says so; the parent kills it; a waiter of the
+    /// parent gets the permit (on Redis once its TTL ran out), and never while the child lives.
+    async fn a_killed_holder_gives_its_permit_back(backend: Backend) {
+        let prefix = common::unique_prefix(&format!("permit-killed-{}", backend.name()));
+        let key = format!("{prefix}key");
+        let mut holder = child(backend, "holder", &prefix).spawn().unwrap();
+        let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+        let said = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the child takes the permit")
+            .unwrap();
+        assert_eq!(said.as_deref(), Some("held"));
+        let lock = backend.lock(config()).await;
+        assert!(matches!(
+            lock.try_acquire_permit(&key, 1).await,
+            Err(LockError::AlreadyLocked)
+        ));
+        holder.kill().await.unwrap();
+        let permit = tokio::time::timeout(
+            KILLED_TTL + Duration::from_secs(10),
+            lock.acquire_permit(&key, 1),
+        )
         .await
-        .unwrap();
-    println!("held");
-    // Held until the parent kills this process (the lease is not extended).
-    std::future::pending::<()>().await;
-    drop(permit);
+        .expect("the killed holder's permit comes back")
+        .expect("a permit");
+        assert_eq!(lock.permits_held(&key).await.unwrap(), 1);
+        permit.release().await.unwrap();
+    }
+
+    async fn holding_child(backend: Backend, prefix: &str) {
+        let lock = backend.lock(config().ttl(KILLED_TTL)).await;
+        let permit = lock
+            .try_acquire_permit(&format!("{prefix}key"), 1)
+            .await
+            .unwrap();
+        println!("held");
+        // Held until the parent kills this process (the lease is not extended).
+        std::future::pending::<()>().await;
+        drop(permit);
+    }
 }
