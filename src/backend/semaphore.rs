@@ -23,11 +23,18 @@ use crate::{LockError, LockGuard};
 ///   key each see their own (a caller with limit 2 is refused while 2 permits are held,
 ///   even by callers with limit 5). Pass the same limit everywhere unless that is what you
 ///   want.
-/// * **Waiting**: `acquire_permit` waits first in, first out among the callers of the key,
-///   and is woken when a permit is released, without polling; a permit whose holder crashed
-///   comes back at the end of its TTL (on PostgreSQL at once, when its session ends).
+/// * **Waiting**: `acquire_permit` is woken when a permit is released, without polling. In
+///   memory and on Redis callers go in first in, first out across every process: a caller
+///   gets a permit while the permits held plus the callers waiting ahead of it are fewer than
+///   its limit, so a try never takes a permit that a waiter needs. On PostgreSQL that holds
+///   among the tasks of one lock object; waiters of different processes race for a freed
+///   permit (docs/postgres.md, "Permits", has the details).
+/// * **Crashed holders**: a permit whose holder crashed comes back at the end of its TTL; on
+///   PostgreSQL at once, when its session ends (waiters of other processes see it at their
+///   next retry).
 ///
-/// `limit == 0` is [`LockError::InvalidConfig`].
+/// `limit == 0` is [`LockError::InvalidConfig`]; so is a limit above 65,536 on PostgreSQL (the
+/// slots of a key).
 ///
 /// ```
 /// use k1s0_distributed_lock::{DistributedSemaphore, InMemoryDistributedLock, LockConfig, LockError};
@@ -49,8 +56,9 @@ use crate::{LockError, LockGuard};
 /// # }
 /// ```
 pub trait DistributedSemaphore: Send + Sync + 'static {
-    /// Takes one of the `limit` permits of `key` if fewer than `limit` are held and nobody
-    /// waits for one; [`LockError::AlreadyLocked`] otherwise.
+    /// Takes one of the `limit` permits of `key` if fewer than `limit` are held and no waiter
+    /// needs it (see the trait's docs for each backend); [`LockError::AlreadyLocked`]
+    /// otherwise.
     fn try_acquire_permit(
         &self,
         key: &str,

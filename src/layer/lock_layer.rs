@@ -300,6 +300,9 @@ impl<B: DistributedSemaphore> LockLayer<B> {
     ///     .layer(LockLayer::new(lock, key::path()).permits(3));
     /// ```
     ///
+    /// A limit the backend refuses (above 65,536 on PostgreSQL) answers every request with 500
+    /// ([`RejectionKind::Misconfigured`](super::RejectionKind::Misconfigured)).
+    ///
     /// # Panics
     ///
     /// If `limit` is 0, which would refuse every request.
