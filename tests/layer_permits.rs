@@ -20,43 +20,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 const PERMITS: u32 = 2;
 
-/// One test per backend for each scenario `async fn name(make_lock)`, where `make_lock(config)`
-/// builds a lock object of that backend.
-macro_rules! layer_tests {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn in_memory() {
-                    super::$scenario(async |config| {
-                        k1s0_distributed_lock::InMemoryDistributedLock::new(config)
-                    })
-                    .await;
-                }
-
-                #[cfg(feature = "redis")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    super::$scenario(super::common::redis_conn::rw_lock).await;
-                }
-
-                #[cfg(feature = "postgres")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$scenario(async |config| {
-                        k1s0_distributed_lock::PostgresDistributedLock::new(
-                            super::common::backends::postgres_pool(None).await,
-                            config,
-                        )
-                    })
-                    .await;
-                }
-            }
-        )*
-    };
-}
-
-layer_tests!(
+lock_object_tests!(
     with_two_permits_a_third_slow_request_gets_429_with_retry_after,
     in_wait_mode_the_third_request_runs_once_a_permit_comes_back,
     a_grpc_call_beyond_the_permits_gets_resource_exhausted,

@@ -20,43 +20,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 const READERS: usize = 3;
 
-/// One test per backend for each scenario `async fn name(make_lock)`, where `make_lock(config)`
-/// builds a lock object of that backend.
-macro_rules! layer_tests {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn in_memory() {
-                    super::$scenario(async |config| {
-                        k1s0_distributed_lock::InMemoryDistributedLock::new(config)
-                    })
-                    .await;
-                }
-
-                #[cfg(feature = "redis")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    super::$scenario(super::common::redis_conn::rw_lock).await;
-                }
-
-                #[cfg(feature = "postgres")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$scenario(async |config| {
-                        k1s0_distributed_lock::PostgresDistributedLock::new(
-                            super::common::backends::postgres_pool(None).await,
-                            config,
-                        )
-                    })
-                    .await;
-                }
-            }
-        )*
-    };
-}
-
-layer_tests!(
+lock_object_tests!(
     gets_of_one_key_run_together_and_a_post_meanwhile_conflicts,
     in_wait_mode_a_post_waits_for_the_gets_then_runs_alone,
     grpc_calls_picked_by_path_share_the_key,

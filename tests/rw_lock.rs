@@ -18,46 +18,6 @@ use k1s0_distributed_lock::{
 
 use common::wait::eventually;
 
-/// One test per backend with a shared side (in memory, and PostgreSQL in a build with it) for
-/// each scenario `async fn name(make_lock)`, where
-/// `make_lock(config)` builds a lock object of that backend.
-macro_rules! rw_tests {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn in_memory() {
-                    super::$scenario(async |config| {
-                        k1s0_distributed_lock::InMemoryDistributedLock::new(config)
-                    })
-                    .await;
-                }
-
-                #[cfg(feature = "redis")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    super::$scenario(super::common::redis_conn::rw_lock).await;
-                }
-
-                #[cfg(feature = "postgres")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$scenario(super::postgres_lock).await;
-                }
-            }
-        )*
-    };
-}
-
-/// A PostgreSQL lock object on a pool of its own, with `config`.
-#[cfg(feature = "postgres")]
-async fn postgres_lock(config: LockConfig) -> k1s0_distributed_lock::PostgresDistributedLock {
-    k1s0_distributed_lock::PostgresDistributedLock::new(
-        common::backends::postgres_pool(None).await,
-        config,
-    )
-}
-
 /// Generous waiting budget, short retry interval, a TTL far beyond the tests' holds.
 fn config() -> LockConfig {
     LockConfig::new()
@@ -70,7 +30,7 @@ fn key(test: &str) -> String {
     format!("{}k", common::unique_prefix(test))
 }
 
-rw_tests!(
+lock_object_tests!(
     readers_share_and_writers_exclude,
     every_guard_draws_from_one_fencing_sequence,
     a_waiting_writer_stops_new_readers,
@@ -84,29 +44,7 @@ rw_tests!(
     hostile_keys_lock_exactly_themselves_on_the_shared_side,
 );
 
-/// One test per server backend for each scenario `async fn name(make_lock)` whose lock objects
-/// stand for processes of their own: each `make_lock(config)` opens its own connections.
-macro_rules! process_tests {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[cfg(feature = "redis")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    super::$scenario(super::common::redis_conn::rw_lock).await;
-                }
-
-                #[cfg(feature = "postgres")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$scenario(super::postgres_lock).await;
-                }
-            }
-        )*
-    };
-}
-
-process_tests!(
+server_lock_object_tests!(
     readers_of_two_processes_share_and_a_writer_excludes_them,
     a_writer_waiting_in_one_process_stops_new_readers_of_another,
     a_writer_waiting_behind_readers_of_its_own_process_stops_readers_of_another,

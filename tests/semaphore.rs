@@ -15,42 +15,6 @@ use k1s0_distributed_lock::{
 use common::cancel::drop_at_suspension;
 use common::wait::eventually;
 
-/// One test per backend for each scenario `async fn name(make_lock)`, where `make_lock(config)`
-/// builds a lock object of that backend.
-macro_rules! permit_tests {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn in_memory() {
-                    super::$scenario(async |config| {
-                        k1s0_distributed_lock::InMemoryDistributedLock::new(config)
-                    })
-                    .await;
-                }
-
-                #[cfg(feature = "redis")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    super::$scenario(super::common::redis_conn::rw_lock).await;
-                }
-
-                #[cfg(feature = "postgres")]
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$scenario(async |config| {
-                        k1s0_distributed_lock::PostgresDistributedLock::new(
-                            super::common::backends::postgres_pool(None).await,
-                            config,
-                        )
-                    })
-                    .await;
-                }
-            }
-        )*
-    };
-}
-
 /// Generous waiting budget, short retry interval, a TTL far beyond the tests' holds.
 fn config() -> LockConfig {
     LockConfig::new()
@@ -67,7 +31,7 @@ fn is_already_locked(result: &Result<LockGuard, LockError>) -> bool {
     matches!(result, Err(LockError::AlreadyLocked))
 }
 
-permit_tests!(
+lock_object_tests!(
     at_most_limit_permits_are_held,
     a_limit_of_zero_is_refused_and_changes_nothing,
     permits_and_locks_of_one_key_do_not_conflict,

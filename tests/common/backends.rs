@@ -356,3 +356,64 @@ impl k1s0_distributed_lock::DistributedSemaphore for AnyLock {
         }
     }
 }
+
+/// An in-memory lock object with `config`, for scenarios that take a `make_lock`.
+pub async fn memory_lock(config: LockConfig) -> InMemoryDistributedLock {
+    InMemoryDistributedLock::new(config)
+}
+
+/// A PostgreSQL lock object on a pool of its own (as another process would have), with
+/// `config`.
+#[cfg(feature = "postgres")]
+pub async fn postgres_lock(config: LockConfig) -> k1s0_distributed_lock::PostgresDistributedLock {
+    k1s0_distributed_lock::PostgresDistributedLock::new(postgres_pool(None).await, config)
+}
+
+/// One test per backend for each scenario `async fn name(make_lock)`, where `make_lock(config)`
+/// builds a lock object of that backend (on a server backend, with connections of its own, as
+/// another process would have). Unlike [`backend_tests!`], the scenario gets the backend's own
+/// type, so it can use all of its API (the shared side, permits).
+#[macro_export]
+macro_rules! lock_object_tests {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn in_memory() {
+                    super::$scenario($crate::common::backends::memory_lock).await;
+                }
+                $crate::server_lock_object_cases!($scenario);
+            }
+        )*
+    };
+}
+
+/// [`lock_object_tests!`] on the server backends only: for scenarios whose lock objects stand
+/// for processes of their own.
+#[macro_export]
+macro_rules! server_lock_object_tests {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                $crate::server_lock_object_cases!($scenario);
+            }
+        )*
+    };
+}
+
+/// The Redis and PostgreSQL test functions of one scenario of [`lock_object_tests!`].
+#[macro_export]
+macro_rules! server_lock_object_cases {
+    ($scenario:ident) => {
+        #[cfg(feature = "redis")]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn redis() {
+            super::$scenario($crate::common::redis_conn::rw_lock).await;
+        }
+        #[cfg(feature = "postgres")]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn postgres() {
+            super::$scenario($crate::common::backends::postgres_lock).await;
+        }
+    };
+}
