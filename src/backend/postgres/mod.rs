@@ -484,19 +484,34 @@ impl PostgresDistributedLock {
         config.validate()?;
         let deadline = Instant::now() + config.wait_budget();
         let advisory = self.inner.key_cache.advisory_key(key);
-        match self.wait_for_lock(key, advisory, mode, deadline).await {
-            // The session died under a waiter that held nothing (terminated, or its connection
-            // broke): nothing was lost, so wait on with a fresh session, once. A server that is
-            // really gone fails that second attempt at its first statement.
+        self.wait_again_if_session_lost(key, deadline, || {
+            self.wait_for_lock(key, advisory, mode, deadline)
+        })
+        .await
+    }
+
+    /// Runs `wait` (one wait for `key` until `deadline`), and once more if the session died
+    /// under a waiter that held nothing (terminated, or its connection broke): nothing was
+    /// lost, so it waits on with a fresh session. A server that is really gone fails that
+    /// second attempt at its first statement.
+    async fn wait_again_if_session_lost<F, W>(
+        &self,
+        key: &str,
+        deadline: Instant,
+        wait: F,
+    ) -> Result<LockGuard, LockError>
+    where
+        F: Fn() -> W,
+        W: Future<Output = Result<LockGuard, WaitError>>,
+    {
+        match wait().await {
             Err(WaitError::SessionLostWhileWaiting(error)) if Instant::now() < deadline => {
                 tracing::debug!(
                     error = &error as &dyn std::error::Error,
                     key = %self.shown_key(key),
                     "lock session lost while waiting; waiting on with a new one"
                 );
-                self.wait_for_lock(key, advisory, mode, deadline)
-                    .await
-                    .map_err(WaitError::into_lock_error)
+                wait().await.map_err(WaitError::into_lock_error)
             }
             other => other.map_err(WaitError::into_lock_error),
         }

@@ -132,21 +132,10 @@ impl PostgresDistributedLock {
         config.validate()?;
         let deadline = Instant::now() + config.wait_budget();
         let advisory = self.inner.key_cache.advisory_key(key);
-        match self.wait_for_permit(key, advisory, limit, deadline).await {
-            // The session died under a waiter that held nothing: wait on with a fresh session,
-            // once (as `acquire_waiting` does).
-            Err(WaitError::SessionLostWhileWaiting(error)) if Instant::now() < deadline => {
-                tracing::debug!(
-                    error = &error as &dyn std::error::Error,
-                    key = %self.shown_key(key),
-                    "lock session lost while waiting for a permit; waiting on with a new one"
-                );
-                self.wait_for_permit(key, advisory, limit, deadline)
-                    .await
-                    .map_err(WaitError::into_lock_error)
-            }
-            other => other.map_err(WaitError::into_lock_error),
-        }
+        self.wait_again_if_session_lost(key, deadline, || {
+            self.wait_for_permit(key, advisory, limit, deadline)
+        })
+        .await
     }
 
     /// One wait for a permit of `key` (whose advisory key is `advisory`) within `limit` until
