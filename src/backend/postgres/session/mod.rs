@@ -336,21 +336,47 @@ impl Session {
                 }
             }
         }
+        claim.mark_granted();
+        let Some((id, granted)) = self
+            .record_hold(key, Hold::Lock(claim), sent_at, ttl, token)
+            .await
+        else {
+            return;
+        };
+        if let Err(Ok(TryOutcome::Granted(unwanted))) = reply.send(Ok(TryOutcome::Granted(granted)))
+        {
+            tracing::debug!(
+                advisory_key = key,
+                "acquire cancelled as the lock was granted; unlocking"
+            );
+            self.undo_unwanted(id, unwanted).await;
+        }
+    }
+
+    /// Records `hold` of `key`, granted by a statement sent at `sent_at` (its lease counts from
+    /// then), with its expiry, and returns its id and the guard's part of it; `None` if nobody
+    /// can release it any more (the lock service is gone), and then it is unlocked at once.
+    async fn record_hold(
+        &mut self,
+        key: i64,
+        hold: Hold,
+        sent_at: Instant,
+        ttl: Duration,
+        token: i64,
+    ) -> Option<(Uuid, Granted)> {
         let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
         let (id, expires_at) = (Uuid::new_v4(), lease.term_deadline());
         self.expiries.insert((expires_at, id));
-        claim.mark_granted();
         let held = Held {
             key,
-            hold: Hold::Lock(claim),
+            hold,
             lease: Arc::clone(&lease),
             expires_at,
         };
         self.held.insert(id, held);
         let Some(sender) = self.sender.upgrade() else {
-            // Nobody can release it any more: do it now.
             let _ = self.unlock_held(id).await;
-            return;
+            return None;
         };
         let granted = Granted {
             fencing_token: u64::try_from(token).unwrap_or(0),
@@ -362,16 +388,14 @@ impl Session {
                 settled: AtomicBool::new(false),
             },
         };
-        if let Err(Ok(TryOutcome::Granted(unwanted))) = reply.send(Ok(TryOutcome::Granted(granted)))
-        {
-            // The acquire was cancelled while the statement ran: undo it before anything else.
-            unwanted.lock.settled.store(true, Ordering::Release);
-            tracing::debug!(
-                advisory_key = key,
-                "acquire cancelled as the lock was granted; unlocking"
-            );
-            let _ = self.unlock_held(id).await;
-        }
+        Some((id, granted))
+    }
+
+    /// Unlocks hold `id` at once: the acquire it was granted to was cancelled while the
+    /// statement ran, and its grant came back undelivered.
+    async fn undo_unwanted(&mut self, id: Uuid, unwanted: Granted) {
+        unwanted.lock.settled.store(true, Ordering::Release);
+        let _ = self.unlock_held(id).await;
     }
 
     /// Runs the statement that tries `key` on the side `mode`, dropping the marks `to_drop`

@@ -3,15 +3,10 @@
 //! behind. Releasing, extending and expiring a permit go through the same paths as a lock
 //! (see [`Hold::Permit`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-use uuid::Uuid;
-
 use super::handle::{PermitAttempt, Reply};
-use super::{Args, Failure, Granted, Held, HeldLockRef, Hold, PermitTry, Session};
+use super::{Args, Failure, Hold, PermitTry, Session};
 use crate::backend::postgres::wait_marks::Marks;
-use crate::{Lease, LockError};
+use crate::LockError;
 
 impl Session {
     /// Tries to take a permit of `attempt.base` within the caller's limit (see
@@ -72,44 +67,19 @@ impl Session {
                 }
             }
         }
-        let lease = Lease::bounded(sent_at, ttl, Arc::clone(&self.bound));
-        let (id, expires_at) = (Uuid::new_v4(), lease.term_deadline());
-        let key = base + i64::from(slot);
-        self.expiries.insert((expires_at, id));
-        self.held.insert(
-            id,
-            Held {
-                key,
-                hold: Hold::Permit { base, slot },
-                lease: Arc::clone(&lease),
-                expires_at,
-            },
-        );
         self.permit_slots.entry(base).or_default().push(slot);
-        let Some(sender) = self.sender.upgrade() else {
-            // Nobody can release it any more: do it now.
-            let _ = self.unlock_held(id).await;
+        let key = base + i64::from(slot);
+        let hold = Hold::Permit { base, slot };
+        let Some((id, granted)) = self.record_hold(key, hold, sent_at, ttl, token).await else {
             return;
         };
-        let granted = Granted {
-            fencing_token: u64::try_from(token).unwrap_or(0),
-            lease,
-            lock: HeldLockRef {
-                sender,
-                key,
-                id,
-                settled: AtomicBool::new(false),
-            },
-        };
         if let Err(Ok(PermitTry::Granted(unwanted))) = reply.send(Ok(PermitTry::Granted(granted))) {
-            // The acquire was cancelled while the statement ran: undo it before anything else.
-            unwanted.lock.settled.store(true, Ordering::Release);
             tracing::debug!(
                 permit_base = base,
                 slot,
                 "acquire cancelled as the permit was granted; unlocking"
             );
-            let _ = self.unlock_held(id).await;
+            self.undo_unwanted(id, unwanted).await;
         }
     }
 
