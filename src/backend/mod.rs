@@ -17,6 +17,7 @@ pub(crate) mod postgres;
 pub(crate) mod redis;
 pub(crate) mod rw;
 pub(crate) mod semaphore;
+pub(crate) mod want;
 
 /// A lock service: takes, tests and gives back named locks.
 ///

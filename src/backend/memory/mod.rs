@@ -12,8 +12,8 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use self::table::{Grant, Listener, LockTable, TryTake, WaiterState, Want};
-use super::semaphore::validate_limit;
+use self::table::{Grant, Listener, LockTable, TryTake, WaiterState};
+use super::want::Want;
 use crate::observe::{observe_acquire, Mode};
 use crate::{
     validate_key, DistributedLock, DistributedRwLock, DistributedSemaphore, KeyVisibility,
@@ -143,6 +143,7 @@ impl InMemoryDistributedLock {
 
     fn try_acquire_now(&self, key: &str, want: Want) -> Result<LockGuard, LockError> {
         validate_key(key)?;
+        want.validate()?;
         self.config.validate()?;
         let table = self.table_for(want);
         match table.try_take(key, want, self.config.get_ttl(), None) {
@@ -153,6 +154,7 @@ impl InMemoryDistributedLock {
 
     async fn acquire_waiting(&self, key: &str, want: Want) -> Result<LockGuard, LockError> {
         validate_key(key)?;
+        want.validate()?;
         self.config.validate()?;
         let table = self.table_for(want);
         let ttl = self.config.get_ttl();
@@ -282,9 +284,6 @@ impl InMemoryDistributedLock {
     ) -> impl Future<Output = Result<LockGuard, LockError>> + Send + use<'s, 'k> {
         let keys = self.config().get_trace_keys();
         observe_acquire("memory", keys, key, Mode::Try, want.label(), async move {
-            if let Want::Permit { limit } = want {
-                validate_limit(limit)?;
-            }
             self.try_acquire_now(key, want)
         })
     }
@@ -295,12 +294,14 @@ impl InMemoryDistributedLock {
         want: Want,
     ) -> impl Future<Output = Result<LockGuard, LockError>> + Send + use<'s, 'k> {
         let keys = self.config().get_trace_keys();
-        observe_acquire("memory", keys, key, Mode::Wait, want.label(), async move {
-            if let Want::Permit { limit } = want {
-                validate_limit(limit)?;
-            }
-            self.acquire_waiting(key, want).await
-        })
+        observe_acquire(
+            "memory",
+            keys,
+            key,
+            Mode::Wait,
+            want.label(),
+            self.acquire_waiting(key, want),
+        )
     }
 }
 

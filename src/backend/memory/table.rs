@@ -10,6 +10,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::backend::want::Want;
 use crate::{Lease, LockError, LockMode};
 
 const SHARDS: usize = 16;
@@ -20,32 +21,6 @@ pub(super) struct Grant {
     pub(super) mode: LockMode,
     pub(super) fencing_token: u64,
     pub(super) lease: Arc<Lease>,
-}
-
-/// What a caller asks the table for: a side of a key's lock, or one of a key's permits (in a
-/// table of permits, where every holder holds one).
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Want {
-    Lock(LockMode),
-    Permit { limit: u32 },
-}
-
-impl Want {
-    /// `exclusive`, `shared` or `permit`, as spans show it.
-    pub(super) fn label(self) -> &'static str {
-        match self {
-            Want::Lock(mode) => mode.as_str(),
-            Want::Permit { .. } => "permit",
-        }
-    }
-
-    /// The mode of the guard it gets: a permit's holders coexist, like shared ones.
-    pub(super) fn mode(self) -> LockMode {
-        match self {
-            Want::Lock(mode) => mode,
-            Want::Permit { .. } => LockMode::Shared,
-        }
-    }
 }
 
 pub(super) enum TryTake {

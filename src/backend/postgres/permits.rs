@@ -31,11 +31,9 @@ use super::wait_marks::Marks;
 use super::{OpenQuestion, PostgresDistributedLock, WaitError};
 use crate::backend::jitter::Jitter;
 use crate::backend::semaphore::validate_limit;
+use crate::backend::want::PERMIT_LABEL;
 use crate::observe::{observe_acquire, Mode};
 use crate::{validate_key, DistributedSemaphore, LockError, LockGuard, LockMode};
-
-/// The label of permit acquisitions in spans and metrics.
-const PERMIT: &str = "permit";
 
 impl DistributedSemaphore for PostgresDistributedLock {
     fn try_acquire_permit(
@@ -49,7 +47,7 @@ impl DistributedSemaphore for PostgresDistributedLock {
             keys,
             key,
             Mode::Try,
-            PERMIT,
+            PERMIT_LABEL,
             self.try_acquire_permit_once(key, limit),
         )
     }
@@ -65,7 +63,7 @@ impl DistributedSemaphore for PostgresDistributedLock {
             keys,
             key,
             Mode::Wait,
-            PERMIT,
+            PERMIT_LABEL,
             self.acquire_permit_waiting(key, limit),
         )
     }

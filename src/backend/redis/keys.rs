@@ -9,6 +9,7 @@
 //! * distinct user keys give distinct escaped keys (percent-escaping is injective), and no key
 //!   of one lock can equal a key of another, because the escaped key never contains `}`.
 
+use crate::backend::want::Want;
 use crate::LockError;
 
 /// The default key prefix.
@@ -113,6 +114,14 @@ pub(crate) fn with_suffix(lock: &str, suffix: &str) -> String {
 }
 
 impl LockKeys {
+    /// The names in Redis of what `want` asks for on `key`.
+    pub(crate) fn of(want: Want, prefix: &str, key: &str) -> Self {
+        match want {
+            Want::Lock(_) => LockKeys::lock(prefix, key),
+            Want::Permit { .. } => LockKeys::permits(prefix, key),
+        }
+    }
+
     /// The names of `key`'s lock.
     pub(crate) fn lock(prefix: &str, key: &str) -> Self {
         LockKeys::Lock(LockNames::new(prefix, key))

@@ -11,7 +11,6 @@ mod keys;
 mod permits;
 mod scripts;
 mod wake;
-mod want;
 mod watchdog;
 
 use std::collections::hash_map::RandomState;
@@ -34,11 +33,10 @@ use self::handle::{
 use self::keys::LockKeys;
 use self::scripts::{Arg, ACQUIRE, IS_LOCKED, PERMIT_ACQUIRE};
 use self::wake::{Registration, WakeHub};
-use self::want::Want;
 pub use self::watchdog::AutoExtend;
 use super::claims::{Claim, ClaimTable, KeyClaim, Overdue};
 use super::jitter::Jitter;
-use super::semaphore::validate_limit;
+use super::want::Want;
 use crate::observe::{observe_acquire, Mode, ShownKey};
 use crate::{
     validate_key, DistributedLock, DistributedRwLock, Lease, LockConfig, LockError, LockGuard,
@@ -220,9 +218,7 @@ impl RedisDistributedLock {
     /// budget (`wait_call`).
     async fn take(&self, key: &str, want: Want, wait_call: bool) -> Result<LockGuard, LockError> {
         validate_key(key)?;
-        if let Want::Permit { limit } = want {
-            validate_limit(limit)?;
-        }
+        want.validate()?;
         let config = &self.shared.config;
         config.validate()?;
         let ttl = config.get_ttl();
@@ -627,7 +623,7 @@ impl<'a> PendingAcquire<'a> {
             shared,
             key,
             want,
-            keys: Arc::new(want.keys(&shared.prefix, key)),
+            keys: Arc::new(LockKeys::of(want, &shared.prefix, key)),
             token,
             connection: None,
             exclusive: None,

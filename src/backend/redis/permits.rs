@@ -7,8 +7,8 @@ use std::future::Future;
 
 use super::keys;
 use super::scripts::PERMITS_HELD;
-use super::want::Want;
 use super::RedisDistributedLock;
+use crate::backend::want::Want;
 use crate::observe::{observe_acquire, Mode};
 use crate::{validate_key, DistributedSemaphore, LockError, LockGuard};
 
