@@ -1079,7 +1079,10 @@ async fn a_mark_set_by_a_failed_statement_does_not_outlive_the_session() {
     let kept = writers.acquire(&format!("{key}:other")).await.unwrap();
     let held = holder.acquire(&key).await.unwrap();
     let result = writers.acquire(&key).await;
-    assert!(result.is_err(), "the writer cannot wait marked: {result:?}");
+    assert!(
+        matches!(result, Err(LockError::BackendError(_))),
+        "the writer cannot wait marked: {result:?}"
+    );
     tokio::time::timeout(Duration::from_secs(5), kept.lost())
         .await
         .expect("the session whose statement failed is closed");

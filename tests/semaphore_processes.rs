@@ -28,7 +28,7 @@ mod processes {
     use common::backends::Backend;
     use common::in_flight::InFlight;
     use k1s0_distributed_lock::{DistributedSemaphore, LockConfig, LockError};
-    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::process::Command;
 
     const CHILD_VARIABLE: &str = "K1S0_PERMIT_CHILD";
@@ -88,6 +88,7 @@ mod processes {
         command
             .env(CHILD_VARIABLE, format!("{}:{role}", backend.name()))
             .env(PREFIX_VARIABLE, prefix)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             // A parent that fails early must not leave its children running.
@@ -97,21 +98,31 @@ mod processes {
 
     async fn never_more_than_the_limit_across_processes(backend: Backend) {
         let prefix = common::unique_prefix(&format!("permit-processes-{}", backend.name()));
-        let children: Vec<_> = (0..PROCESSES)
+        let mut children: Vec<_> = (0..PROCESSES)
             .map(|_| child(backend, "load", &prefix).spawn().unwrap())
             .collect();
-        let outputs = futures::future::join_all(
-            children
-                .into_iter()
-                .map(|child| async move { child.wait_with_output().await.unwrap() }),
-        )
-        .await;
-        for (index, output) in outputs.iter().enumerate() {
-            assert!(
-                output.status.success(),
-                "{} child {index} failed",
-                backend.name()
-            );
+        // The starting gate: every child says "ready" once connected, then waits for a line on
+        // its standard input, so that the processes contend from the same moment on.
+        for child in &mut children {
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            let said = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("the child gets ready")
+                .unwrap();
+            assert_eq!(said.as_deref(), Some("ready"));
+        }
+        for child in &mut children {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"go\n")
+                .await
+                .unwrap();
+        }
+        for (index, child) in children.iter_mut().enumerate() {
+            let status = child.wait().await.unwrap();
+            assert!(status.success(), "{} child {index} failed", backend.name());
         }
         let (inside, most) = InFlight::new(backend, &format!("{prefix}in-flight"))
             .await
@@ -138,6 +149,15 @@ mod processes {
         let lock = backend.lock(config()).await;
         let in_flight = InFlight::new(backend, &format!("{prefix}in-flight")).await;
         let key = format!("{prefix}key");
+        // Connected (a first look at the key): wait at the gate.
+        lock.permits_held(&key).await.unwrap();
+        println!("ready");
+        let mut go = String::new();
+        BufReader::new(tokio::io::stdin())
+            .read_line(&mut go)
+            .await
+            .unwrap();
+        assert_eq!(go, "go\n", "the parent lets the children go");
         let tasks: Vec<_> = (0..TASKS_PER_PROCESS)
             .map(|_| {
                 let (lock, in_flight, key) = (lock.clone(), in_flight.clone(), key.clone());
