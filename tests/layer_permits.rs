@@ -10,13 +10,12 @@ use std::time::Duration;
 
 use axum::routing::post;
 use axum::Router;
-use common::grpc::{health_client, serve_health};
+use common::grpc::{health_client, health_request, serve_health};
 use common::http::{client, send};
 use http::StatusCode;
 use k1s0_distributed_lock::{DistributedLock, DistributedSemaphore, LockConfig, LockLayer};
 use tokio::sync::Notify;
 use tonic::Code;
-use tonic_health::pb::HealthCheckRequest;
 
 const PERMITS: u32 = 2;
 
@@ -160,17 +159,10 @@ async fn in_wait_mode_the_third_request_runs_once_a_permit_comes_back<
     .await;
     let third = start_export(&client, address, "7");
     // The third waits in line: a try with room for one more waiter is refused.
-    common::wait::assert_eventually("the third export waits for a permit", || async {
-        match lock.try_acquire_permit(&key, PERMITS + 1).await {
-            Ok(probe) => {
-                probe.release().await.unwrap();
-                false
-            }
-            Err(k1s0_distributed_lock::LockError::AlreadyLocked) => true,
-            Err(other) => panic!("{other:?}"),
-        }
-    })
-    .await;
+    assert!(
+        common::suites::waiters_in_line(&lock, &key, PERMITS, 1).await,
+        "the third export waits for a permit"
+    );
     assert_eq!(exports.inside(), PERMITS as usize);
     // The first two finish; the third gets a permit and runs.
     exports.finish_all();
@@ -182,12 +174,6 @@ async fn in_wait_mode_the_third_request_runs_once_a_permit_comes_back<
     exports.finish_all();
     assert_eq!(third.await.unwrap().status(), StatusCode::OK);
     assert_eq!(exports.most.load(Ordering::SeqCst), PERMITS as usize);
-}
-
-fn health_request() -> HealthCheckRequest {
-    HealthCheckRequest {
-        service: String::new(),
-    }
 }
 
 /// Two `Watch` streams hold the two permits of the key; a third call is refused with

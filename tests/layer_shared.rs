@@ -10,13 +10,12 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use common::grpc::{health_client, serve_health};
+use common::grpc::{health_client, health_request, serve_health};
 use common::http::{client, send};
 use http::StatusCode;
 use k1s0_distributed_lock::{DistributedRwLock, LockConfig, LockInfo, LockLayer, LockMode};
 use tokio::sync::Barrier;
 use tonic::Code;
-use tonic_health::pb::HealthCheckRequest;
 
 const READERS: usize = 3;
 
@@ -200,12 +199,6 @@ async fn in_wait_mode_a_post_waits_for_the_gets_then_runs_alone<L: DistributedRw
     let write = write.await.unwrap();
     assert_eq!(write.status(), StatusCode::OK);
     assert_eq!(body(write).await, format!("{:?}", LockMode::Exclusive));
-}
-
-fn health_request() -> HealthCheckRequest {
-    HealthCheckRequest {
-        service: String::new(),
-    }
 }
 
 /// gRPC picks the shared side by path: `Watch` streams share the key, `Check` (exclusive) is

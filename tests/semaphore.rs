@@ -189,7 +189,7 @@ async fn a_released_permit_goes_to_the_first_waiter<L: DistributedSemaphore + Cl
         waiters.push(tokio::spawn(waiting));
         // The next waiter starts only once this one is in line.
         assert!(
-            waiters_in_line(&lock, &key, 2, id + 1).await,
+            common::suites::waiters_in_line(&lock, &key, 2, id + 1).await,
             "waiter {id} did not queue"
         );
     }
@@ -208,28 +208,6 @@ async fn a_released_permit_goes_to_the_first_waiter<L: DistributedSemaphore + Cl
     for permit in held {
         permit.release().await.unwrap();
     }
-}
-
-/// Whether, within 5 s, at least `waiters` callers wait in line for `key`, whose `held` permits
-/// are all held: a try with limit `held + waiters` counts the waiters ahead of it and is
-/// refused only once that many wait (a try that gets in gives its permit straight back).
-async fn waiters_in_line<L: DistributedSemaphore>(
-    lock: &L,
-    key: &str,
-    held: u32,
-    waiters: u32,
-) -> bool {
-    eventually(Duration::from_secs(5), || async {
-        match lock.try_acquire_permit(key, held + waiters).await {
-            Ok(probe) => {
-                probe.release().await.unwrap();
-                false
-            }
-            Err(LockError::AlreadyLocked) => true,
-            Err(other) => panic!("{other:?}"),
-        }
-    })
-    .await
 }
 
 /// 16 tasks take a permit of one key (limit 4) in a loop; the count of tasks inside never

@@ -45,3 +45,10 @@ pub async fn health_client(address: SocketAddr) -> HealthClient<Channel> {
         .expect("the gRPC server answers");
     HealthClient::new(channel)
 }
+
+/// A health check of the whole server (no service name), for `Check` and `Watch`.
+pub fn health_request() -> tonic_health::pb::HealthCheckRequest {
+    tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use k1s0_distributed_lock::{DistributedLock, LockError};
+use k1s0_distributed_lock::{DistributedLock, DistributedSemaphore, LockError};
 
 use super::cancel::drop_at_suspension;
 use super::wait::eventually;
@@ -152,4 +152,26 @@ pub async fn assert_bad_keys_refused<L: DistributedLock>(lock: &L) {
             Err(LockError::InvalidKey { .. })
         ));
     }
+}
+
+/// Whether, within 5 s, at least `waiters` callers wait in line for `key`, whose `held` permits
+/// are all held: a try with limit `held + waiters` counts the waiters ahead of it and is
+/// refused only once that many wait (a try that gets in gives its permit straight back).
+pub async fn waiters_in_line<L: DistributedSemaphore>(
+    lock: &L,
+    key: &str,
+    held: u32,
+    waiters: u32,
+) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        match lock.try_acquire_permit(key, held + waiters).await {
+            Ok(probe) => {
+                probe.release().await.unwrap();
+                false
+            }
+            Err(LockError::AlreadyLocked) => true,
+            Err(other) => panic!("{other:?}"),
+        }
+    })
+    .await
 }
