@@ -65,6 +65,44 @@ async fn line_length(admin: &MultiplexedConnection, lock: &RedisDistributedLock,
         .unwrap()
 }
 
+/// The deadlines (server time, ms) of the places in the permits' line of `key`, first place
+/// first: each look of a waiter moves its own on.
+async fn place_deadlines(
+    admin: &MultiplexedConnection,
+    lock: &RedisDistributedLock,
+    key: &str,
+) -> Vec<i64> {
+    let places: Vec<(String, i64)> = redis::cmd("ZRANGE")
+        .arg(permit_name(lock, key, ":waiters"))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut admin.clone())
+        .await
+        .unwrap();
+    places.into_iter().map(|(_, deadline)| deadline).collect()
+}
+
+/// How many waiters of `key` hold a place longer than one that polls with
+/// [`rarely_polling`] keeps (3 × 500 ms + 200 ms): a subscribed waiter's, which relies on the
+/// release message.
+async fn long_places(
+    admin: &MultiplexedConnection,
+    lock: &RedisDistributedLock,
+    key: &str,
+) -> usize {
+    let (seconds, micros): (i64, i64) = redis::cmd("TIME")
+        .query_async(&mut admin.clone())
+        .await
+        .unwrap();
+    let now = seconds * 1000 + micros / 1000;
+    place_deadlines(admin, lock, key)
+        .await
+        .into_iter()
+        .filter(|&deadline| deadline > now + 1_700)
+        .count()
+}
+
 /// How many of the names in `names` exist.
 async fn existing(admin: &MultiplexedConnection, names: &[String]) -> u64 {
     redis::cmd("EXISTS")
@@ -185,7 +223,10 @@ async fn released_permits_wake_waiters_first_in_first_out() {
         common::redis_conn::subscribed_waiters(&admin, &permit_name(&holder, &key, "")).await == 4
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eventually("the waiters rely on the release message", || async {
+        long_places(&admin, &holder, &key).await == 4
+    })
+    .await;
     assert!(
         entries.try_recv().is_err(),
         "a waiter got in past the limit"
@@ -601,9 +642,19 @@ async fn each_caller_checks_its_own_limit() {
         let (lock, key) = (lock.clone(), key.clone());
         async move { lock.acquire_permit(&key, 3).await }
     });
-    // 4 held: the waiter with limit 3 stays out when one comes back, and goes in at the next.
+    let admin = admin().await;
+    assert_eventually("the waiter queued", || async {
+        line_length(&admin, &lock, &key).await == 1
+    })
+    .await;
+    // 4 held: the waiter with limit 3 stays out when one comes back (it looks again, woken by
+    // the release, and is refused), and goes in at the next.
+    let place = place_deadlines(&admin, &lock, &key).await;
     held.pop().unwrap().release().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eventually("the waiter looked again after the release", || async {
+        place_deadlines(&admin, &lock, &key).await != place
+    })
+    .await;
     assert!(
         !waiter.is_finished(),
         "a caller with limit 3 got in beside 3 holders"
