@@ -98,6 +98,33 @@ async fn wait_for_permit_flag(admin: &mut PgConnection, key: &str) {
     }
 }
 
+/// The server process of the session that flags `key`'s permits.
+async fn permit_flag_holder(admin: &mut PgConnection, key: &str) -> i32 {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid = ($1 >> 32)::int4::oid AND objid = (($1 << 32) >> 32)::int4::oid \
+         AND objsubid = 2 AND mode = 'ShareLock' AND granted",
+    )
+    .bind(PostgresDistributedLock::permit_base(key))
+    .fetch_one(admin)
+    .await
+    .expect("a session flags the permits")
+}
+
+/// Whether session `pid` is idle after the statement that tries a permit (docs/postgres.md,
+/// "Permits": it starts `SELECT t.slot`).
+async fn idle_after_a_permit_try(admin: &mut PgConnection, pid: i32) -> bool {
+    sqlx::query_scalar(
+        "SELECT state = 'idle' AND query LIKE 'SELECT t.slot%' FROM pg_stat_activity \
+         WHERE pid = $1",
+    )
+    .bind(pid)
+    .fetch_one(admin)
+    .await
+    .expect("the session's activity")
+}
+
 async fn expect_refused(result: Result<LockGuard, LockError>, what: &str) {
     match result {
         Err(LockError::AlreadyLocked) => {}
@@ -379,8 +406,17 @@ async fn waiters_are_woken_by_a_release_without_polling() {
             async move { waiters.acquire_permit(&key, 2).await }
         });
         wait_for_permit_flag(&mut admin, &key).await;
-        // The waiter has tried again after flagging, and waits.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The waiter has tried again after flagging (its session's last statement is a permit
+        // try), and waits.
+        let pid = permit_flag_holder(&mut admin, &key).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !idle_after_a_permit_try(&mut admin, pid).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the waiter never tried again after flagging"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert!(!waiting.is_finished());
         let [first, second] = held;
         first.release().await.unwrap();
