@@ -70,46 +70,16 @@ async fn slot_numbers(admin: &mut PgConnection, key: &str) -> Vec<i64> {
         .collect()
 }
 
-/// Sessions holding the waiter flag of `key`'s permits (the permit base in the two-`int4` key
-/// space, shared).
-async fn permit_flags(admin: &mut PgConnection, key: &str) -> i64 {
-    let base = PostgresDistributedLock::permit_base(key);
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND classid = ($1 >> 32)::int4::oid AND objid = (($1 << 32) >> 32)::int4::oid \
-         AND objsubid = 2 AND mode = 'ShareLock' AND granted",
-    )
-    .bind(base)
-    .fetch_one(admin)
-    .await
-    .expect("query pg_locks")
-}
-
 /// Waits up to 5 s until some session flags `key`'s permits (a waiter waits on the server).
 async fn wait_for_permit_flag(admin: &mut PgConnection, key: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while permit_flags(admin, key).await == 0 {
+    while pg_support::permit_flags(admin, key).await == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no waiter flagged the permits of {key}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// The server process of the session that flags `key`'s permits.
-async fn permit_flag_holder(admin: &mut PgConnection, key: &str) -> i32 {
-    sqlx::query_scalar(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND classid = ($1 >> 32)::int4::oid AND objid = (($1 << 32) >> 32)::int4::oid \
-         AND objsubid = 2 AND mode = 'ShareLock' AND granted",
-    )
-    .bind(PostgresDistributedLock::permit_base(key))
-    .fetch_one(admin)
-    .await
-    .expect("a session flags the permits")
 }
 
 /// Whether session `pid` is idle after the statement that tries a permit (docs/postgres.md,
@@ -408,7 +378,7 @@ async fn waiters_are_woken_by_a_release_without_polling() {
         wait_for_permit_flag(&mut admin, &key).await;
         // The waiter has tried again after flagging (its session's last statement is a permit
         // try), and waits.
-        let pid = permit_flag_holder(&mut admin, &key).await;
+        let pid = pg_support::permit_flag_holders(&mut admin, &key).await[0];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !idle_after_a_permit_try(&mut admin, pid).await {
             assert!(
@@ -425,7 +395,7 @@ async fn waiters_are_woken_by_a_release_without_polling() {
             .unwrap_or_else(|_| panic!("not woken (same lock object: {same_lock_object})"))
             .unwrap()
             .unwrap();
-        assert_eq!(permit_flags(&mut admin, &key).await, 0);
+        assert_eq!(pg_support::permit_flags(&mut admin, &key).await, 0);
         permit.release().await.unwrap();
         second.release().await.unwrap();
         assert_eq!(holders.permits_held(&key).await.unwrap(), 0);
@@ -468,7 +438,7 @@ async fn waiters_of_one_lock_object_are_served_first_in_first_out() {
     }
     assert_eq!(*order.lock().unwrap(), (0..6).collect::<Vec<_>>());
     assert_eq!(lock.permits_held(&key).await.unwrap(), 0);
-    assert_eq!(permit_flags(&mut admin, &key).await, 0);
+    assert_eq!(pg_support::permit_flags(&mut admin, &key).await, 0);
 }
 
 /// The session holding permits is terminated: the permits are free on the server at once
@@ -596,7 +566,11 @@ async fn a_cancelled_acquire_permit_leaves_nothing() {
                 expected as usize,
                 "{attempt:?}"
             );
-            assert_eq!(permit_flags(&mut admin, &key).await, 0, "{attempt:?}");
+            assert_eq!(
+                pg_support::permit_flags(&mut admin, &key).await,
+                0,
+                "{attempt:?}"
+            );
             drop(held);
             let again = others.try_acquire_permit(&key, 1).await.unwrap();
             again.release().await.unwrap();

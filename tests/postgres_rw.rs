@@ -926,20 +926,6 @@ async fn lock_with_shadowed(
     (lock, drop_schema)
 }
 
-/// Waits up to 5 s until no session holds a writer-waiting or readers' turn mark of `key`
-/// (a closed connection's locks go once its server process has ended).
-async fn no_mark_is_left(admin: &mut sqlx::PgConnection, key: &str) -> bool {
-    for _ in 0..250 {
-        let writers = pg_support::writer_marks(admin, key).await;
-        let readers = pg_support::readers_marks(admin, key).await;
-        if writers == 0 && readers == 0 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
 /// Refuses the statement that drops a waiter's marks with "permission denied", an error that
 /// leaves the session sound.
 const CLEAR_REFUSED: &str = "CREATE FUNCTION {schema}.pg_advisory_unlock_shared(integer, integer) \
@@ -992,7 +978,10 @@ async fn a_mark_that_cannot_be_cleared_closes_its_session(waiter_mode: LockMode)
     tokio::time::timeout(Duration::from_secs(5), kept.lost())
         .await
         .expect("the session that could not clear its mark is closed");
-    assert!(no_mark_is_left(&mut admin, &key).await, "a mark was left");
+    assert!(
+        pg_support::no_mark_is_left(&mut admin, &key).await,
+        "a mark was left"
+    );
     held.release().await.unwrap();
     // The other side gets in: no mark of the gone waiter keeps it out.
     let other_side = match waiter_mode {
@@ -1086,7 +1075,10 @@ async fn a_mark_set_by_a_failed_statement_does_not_outlive_the_session() {
     tokio::time::timeout(Duration::from_secs(5), kept.lost())
         .await
         .expect("the session whose statement failed is closed");
-    assert!(no_mark_is_left(&mut admin, &key).await, "a mark was left");
+    assert!(
+        pg_support::no_mark_is_left(&mut admin, &key).await,
+        "a mark was left"
+    );
     held.release().await.unwrap();
     readers
         .try_acquire_shared(&key)

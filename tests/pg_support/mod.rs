@@ -143,7 +143,36 @@ pub async fn flag_holders(admin: &mut PgConnection, key: &str) -> Vec<i32> {
 }
 
 async fn pids_holding(admin: &mut PgConnection, key: &str, objsubid: i16) -> Vec<i32> {
-    let advisory = PostgresDistributedLock::advisory_key(key) as u64;
+    let advisory = PostgresDistributedLock::advisory_key(key);
+    pids_holding_number(admin, advisory, objsubid).await
+}
+
+/// Waiter flags of `key`'s permits (its permit base in the two-integer form) held by any
+/// session: a permit waiter waits on the server.
+pub async fn permit_flags(admin: &mut PgConnection, key: &str) -> i64 {
+    count_number(admin, PostgresDistributedLock::permit_base(key), 2, true).await
+}
+
+/// The backend pids holding the waiter flag of `key`'s permits.
+pub async fn permit_flag_holders(admin: &mut PgConnection, key: &str) -> Vec<i32> {
+    pids_holding_number(admin, PostgresDistributedLock::permit_base(key), 2).await
+}
+
+/// Waits up to 5 s until no session holds a writer-waiting or readers' turn mark of `key` (a
+/// closed connection's locks go once its server process has ended); whether that came.
+pub async fn no_mark_is_left(admin: &mut PgConnection, key: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while writer_marks(admin, key).await + readers_marks(admin, key).await > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+async fn pids_holding_number(admin: &mut PgConnection, number: i64, objsubid: i16) -> Vec<i32> {
+    let advisory = number as u64;
     sqlx::query_scalar(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
